@@ -1,0 +1,179 @@
+"""Sample, decode, encode and interpolate: Eq. 12 integrated along a grid, in the model's variable x.
+
+Every function here converts x → x̄ = x·sqrt(1+σ²) at the first σ of the grid, calls the one
+`integrate`, and converts back at the last σ (MATH.md §1–2). `sigmas` is always the *sampling* grid
+(decreasing); encode runs the same grid flipped ("inverse = forward with the ends swapped"), so
+decode(encode(x, g), g) is a round trip on one grid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from probflow.field import DDIMField, EpsModel, as_field
+from probflow.grids import check_grid
+from probflow.integrate import Solution, check_state, integrate, scale_in, scale_out
+
+__all__ = ["sample", "decode", "encode", "interpolate", "slerp", "lerp", "noise"]
+
+
+def _decreasing(sigmas: Tensor) -> Tensor:
+    sigmas = check_grid(sigmas)
+    if sigmas[0] < sigmas[-1]:
+        raise ValueError("sigmas: expected the decreasing sampling grid (σ_max … 0); encode flips it itself")
+    return sigmas
+
+
+def _flow(model, x, sigmas, method, rtol, atol, trajectory, state, options) -> Solution:
+    x = check_state(x, "x")
+    sol = integrate(model, scale_in(x, sigmas[0]), sigmas, method, rtol=rtol, atol=atol,
+                    trajectory=trajectory, state=state, options=options)
+    sol.x = scale_out(sol.x, sigmas[-1])
+    if sol.trajectory is not None:
+        scale = torch.rsqrt(1 + sol.sigmas**2).reshape(-1, *([1] * x.ndim))
+        sol.trajectory = sol.trajectory * scale
+    return sol
+
+
+def sample(
+    model: EpsModel | DDIMField,
+    noise: Tensor,
+    sigmas: Tensor,
+    method: str = "euler",
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    trajectory: bool = False,
+    state: Any = None,
+    options: dict | None = None,
+) -> Solution:
+    """x_T → x_0: integrate Eq. 12 down the decreasing grid `sigmas` (σ_max … 0) from `noise` = x_T.
+
+    `noise` is in the model's variable x (a standard normal draw for σ_max large), shape (B, *S).
+    Returns a Solution whose `x` (and `trajectory`, if asked) are in x; `method="euler"` is DDIM.
+    """
+    return _flow(as_field(model), noise, _decreasing(sigmas), method, rtol, atol, trajectory, state, options)
+
+
+def decode(
+    model: EpsModel | DDIMField,
+    latents: Tensor,
+    sigmas: Tensor,
+    method: str = "euler",
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    trajectory: bool = False,
+    state: Any = None,
+    options: dict | None = None,
+) -> Solution:
+    """Latents x_T → images x_0: `sample` from given latents (pass an encode's `state` to invert a
+    reversible method exactly)."""
+    return sample(model, latents, sigmas, method, rtol=rtol, atol=atol, trajectory=trajectory, state=state,
+                  options=options)
+
+
+def encode(
+    model: EpsModel | DDIMField,
+    x0: Tensor,
+    sigmas: Tensor,
+    method: str = "euler",
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    trajectory: bool = False,
+    state: Any = None,
+    options: dict | None = None,
+) -> Solution:
+    """x_0 → x_T: integrate Eq. 12 *up* the flipped sampling grid; the latent is x_T = x̄(σ_max)/sqrt(1+σ_max²).
+
+    With `method="euler"` this is DDIM inversion with ε evaluated at the start of each upward step
+    (MATH.md §3). The Solution's `state` lets a reversible method decode exactly.
+    """
+    up = _decreasing(sigmas).flip(0)
+    return _flow(as_field(model), x0, up, method, rtol, atol, trajectory, state, options)
+
+
+def lerp(z0: Tensor, z1: Tensor, w: Tensor) -> Tensor:
+    """(1−w) z0 + w z1 for each weight in the 1-D tensor `w`: shape (len(w), *z0.shape); exact at w ∈ {0, 1}."""
+    z0, z1, w = _mix_args(z0, z1, w)
+    out = (1 - w) * z0 + w * z1
+    return torch.where(w == 0, z0, torch.where(w == 1, z1, out))
+
+
+def slerp(z0: Tensor, z1: Tensor, w: Tensor) -> Tensor:
+    """Spherical interpolation per sample (over all but the batch dimension):
+
+        sin((1−w)θ)/sin θ · z0 + sin(wθ)/sin θ · z1,     cos θ = ⟨z0, z1⟩/(|z0||z1|)
+
+    Keeps the norm of Gaussian latents (for which |z0| ≈ |z1|), unlike lerp, which shrinks it towards the
+    middle. Falls back to lerp where z0 ∥ z1. Shape (len(w), *z0.shape); exact at w ∈ {0, 1}.
+    """
+    z0, z1, w = _mix_args(z0, z1, w)
+    dims = tuple(range(2, z0.ndim))
+    cos = (z0 * z1).sum(dims, keepdim=True) / (z0.norm(dim=dims, keepdim=True) * z1.norm(dim=dims, keepdim=True))
+    theta = torch.arccos(cos.clamp(-1, 1))
+    s = torch.sin(theta)
+    safe = s.abs() > 1e-12
+    s = torch.where(safe, s, torch.ones_like(s))
+    a = torch.where(safe, torch.sin((1 - w) * theta) / s, 1 - w)
+    b = torch.where(safe, torch.sin(w * theta) / s, w)
+    out = a * z0 + b * z1
+    return torch.where(w == 0, z0, torch.where(w == 1, z1, out))
+
+
+def _mix_args(z0: Tensor, z1: Tensor, w: Tensor):
+    check_state(z0, "z0")
+    check_state(z1, "z1")
+    if z0.shape != z1.shape:
+        raise ValueError(f"z0, z1: latents to interpolate must have the same shape, got {tuple(z0.shape)} and "
+                         f"{tuple(z1.shape)}")
+    w = torch.as_tensor(w, dtype=z0.dtype, device=z0.device)
+    if w.ndim != 1 or not torch.isfinite(w).all():
+        raise ValueError(f"weights: expected a finite 1-D tensor of mixing weights, got {w}")
+    return z0.unsqueeze(0), z1.unsqueeze(0), w.reshape(-1, *([1] * z0.ndim))
+
+
+def interpolate(
+    model: EpsModel | DDIMField,
+    z0: Tensor,
+    z1: Tensor,
+    sigmas: Tensor,
+    frames: int = 8,
+    *,
+    kind: str = "slerp",
+    weights: Tensor | None = None,
+    method: str = "euler",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> Solution:
+    """Mix two batches of latents (B, *S) at `frames` weights from 0 to 1 (or the given `weights`) by
+    slerp or lerp, and decode all frames at once. Returns a Solution with x of shape (frames, B, *S)."""
+    if weights is None:
+        if not isinstance(frames, int) or frames < 2:
+            raise ValueError(f"frames: expected an integer >= 2, got {frames!r}")
+        weights = torch.linspace(0, 1, frames, dtype=torch.float64)
+    mix = {"slerp": slerp, "lerp": lerp}
+    if kind not in mix:
+        raise ValueError(f"kind: expected 'slerp' or 'lerp', got {kind!r}")
+    z = mix[kind](z0, z1, weights)
+    sol = decode(model, z.reshape(-1, *z0.shape[1:]), sigmas, method, rtol=rtol, atol=atol)
+    sol.x = sol.x.reshape(z.shape)
+    return sol
+
+
+def noise(n: int, shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64,
+          device: torch.device | str = "cpu") -> Tensor:
+    """n standard-normal latents of shape `shape`, sample i drawn from its own stream seeded by (seed, i),
+    so a sample's noise does not depend on the batch size or its position in a batch."""
+    if n < 1:
+        raise ValueError(f"n: expected a positive number of samples, got {n}")
+    out = torch.empty((n, *shape), dtype=torch.float64)
+    for i in range(n):
+        s = int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> 1)
+        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+    return out.to(dtype=dtype, device=device)

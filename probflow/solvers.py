@@ -1,0 +1,96 @@
+"""Solvers of Eq. 12 by name: one registry for torchdiffeq's methods, scipy's reference and probflow's own.
+
+A probflow method is a plain step function
+
+    step(field, x̄, σ, σ_next, state) -> (x̄_next, state)
+
+with explicit `state` (None before the first step), so multistep and reversible methods fit the same
+signature; `integrate` runs the one loop over the grid. The grid's order is the direction: the same step
+encodes on the flipped grid. torchdiffeq's methods are run by `torchdiffeq.odeint` on the field directly
+(fixed-grid methods step exactly on the grid, so `euler` *is* DDIM, MATH.md §3); adaptive methods use the
+grid only as output points and take rtol/atol.
+
+To add a method: write its step function and `register(Method(name, order, step=...))`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from probflow.field import DDIMField
+
+__all__ = ["Method", "Step", "METHODS", "register", "get_method", "method_names"]
+
+Step = Callable[[DDIMField, Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named solver.
+
+    backend: "probflow" (a `step` run by probflow's loop), "torchdiffeq" (odeint by name) or "scipy".
+    order: the declared order of convergence (tests measure it).
+    stages: model evaluations per step on a fixed grid (nominal; the field counts the real NFE).
+    adaptive: takes rtol/atol and chooses its own steps; the grid is only where the solution is reported.
+    reversible: stepping the flipped grid from the final state inverts the solve algebraically.
+    """
+
+    name: str
+    order: int
+    stages: int = 1
+    adaptive: bool = False
+    backend: str = "probflow"
+    step: Step | None = None
+    reversible: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.backend == "probflow" and self.step is None:
+            raise ValueError(f"method {self.name!r}: a probflow method needs a step function")
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method, *, replace: bool = False) -> Method:
+    """Add a method to the registry under its name (refuses to shadow one unless `replace`)."""
+    if method.name in METHODS and not replace:
+        raise ValueError(f"method: {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"method: unknown solver {name!r}; expected one of {method_names()}")
+    return METHODS[name]
+
+
+def method_names(adaptive: bool | None = None) -> list[str]:
+    """Registered names, optionally only the adaptive (True) or fixed-grid (False) ones."""
+    return [n for n, m in METHODS.items() if adaptive is None or m.adaptive == adaptive]
+
+
+_TORCHDIFFEQ_FIXED = {  # name: (order, stages)
+    "euler": (1, 1),
+    "midpoint": (2, 2),
+    "heun2": (2, 2),
+    "heun3": (3, 3),
+    "rk4": (4, 4),
+    "explicit_adams": (4, 1),
+    "implicit_adams": (4, 2),
+}
+_TORCHDIFFEQ_ADAPTIVE = {"dopri5": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
+
+for _name, (_order, _stages) in _TORCHDIFFEQ_FIXED.items():
+    register(Method(_name, _order, _stages, backend="torchdiffeq",
+                    description="torchdiffeq fixed-grid; euler is DDIM (MATH.md §3)" if _name == "euler"
+                    else "torchdiffeq fixed-grid"))
+for _name, _order in _TORCHDIFFEQ_ADAPTIVE.items():
+    register(Method(_name, _order, adaptive=True, backend="torchdiffeq", description="torchdiffeq adaptive"))
+register(Method("scipy_dop853", 8, adaptive=True, backend="scipy",
+                description="scipy.integrate.solve_ivp DOP853 in float64, per sample: the ground-truth reference"))
