@@ -1,6 +1,6 @@
-"""The `probflow` command. Each subcommand lives in the module that holds its subject and exposes
-`add_arguments(parser)` and `run(args) -> int`; such modules import heavy libraries (diffusers,
-scikit-learn) inside `run`, so that `probflow --help` stays fast."""
+"""The `probflow` command. Each subcommand lives in the module that holds its subject, which exposes
+`add_<name>_arguments(parser)` and `run_<name>(args) -> int`; such modules import heavy libraries
+(diffusers, scikit-learn) inside `run_<name>`, so that `probflow --help` stays fast."""
 
 from __future__ import annotations
 
@@ -17,17 +17,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="probflow", description="DDIM as Euler on the σ-ODE (Eq. 12).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = {}
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        modules[name] = importlib.import_module(module)
-        modules[name].add_arguments(p)
+        getattr(importlib.import_module(module), f"add_{name}_arguments")(p)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    run = getattr(importlib.import_module(COMMANDS[args.command][0]), f"run_{args.command}")
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(run(args) or 0)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"probflow {args.command}: error: {e}", file=sys.stderr)
         return 2
