@@ -17,6 +17,7 @@ from torch import Tensor
 from probflow.field import DDIMField, EpsModel, as_field
 from probflow.grids import check_grid
 from probflow.integrate import Solution, check_state, integrate, scale_in, scale_out
+from probflow.solvers import Method
 
 __all__ = ["sample", "decode", "encode", "interpolate", "slerp", "lerp", "noise"]
 
@@ -43,7 +44,7 @@ def sample(
     model: EpsModel | DDIMField,
     noise: Tensor,
     sigmas: Tensor,
-    method: str = "euler",
+    method: str | Method = "euler",
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -63,7 +64,7 @@ def decode(
     model: EpsModel | DDIMField,
     latents: Tensor,
     sigmas: Tensor,
-    method: str = "euler",
+    method: str | Method = "euler",
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -81,7 +82,7 @@ def encode(
     model: EpsModel | DDIMField,
     x0: Tensor,
     sigmas: Tensor,
-    method: str = "euler",
+    method: str | Method = "euler",
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -147,7 +148,7 @@ def interpolate(
     *,
     kind: str = "slerp",
     weights: Tensor | None = None,
-    method: str = "euler",
+    method: str | Method = "euler",
     rtol: float = 1e-5,
     atol: float = 1e-5,
 ) -> Solution:

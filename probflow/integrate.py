@@ -55,7 +55,7 @@ def integrate(
     model: EpsModel | DDIMField,
     xbar: Tensor,
     sigmas: Tensor,
-    method: str = "euler",
+    method: str | Method = "euler",
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -65,6 +65,8 @@ def integrate(
 ) -> Solution:
     """Integrate dx̄/dσ = ε(x̄/sqrt(1+σ²), σ) (Eq. 12) along `sigmas`, in x̄, with `method`.
 
+    method: a registered name (`probflow.solvers.method_names()`) or a `Method` object (e.g. a stochastic
+    step built with its own noise source, which should not live in the global registry).
     sigmas: strictly monotone grid; decreasing generates, increasing encodes. Fixed-grid methods step
     exactly on it; adaptive ones report at its points. rtol/atol: adaptive methods only. state: a
     probflow method's state to start from (e.g. the final state of an encode, to decode exactly).
@@ -72,7 +74,7 @@ def integrate(
     solved jointly, tolerances scaled so each sample keeps its bound).
     """
     field = as_field(model)
-    m: Method = get_method(method)
+    m: Method = method if isinstance(method, Method) else get_method(method)
     xbar = check_state(xbar, "x")
     sigmas = check_grid(sigmas).to(dtype=xbar.dtype, device=xbar.device)
     if m.adaptive and not (rtol > 0 and atol > 0):
@@ -90,7 +92,7 @@ def integrate(
     else:
         x_end, traj, state = _step_loop(m, field, xbar, sigmas, state, trajectory)
     if not torch.isfinite(x_end).all():
-        raise FloatingPointError(f"integrate: the {method} solve produced NaN or Inf (model or step size unstable)")
+        raise FloatingPointError(f"integrate: the {m.name} solve produced NaN or Inf (model or step size unstable)")
     return Solution(x_end, field.nfe - nfe0, sigmas, traj, state, m.name)
 
 

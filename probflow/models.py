@@ -35,7 +35,7 @@ class GaussianMixture:
         mu = torch.as_tensor(means, dtype=torch.float64)
         cov = torch.as_tensor(covs, dtype=torch.float64)
         if w.ndim != 1 or mu.ndim != 2 or mu.shape[0] != w.shape[0]:
-            raise ValueError(f"means: expected shape (K, D) with K = len(weights) = {w.shape[0]}, got {tuple(mu.shape)}")
+            raise ValueError(f"means: expected shape (K, D), K = len(weights) = {w.shape[0]}, got {tuple(mu.shape)}")
         K, D = mu.shape  # noqa: N806
         if cov.shape != (K, D, D):
             raise ValueError(f"covs: expected shape {(K, D, D)}, got {tuple(cov.shape)}")
