@@ -11,6 +11,7 @@ from probflow import grids, models, schedules, solvers
 from probflow.field import DDIMField, as_field
 from probflow.flows import decode, encode, interpolate, lerp, noise, sample, slerp
 from probflow.integrate import Solution, integrate
+from probflow import exponential  # noqa: F401  (registers its solvers)
 
 __version__ = "0.1.0"
 

@@ -79,6 +79,12 @@ def integrate(
     sigmas = check_grid(sigmas).to(dtype=xbar.dtype, device=xbar.device)
     if m.adaptive and not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol, atol: expected positive tolerances for {method}, got {rtol}, {atol}")
+    if m.uniform_steps:
+        d = sigmas.diff()
+        if ((d - d.mean()).abs() > 1e-6 * d.abs().mean()).any():
+            raise ValueError(f"sigmas: method {m.name!r} assumes equal steps in σ; got a non-uniform grid "
+                             "(use e.g. torch.linspace, or a method without this restriction)")
+    options = {**m.default_options, **(options or {})}
     nfe0 = field.nfe
     if m.backend == "torchdiffeq":
         import torchdiffeq
@@ -87,7 +93,7 @@ def integrate(
             traj = torchdiffeq.odeint(field, xbar, sigmas, method=m.name, rtol=rtol, atol=atol, options=options)
         x_end, traj = traj[-1], (traj if trajectory else None)
     elif m.backend == "scipy":
-        traj = _solve_scipy(field, xbar, sigmas, rtol, atol, **(options or {}))
+        traj = _solve_scipy(field, xbar, sigmas, rtol, atol, **options)
         x_end, traj = traj[-1], (traj if trajectory else None)
     else:
         x_end, traj, state = _step_loop(m, field, xbar, sigmas, state, trajectory)

@@ -1,0 +1,902 @@
+"""Solver comparison against exact ground truth and against diffusers, in one run (`probflow bench`).
+
+Every solver integrates Eq. 12, dx̄/dσ = ε(x̄/sqrt(1+σ²), σ), *down* from σ_max (t = T−1 of the DDPM linear
+table) to σ = 0, from the same x_T; at σ = 0, x̄ = x = x_0, which is compared with a reference x_0 from the
+same noise (MATH.md §7):
+
+- Gaussian mixtures (ε exact): reference = `scipy_dop853` at rtol = atol = 1e-12 in float64, its own
+  convergence checked against a second solve at 1e-10 (the max difference is reported).
+- The digits model (a network): reference = the tightest feasible adaptive float64 solve, checked the same
+  way against a looser one; plus the Fréchet distance of each solver's samples to the test digits.
+
+Methods: every registered method (`probflow.solvers.METHODS`, so methods registered later appear by
+themselves) except the reference; fixed-grid ones on every grid of `GRIDS` at NFE ≈ 5 … 100 (steps =
+round(NFE / stages), NFE counted by the field), adaptive ones at rtol = atol = 1e-2 … 1e-7 (rejected steps
+counted). Peers: diffusers' schedulers driven as pipelines drive them (`probflow.peers`).
+
+Metrics: RMSE of x_0 over all samples and coordinates; the median over samples of the per-sample RMS error
+(a few samples that land in another mixture component dominate the RMSE); NFE; wall time.
+
+Helper API for notebooks and other benchmarks: `mixture_workload`, `run_mixture_suite`, `error_vs_nfe`,
+`convergence_order`, `best_per_nfe`, `solver_overhead`; grids by name in `GRIDS` (extend with
+`register_grid`, or pass the name of a function `f(schedule, steps)` in `probflow.grids`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from probflow import grids as _grids
+from probflow import peers as _peers
+from probflow.field import DDIMField
+from probflow.integrate import integrate
+from probflow.models import GaussianMixture
+from probflow.schedules import Schedule, linear
+from probflow.solvers import METHODS, Method
+
+__all__ = [
+    "GRIDS", "NFE", "TOLERANCES", "Workload", "register_grid", "grid_sigmas", "fixed_methods", "adaptive_methods",
+    "mixture_workload", "digits_workload", "run_workload", "run_mixture_suite", "error_vs_nfe", "convergence_order",
+    "best_per_nfe", "solver_overhead", "add_bench_arguments", "run_bench",
+]
+
+REFERENCE = "scipy_dop853"
+NFE = (5, 10, 20, 50, 100)
+TOLERANCES = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+GridBuilder = Callable[[Schedule, int], Tensor]
+
+# ------------------------------------------------------------------------------------------------ grids
+
+GRIDS: dict[str, GridBuilder] = {
+    "uniform": lambda s, n: _grids.ddim(s, n, "uniform"),      # DDIM trailing, uniform in t
+    "quadratic": lambda s, n: _grids.ddim(s, n, "quadratic"),  # DDIM trailing, quadratic in t
+    "logsnr": lambda s, n: _grids.log_uniform(s.sigma_max, s.sigma_min, n),  # uniform in log σ
+    "karras": lambda s, n: _grids.karras(s.sigma_max, s.sigma_min, n, 7.0),  # Karras ρ = 7
+}
+DEFAULT_GRIDS = ("uniform", "quadratic", "logsnr", "karras")
+
+
+def register_grid(name: str, builder: GridBuilder, *, replace: bool = False) -> None:
+    """Add a grid `builder(schedule, steps) -> σ grid` (decreasing, σ_max … 0, steps + 1 points) by name."""
+    if name in GRIDS and not replace:
+        raise ValueError(f"grid: {name!r} is already registered")
+    GRIDS[name] = builder
+
+
+def grid_sigmas(grid: str | GridBuilder, schedule: Schedule, steps: int) -> Tensor:
+    """The σ grid of `steps` steps: a name in `GRIDS`, the name of a function f(schedule, steps) in
+    `probflow.grids`, or a builder; checked to run from σ_max to 0."""
+    if callable(grid):
+        builder = grid
+    elif grid in GRIDS:
+        builder = GRIDS[grid]
+    elif isinstance(grid, str) and callable(getattr(_grids, grid, None)) and not grid.startswith("_"):
+        builder = getattr(_grids, grid)
+    else:
+        raise ValueError(f"grid: unknown grid {grid!r}; expected one of {sorted(GRIDS)} or a function in probflow.grids")
+    sig = _grids.check_grid(torch.as_tensor(builder(schedule, steps), dtype=torch.float64), f"grid {grid!r}")
+    if abs(float(sig[0]) - schedule.sigma_max) > 1e-9 * schedule.sigma_max or float(sig[-1]) != 0.0:
+        raise ValueError(f"grid: {grid!r} must run from σ_max = {schedule.sigma_max} to 0, got {sig[0]} … {sig[-1]}")
+    return sig
+
+
+def _grid_name(grid: str | GridBuilder) -> str:
+    return grid if isinstance(grid, str) else getattr(grid, "__name__", "custom")
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+def fixed_methods() -> list[str]:
+    """Every registered fixed-grid method (probflow's own and torchdiffeq's)."""
+    return [n for n, m in METHODS.items() if not m.adaptive]
+
+
+def adaptive_methods() -> list[str]:
+    """Every registered adaptive method except the scipy reference."""
+    return [n for n, m in METHODS.items() if m.adaptive and n != REFERENCE]
+
+
+def _steps(method: Method, nfe: int) -> int:
+    return max(1, int(round(nfe / max(1, method.stages))))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class _Mixture(GaussianMixture):
+    """`GaussianMixture` with the responsibility-weighted back-rotation done as one batched matmul.
+
+    Same formula (∇ log p_σ = −Σ_k r_k U_k (z_k / c_k)); `torch.einsum("bk,kde,bke->bd")` in
+    `GaussianMixture.score` runs ~50× slower at D = 64 on CPU, which would dominate the benchmark. A test
+    checks both agree to rounding.
+    """
+
+    def score(self, xbar: Tensor, sigma: Tensor | float) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=xbar.dtype, device=xbar.device)
+        z, c, U, logj = self._components(xbar, sigma)  # noqa: N806
+        w = torch.softmax(logj, dim=-1).unsqueeze(-1) * (z / c)  # (B, K, D) in each component's eigenbasis
+        return -torch.bmm(w.transpose(0, 1), U.transpose(1, 2)).sum(0)
+
+
+def sharp_mixture(dim: int, components: int = 8, seed: int = 0, std_range: tuple[float, float] = (0.05, 0.5)
+                  ) -> GaussianMixture:
+    """`GaussianMixture.random(dim, components, seed, std_range)`: full covariances, per-direction std
+    log-uniform in `std_range` (down to 0.05: sharp components, like data near a manifold)."""
+    g = GaussianMixture.random(dim, components, seed, std_range=std_range)
+    return _Mixture(g.weights, g.means, g.covs)
+
+
+# ------------------------------------------------------------------------------------------------ workloads
+
+
+@dataclass
+class Workload:
+    """Same noise, same start σ_max, same end σ = 0 for every solver. noise: x_T in the model's variable
+    (float64); reference: x_0 from it; ref: how the reference was made and its convergence check."""
+
+    name: str
+    model: Any
+    schedule: Schedule
+    noise: Tensor
+    reference: Tensor
+    ref: dict
+    model_dtype: torch.dtype | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def xbar(self) -> Tensor:
+        return self.noise * math.sqrt(1.0 + self.schedule.sigma_max**2)
+
+    def field(self) -> DDIMField:
+        return DDIMField(self.model, model_dtype=self.model_dtype)
+
+
+def _reference(model, xbar: Tensor, schedule: Schedule, method: str, tol: float, check_tol: float,
+               model_dtype: torch.dtype | None, options: dict | None) -> tuple[Tensor, dict]:
+    """x_0 from a tight float64 solve, and the max |difference| to a looser solve (its convergence check)."""
+    end = torch.tensor([schedule.sigma_max, 0.0], dtype=torch.float64)
+    out = {}
+    for key, t in (("tight", tol), ("check", check_tol)):
+        f = DDIMField(model, model_dtype=model_dtype)
+        t0 = time.perf_counter()
+        sol = integrate(f, xbar, end, method, rtol=t, atol=t, options=options)
+        out[key] = (sol.x, sol.nfe, time.perf_counter() - t0)
+    x, nfe, wall = out["tight"]
+    diff = (x - out["check"][0]).abs()
+    info = {"method": method, "rtol": tol, "atol": tol, "options": options or {}, "nfe": nfe, "wall_s": wall,
+            "check_rtol": check_tol, "check_nfe": out["check"][1],
+            "check_max_abs_diff": float(diff.max()),
+            "check_rmse": float(diff.pow(2).mean().sqrt())}
+    return x, info
+
+
+@functools.lru_cache(maxsize=8)
+def mixture_workload(dim: int = 64, n_samples: int = 128, seed: int = 0, components: int = 8,
+                     std_range: tuple[float, float] = (0.05, 0.5), ref_tol: float = 1e-12,
+                     check_tol: float = 1e-10, group: int | None = None) -> Workload:
+    """A sharp Gaussian-mixture workload (`sharp_mixture(dim, components, seed)`), n_samples x_T =
+    `probflow.noise(n, (dim,), seed + 1)`, reference DOP853 at `ref_tol` checked against `check_tol`.
+    Cached per arguments (the reference is the expensive part)."""
+    from probflow.flows import noise
+
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim: expected a positive integer, got {dim!r}")
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples: expected a positive integer, got {n_samples!r}")
+    model = sharp_mixture(dim, components, seed, std_range)
+    sch = linear()
+    z = noise(n_samples, (dim,), seed + 1)
+    group = group or max(1, min(n_samples, 1024 // dim))
+    x0, info = _reference(model, z * math.sqrt(1 + sch.sigma_max**2), sch, REFERENCE, ref_tol, check_tol, None,
+                          {"group": group})
+    return Workload(f"mixture D={dim}", model, sch, z, x0, info,
+                    extra={"dim": dim, "components": components, "std_range": list(std_range), "seed": seed,
+                           "n_samples": n_samples})
+
+
+def digits_workload(n_samples: int = 64, seed: int = 0, ref_method: str = "dopri8", ref_tol: float = 1e-8,
+                    check_tol: float = 1e-6) -> Workload:
+    """The digits model (float32 network, float64 state): reference = `ref_method` at `ref_tol` from
+    `probflow.noise(n, (1, 8, 8), seed)`, checked against `check_tol`. Raises FileNotFoundError/ValueError
+    when the model is not available."""
+    from probflow.flows import noise
+
+    model = _load_digits()
+    sch = model.schedule
+    shape = tuple(model.sample_shape or (1, 8, 8))
+    z = noise(n_samples, shape, seed)
+    x0, info = _reference(model, z * math.sqrt(1 + sch.sigma_max**2), sch, ref_method, ref_tol, check_tol,
+                          getattr(model, "model_dtype", None), None)
+    return Workload("digits", model, sch, z, x0, info, getattr(model, "model_dtype", None),
+                    extra={"n_samples": n_samples, "shape": list(shape)})
+
+
+def _load_digits():
+    try:
+        from probflow.models import load
+
+        return load("digits")
+    except ValueError:
+        from probflow.digits import load_model  # models.load does not know "digits" (yet)
+
+        return load_model()
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _errors(x: Tensor, ref: Tensor) -> dict:
+    d = (x.double() - ref.double()).reshape(len(ref), -1)
+    per = d.pow(2).mean(1).sqrt()
+    return {"rmse": float(d.pow(2).mean().sqrt()), "median": float(per.median()), "max": float(per.max())}
+
+
+def _row(w: Workload, family: str, method: str, grid: str, **kw) -> dict:
+    return {"workload": w.name, "family": family, "method": method, "grid": grid, "nfe_target": None, "steps": None,
+            "tol": None, "nfe": None, "rmse": math.nan, "median": math.nan, "max": math.nan, "wall_s": None,
+            "error": None, "notes": [], **kw}
+
+
+def _solve(w: Workload, method: str, sigmas: Tensor, **kw) -> tuple[Tensor, int, float]:
+    f = w.field()
+    t0 = time.perf_counter()
+    sol = integrate(f, w.xbar, sigmas, method, **kw)
+    return sol.x, sol.nfe, time.perf_counter() - t0
+
+
+def run_fixed(w: Workload, method: str, grid: str | GridBuilder, nfe: int) -> dict:
+    """One fixed-grid solve at NFE ≈ `nfe` (steps = round(nfe / stages)); the row of its errors."""
+    m = METHODS[method]
+    steps = _steps(m, nfe)
+    row = _row(w, "probflow", method, _grid_name(grid), nfe_target=nfe, steps=steps)
+    try:
+        x, row["nfe"], row["wall_s"] = _solve(w, method, grid_sigmas(grid, w.schedule, steps))
+        row.update(_errors(x, w.reference))
+    except (FloatingPointError, RuntimeError, ValueError) as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def run_adaptive(w: Workload, method: str, tol: float) -> dict:
+    """One adaptive solve at rtol = atol = `tol` from σ_max to 0 (NFE counts rejected steps)."""
+    row = _row(w, "adaptive", method, "adaptive", tol=tol)
+    try:
+        end = torch.tensor([w.schedule.sigma_max, 0.0], dtype=torch.float64)
+        x, row["nfe"], row["wall_s"] = _solve(w, method, end, rtol=tol, atol=tol)
+        row.update(_errors(x, w.reference))
+    except (FloatingPointError, RuntimeError, ValueError, AssertionError) as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def run_peer(w: Workload, name: str, grid: str, nfe: int) -> dict:
+    """One diffusers peer at NFE ≈ `nfe` on `grid` ("trailing", "karras", "karras_sigma")."""
+    steps = _peers.steps_for_nfe(name, nfe)
+    row = _row(w, "peer", name, grid, nfe_target=nfe, steps=steps)
+    model = w.model
+    if w.model_dtype is not None:
+        md = w.model_dtype
+        model = _cast_model(w.model, md)
+    try:
+        t0 = time.perf_counter()
+        r = _peers.run_peer(name, model, w.noise, w.schedule, steps, grid)
+        row["wall_s"] = time.perf_counter() - t0
+        row["nfe"], row["notes"] = r.nfe, r.notes
+        row.update(_errors(r.x, w.reference))
+    except (FloatingPointError, RuntimeError, ValueError) as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def _cast_model(model, dtype):
+    def eps(x: Tensor, sigma: Tensor) -> Tensor:
+        return model(x.to(dtype), sigma.to(dtype)).to(x.dtype)
+    return eps
+
+
+def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Sequence[str | GridBuilder] | None = None,
+                 nfe: Sequence[int] = NFE, tolerances: Sequence[float] = TOLERANCES,
+                 peers: Sequence[str] | None = None, peer_grids: Sequence[str] | None = None,
+                 progress: bool | Callable[[Iterable], Iterable] = False) -> list[dict]:
+    """Rows for every (method × grid × NFE), (adaptive method × tolerance), (peer × peer grid × NFE).
+
+    methods: registered names (default: all but the reference; fixed and adaptive are told apart by the
+    registry). grids: names or builders (default `DEFAULT_GRIDS`). peers: diffusers peer names (default all,
+    or none where diffusers is absent); peer_grids: restrict the peers' grids (default: each peer's all).
+    """
+    methods = list(methods) if methods is not None else fixed_methods() + adaptive_methods()
+    for m in methods:
+        if m not in METHODS or m == REFERENCE:
+            raise ValueError(f"methods: {m!r} is not a registered solver (or is the reference)")
+    grids = list(grids) if grids is not None else list(DEFAULT_GRIDS)
+    if peers is None:
+        peers = _peers.peer_names() if _peers.available() else []
+    tasks: list[Callable[[], dict]] = []
+    for m in methods:
+        if METHODS[m].adaptive:
+            tasks += [functools.partial(run_adaptive, w, m, t) for t in tolerances]
+        else:
+            tasks += [functools.partial(run_fixed, w, m, g, n) for g in grids for n in nfe]
+    for p in peers:
+        for g in _peers.peer_grids(p):
+            if peer_grids is None or g in peer_grids:
+                tasks += [functools.partial(run_peer, w, p, g, n) for n in nfe]
+    it: Iterable = tasks
+    if progress is True:
+        from tqdm import tqdm
+
+        it = tqdm(tasks, desc=w.name, unit="solve", leave=False, file=sys.stderr)
+    elif callable(progress):
+        it = progress(tasks)
+    return [t() for t in it]
+
+
+def run_mixture_suite(dim: int = 64, n_samples: int = 128, nfe: Sequence[int] = NFE,
+                      methods: Sequence[str] | None = None, grids: Sequence[str | GridBuilder] | None = None,
+                      peers: Sequence[str] | None = None, tolerances: Sequence[float] = TOLERANCES, seed: int = 0,
+                      progress: bool = False) -> list[dict]:
+    """The sharp-mixture suite at dimension `dim` (K = 8, std down to 0.05): rows of every method × grid ×
+    NFE, adaptive × tolerance and diffusers peer × grid × NFE, errors against DOP853 at 1e-12. The
+    workload (and its reference) is cached, so repeated calls only pay for the solves.
+    Summarise with `best_per_nfe(rows)`."""
+    w = mixture_workload(dim, n_samples, seed)
+    return run_workload(w, methods, grids, nfe, tolerances, peers, None, progress)
+
+
+def error_vs_nfe(model, methods: Sequence[str], grids: Sequence[str | GridBuilder] = ("uniform",),
+                 nfe_list: Sequence[int] = NFE, n_samples: int = 64, seed: int = 0, *,
+                 schedule: Schedule | None = None, shape: tuple[int, ...] | None = None,
+                 peers: Sequence[str] = (), ref_tol: float = 1e-12, check_tol: float = 1e-10) -> list[dict]:
+    """Error vs NFE of `methods` on `grids` for any ε-model with a closed form (or any model, at the cost
+    of a DOP853 reference): x_T = `probflow.noise(n_samples, shape, seed)`, reference DOP853 at `ref_tol`.
+    shape defaults to (model.dim,); schedule to the linear DDPM table. Rows as `run_workload`; the
+    reference and its convergence check are in every row under "reference"."""
+    from probflow.flows import noise
+
+    sch = schedule or linear()
+    if shape is None:
+        if not hasattr(model, "dim"):
+            raise ValueError("shape: give the sample shape for a model without a `dim`")
+        shape = (model.dim,)
+    z = noise(n_samples, tuple(shape), seed)
+    dim = int(np.prod(shape))
+    x0, info = _reference(model, z * math.sqrt(1 + sch.sigma_max**2), sch, REFERENCE, ref_tol, check_tol, None,
+                          {"group": max(1, min(n_samples, 1024 // dim))})
+    w = Workload(getattr(model, "name", type(model).__name__), model, sch, z, x0, info)
+    rows = run_workload(w, methods, grids, nfe_list, TOLERANCES, peers)
+    for r in rows:
+        r["reference"] = info
+    return rows
+
+
+def convergence_order(model, method: str, grid: str | GridBuilder = "uniform", steps: Sequence[int] = (8, 16, 32, 64),
+                      n_samples: int = 32, seed: int = 0, *, schedule: Schedule | None = None,
+                      shape: tuple[int, ...] | None = None) -> dict:
+    """Measured order of `method` on `grid`: the least-squares slope p of log RMSE = −p·log steps + c
+    against a DOP853 reference at 1e-12, and the local orders log2(e_k/e_{k+1}) for doubled steps."""
+    if METHODS.get(method) is None or METHODS[method].adaptive:
+        raise ValueError(f"method: expected a registered fixed-grid solver, got {method!r}")
+    steps = [int(s) for s in steps]
+    if len(steps) < 2:
+        raise ValueError("steps: need at least two step counts")
+    st = METHODS[method].stages
+    rows = error_vs_nfe(model, [method], [grid], [s * st for s in steps], n_samples, seed, schedule=schedule,
+                        shape=shape)
+    errs = np.array([r["rmse"] for r in rows])
+    ns = np.array([r["steps"] for r in rows], dtype=float)
+    slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+    local = [float(np.log(errs[i] / errs[i + 1]) / np.log(ns[i + 1] / ns[i])) for i in range(len(ns) - 1)]
+    return {"method": method, "grid": _grid_name(grid), "steps": ns.astype(int).tolist(),
+            "nfe": [r["nfe"] for r in rows], "rmse": errs.tolist(), "order": float(slope), "local_orders": local,
+            "declared_order": METHODS[method].order, "reference": rows[0]["reference"]}
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+
+
+def best_per_nfe(rows: Sequence[dict], key: str = "rmse") -> list[dict]:
+    """Per target NFE, probflow's best fixed-grid method+grid and the best diffusers peer+grid by `key`
+    ("rmse" or "median"), counting only runs whose measured NFE ≤ the target (no one gets extra calls)."""
+    out = []
+    for n in sorted({r["nfe_target"] for r in rows if r["nfe_target"] is not None}):
+        best = {}
+        for fam in ("probflow", "peer"):
+            ok = [r for r in rows if r["family"] == fam and r["nfe_target"] == n and r["error"] is None
+                  and r["nfe"] is not None and r["nfe"] <= n and math.isfinite(r[key])]
+            best[fam] = min(ok, key=lambda r: r[key]) if ok else None
+        p, q = best["probflow"], best["peer"]
+        out.append({"nfe": n, "key": key, "probflow": p, "peer": q,
+                    "ratio": (p[key] / q[key]) if p and q and q[key] > 0 else None})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ overhead
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def solver_overhead(shape: tuple[int, ...] = (64, 3, 32, 32), steps: int = 50, repeats: int = 7,
+                    methods: Sequence[str] | None = None, peers: Sequence[str] = ("ddim", "dpmpp_2m", "unipc"),
+                    ) -> dict:
+    """Time per step beyond the model, with a near-free model ε = 0.1·x on a float32 batch of `shape`.
+
+    Baseline: a bare `torchdiffeq.odeint(f, x̄, σ, method="euler")` with f(σ, x̄) = model(x̄/sqrt(1+σ²), σ).
+    probflow: `integrate(model, x̄, σ, method)` for every fixed-grid method; peers: diffusers schedulers in
+    a pipeline loop (set_timesteps + scale_model_input + step, float32 tables as users run them). Medians
+    of `repeats` runs; the ratio is against the bare loop's per-step time, measured in the same call.
+    """
+    import torchdiffeq
+
+    sch = linear()
+    sig = _grids.ddim(sch, steps).float()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).float() * math.sqrt(1 + sch.sigma_max**2)
+
+    def model(xx: Tensor, s: Tensor) -> Tensor:
+        return 0.1 * xx
+
+    def bare_f(s: Tensor, xb: Tensor) -> Tensor:
+        return model(xb * torch.rsqrt(1 + s * s), s)
+
+    s0 = torch.tensor(1.0)
+    t_model = _median_time(lambda: [model(x, s0) for _ in range(steps)], repeats) / steps
+    with torch.no_grad():
+        t_bare = _median_time(lambda: torchdiffeq.odeint(bare_f, x, sig, method="euler"), repeats) / steps
+    rows = [{"solver": "torchdiffeq.odeint euler (bare)", "kind": "baseline", "nfe_per_step": 1.0,
+             "step_s": t_bare, "overhead_s": t_bare - t_model, "ratio": 1.0}]
+    methods = list(methods) if methods is not None else fixed_methods()
+    for m in methods:
+        f = DDIMField(model)
+        integrate(f, x, sig, m)
+        per = f.nfe / steps
+        t = _median_time(lambda m=m: integrate(model, x, sig, m), repeats) / steps
+        rows.append({"solver": f"probflow {m}", "kind": "probflow", "nfe_per_step": per, "step_s": t,
+                     "overhead_s": t - per * t_model, "ratio": t / t_bare})
+    if peers and _peers.available():
+        import diffusers
+
+        for p in peers:
+            spec = _peers.PEERS[p]
+            sched = getattr(diffusers, spec.cls)(**spec.config)
+
+            def loop(sched=sched, spec=spec):
+                sched.set_timesteps(steps)
+                xx = x if spec.variable == "xbar" else x / math.sqrt(1 + sch.sigma_max**2)
+                with torch.no_grad():
+                    for t in sched.timesteps:
+                        xin = sched.scale_model_input(xx, t)
+                        xx = sched.step(model(xin, t), t, xx, return_dict=False)[0]
+                return xx
+            n_calls = len(sched.timesteps) if sched.set_timesteps(steps) is None else steps
+            t = _median_time(loop, repeats) / steps
+            per = n_calls / steps
+            rows.append({"solver": f"diffusers {spec.cls}" + (f" (order {spec.config['solver_order']})"
+                                                               if "solver_order" in spec.config else ""),
+                         "kind": "peer", "nfe_per_step": per, "step_s": t, "overhead_s": t - per * t_model,
+                         "ratio": t / t_bare})
+    euler = next((r for r in rows if r["solver"] == "probflow euler"), None)
+    return {"shape": list(shape), "dtype": "float32", "steps": steps, "repeats": repeats, "model_s": t_model,
+            "rows": rows, "euler_ratio": euler["ratio"] if euler else None,
+            "euler_ok": bool(euler and euler["ratio"] <= 1.1)}
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _fmt(v: float | None, spec: str = ".2e") -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _label(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    return f"{r['method']}/{r['grid']}"
+
+
+def markdown_tables(results: dict) -> str:
+    """All tables of a results dict (as `run_bench` writes to JSON) as markdown."""
+    out = []
+    for wname, wres in results["workloads"].items():
+        ref = wres["reference"]
+        out.append(f"### {wname}\n")
+        out.append(f"{wres['description']}\n")
+        out.append(f"Reference: {ref['method']} rtol = atol = {ref['rtol']:g} ({ref['nfe']} NFE, "
+                   f"{ref['wall_s']:.1f} s); convergence check against rtol = atol = {ref['check_rtol']:g}: "
+                   f"max |Δx_0| = {ref['check_max_abs_diff']:.2e}, RMS {ref['check_rmse']:.2e}.\n")
+        if "frechet_reference" in wres:
+            out.append(f"Fréchet distance to the test digits: reference {wres['frechet_reference']:.4f}, "
+                       f"floor (train vs test) {wres['frechet_floor']:.4f}.\n")
+        rows = wres["rows"]
+        for key in ("rmse", "median"):
+            best = best_per_nfe(rows, key)
+            if not best:
+                continue
+            what = "RMSE" if key == "rmse" else "median per-sample RMS error"
+            out.append(f"Best per NFE by {what} (runs with measured NFE ≤ target):\n")
+            out.append("| NFE | probflow best | NFE | RMSE | median | diffusers best | NFE | RMSE | median | ratio |")
+            out.append("|---|---|---|---|---|---|---|---|---|---|")
+            for b in best:
+                p, q = b["probflow"], b["peer"]
+                out.append(f"| {b['nfe']} | {_label(p)} | {p['nfe'] if p else '—'} | {_fmt(p and p['rmse'])} | "
+                           f"{_fmt(p and p['median'])} | {_label(q)} | {q['nfe'] if q else '—'} | "
+                           f"{_fmt(q and q['rmse'])} | {_fmt(q and q['median'])} | {_fmt(b['ratio'], '.2f')} |")
+            out.append("")
+        fd = any("frechet" in r for r in rows)
+        out.append("<details><summary>All runs</summary>\n")
+        out.append("| family | method | grid | NFE target | steps / tol | NFE | RMSE | median | max | wall s |"
+                   + (" Fréchet |" if fd else "") + " note |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if fd else "") + "---|")
+        for r in rows:
+            st = r["steps"] if r["tol"] is None else f"{r['tol']:g}"
+            note = (r["error"] or "; ".join(r["notes"]))[:80]
+            out.append(f"| {r['family']} | {r['method']} | {r['grid']} | {r['nfe_target'] or ''} | {st} | "
+                       f"{r['nfe'] if r['nfe'] is not None else '—'} | {_fmt(r['rmse'])} | {_fmt(r['median'])} | "
+                       f"{_fmt(r['max'])} | {_fmt(r['wall_s'], '.3f')} |"
+                       + (f" {_fmt(r.get('frechet'), '.4f')} |" if fd else "") + f" {note} |")
+        out.append("\n</details>\n")
+    ov = results.get("overhead")
+    if ov:
+        out.append(f"### Solver overhead\n\nNear-free model ε = 0.1·x on a {'×'.join(map(str, ov['shape']))} "
+                   f"{ov['dtype']} batch, {ov['steps']} steps, median of {ov['repeats']} runs; model call "
+                   f"{ov['model_s'] * 1e3:.3f} ms. Ratio = time per step / the bare torchdiffeq Euler loop's, same "
+                   f"run. probflow euler ratio {ov['euler_ratio']:.3f} (target ≤ 1.1: "
+                   f"{'met' if ov['euler_ok'] else 'NOT met'}).\n")
+        out.append("| solver | NFE/step | ms/step | overhead ms/step | ratio |")
+        out.append("|---|---|---|---|---|")
+        for r in ov["rows"]:
+            out.append(f"| {r['solver']} | {r['nfe_per_step']:.2f} | {r['step_s'] * 1e3:.3f} | "
+                       f"{r['overhead_s'] * 1e3:.3f} | {r['ratio']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_workload(wname: str, rows: Sequence[dict], out: Path) -> list[Path]:
+    """error vs NFE (log-log, one line per method+grid, peers dashed, adaptive dotted) and error vs wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str, str], list[dict]] = {}
+    for r in rows:
+        if r["error"] is None and math.isfinite(r["rmse"]) and r["rmse"] > 0:
+            series.setdefault((r["family"], r["method"], r["grid"]), []).append(r)
+    names = sorted({k[1] for k in series})
+    cmap = plt.get_cmap("tab20")
+    color = {n: cmap(i % 20) for i, n in enumerate(names)}
+    markers = {g: mk for g, mk in zip(sorted({k[2] for k in series}), "osD^v<>phX*+x")}
+    paths = []
+    slug = wname.replace(" ", "_").replace("=", "")
+    for xkey, fname, xl in (("nfe", f"error_vs_nfe_{slug}.png", "NFE (model calls)"),
+                            ("wall_s", f"error_vs_wall_{slug}.png", "wall time (s)")):
+        fig, ax = plt.subplots(figsize=(11, 7))
+        for (fam, m, g), rs in sorted(series.items()):
+            rs = sorted(rs, key=lambda r: r[xkey])
+            ls = {"peer": "--", "adaptive": ":"}.get(fam, "-")
+            ax.plot([r[xkey] for r in rs], [r["rmse"] for r in rs], ls, marker=markers.get(g, "o"), ms=4,
+                    color=color[m], lw=1.2, label=f"{'diffusers ' if fam == 'peer' else ''}{m}/{g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("RMSE of x_0 vs reference")
+        ax.set_title(f"{wname}: error vs {xl.split(' (')[0]} (solid probflow, dashed diffusers, dotted adaptive)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=3, loc="lower left")
+        fig.tight_layout()
+        paths.append(out / fname)
+        _atomic(paths[-1], lambda p, fig=fig: fig.savefig(p, dpi=110, format="png"))
+        plt.close(fig)
+    return paths
+
+
+def plot_headline(wname: str, rows: Sequence[dict], path: Path) -> Path:
+    """Per method (probflow solid, diffusers dashed) its best grid at each NFE: RMSE vs NFE, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    fams = {}
+    for r in rows:
+        if r["family"] in ("probflow", "peer") and r["error"] is None and math.isfinite(r["rmse"]) and r["rmse"] > 0:
+            d = fams.setdefault((r["family"], r["method"]), {})
+            if r["nfe_target"] not in d or r["rmse"] < d[r["nfe_target"]]["rmse"]:
+                d[r["nfe_target"]] = r
+    cmap = plt.get_cmap("tab20")
+    for i, ((fam, m), d) in enumerate(sorted(fams.items())):
+        rs = [d[k] for k in sorted(d)]
+        ax.plot([r["nfe"] for r in rs], [r["rmse"] for r in rs], "--" if fam == "peer" else "-", marker="o", ms=3,
+                color=cmap(i % 20), label=f"{'diffusers ' if fam == 'peer' else ''}{m}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (model calls)")
+    ax.set_ylabel("RMSE of x_0 (best grid per method)")
+    ax.set_title(f"{wname}: error vs NFE, each method on its best grid")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _atomic(path: Path, write: Callable[[str], Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic(path, w)
+
+
+def _versions() -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for mod in ("scipy", "torchdiffeq", "diffusers"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            v[mod] = None
+    from probflow import __version__
+
+    v["probflow"] = __version__
+    return v
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+SUITES = ("mixture2", "mixture64", "digits", "overhead")
+
+
+@dataclass(frozen=True)
+class _Config:
+    n2: int
+    n64: int
+    n_digits: int
+    nfe: tuple[int, ...]
+    tolerances: tuple[float, ...]
+    grids: tuple[str, ...]
+    peers: tuple[str, ...] | None
+    ref_tol: float
+    check_tol: float
+    digits_nfe: tuple[int, ...]
+    digits_grids: tuple[str, ...]
+    overhead_steps: int
+    overhead_repeats: int
+
+
+FULL = _Config(n2=256, n64=128, n_digits=64, nfe=NFE, tolerances=TOLERANCES, grids=DEFAULT_GRIDS, peers=None,
+               ref_tol=1e-12, check_tol=1e-10, digits_nfe=(10, 20, 50), digits_grids=("uniform", "karras"),
+               overhead_steps=50, overhead_repeats=7)
+QUICK = _Config(n2=32, n64=8, n_digits=8, nfe=(5, 10, 20), tolerances=(1e-3,), grids=("uniform", "karras"),
+                peers=("ddim", "dpmpp_2m"), ref_tol=1e-10, check_tol=1e-8, digits_nfe=(10,),
+                digits_grids=("uniform",), overhead_steps=10, overhead_repeats=3)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="benchmarks/results", help="output folder (JSON, markdown, plots)")
+    p.add_argument("--results-md", default=None,
+                   help="also write this RESULTS.md (default: benchmarks/RESULTS.md for a full run, none for --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, few methods (≤ 60 s)")
+    p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
+    p.add_argument("--methods", default=None, help="comma-separated registered methods (default: all)")
+    p.add_argument("--grids", default=None, help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)})")
+    p.add_argument("--nfe", default=None, help="comma-separated target NFEs (default: 5,10,20,50,100)")
+    p.add_argument("--samples", type=int, default=None, help="samples per mixture workload (default: 256 at D=2, "
+                   "128 at D=64)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 2)")
+    p.add_argument("--force", action="store_true", help="overwrite existing results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _csv(s: str | None, conv=str) -> list | None:
+    return None if s is None else [conv(v.strip()) for v in s.split(",") if v.strip()]
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """`probflow bench`: run the suites, write results.json, results.md, plots (and RESULTS.md)."""
+    cfg = QUICK if args.quick else FULL
+    out = Path(args.out)
+    suites = _csv(args.suites)
+    bad = [s for s in suites if s not in SUITES]
+    if bad:
+        raise ValueError(f"--suites: unknown {bad}; expected a subset of {list(SUITES)}")
+    methods = _csv(args.methods)
+    if methods is None:
+        methods = (["euler", "heun2"] + [n for n in fixed_methods() if METHODS[n].backend == "probflow"][:1]
+                   + ["dopri5"]) if args.quick else fixed_methods() + adaptive_methods()
+    for m in methods:
+        if m not in METHODS or m == REFERENCE:
+            raise ValueError(f"--methods: {m!r} is not a registered solver other than the reference; expected "
+                             f"among {[n for n in METHODS if n != REFERENCE]}")
+    grid_list = _csv(args.grids) or list(cfg.grids)
+    for g in grid_list:
+        grid_sigmas(g, linear(), 4)  # raises naming the grid
+    nfe = _csv(args.nfe, int) or list(cfg.nfe)
+    if any(n < 1 for n in nfe):
+        raise ValueError(f"--nfe: expected positive integers, got {nfe}")
+    if args.samples is not None and args.samples < 2:
+        raise ValueError(f"--samples: expected at least 2, got {args.samples}")
+    results_md = Path(args.results_md) if args.results_md else (None if args.quick else Path("benchmarks/RESULTS.md"))
+    targets = [out / "results.json", out / "results.md"] + ([results_md] if results_md else [])
+    if not args.force:
+        exist = [str(t) for t in targets if t.exists()]
+        if exist:
+            raise FileExistsError(f"{', '.join(exist)} already exist(s); pass --force to overwrite")
+    torch.set_num_threads(args.threads or 2)
+    progress = not args.no_progress
+    t_start = time.perf_counter()
+    results: dict = {"command": "probflow " + " ".join(_argv(args)), "started_utc":
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "versions": _versions(),
+                     "machine": _machine(), "workloads": {}, "skipped": [], "config": {
+                         "methods": methods, "grids": grid_list, "nfe": nfe, "tolerances": list(cfg.tolerances),
+                         "peers": list(cfg.peers) if cfg.peers else (_peers.peer_names() if _peers.available()
+                                                                       else [])}}
+    if not _peers.available():
+        results["skipped"].append("diffusers peers: diffusers could not be imported")
+        print("probflow bench: diffusers is not importable; peers skipped", file=sys.stderr)
+    peers = results["config"]["peers"]
+    for dim, n, key in ((2, cfg.n2, "mixture2"), (64, cfg.n64, "mixture64")):
+        if key not in suites:
+            continue
+        n = args.samples or n
+        _say(progress, f"{key}: reference DOP853 at {cfg.ref_tol:g} for {n} samples …")
+        w = mixture_workload(dim, n, 0, ref_tol=cfg.ref_tol, check_tol=cfg.check_tol)
+        rows = run_workload(w, methods, grid_list, nfe, cfg.tolerances, peers, None, progress)
+        results["workloads"][w.name] = {
+            "description": f"Sharp Gaussian mixture, D = {dim}, K = 8, full covariances, per-direction std "
+                           f"log-uniform in [0.05, 0.5] (seed 0); {n} samples from probflow.noise(n, ({dim},), 1); "
+                           f"σ_max = {w.schedule.sigma_max:.4f} (t = T−1 of the linear DDPM table) → σ = 0.",
+            "reference": w.ref, "extra": w.extra, "rows": rows}
+    if "digits" in suites:
+        _run_digits(results, cfg, methods, peers, args.samples, progress)
+    if "overhead" in suites:
+        _say(progress, "overhead: near-free model, 64×3×32×32 float32 …")
+        ov_methods = [m for m in methods if not METHODS[m].adaptive]
+        results["overhead"] = solver_overhead(steps=cfg.overhead_steps, repeats=cfg.overhead_repeats,
+                                              methods=ov_methods,
+                                              peers=("ddim", "dpmpp_2m", "unipc") if peers else ())
+    results["wall_s"] = time.perf_counter() - t_start
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for wname, wres in results["workloads"].items():
+        plots += plot_workload(wname, wres["rows"], out)
+    head = None
+    if "mixture D=64" in results["workloads"]:
+        head = plot_headline("mixture D=64", results["workloads"]["mixture D=64"]["rows"], out / "headline.png")
+        plots.append(head)
+    results["plots"] = [p.name for p in plots]
+    _write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default, allow_nan=True))
+    tables = markdown_tables(results)
+    _write_text(out / "results.md", _header(results, out, None) + tables)
+    if results_md:
+        _write_text(results_md, _header(results, out, results_md) + tables)
+    print(f"probflow bench: {len(plots)} plots, results.json and results.md in {out}"
+          + (f"; {results_md} regenerated" if results_md else "") + f" ({results['wall_s']:.0f} s)")
+    ov = results.get("overhead")
+    if ov:
+        print(f"probflow bench: euler / bare torchdiffeq per-step time = {ov['euler_ratio']:.3f} "
+              f"({'≤' if ov['euler_ok'] else '>'} 1.1)")
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "_argv", None) or sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench"
+                else [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                      for k, v in sorted(vars(args).items()) if v not in (None, False) and k != "command"])
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"probflow bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _header(results: dict, out: Path, md: Path | None) -> str:
+    v = results["versions"]
+    m = results["machine"]
+    rel = os.path.relpath(out, md.parent) if md else "."
+    lines = ["# probflow benchmark results", "",
+             "Generated by `probflow bench`; do not edit by hand. Regenerate with:", "",
+             f"    {results['command']}", "",
+             f"Started {results['started_utc']} UTC, wall time {results['wall_s']:.0f} s. Versions: "
+             + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
+             f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, torch threads "
+             f"{m['torch_threads']}.", ""]
+    if results["skipped"]:
+        lines += ["Skipped: " + "; ".join(results["skipped"]), ""]
+    lines += ["Every solver starts from the same x_T at σ_max (t = T−1) and ends at σ = 0; errors are of x_0 "
+              "against the reference. RMSE is over all samples and coordinates; median is the median over "
+              "samples of the per-sample RMS error. probflow rows are float64; diffusers peers are driven as "
+              "their pipelines drive them with float64 tables swapped in (see probflow/peers.py for the traps "
+              "handled). Peer grids: trailing = DDIM trailing timesteps; karras = diffusers' "
+              "use_karras_sigmas with the network at the pipeline's (rounded) timestep; karras_sigma = the same "
+              "grid with the model at the scheduler's own σ.", ""]
+    for p in results.get("plots", []):
+        if p.startswith("headline") or "D64" in p:
+            lines += [f"![{p}]({rel}/{p})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _run_digits(results: dict, cfg: _Config, methods: list[str], peers: list[str], samples: int | None,
+                progress: bool) -> None:
+    try:
+        _load_digits()
+    except Exception as e:  # noqa: BLE001 - absent weights (or a broken checkpoint) skip the suite, loudly
+        msg = f"digits: model not available ({type(e).__name__}: {e})"
+        results["skipped"].append(msg)
+        print(f"probflow bench: skipping {msg}", file=sys.stderr)
+        return
+    from probflow import digits
+
+    n = samples or cfg.n_digits
+    _say(progress, f"digits: reference dopri8 at 1e-8 for {n} samples …")
+    w = digits_workload(n, ref_tol=1e-8 if not cfg is QUICK else 1e-5, check_tol=1e-6 if not cfg is QUICK else 1e-3)
+    fixed = [m for m in methods if not METHODS[m].adaptive]
+    adaptive = [m for m in methods if METHODS[m].adaptive][:3]
+    rows = run_workload(w, fixed + adaptive, list(cfg.digits_grids), list(cfg.digits_nfe),
+                        tuple(t for t in cfg.tolerances if t >= 1e-5), peers, ("trailing", "karras"), progress)
+    split = digits.load_split()
+    mu, cov = digits.gaussian_fit(split["x_test"])
+    floor = digits.frechet_distance(*digits.gaussian_fit(split["x_train"]), mu, cov)
+    results["workloads"][w.name] = {
+        "description": f"The digits ε-UNet (float32 network, float64 state), {n} samples from "
+                       f"probflow.noise(n, {tuple(w.noise.shape[1:])}, 0), σ_max → 0. Fréchet distance of the "
+                       "samples' pixel Gaussian to the test digits' (few samples: biased upwards; compare rows).",
+        "reference": w.ref, "extra": w.extra, "rows": rows,
+        "frechet_reference": digits.frechet_distance(*digits.gaussian_fit(w.reference.float()), mu, cov),
+        "frechet_floor": floor}
+    # per-row Fréchet needs the samples; recompute x_0 cheaply from errors is impossible, so rerun is avoided by
+    # storing it in run_workload's rows via the hook below
+    for r in rows:
+        x = r.pop("_x", None)
+        if x is not None:
+            r["frechet"] = digits.frechet_distance(*digits.gaussian_fit(x), mu, cov)

@@ -1,0 +1,77 @@
+"""The analytic models are exact: ε* = −sqrt(1−ᾱ) ∇_x log p_t(x) (MATH.md §2), checked by autograd."""
+
+import math
+
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+from probflow.models import GaussianMixture, IdealDenoiser, default_mixture
+
+
+def eps_by_autograd(model, x, sigma):
+    """−sqrt(1−ᾱ) ∇_x log p_t(x), with p_t(x) = p_σ(x·sqrt(1+σ²))·(1+σ²)^{D/2}."""
+    x = x.clone().requires_grad_(True)
+    s = torch.tensor(sigma, dtype=torch.float64)
+    logp = model.log_prob(x * torch.sqrt(1 + s * s), s) + 0.5 * x.shape[1] * torch.log(1 + s * s)
+    (g,) = torch.autograd.grad(logp.sum(), x)
+    return -torch.sqrt(s * s / (1 + s * s)) * g
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.7, 5.0, 150.0])
+def test_mixture_eps_equals_minus_sqrt_one_minus_alpha_bar_times_score(sigma):
+    gm = GaussianMixture.random(5, 4, seed=3, std_range=(0.05, 0.5))
+    x = torch.randn(32, 5, dtype=torch.float64)
+    exact = gm(x, torch.tensor(sigma, dtype=torch.float64))
+    auto = eps_by_autograd(gm, x, sigma)
+    assert ((exact - auto).norm() / auto.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("sigma", [0.2, 1.0, 20.0])
+def test_ideal_denoiser_eps_equals_score_form(sigma):
+    data = torch.randn(50, 6, dtype=torch.float64)
+    model = IdealDenoiser(data)
+    x = torch.randn(16, 6, dtype=torch.float64)
+    exact = model(x, torch.tensor(sigma, dtype=torch.float64))
+    auto = eps_by_autograd(model, x, sigma)
+    assert ((exact - auto).norm() / auto.norm()).item() < 1e-10
+
+
+def test_mixture_log_prob_matches_scipy_convolved_density():
+    gm = default_mixture()
+    sigma = 0.3
+    x = torch.randn(20, 2, dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    ref = torch.log(sum(
+        w * torch.from_numpy(multivariate_normal(m.numpy(), (c + sigma**2 * eye).numpy()).pdf(x.numpy()))
+        for w, m, c in zip(gm.weights, gm.means, gm.covs)
+    ))
+    assert torch.allclose(gm.log_prob(x, sigma), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_mixture_samples_have_the_mixture_moments():
+    gm = GaussianMixture.random(3, 3, seed=1)
+    x = gm.sample(200_000, sigma=0.5, generator=torch.Generator().manual_seed(0))
+    mean = (gm.weights[:, None] * gm.means).sum(0)
+    second = sum(w * (c + torch.outer(m, m)) for w, m, c in zip(gm.weights, gm.means, gm.covs))
+    cov = second - torch.outer(mean, mean) + 0.25 * torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(x.mean(0), mean, atol=0.01)
+    assert torch.allclose(torch.cov(x.T), cov, atol=0.01)
+
+
+def test_mixture_accepts_any_batch_shape_and_float32():
+    gm = GaussianMixture.random(12, 2, seed=0)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    e64 = gm(x, torch.tensor(1.0, dtype=torch.float64))
+    e32 = gm(x.float(), torch.tensor(1.0))
+    assert e64.shape == x.shape and e32.dtype == torch.float32
+    assert torch.allclose(e32.double(), e64, atol=1e-5)
+
+
+def test_bad_mixture_parameters_are_refused():
+    with pytest.raises(ValueError, match="covs"):
+        GaussianMixture(torch.ones(2), torch.zeros(2, 3), torch.eye(2).expand(2, 2, 2))
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianMixture(torch.ones(1), torch.zeros(1, 2), -torch.eye(2)[None])
+    with pytest.raises(ValueError, match="data"):
+        IdealDenoiser(torch.tensor([[math.nan, 0.0]]))
