@@ -10,7 +10,8 @@ import sys
 
 # name: (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("probflow.demo", "sample the built-in 2-D mixture with DDIM (Euler) and dopri5; error vs NFE"),
+    "demo": ("probflow.demo", "sample the built-in 2-D mixture with DDIM (Euler), rk4 and dopri5; error vs NFE"),
+    "bench": ("probflow.bench", "compare every solver, grid and NFE against exact ground truth and diffusers"),
 }
 
 
