@@ -11,6 +11,7 @@ import sys
 # name: (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("probflow.demo", "sample the built-in 2-D mixture with DDIM (Euler), rk4 and dopri5; error vs NFE"),
+    "train": ("probflow.digits", "train the digits ε-UNet (DDPM objective) and write its checkpoint and card"),
     "bench": ("probflow.bench", "compare every solver, grid and NFE against exact ground truth and diffusers"),
 }
 
