@@ -24,8 +24,6 @@ import json
 import math
 import os
 import platform
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import torch
 from torch import Tensor
 
 from probflow.adapters import DiscreteTimeModel
+from probflow.atomic import atomic_write
 from probflow.schedules import Schedule, linear
 from probflow.unet import UNet
 
@@ -60,7 +59,8 @@ def load_split() -> dict[str, Tensor]:
     x = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]
     xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=TEST_FRACTION, random_state=SPLIT_SEED,
                                           stratify=d.target)
-    return {"x_train": torch.from_numpy(np.ascontiguousarray(xtr)), "x_test": torch.from_numpy(np.ascontiguousarray(xte)),
+    return {"x_train": torch.from_numpy(np.ascontiguousarray(xtr)),
+            "x_test": torch.from_numpy(np.ascontiguousarray(xte)),
             "y_train": torch.from_numpy(ytr).long(), "y_test": torch.from_numpy(yte).long()}
 
 
@@ -129,7 +129,7 @@ def train(
         with torch.no_grad():
             for pa, pn in zip(avg.parameters(), net.parameters()):
                 pa.lerp_(pn, 1 - decay)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log_every and (i + 1) % log_every == 0:
             recent = float(np.mean(losses[-log_every:]))
             print(f"step {i + 1}/{steps}  loss {recent:.4f}  {time.time() - t_start:.0f}s", flush=True)
@@ -149,18 +149,6 @@ def as_model(net: UNet, name: str = "digits", card: dict | None = None) -> Discr
                              model_dtype=torch.float32, card=card)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(net: UNet, card: dict, out: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:
     """Write `digits.safetensors` (the state_dict, with the UNet config as metadata) and `digits.json`
     (the card) into `out`, each atomically; refuses to overwrite an existing file unless `force`."""
@@ -174,14 +162,15 @@ def save(net: UNet, card: dict, out: str | os.PathLike, force: bool = False) -> 
             if p.exists():
                 raise FileExistsError(f"--out: {p} exists; pass --force to overwrite")
     sd = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    _atomic_write(wpath, lambda tmp: save_file(sd, tmp, metadata={"unet_config": json.dumps(net.config())}))
+    meta = {"unet_config": json.dumps(net.config())}
+    atomic_write(wpath, lambda tmp: save_file(sd, tmp, metadata=meta), force=force, name="--out")
 
     def write_card(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(card, f, indent=2, ensure_ascii=False)
             f.write("\n")
 
-    _atomic_write(cpath, write_card)
+    atomic_write(cpath, write_card, force=force, name="--out")
     return wpath, cpath
 
 
@@ -267,7 +256,6 @@ def evaluate(
     class histogram (fractions), min class fraction, mean confidence; and the floor (train vs test),
     the classifier's held-out accuracy, and the test split's own mean confidence under it.
     """
-    from probflow.field import DDIMField
     from probflow.flows import noise, sample
     from probflow.grids import ddim
 
@@ -281,15 +269,14 @@ def evaluate(
     shape = model.sample_shape or tuple(split["x_test"].shape[1:])
     z = noise(n, shape, seed)
     runs = []
-    jobs = [("euler", "ddim", s, None) for s in ddim_steps] + [(m, "ddim", 1, tol) for m, tol in adaptive]
-    for method, grid, steps, tol in jobs:
+    jobs = [("euler", s, None) for s in ddim_steps] + [(m, 1, tol) for m, tol in adaptive]
+    for method, steps, tol in jobs:
         sig = ddim(model.schedule, steps)
         t0 = time.time()
         xs, nfe = [], 0
         for b in range(0, n, batch):
-            field = DDIMField(model, model_dtype=model.model_dtype)
             kw = {"rtol": tol, "atol": tol} if tol is not None else {}
-            sol = sample(field, z[b:b + batch], sig, method, **kw)
+            sol = sample(model, z[b:b + batch], sig, method, **kw)  # the adapter runs the net in float32
             xs.append(sol.x.float())
             nfe = max(nfe, sol.nfe)
         x = torch.cat(xs)
@@ -337,8 +324,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-samples: expected >= 0, got {args.eval_samples}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "probflow " + " ".join(sys.argv[1:]) if sys.argv and "probflow" in sys.argv[0] else (
-        f"probflow train digits --seed {args.seed} --steps {args.steps} --out {args.out}")
+    command = (f"probflow train digits --seed {args.seed} --steps {args.steps} --threads {torch.get_num_threads()} "
+               f"--eval-samples {args.eval_samples} --out {args.out}")
     print(f"training the digits ε-UNet: seed {args.seed}, {args.steps} steps, {torch.get_num_threads()} threads",
           flush=True)
     net, rec = train(args.seed, args.steps, log_every=max(1, args.steps // 20))

@@ -192,11 +192,23 @@ class IdealDenoiser:
                 - 0.5 * self.dim * torch.log(2 * math.pi * sigma * sigma))
 
 
-MODEL_NAMES = ("mixture2d",)
+MODEL_NAMES = ("mixture2d", "digits")
 
 
 def load(name: str):
-    """A built-in model by name: "mixture2d" (the default 2-D mixture)."""
+    """A model by name: "mixture2d" (the default 2-D mixture, exact ε), "digits" (the shipped 8×8 digits ε-UNet,
+    a `probflow.adapters.DiscreteTimeModel`), or the path of a local diffusers folder (`save_pretrained`
+    layout; `probflow.adapters.from_diffusers`, no network access)."""
+    import os
+
     if name == "mixture2d":
         return default_mixture()
-    raise ValueError(f"name: unknown model {name!r}; expected one of {list(MODEL_NAMES)}")
+    if name == "digits":
+        from probflow.digits import load_model
+
+        return load_model()
+    if isinstance(name, (str, os.PathLike)) and os.path.isdir(name):
+        from probflow.adapters import from_diffusers
+
+        return from_diffusers(name)
+    raise ValueError(f"name: unknown model {name!r}; expected one of {list(MODEL_NAMES)} or a local diffusers folder")

@@ -70,7 +70,8 @@ class UNet(nn.Module):
         self.in_channels, self.channels, self.blocks = in_channels, channels, blocks
         self.emb_dim = emb_dim or 4 * channels[0]
         self.t_dim = channels[0]
-        self.t_mlp = nn.Sequential(nn.Linear(self.t_dim, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim))
+        self.t_mlp = nn.Sequential(nn.Linear(self.t_dim, self.emb_dim), nn.SiLU(),
+                                   nn.Linear(self.emb_dim, self.emb_dim))
         self.inp = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         skips = [channels[0]]
