@@ -11,7 +11,9 @@ from probflow import grids, models, schedules, solvers
 from probflow.field import DDIMField, as_field
 from probflow.flows import decode, encode, interpolate, lerp, noise, sample, slerp
 from probflow.integrate import Solution, integrate
-from probflow import exponential  # noqa: F401  (registers its solvers)
+
+from probflow import exponential  # noqa: F401  # isort: skip  (registers its solvers)
+from probflow import reversible  # noqa: F401  # isort: skip  (registers reversible_heun)
 
 __version__ = "0.1.0"
 

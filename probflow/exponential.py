@@ -20,30 +20,35 @@ Methods (all probflow step functions `step(field, x̄, σ, σ_next, state) -> (x
 
 - `dpmpp_2m`, `dpmpp_3m` (multistep): P interpolates the current D and the previous 1 or 2 (kept in the
   explicit `state`), integrated exactly by (E2). The first steps have no history and use the orders
-  available (1, then 2). `dpmpp_2m` is DPM-Solver++(2M) with diffusers' solver_type="heun" (the exact
-  integral of the linear interpolant). `dpmpp_3m` integrates the quadratic exactly; the published 3M
-  update (DPM-Solver's reference code and diffusers) weights the quadratic term by φ₃ = expm1(−h)/h² + 1/h
-  − 1/2 ≈ −h/6 where the exact integral gives −h/3, so it is not the same method (see benchmarks/solvers.md).
+  available (1, then 2); a first-order first step would cap the global order at 2, so `dpmpp_3m` takes its
+  first step as one 2S step (N steps cost N + 1 NFE). `dpmpp_2m` is DPM-Solver++(2M) with diffusers'
+  solver_type="heun" (the exact integral of the linear interpolant). `dpmpp_3m` integrates the quadratic
+  exactly; the published 3M update (DPM-Solver's reference code, diffusers) weights its second divided
+  difference D2 = h²·[D0, D1, D2] by −φ₃ = 1/2 − (h − 1 + e^{−h})/h² (≈ h/6), where the exact integral of
+  the quadratic gives 1 − 2(h − 1 + e^{−h})/h² (≈ h/3); so it is not claimed to agree with diffusers' 3M.
 - `dpmpp_2s`, `dpmpp_3s` (singlestep): intermediate stages at λ + r h, r = 1/2 (2S) and r = 1/3, 2/3
   (3S, the DPM-Solver-3 abscissae whose final combination uses only the stage at 2/3).
 - `unipc` (UniPC-2, bh2, Zhao et al. 2023): the multistep predictor UniP-2 plus the corrector UniC, which
   reuses the model call at the predicted point (the one the next step needs anyway) to raise the order
-  by one at no extra NFE. The returned x̄ after the last step is the (uncorrected) prediction, as in UniPC.
-  `unipc_3`: the same with the UniP-3 predictor.
+  by one at no extra NFE (order 3). The returned x̄ after the last step is the (uncorrected) prediction, as
+  in UniPC. `unipc_3`: the same with the UniP-3 predictor (order 4 in the interior; its first-order cold start
+  limits the measured global order to 3).
 
 The step into σ = 0 (λ = +∞). (E1) has the finite limit x̄(0) = D(x̄(0), 0): at σ = 0 the solution is its
 own denoised value, and e^{−h} → 0. A polynomial in λ cannot be integrated to λ = ∞ (I_m(h) → ∞ for m ≥ 1),
 so the last step must estimate D(0) another way. Along a solution of Eq. 12 for a smooth density, x̄ and D
 are smooth functions of s = σ² (x̄ solves dx̄/ds = −½∇log p_s(x̄), a regular ODE at s = 0), so here the
 multistep methods *extrapolate D to s = 0* with the Lagrange polynomial in σ² through the current D and
-the same history they keep (no extra NFE):
+the same history they keep (no extra NFE; UniPC likewise, after its corrector):
 
     x̄(0) ≈ Σ_j ℓ_j(0) D_j,        ℓ_j Lagrange basis in s_j = σ_j².                             (E3)
 
 A first-order last step (x̄(0) = D_n, what DPM-Solver++/UniPC do) leaves an error ≈ ∂D/∂s·σ_n², which does
-not shrink with NFE on a grid with a fixed σ_min; (E3) with k nodes leaves O(σ_n² σ_{n−1}² …). The
-singlestep methods spend their stages on the way down to 0 instead: stages at σ/2 (2S) and σ/2, σ/4 (3S),
-reached by the (E1) updates of lower order, then (E3) through the stages.
+not shrink with NFE on a grid with a fixed σ_min; (E3) with k nodes leaves O(σ_n² σ_{n−1}² …) (measured:
+error ∝ σ_n^4 for k = 2 on a fine grid, tests/test_exponential.py). The singlestep methods have no history;
+stages below σ reached by (E1) carry an O(σ²) error that (E3) cannot remove, so their last step is a
+Runge–Kutta step *in σ* on the ε-form, which is regular at σ = 0: explicit midpoint (2S) or Heun's
+third-order method (3S), with the same stage count and no model call at σ = 0.
 
 Encoding (increasing grid) from σ = 0: (E1) is singular there (λ = +∞), but Eq. 12 in ε-form is regular, so
 the first step away from 0 is Heun's method in σ (2 NFE, local error O(σ_1³)); history restarts after it.
@@ -134,15 +139,16 @@ def zero_weights(sigmas: list[float]) -> list[float]:
 
 
 def _combine(weights: list[float], tensors: list[Tensor]) -> Tensor:
-    out = weights[0] * tensors[0]
+    """Σ_j w_j t_j: one new tensor, then fused in-place multiply–adds (the per-step overhead of a solver)."""
+    out = tensors[0] * weights[0]
     for w, t in zip(weights[1:], tensors[1:], strict=True):
-        out = out + w * t
+        out.add_(t, alpha=w)
     return out
 
 
 def _denoise(field: DDIMField, xbar: Tensor, sigma: Tensor) -> Tensor:
     """D = x̄ − σ ε(x̄/sqrt(1+σ²), σ) (one NFE)."""
-    return xbar - sigma * field(sigma, xbar)
+    return xbar.sub(field(sigma, xbar), alpha=float(sigma))
 
 
 def _heun_from_zero(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
@@ -153,11 +159,33 @@ def _heun_from_zero(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: T
     return xbar + 0.5 * dsig * (e0 + e1)
 
 
+def _rk_to_zero(field: DDIMField, xbar: Tensor, sigma: Tensor, d0: Tensor, order: int) -> Tensor:
+    """The singlestep methods' step σ → 0 in σ, where Eq. 12 (ε-form) is regular: explicit midpoint (order 2)
+    or Heun's third-order method (nodes σ, 2σ/3, σ/3); neither evaluates the model at σ = 0."""
+    dsig = -sigma
+    k1 = (xbar - d0) / sigma  # ε at (x̄, σ), already evaluated as D
+    if order == 2:
+        return xbar + dsig * field(sigma / 2, xbar + 0.5 * dsig * k1)
+    k2 = field(sigma * (2 / 3), xbar + dsig / 3 * k1)
+    k3 = field(sigma / 3, xbar + dsig * (2 / 3) * k2)
+    return xbar + dsig * (0.25 * k1 + 0.75 * k3)
+
+
 def _lam(sigma: float) -> float:
     return -math.log(sigma)
 
 
 # --------------------------------------------------------------------------------------------- multistep
+
+
+def _two_stage(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Tensor, d0: Tensor) -> Tensor:
+    """One DPM-Solver++(2S) step (stage at λ + h/2, exact linear integral), given D at the start."""
+    lam, lam_next = _lam(float(sigma)), _lam(float(sigma_next))
+    lm = 0.5 * (lam + lam_next)
+    decay, w = exp_weights(lam, lm, [lam])
+    dm = _denoise(field, _combine([decay, w[0]], [xbar, d0]), sigma.new_tensor(math.exp(-lm)))
+    decay, w = exp_weights(lam, lam_next, [lam, lm])
+    return _combine([decay, *w], [xbar, d0, dm])
 
 
 def multistep_step(order: int):
@@ -174,10 +202,12 @@ def multistep_step(order: int):
             raise TypeError(f"{name}: state must be an ExpState or None, got {type(state).__name__}")
         state = state or ExpState()
         st = state.push(s, _denoise(field, xbar, sigma), order)
+        if order >= 3 and len(st.sigmas) == 1 and sn > 0.0:  # cold start: one 2S step keeps the order
+            return _two_stage(field, xbar, sigma, sigma_next, st.denoised[0]), st
         if sn == 0.0:
             return _combine(zero_weights(list(st.sigmas)), list(st.denoised)), st
         decay, w = exp_weights(_lam(s), _lam(sn), [_lam(x) for x in st.sigmas][::-1])
-        return decay * xbar + _combine(w, list(st.denoised)[::-1]), st
+        return _combine([decay, *w], [xbar, *st.denoised[::-1]]), st
 
     return step
 
@@ -187,10 +217,9 @@ def multistep_step(order: int):
 
 def singlestep_step(order: int):
     """DPM-Solver++(2S) (stage at r = 1/2) or (3S) (stages at r = 1/3, 2/3) in exact-integral form;
-    into σ = 0, stages at σ/2 (and σ/4) and the extrapolation (E3) through them. Stateless."""
+    into σ = 0, a Runge–Kutta step in σ with as many stages (`_rk_to_zero`). Stateless."""
     if order not in (2, 3):
         raise ValueError(f"order: singlestep methods of order 2 or 3, got {order}")
-    name = f"dpmpp_{order}s"
 
     def step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Tensor, state):
         s, sn = float(sigma), float(sigma_next)
@@ -198,16 +227,8 @@ def singlestep_step(order: int):
             return _heun_from_zero(field, xbar, sigma, sigma_next), None
         lam = _lam(s)
         d0 = _denoise(field, xbar, sigma)
-        if sn == 0.0:
-            # stages on the way to 0 at λ + log 2 (and λ + log 4), then (E3) in σ² through all of them
-            sig = [s, s / 2] + ([s / 4] if order == 3 else [])
-            ds = [d0]
-            for j in range(1, len(sig)):
-                lams = [_lam(x) for x in sig[:j]]
-                decay, w = exp_weights(lam, _lam(sig[j]), lams)
-                xj = decay * xbar + _combine(w, ds)
-                ds.append(_denoise(field, xj, sigma.new_tensor(sig[j])))
-            return _combine(zero_weights(sig), ds), None
+        if sn == 0.0:  # λ_next = +∞: an RK step in σ (ε-form, regular at 0) with the same number of stages
+            return _rk_to_zero(field, xbar, sigma, d0, order), None
         h = _lam(sn) - lam
         rs = [0.5] if order == 2 else [1 / 3, 2 / 3]
         nodes, ds = [lam], [d0]
@@ -215,13 +236,13 @@ def singlestep_step(order: int):
             ls = lam + r * h
             # stage j: exact integral of the interpolant through the stages so far (order 1, then 2)
             decay, w = exp_weights(lam, ls, nodes)
-            xs = decay * xbar + _combine(w, ds)
+            xs = _combine([decay, *w], [xbar, *ds])
             nodes.append(ls)
             ds.append(_denoise(field, xs, sigma.new_tensor(math.exp(-ls))))
         if order == 3:  # DPM-Solver-3: the final combination uses D0 and the stage at 2/3 only
             nodes, ds = [nodes[0], nodes[2]], [ds[0], ds[2]]
         decay, w = exp_weights(lam, lam + h, nodes)
-        return decay * xbar + _combine(w, ds), None
+        return _combine([decay, *w], [xbar, *ds]), None
 
     return step
 
@@ -259,33 +280,33 @@ def unipc_step(order: int):
     keep = order + 1
 
     def predict(xbar, lam, lam_next, lams, ds, p):
+        """UniP-p from x̄ at λ (D history `ds` at `lams`, current last) to λ_next."""
         h = lam_next - lam
         decay, b_h, rhs = _unipc_coefficients(h, [], p)
-        x = decay * xbar + b_h * ds[-1]
         if p == 1:
-            return x
+            return _combine([decay, b_h], [xbar, ds[-1]])
         rks = [(lams[-1 - i] - lam) / h for i in range(1, p)]
         if p == 2:
             rho = [0.5]
         else:
             r = np.array([[rk ** (m - 1) for rk in rks] for m in range(1, p)])
-            rho = list(np.linalg.solve(r, np.array(rhs[: p - 1])))
-        corr = _combine([rho[i] / rks[i] for i in range(p - 1)], [ds[-2 - i] - ds[-1] for i in range(p - 1)])
-        return x + b_h * corr
+            rho = [float(v) for v in np.linalg.solve(r, np.array(rhs[: p - 1]))]
+        c = [b_h * rho[i] / rks[i] for i in range(p - 1)]  # on (D_{-1-i} − D_0)
+        return _combine([decay, b_h - sum(c), *c], [xbar, ds[-1], *[ds[-2 - i] for i in range(p - 1)]])
 
     def correct(x_prev, lam_prev, lam, lams_prev, ds_prev, d_new, p):
+        """UniC-p: redo the step λ_prev → λ from x_prev with the new D (at the predicted point) as a node."""
         h = lam - lam_prev
         decay, b_h, rhs = _unipc_coefficients(h, [], p)
-        x = decay * x_prev + b_h * ds_prev[-1]
         if p == 1:
-            rho = [0.5]
-            rks = [1.0]
+            rho, rks = [0.5], [1.0]
         else:
             rks = [(lams_prev[-1 - i] - lam_prev) / h for i in range(1, p)] + [1.0]
             r = np.array([[rk ** (m - 1) for rk in rks] for m in range(1, p + 1)])
-            rho = list(np.linalg.solve(r, np.array(rhs)))
-        diffs = [ds_prev[-2 - i] - ds_prev[-1] for i in range(p - 1)] + [d_new - ds_prev[-1]]
-        return x + b_h * _combine([rho[i] / rks[i] for i in range(p)], diffs)
+            rho = [float(v) for v in np.linalg.solve(r, np.array(rhs))]
+        c = [b_h * rho[i] / rks[i] for i in range(p)]  # on (D_k − D_0), the last k being the new D
+        nodes = [ds_prev[-2 - i] for i in range(p - 1)] + [d_new]
+        return _combine([decay, b_h - sum(c), *c], [x_prev, ds_prev[-1], *nodes])
 
     def step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Tensor, state: ExpState | None):
         s, sn = float(sigma), float(sigma_next)
@@ -315,15 +336,15 @@ _METHODS = [
     Method("dpmpp_2m", 2, 1, step=multistep_step(2),
            description="DPM-Solver++(2M), exponential integrator in λ, data prediction; last step (E3)"),
     Method("dpmpp_3m", 3, 1, step=multistep_step(3),
-           description="exponential multistep of order 3 (exact quadratic integral); last step (E3)"),
+           description="exponential multistep of order 3 (exact quadratic integral), 2S first step; last (E3)"),
     Method("dpmpp_2s", 2, 2, step=singlestep_step(2),
-           description="DPM-Solver++(2S), singlestep, stage at r = 1/2; last step to 0 via σ/2 and (E3)"),
+           description="DPM-Solver++(2S), singlestep, stage at r = 1/2; last step to 0: midpoint in σ"),
     Method("dpmpp_3s", 3, 3, step=singlestep_step(3),
-           description="DPM-Solver++(3S), singlestep, stages r = 1/3, 2/3; last step via σ/2, σ/4 and (E3)"),
+           description="DPM-Solver++(3S), singlestep, stages r = 1/3, 2/3; last step to 0: Heun-3 in σ"),
     Method("unipc", 3, 1, step=unipc_step(2),
            description="UniPC-2 (bh2): UniP-2 predictor + UniC corrector, multistep; last step (E3)"),
-    Method("unipc_3", 4, 1, step=unipc_step(3),
-           description="UniPC-3 (bh2): UniP-3 predictor + UniC corrector, multistep; last step (E3)"),
+    Method("unipc_3", 3, 1, step=unipc_step(3),
+           description="UniPC-3 (bh2): UniP-3 predictor + UniC corrector (order 4 inside, 3 from its cold start)"),
 ]
 
 METHOD_NAMES = tuple(m.name for m in _METHODS)
