@@ -116,7 +116,8 @@ def slerp(z0: Tensor, z1: Tensor, w: Tensor) -> Tensor:
     """
     z0, z1, w = _mix_args(z0, z1, w)
     dims = tuple(range(2, z0.ndim))
-    cos = (z0 * z1).sum(dims, keepdim=True) / (z0.norm(dim=dims, keepdim=True) * z1.norm(dim=dims, keepdim=True))
+    norm = torch.linalg.vector_norm
+    cos = (z0 * z1).sum(dims, keepdim=True) / (norm(z0, dim=dims, keepdim=True) * norm(z1, dim=dims, keepdim=True))
     theta = torch.arccos(cos.clamp(-1, 1))
     s = torch.sin(theta)
     safe = s.abs() > 1e-12

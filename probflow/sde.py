@@ -5,17 +5,21 @@ Both are probflow step functions `step(field, x̄, σ, σ_next, state) -> (x̄_n
 generator per sample, seeded by (seed, sample index), so a sample's path does not depend on the batch size
 or on its position in the batch. Every step draws exactly one z ~ N(0, I) per sample (also where the noise
 coefficient is 0), so step k uses the same z for every η or γ: the knobs are coupled, and turning them to 0
-recovers Euler on Eq. 12 (DDIM) exactly.
+recovers Euler on Eq. 12 (DDIM): the same path to rounding (≈1e-15), with no randomness left (the noise
+term is an exact 0, so the spread over draws is exactly 0).
 
 The factories return a `Method` object for `probflow.integrate` / `probflow.sample`:
 
     sol = probflow.sample(model, x_T, sigmas, method=stochastic_ddim(eta=1.0, seed=0))
 
-They are not put in the global registry: a method that carries a seed and a knob is a value, not a name.
+They are not put in the global registry: a method that carries a seed and a knob is a value, not a name, and
+the registry lists solvers of Eq. 12, which the benchmark and the order tests measure against the ODE's
+exact solution (a stochastic path converges to a different, random one).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -37,8 +41,9 @@ class SampleNoise:
     """Per-sample Gaussian streams: row j of every `draw` comes from a generator seeded by (seed, indices[j]).
 
     indices: the samples' ids (an int n means 0 … n−1). Drawing for a batch of 3 with indices [3, 4, 5]
-    gives the rows 3 … 5 of a batch of 6 with indices 0 … 5. Draws are float64 on the CPU, then cast.
-    `draws` counts the draws so far (one per step).
+    gives the rows 3 … 5 of a batch of 6 with indices 0 … 5. A stream is read in blocks of
+    `block(numel)` draws (one `randn` call per sample per block, a number that depends only on the size of
+    one draw), float64 on the CPU, then cast. `draws` counts the draws so far (one per step).
     """
 
     def __init__(self, seed: int, indices: int | Sequence[int]) -> None:
@@ -56,17 +61,32 @@ class SampleNoise:
         for i in idx:
             s = int(np.random.SeedSequence([self.seed, i, _STREAM]).generate_state(1, np.uint64)[0] >> 1)
             self._gens.append(torch.Generator().manual_seed(s))
+        self._shape: tuple[int, ...] | None = None
+        self._buf: Tensor | None = None
 
     @property
     def n(self) -> int:
         return len(self.indices)
 
+    @staticmethod
+    def block(numel: int) -> int:
+        """Draws per block for draws of `numel` numbers: 64, fewer for large draws (≤ 2¹⁶ numbers a block)."""
+        return max(1, min(64, 65536 // max(1, numel)))
+
     def draw(self, shape: Sequence[int], dtype: torch.dtype = torch.float64,
              device: torch.device | str = "cpu") -> Tensor:
-        """z of shape (n, *shape), z ~ N(0, I), row j from sample indices[j]'s own stream."""
-        z = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float64) for g in self._gens])
+        """z of shape (n, *shape), z ~ N(0, I), row j the next draw of sample indices[j]'s own stream."""
+        shape = tuple(int(d) for d in shape)
+        if self._shape is None:
+            self._shape = shape
+        elif shape != self._shape:
+            raise ValueError(f"shape: this noise source draws {self._shape}, asked for {shape}")
+        b = self.block(math.prod(shape))
+        k = self.draws % b
+        if k == 0:
+            self._buf = torch.stack([torch.randn((b, *shape), generator=g, dtype=torch.float64) for g in self._gens])
         self.draws += 1
-        return z.to(dtype=dtype, device=device)
+        return self._buf[:, k].to(dtype=dtype, device=device)
 
 
 def _noise(state: SampleNoise | None, seed: int, indices: Sequence[int] | None, xbar: Tensor) -> SampleNoise:

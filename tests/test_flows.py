@@ -89,6 +89,15 @@ def test_interpolation_returns_its_endpoints_exactly_and_slerp_keeps_the_norm():
     assert abs(mid - math.sqrt(0.5)) < 0.05  # lerp shrinks the midpoint, slerp does not
 
 
+def test_slerp_on_image_batches_mixes_each_sample_over_all_its_pixels():
+    z0, z1 = probflow.noise(3, (3, 8, 8), seed=1), probflow.noise(3, (3, 8, 8), seed=2)
+    w = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    flat = probflow.slerp(z0.flatten(1), z1.flatten(1), w)
+    z = probflow.slerp(z0, z1, w)
+    assert z.shape == (3, 3, 3, 8, 8)
+    assert torch.allclose(z.flatten(2), flat, rtol=0, atol=1e-14)
+
+
 def test_interpolate_decodes_every_frame():
     gm = probflow.models.default_mixture()
     z = probflow.noise(2, (2,), seed=0)

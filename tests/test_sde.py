@@ -2,7 +2,8 @@
 
 References: Euler on Eq. 12 (torchdiffeq's euler), an independent DDPM ancestral sampler written here in x
 from β_t, and exact samples of the Gaussian mixture and of its σ-marginals. Distributions are compared by
-a permutation test on MMD² with a fixed kernel; a wrong model and a too-coarse solver must fail it.
+MMD² with a fixed kernel against fresh exact samples, below a bound calibrated by the same statistic between
+two exact sample sets; a wrong model, a too-coarse solver and a wrong SDE drift must fail it.
 """
 
 from __future__ import annotations
@@ -19,32 +20,61 @@ torch.set_num_threads(1)
 
 GM = default_mixture()
 BANDWIDTHS = (0.05, 0.2, 1.0)  # in x (data scale): the narrowest component std is 0.04, the ring radius 0.8
-ALPHA = 0.01
-N = 1000
+N = 1000  # samples per set
+SPLITS = 1000  # exact-vs-exact pairs per σ
+LEVEL = 0.996  # the bound's quantile: 1 − 0.05/12, Bonferroni over the 12 accepting comparisons below
 
 
-def mmd_permutation_test(a: torch.Tensor, b: torch.Tensor, perms: int = 500, seed: int = 0):
-    """MMD² (V-statistic, sum of Gaussian kernels at BANDWIDTHS) of samples a vs b, its permutation
-    distribution under H0 (a, b from one law) by relabelling the pooled samples, and the p-value.
+def kernel(z: torch.Tensor) -> torch.Tensor:
+    """Sum of Gaussian kernels at BANDWIDTHS between the rows of z (float32: MMD² ≈ 1e-2 ≫ its rounding)."""
+    d2 = torch.cdist(z.float(), z.float()).square_()
+    return sum(torch.exp(d2 * (-0.5 / (s * s))) for s in BANDWIDTHS)
 
-    Returns (statistic, threshold = the 1 − ALPHA quantile of the permutation distribution, p-value).
-    """
-    z = torch.cat([a, b]).reshape(a.shape[0] + b.shape[0], -1)
-    n, m = a.shape[0], b.shape[0]
-    d2 = torch.cdist(z, z).square_()
-    k = sum(torch.exp(d2 / (-2 * s * s)) for s in BANDWIDTHS)
-    g = torch.Generator().manual_seed(seed)
-    w0 = torch.cat([torch.full((n,), 1 / n), torch.full((m,), -1 / m)]).to(z.dtype)
-    w = torch.stack([w0] + [w0[torch.randperm(n + m, generator=g)] for _ in range(perms)], dim=1)
-    stats = (w * (k @ w)).sum(0)
-    null = stats[1:]
-    p = (1 + (null >= stats[0]).sum().item()) / (1 + perms)
-    return stats[0].item(), torch.quantile(null, 1 - ALPHA).item(), p
+
+def signs(n: int, m: int) -> torch.Tensor:
+    return torch.cat([torch.full((n,), 1 / n), torch.full((m,), -1 / m)])
+
+
+def mmd2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """MMD² (V-statistic) of samples a vs b: wᵀKw with w = (1/n, …, −1/m, …)."""
+    w = signs(a.shape[0], b.shape[0])
+    return float((w * (kernel(torch.cat([a, b])) @ w)).double().sum())
 
 
 def exact(n: int, sigma: float, seed: int) -> torch.Tensor:
     """n exact draws of x̄ ~ p_σ (the mixture convolved with N(0, σ²I))."""
     return GM.sample(n, sigma=sigma, generator=torch.Generator().manual_seed(seed))
+
+
+def in_x(xbar: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x = x̄/sqrt(1+σ²): where the kernel's bandwidths are meant."""
+    return xbar * (1 + sigma * sigma) ** -0.5
+
+
+_NULL: dict[float, torch.Tensor] = {}
+
+
+def null(sigma: float) -> torch.Tensor:
+    """MMD² between two exact N-sample sets of p_σ, SPLITS times: 2N exact draws (a seed of their own),
+    split at random into two halves, each half an i.i.d. sample of p_σ (one kernel matrix for all splits)."""
+    if sigma not in _NULL:
+        g = torch.Generator().manual_seed(1000 + round(1000 * sigma))
+        k = kernel(in_x(GM.sample(2 * N, sigma, g), sigma))
+        w = signs(N, N)
+        W = torch.stack([w[torch.randperm(2 * N, generator=g)] for _ in range(SPLITS)], dim=1)  # noqa: N806
+        _NULL[sigma] = (W * (k @ W)).double().sum(0)
+    return _NULL[sigma]
+
+
+def threshold(sigma: float) -> float:
+    """The calibrated bound at σ: the LEVEL quantile of the exact-vs-exact statistic."""
+    return torch.quantile(null(sigma), LEVEL).item()
+
+
+def matches(x: torch.Tensor, sigma: float, seed: int) -> tuple[bool, str]:
+    """Whether the x̄-samples x pass: MMD² against N fresh exact draws of p_σ below `threshold(σ)`."""
+    stat, thr = mmd2(in_x(x, sigma), in_x(exact(N, sigma, seed), sigma)), threshold(sigma)
+    return stat < thr, f"σ = {sigma:.3g}: MMD² {stat:.3g} vs calibrated bound {thr:.3g}"
 
 
 # --- η = 0 and γ = 0 are Euler on Eq. 12 -----------------------------------------------------------------
@@ -90,6 +120,32 @@ def test_eta_one_on_consecutive_steps_is_ddpm_ancestral_sampling(betas):
     # a different noise seed gives a different path: the agreement is not vacuous
     other = ddpm_ancestral(model, x_T, betas, sde.SampleNoise(8, 16))
     assert (sol.x - other).abs().max().item() > 1e-2
+
+
+def ddim_eq11(model, x_T: torch.Tensor, t_seq: torch.Tensor, alpha_bar: torch.Tensor, eta: float,
+              noise: sde.SampleNoise) -> torch.Tensor:
+    """DDIM's Eq. 11 in x on a timestep subsequence, with σ_{s,t}(η) as in the paper (MATH.md §4), then a
+    last step to ᾱ = 1; one z per step."""
+    ab = [alpha_bar[t] for t in t_seq] + [torch.ones((), dtype=torch.float64)]
+    x = x_T
+    for a_t, a_s in zip(ab[:-1], ab[1:], strict=True):
+        eps = model(x, torch.sqrt((1 - a_t) / a_t))
+        x0 = (x - torch.sqrt(1 - a_t) * eps) / torch.sqrt(a_t)
+        s = eta * torch.sqrt((1 - a_s) / (1 - a_t)) * torch.sqrt(1 - a_t / a_s)
+        x = torch.sqrt(a_s) * x0 + torch.sqrt(1 - a_s - s * s) * eps + s * noise.draw(x.shape[1:], x.dtype)
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+def test_eta_step_on_a_timestep_subsequence_is_eq11(eta, spacing):
+    schedule = schedules.cosine()
+    t_seq = grids.ddim_timesteps(schedule, 20, spacing)
+    model = GaussianMixture.random(3, 4, seed=5)
+    x_T = pf.noise(16, (3,), seed=6)
+    sol = pf.sample(model, x_T, grids.ddim(schedule, 20, spacing), sde.stochastic_ddim(eta, seed=2))
+    ref = ddim_eq11(model, x_T, t_seq, schedule.alpha_bar, eta, sde.SampleNoise(2, 16))
+    assert (sol.x - ref).abs().max().item() <= 1e-10
 
 
 # --- noise is seeded per sample ---------------------------------------------------------------------------
@@ -147,29 +203,32 @@ def solves():
     return {k: pf.integrate(GM, x_T, GRID, m, trajectory=True) for k, m in methods.items()}
 
 
+def check_index(target: float) -> int:
+    """The index of the grid point nearest to σ = target."""
+    return int((GRID - target).abs().argmin())
+
+
 @pytest.mark.parametrize("kind", ["ode", "sde", "ddim_eta1"])
 def test_final_samples_match_the_mixture(solves, kind):
-    stat, thr, p = mmd_permutation_test(solves[kind].x, exact(N, 0.0, seed=21))
-    assert p > ALPHA, f"{kind}: MMD² {stat:.3g} above the {1 - ALPHA:.0%} permutation bound {thr:.3g} (p = {p:.3g})"
+    ok, msg = matches(solves[kind].x, 0.0, seed=21)
+    assert ok, f"{kind}: {msg}"
 
 
-@pytest.mark.parametrize("kind", ["sde", "ddim_eta1"])
+@pytest.mark.parametrize("kind", ["ode", "sde", "ddim_eta1"])
 def test_intermediate_marginals_match_the_convolved_mixture(solves, kind):
-    sol = solves[kind]
     for target in CHECK_SIGMAS:
-        i = int((GRID - target).abs().argmin())
-        s = float(GRID[i])
-        scale = (1 + s * s) ** -0.5  # compare in x = x̄/sqrt(1+σ²), where the kernel's bandwidths are meant
-        stat, thr, p = mmd_permutation_test(sol.trajectory[i] * scale, exact(N, s, seed=31 + i) * scale)
-        assert p > ALPHA, f"{kind} at σ = {s:.3g}: MMD² {stat:.3g} > bound {thr:.3g} (p = {p:.3g})"
+        i = check_index(target)
+        ok, msg = matches(solves[kind].trajectory[i], float(GRID[i]), seed=31 + i)
+        assert ok, f"{kind}: {msg}"
 
 
 def test_the_two_sample_test_rejects_a_wrong_model_and_a_coarse_solver():
-    ref = exact(N, 0.0, seed=21)
     wrong = GaussianMixture(torch.ones(6), GM.means, GM.covs)  # equal weights instead of 1:2
-    assert mmd_permutation_test(wrong.sample(N, generator=torch.Generator().manual_seed(3)), ref)[2] <= ALPHA
+    ok, msg = matches(wrong.sample(N, generator=torch.Generator().manual_seed(3)), 0.0, seed=21)
+    assert not ok, f"wrong weights accepted: {msg}"
     coarse = pf.integrate(GM, exact(N, SIGMA_MAX, seed=11), grids.karras(SIGMA_MAX, 0.002, 5), "euler")
-    assert mmd_permutation_test(coarse.x, ref)[2] <= ALPHA
+    ok, msg = matches(coarse.x, 0.0, seed=21)
+    assert not ok, f"5 Euler steps accepted: {msg}"
 
 
 def test_the_marginal_test_rejects_an_sde_with_the_wrong_drift():
@@ -180,11 +239,19 @@ def test_the_marginal_test_rejects_an_sde_with_the_wrong_drift():
         h = sigma_next - sigma
         return xbar + field(sigma, xbar) * h + torch.sqrt(-2 * sigma * h) * state.draw(xbar.shape[1:]), state
 
-    grid = GRID[GRID >= 0.4]
-    x = pf.integrate(GM, exact(N, SIGMA_MAX, seed=11), grid, Method("wrong_drift", 1, step=wrong_drift)).x
-    s = float(grid[-1])
-    scale = (1 + s * s) ** -0.5
-    assert mmd_permutation_test(x * scale, exact(N, s, seed=41) * scale)[2] <= ALPHA
+    i = check_index(0.5)
+    x = pf.integrate(GM, exact(N, SIGMA_MAX, seed=11), GRID[:i + 1], Method("wrong_drift", 1, step=wrong_drift)).x
+    ok, msg = matches(x, float(GRID[i]), seed=31 + i)
+    assert not ok, f"wrong drift accepted: {msg}"
+
+
+def test_calibration_is_not_degenerate():
+    """The exact-vs-exact statistics are spread (the bound is an interior quantile); run with -s to print them."""
+    for target in (0.0, *CHECK_SIGMAS):
+        s = 0.0 if target == 0.0 else float(GRID[check_index(target)])
+        thr, stats = threshold(s), null(s)
+        assert 0 < stats.min() < stats.median() < thr < stats.max()
+        print(f"σ = {s:.4g}: exact-vs-exact MMD² median {stats.median():.3g}, bound ({LEVEL:.1%}) {thr:.3g}")
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -196,6 +263,10 @@ def test_bad_input_is_refused_with_the_argument_named():
         sde.reverse_sde(-0.1)
     with pytest.raises(ValueError, match="seed"):
         sde.SampleNoise(-1, 3)
+    noise = sde.SampleNoise(0, 3)
+    noise.draw((2,))
+    with pytest.raises(ValueError, match="shape"):
+        noise.draw((3,))
     up = grids.karras(10.0, 0.1, 4).flip(0)[1:]
     with pytest.raises(ValueError, match="sigmas"):
         pf.integrate(GM, torch.zeros(2, 2, dtype=torch.float64), up, sde.reverse_sde(1.0))
