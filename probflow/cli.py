@@ -13,6 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("probflow.demo", "sample the built-in 2-D mixture with DDIM (Euler), rk4 and dopri5; error vs NFE"),
     "train": ("probflow.digits", "train the digits ε-UNet (DDPM objective) and write its checkpoint and card"),
     "bench": ("probflow.bench", "compare every solver, grid and NFE against exact ground truth and diffusers"),
+    "sample": ("probflow.images", "sample an image model (default: digits) from seeded noise into a PNG grid"),
+    "encode": ("probflow.images", "invert PNG/JPEG images to their latents x_T (a safetensors file with provenance)"),
+    "decode": ("probflow.images", "decode a latent file back to images (exact for a reversible method)"),
+    "interpolate": ("probflow.images", "encode two images, slerp their latents, decode the frames into a PNG strip"),
 }
 
 

@@ -12,56 +12,27 @@ CLI commands (each `add_<name>_arguments` / `run_<name>` here): `sample`, `encod
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["atomic_write", "load_images", "save_grid", "save_images", "to_uint8", "from_uint8"]
+from probflow.atomic import atomic_write, check_writable
+
+__all__ = ["load_images", "save_grid", "save_images", "to_uint8", "from_uint8"]
 
 DataRange = tuple[float, float]
 
 
 def _say(msg: str) -> None:
     print(f"probflow: {msg}", file=sys.stderr)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = False) -> Path:
-    """Call `write(tmp)` on a temporary file in `path`'s folder, then move it onto `path` atomically.
-
-    Refuses (FileExistsError) when `path` exists and not `force`; a failed write leaves no partial file.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
-    if path.exists() and path.is_dir():
-        raise FileExistsError(f"{path} is a directory, not a file")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        if force:
-            os.replace(tmp, path)
-        else:  # no-clobber even against a file that appeared meanwhile
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it") from None
-            except OSError:  # file systems without hard links
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def to_uint8(x: Tensor, data_range: DataRange = (-1.0, 1.0)) -> np.ndarray:
@@ -94,6 +65,7 @@ def load_images(
     invert: bool = False,
     dtype: torch.dtype = torch.float64,
     verbose: bool = True,
+    name: str = "images",
 ) -> Tensor:
     """Read PNG/JPEG files into a batch x of shape (B, channels, H, W) in the model's data range.
 
@@ -101,7 +73,7 @@ def load_images(
     converted; one of another size is centre-cropped to the model's aspect ratio and resized (Lanczos);
     each with a message on stderr. `invert` maps v → 255 − v first (black-on-white drawings for a model
     trained on white-on-black digits). Unreadable, missing or non-image files raise ValueError /
-    FileNotFoundError naming the path.
+    FileNotFoundError naming the argument `name` and the path.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -110,20 +82,20 @@ def load_images(
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if len(paths) == 0:
-        raise ValueError("paths: expected at least one image file")
+        raise ValueError(f"{name}: expected at least one image file")
     h, w = _size(size)
     mode = "L" if channels == 1 else "RGB"
     out = []
     for p in paths:
         p = Path(p)
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such image file")
+            raise FileNotFoundError(f"{name}: {p}: no such image file")
         try:
             with Image.open(p) as im:
                 im.load()
                 img = im.copy()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{p}: not a readable PNG/JPEG image ({e})") from None
+            raise ValueError(f"{name}: {p}: not a readable PNG/JPEG image ({e})") from None
         if img.mode != mode:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
                 arr = np.asarray(img, dtype=np.float64)
@@ -207,7 +179,7 @@ def save_grid(
         raise ValueError(f"scale: expected a positive integer, got {scale!r}")
     grid = _grid_array(x, nrow, scale, pad, data_range)
     img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid, "L" if grid.shape[2] == 1 else "RGB")
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), force)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), force, name="--out")
 
 
 def save_images(
@@ -237,11 +209,287 @@ def save_images(
     targets = [folder / n for n in names]
     clash = [str(t) for t in targets if t.exists()]
     if clash and not force:
-        raise FileExistsError(f"{', '.join(clash[:3])}{' …' if len(clash) > 3 else ''} exist(s); pass --force "
-                              f"(force=True) to overwrite")
+        raise FileExistsError(f"--out: {', '.join(clash[:3])}{' …' if len(clash) > 3 else ''} exist(s); pass "
+                              f"--force (force=True) to overwrite")
     folder.mkdir(parents=True, exist_ok=True)
     a = to_uint8(x, data_range)
     for t, ai in zip(targets, a):
         img = Image.fromarray(ai[:, :, 0] if ai.shape[2] == 1 else ai, "L" if ai.shape[2] == 1 else "RGB")
-        atomic_write(t, lambda tmp, img=img: img.save(tmp, format="PNG"), force)
+        atomic_write(t, lambda tmp, img=img: img.save(tmp, format="PNG"), force, name="--out")
     return targets
+
+
+# ---------------------------------------------------------------- the image commands of the CLI
+
+
+def load_image_model(spec: str = "digits"):
+    """An image ε-model by name or folder: "digits" (the shipped model), a folder holding
+    digits.safetensors + digits.json (`probflow train digits --out`), or a local diffusers folder
+    (UNet2DModel + scheduler config). Must have a sample shape (C, H, W)."""
+    from probflow import digits
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "digits.safetensors").is_file():
+            model = digits.load_model(path)
+        else:
+            from probflow.adapters import from_diffusers
+
+            model = from_diffusers(path)
+    elif spec == "digits":
+        try:
+            from probflow import models
+
+            model = models.load("digits")
+        except ValueError:  # the registry does not know it yet: the shipped weights folder
+            model = digits.load_model()
+    else:
+        raise ValueError(f"--model: {spec!r} is neither 'digits' nor an existing folder (a digits checkpoint "
+                         "folder or a local diffusers folder)")
+    shape = getattr(model, "sample_shape", None)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"--model: {spec!r} is not an image model (no (C, H, W) sample shape)")
+    return model
+
+
+class _Progress:
+    """The ε-model with a tqdm bar that advances at each evaluation (one NFE)."""
+
+    def __init__(self, model, bar) -> None:
+        self.model, self.bar = model, bar
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        out = self.model(x, sigma)
+        self.bar.update(1)
+        return out
+
+
+def _solve(args: argparse.Namespace, model, what: str, x: Tensor, sigmas: Tensor, state=None):
+    """Run probflow.sample/encode/decode (`what`) with a progress bar; the one code path of the API."""
+    import probflow
+    from probflow.field import DDIMField
+    from probflow.solvers import get_method
+
+    m = get_method(args.method)
+    total = None if m.adaptive else (len(sigmas) - 1) * m.stages + (1 if m.reversible and state is None else 0)
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=f"{what} ({args.method})", unit="NFE", file=sys.stderr,
+              disable=True if getattr(args, "quiet", False) else None, leave=False) as bar:
+        field = DDIMField(_Progress(model, bar), model_dtype=getattr(model, "model_dtype", None))
+        fn = {"sample": probflow.sample, "encode": probflow.encode, "decode": probflow.decode}[what]
+        return fn(field, x, sigmas, m.name, rtol=args.rtol, atol=args.atol, state=state)
+
+
+def _grid(model, method: str, steps: int) -> Tensor:
+    """The sampling grid: DDIM's trailing σ grid with `steps` steps for fixed-grid methods, [σ_max, 0] for
+    adaptive ones (they choose their own steps)."""
+    from probflow import grids
+    from probflow.solvers import get_method
+
+    if get_method(method).adaptive:
+        return torch.tensor([model.schedule.sigma_max, 0.0], dtype=torch.float64)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--steps: expected a positive integer, got {steps!r}")
+    return grids.ddim(model.schedule, steps)
+
+
+def _add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: int | None) -> None:
+    p.add_argument("--model", default="digits",
+                   help="'digits' (default), a digits checkpoint folder, or a local diffusers folder")
+    p.add_argument("--method", default=method, help=f"solver name (probflow.solvers.METHODS); default {method}")
+    p.add_argument("--steps", type=int, default=steps, help=f"steps of the DDIM σ grid (fixed-grid methods); "
+                   f"default {steps}")
+    p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (adaptive methods); default 1e-6")
+    p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (adaptive methods); default 1e-6")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _check_solver_args(args: argparse.Namespace) -> None:
+    from probflow.solvers import get_method
+
+    try:
+        get_method(args.method)
+    except ValueError as e:
+        raise ValueError(f"--method: {e}") from None
+    for k in ("rtol", "atol"):
+        v = getattr(args, k)
+        if not (isinstance(v, float) and math.isfinite(v) and v > 0):
+            raise ValueError(f"--{k}: expected a positive number, got {v!r}")
+
+
+def _load_inputs(args: argparse.Namespace, model, paths: Sequence[str], name: str) -> Tensor:
+    c, h, w = model.sample_shape
+    return load_images(paths, (h, w), c, data_range=getattr(model, "data_range", (-1.0, 1.0)),
+                       invert=args.invert, name=name)
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="PNG file for the grid of samples")
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (per-sample streams; default 0)")
+    _add_solver_arguments(p, "rk4", 25)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """`probflow sample`: n samples x_0 from seeded noise x_T down Eq. 12, written as one PNG grid."""
+    import probflow
+
+    _check_solver_args(args)
+    if args.n < 1:
+        raise ValueError(f"--n: expected a positive number of samples, got {args.n}")
+    check_writable(args.out, args.force, "--out")
+    model = load_image_model(args.model)
+    sig = _grid(model, args.method, args.steps)
+    z = probflow.noise(args.n, tuple(model.sample_shape), args.seed)
+    sol = _solve(args, model, "sample", z, sig)
+    save_grid(sol.x, args.out, force=args.force, data_range=getattr(model, "data_range", (-1.0, 1.0)))
+    print(f"wrote {args.out}: {args.n} samples, {args.method}, NFE {sol.nfe}")
+    return 0
+
+
+def add_encode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files (grayscale or RGB)")
+    p.add_argument("--out", required=True, help="latent file to write (.safetensors)")
+    p.add_argument("--invert", action="store_true", help="use 255 − pixel (dark digits on a light background); "
+                   "decode inverts back")
+    _add_solver_arguments(p, "reversible_heun", 50)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """`probflow encode`: images x_0 → latents x_T up the flipped grid of Eq. 12, with provenance."""
+    from probflow.latents import save_latents
+
+    _check_solver_args(args)
+    check_writable(args.out, args.force, "--out")
+    model = load_image_model(args.model)
+    x0 = _load_inputs(args, model, args.images, "IMAGE")
+    sig = _grid(model, args.method, args.steps)
+    sol = _solve(args, model, "encode", x0, sig)
+    state = sol.state.tensors() if hasattr(sol.state, "tensors") else None
+    save_latents(args.out, sol.x, sig, model, method=args.method, nfe=sol.nfe, rtol=args.rtol, atol=args.atol,
+                 state=state, sources=[Path(p).name for p in args.images],
+                 data_range=getattr(model, "data_range", (-1.0, 1.0)), force=args.force,
+                 extra={"invert": json.dumps(bool(args.invert))})
+    print(f"wrote {args.out}: {len(args.images)} latent(s) of shape {tuple(sol.x.shape[1:])}, {args.method}, "
+          f"NFE {sol.nfe}{', with its reversible state' if state else ''}")
+    return 0
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("latents", help="latent file written by `probflow encode`")
+    p.add_argument("--out", required=True, help="folder for the decoded PNGs (one per latent)")
+    _add_solver_arguments(p, None, None)
+    p.set_defaults(rtol=None, atol=None)
+    for a in p._actions:
+        if a.dest in ("method", "steps", "rtol", "atol"):
+            a.help = f"{a.help.split(';')[0]}; default: as the latents were encoded"
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    """`probflow decode`: latents x_T → images x_0 down Eq. 12; exact inverse of encode for a reversible
+    method on its own grid and state."""
+    from probflow.latents import check_compatible, load_latents
+    from probflow.reversible import HeunState
+    from probflow.solvers import get_method
+
+    lf = load_latents(args.latents, "latents")
+    meta = lf.meta
+    same_method = args.method in (None, meta["method"])
+    args.method = args.method or meta["method"]
+    for k in ("rtol", "atol"):
+        if getattr(args, k) is None:
+            v = meta.get(k, "None")
+            setattr(args, k, float(v) if v not in ("None", "") else 1e-6)
+    _check_solver_args(args)
+    model = load_image_model(args.model)
+    problems = check_compatible(lf, model, args.force, "latents")
+    for msg in problems:
+        _say(f"warning: decoding latents made with {msg} (--force)")
+    if tuple(lf.latents.shape[1:]) != tuple(model.sample_shape):
+        raise ValueError(f"latents: shape {tuple(lf.latents.shape[1:])} does not fit the model's input "
+                         f"{tuple(model.sample_shape)}")
+    if args.steps is not None or get_method(args.method).adaptive:
+        sig = _grid(model, args.method, args.steps)
+    elif not same_method and get_method(meta["method"]).adaptive:
+        raise ValueError(f"--steps: the latents were encoded with the adaptive {meta['method']}; give the number of "
+                         f"steps for {args.method}")
+    else:
+        sig = lf.sigmas
+    state = None
+    if get_method(args.method).reversible and same_method and args.steps is None:
+        if not lf.state:
+            raise ValueError(f"latents: {args.latents} was made with the reversible {meta['method']} but holds no "
+                             "partner state; it cannot be inverted exactly (pass another --method to solve "
+                             "the ODE from the latents)")
+        state = HeunState.from_tensors(lf.state)
+    elif get_method(args.method).reversible:
+        _say(f"note: {args.method} without the encode's own state and grid is an ordinary solve, not an exact inverse")
+    sources = lf.sources
+    names = [Path(s).stem + ".png" for s in sources] if len(sources) == len(lf.latents) else None
+    if names is not None and len(set(names)) != len(names):
+        names = None
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--out: {folder} exists and is not a folder")
+    targets = [folder / n for n in (names or [f"{i:04d}.png" for i in range(len(lf.latents))])]
+    clash = [str(t) for t in targets if t.exists()]
+    if clash and not args.force:
+        raise FileExistsError(f"--out: {', '.join(clash[:3])} exist(s); pass --force to overwrite")
+    sol = _solve(args, model, "decode", lf.latents, sig, state)
+    lo, hi = json.loads(meta.get("data_range", "[-1, 1]"))
+    x = (lo + hi) - sol.x if json.loads(meta.get("invert", "false")) else sol.x  # back to the inputs' polarity
+    paths = save_images(x, folder, args.force, names=names, data_range=(lo, hi))
+    print(f"wrote {len(paths)} image(s) to {folder}/ ({args.method}, NFE {sol.nfe}"
+          f"{', exact inverse' if state is not None else ''})")
+    return 0
+
+
+def add_interpolate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A", help="first image (PNG/JPEG)")
+    p.add_argument("b", metavar="B", help="second image (PNG/JPEG)")
+    p.add_argument("--frames", type=int, default=8, help="frames from A to B, ends included (default 8)")
+    p.add_argument("--kind", choices=["slerp", "lerp"], default="slerp", help="latent mixing (default slerp)")
+    p.add_argument("--out", required=True, help="PNG strip to write")
+    p.add_argument("--invert", action="store_true", help="use 255 − pixel (dark digits on a light background)")
+    _add_solver_arguments(p, "reversible_heun", 50)
+
+
+def run_interpolate(args: argparse.Namespace) -> int:
+    """`probflow interpolate`: encode A and B, mix their latents (slerp by default) at `frames` weights,
+    decode every frame, write the strip. With a reversible method the end frames are decoded with the
+    encode's state (they reproduce A and B exactly); the inner frames are ordinary solves from the mixed
+    latents."""
+    from probflow.flows import lerp, slerp
+    from probflow.solvers import get_method
+
+    _check_solver_args(args)
+    if args.frames < 2:
+        raise ValueError(f"--frames: expected an integer >= 2, got {args.frames}")
+    check_writable(args.out, args.force, "--out")
+    model = load_image_model(args.model)
+    x0 = torch.cat([_load_inputs(args, model, [args.a], "A"), _load_inputs(args, model, [args.b], "B")])
+    sig = _grid(model, args.method, args.steps)
+    enc = _solve(args, model, "encode", x0, sig)
+    w = torch.linspace(0, 1, args.frames, dtype=torch.float64)
+    flat = enc.x.reshape(2, 1, -1)  # mix over all pixels of one latent (B = 1, D)
+    z = (slerp if args.kind == "slerp" else lerp)(flat[0], flat[1], w).reshape(args.frames, *x0.shape[1:])
+    frames = torch.empty_like(z)
+    nfe = enc.nfe
+    if get_method(args.method).reversible:
+        ends = _solve(args, model, "decode", enc.x, sig, enc.state)
+        frames[0], frames[-1] = ends.x[0], ends.x[1]
+        nfe += ends.nfe
+        if args.frames > 2:
+            inner = _solve(args, model, "decode", z[1:-1], sig)
+            frames[1:-1] = inner.x
+            nfe += inner.nfe
+    else:
+        sol = _solve(args, model, "decode", z, sig)
+        frames, nfe = sol.x, nfe + sol.nfe
+    lo, hi = getattr(model, "data_range", (-1.0, 1.0))
+    frames = (lo + hi) - frames if args.invert else frames  # back to the inputs' polarity
+    save_grid(frames, args.out, nrow=args.frames, force=args.force, data_range=(lo, hi))
+    print(f"wrote {args.out}: {args.frames} frames ({args.kind}), {args.method}, NFE {nfe}")
+    return 0
