@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +69,12 @@ GRIDS: dict[str, GridBuilder] = {
     "quadratic": lambda s, n: _grids.ddim(s, n, "quadratic"),  # DDIM trailing, quadratic in t
     "logsnr": lambda s, n: _grids.log_uniform(s.sigma_max, s.sigma_min, n),  # uniform in log σ
     "karras": lambda s, n: _grids.karras(s.sigma_max, s.sigma_min, n, 7.0),  # Karras ρ = 7
+    "sigma_uniform": lambda s, n: torch.linspace(s.sigma_max, 0.0, n + 1, dtype=torch.float64),  # equal steps in σ
 }
 DEFAULT_GRIDS = ("uniform", "quadratic", "logsnr", "karras")
+# Methods whose coefficients assume equal steps in σ (torchdiffeq's Adams methods, `Method.uniform_steps`) are
+# wrong on every other grid (integrate refuses them), so the benchmark runs them on this grid instead.
+UNIFORM_STEP_GRID = "sigma_uniform"
 
 
 def register_grid(name: str, builder: GridBuilder, *, replace: bool = False) -> None:
@@ -90,7 +94,8 @@ def grid_sigmas(grid: str | GridBuilder, schedule: Schedule, steps: int) -> Tens
     elif isinstance(grid, str) and callable(getattr(_grids, grid, None)) and not grid.startswith("_"):
         builder = getattr(_grids, grid)
     else:
-        raise ValueError(f"grid: unknown grid {grid!r}; expected one of {sorted(GRIDS)} or a function in probflow.grids")
+        raise ValueError(f"grid: unknown grid {grid!r}; expected one of {sorted(GRIDS)} or a function in "
+                         "probflow.grids")
     sig = _grids.check_grid(torch.as_tensor(builder(schedule, steps), dtype=torch.float64), f"grid {grid!r}")
     if abs(float(sig[0]) - schedule.sigma_max) > 1e-9 * schedule.sigma_max or float(sig[-1]) != 0.0:
         raise ValueError(f"grid: {grid!r} must run from σ_max = {schedule.sigma_max} to 0, got {sig[0]} … {sig[-1]}")
@@ -104,13 +109,26 @@ def _grid_name(grid: str | GridBuilder) -> str:
 # ------------------------------------------------------------------------------------------------ methods
 
 
+def _register_all() -> None:
+    """Import the modules that register solvers, so that every method shows up (failures are skipped)."""
+    import importlib
+
+    for mod in ("probflow.exponential", "probflow.reversible"):
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001 - a module being written elsewhere must not break the benchmark
+            pass
+
+
 def fixed_methods() -> list[str]:
     """Every registered fixed-grid method (probflow's own and torchdiffeq's)."""
+    _register_all()
     return [n for n, m in METHODS.items() if not m.adaptive]
 
 
 def adaptive_methods() -> list[str]:
     """Every registered adaptive method except the scipy reference."""
+    _register_all()
     return [n for n, m in METHODS.items() if m.adaptive and n != REFERENCE]
 
 
@@ -121,27 +139,11 @@ def _steps(method: Method, nfe: int) -> int:
 # ------------------------------------------------------------------------------------------------ models
 
 
-class _Mixture(GaussianMixture):
-    """`GaussianMixture` with the responsibility-weighted back-rotation done as one batched matmul.
-
-    Same formula (∇ log p_σ = −Σ_k r_k U_k (z_k / c_k)); `torch.einsum("bk,kde,bke->bd")` in
-    `GaussianMixture.score` runs ~50× slower at D = 64 on CPU, which would dominate the benchmark. A test
-    checks both agree to rounding.
-    """
-
-    def score(self, xbar: Tensor, sigma: Tensor | float) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=xbar.dtype, device=xbar.device)
-        z, c, U, logj = self._components(xbar, sigma)  # noqa: N806
-        w = torch.softmax(logj, dim=-1).unsqueeze(-1) * (z / c)  # (B, K, D) in each component's eigenbasis
-        return -torch.bmm(w.transpose(0, 1), U.transpose(1, 2)).sum(0)
-
-
 def sharp_mixture(dim: int, components: int = 8, seed: int = 0, std_range: tuple[float, float] = (0.05, 0.5)
                   ) -> GaussianMixture:
     """`GaussianMixture.random(dim, components, seed, std_range)`: full covariances, per-direction std
     log-uniform in `std_range` (down to 0.05: sharp components, like data near a manifold)."""
-    g = GaussianMixture.random(dim, components, seed, std_range=std_range)
-    return _Mixture(g.weights, g.means, g.covs)
+    return GaussianMixture.random(dim, components, seed, std_range=std_range)
 
 
 # ------------------------------------------------------------------------------------------------ workloads
@@ -212,32 +214,61 @@ def mixture_workload(dim: int = 64, n_samples: int = 128, seed: int = 0, compone
                            "n_samples": n_samples})
 
 
-def digits_workload(n_samples: int = 64, seed: int = 0, ref_method: str = "dopri8", ref_tol: float = 1e-8,
-                    check_tol: float = 1e-6) -> Workload:
-    """The digits model (float32 network, float64 state): reference = `ref_method` at `ref_tol` from
-    `probflow.noise(n, (1, 8, 8), seed)`, checked against `check_tol`. Raises FileNotFoundError/ValueError
-    when the model is not available."""
+def digits_workload(n_samples: int = 16, seed: int = 0, ref_method: str = "dopri5", ref_tol: float = 1e-5,
+                    check_tol: float = 1e-4, folder: str | os.PathLike | None = None,
+                    dtype: torch.dtype | None = None, ref_dtype: torch.dtype | None = None) -> Workload:
+    """The digits ε-UNet, x_T = `probflow.noise(n, (1, 8, 8), seed)`, σ_max → 0 in x̄ (float64 state).
+
+    dtype: the network's dtype for the benchmarked solvers (None: the shipped float32, as users run it;
+    float64 costs 3× per call on CPU). ref_dtype: the network's dtype for the reference (None: the same;
+    float64 for tolerances near float32's rounding of ε, ~1e-7). Reference =
+    `ref_method` at `ref_tol`, checked against a solve at `check_tol`; its field differs from the solvers' only
+    by that rounding (reported as `float32_field_diff`: the largest |Δε| at σ_max, 1 and 0.01 near the flow).
+    folder: a checkpoint folder (`probflow.digits.load_model`), default the shipped model
+    (`probflow.models.load("digits")`). Raises FileNotFoundError/ValueError when absent."""
     from probflow.flows import noise
 
-    model = _load_digits()
+    model = _load_digits(folder)
+    if dtype is not None:
+        model = _with_dtype(model, dtype)
+    ref_model = _with_dtype(model, ref_dtype) if ref_dtype is not None else model
     sch = model.schedule
     shape = tuple(model.sample_shape or (1, 8, 8))
     z = noise(n_samples, shape, seed)
-    x0, info = _reference(model, z * math.sqrt(1 + sch.sigma_max**2), sch, ref_method, ref_tol, check_tol,
-                          getattr(model, "model_dtype", None), None)
-    return Workload("digits", model, sch, z, x0, info, getattr(model, "model_dtype", None),
-                    extra={"n_samples": n_samples, "shape": list(shape)})
+    md, rd = getattr(model, "model_dtype", None), getattr(ref_model, "model_dtype", None)
+    xbar = z * math.sqrt(1 + sch.sigma_max**2)
+    x0, info = _reference(ref_model, xbar, sch, ref_method, ref_tol, check_tol, rd, None)
+    info["network_dtype"] = str(rd).replace("torch.", "")
+    if rd != md:
+        with torch.no_grad():
+            fields = [DDIMField(m, model_dtype=d) for m, d in ((model, md), (ref_model, rd))]
+            pts = [(sch.sigma_max, xbar), (1.0, x0 + z), (0.01, x0 + 0.01 * z)]  # x̄ ≈ x_0 + σ z on the way
+            info["float32_field_diff"] = max(float((fields[0](s, xb) - fields[1](s, xb)).abs().max()) for s, xb in
+                                             ((torch.tensor(v, dtype=torch.float64), xb) for v, xb in pts))
+    return Workload("digits", model, sch, z, x0, info, md,
+                    extra={"n_samples": n_samples, "shape": list(shape), "seed": seed,
+                           "network_dtype": str(md).replace("torch.", ""),
+                           "fingerprint": getattr(model, "fingerprint", None)})
 
 
-def _load_digits():
-    try:
-        from probflow.models import load
+def _load_digits(folder: str | os.PathLike | None = None):
+    from probflow.digits import load_model
 
-        return load("digits")
-    except ValueError:
-        from probflow.digits import load_model  # models.load does not know "digits" (yet)
+    if folder is not None:
+        return load_model(folder)
+    from probflow.models import load
 
-        return load_model()
+    return load("digits")
+
+
+def _with_dtype(model, dtype: torch.dtype):
+    """A copy of a `DiscreteTimeModel` whose network runs in `dtype` (the original is left as it is)."""
+    import copy
+
+    out = copy.copy(model)
+    out.net = copy.deepcopy(model.net).to(dtype)
+    out.model_dtype = dtype
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -247,6 +278,12 @@ def _errors(x: Tensor, ref: Tensor) -> dict:
     d = (x.double() - ref.double()).reshape(len(ref), -1)
     per = d.pow(2).mean(1).sqrt()
     return {"rmse": float(d.pow(2).mean().sqrt()), "median": float(per.median()), "max": float(per.max())}
+
+
+def _finish(row: dict, w: Workload, x: Tensor) -> None:
+    row.update(_errors(x, w.reference))
+    if w.extra.get("keep_x"):
+        row["_x"] = x.detach().float().reshape(len(x), -1)
 
 
 def _row(w: Workload, family: str, method: str, grid: str, **kw) -> dict:
@@ -269,7 +306,7 @@ def run_fixed(w: Workload, method: str, grid: str | GridBuilder, nfe: int) -> di
     row = _row(w, "probflow", method, _grid_name(grid), nfe_target=nfe, steps=steps)
     try:
         x, row["nfe"], row["wall_s"] = _solve(w, method, grid_sigmas(grid, w.schedule, steps))
-        row.update(_errors(x, w.reference))
+        _finish(row, w, x)
     except (FloatingPointError, RuntimeError, ValueError) as e:
         row["error"] = f"{type(e).__name__}: {e}"
     return row
@@ -281,7 +318,7 @@ def run_adaptive(w: Workload, method: str, tol: float) -> dict:
     try:
         end = torch.tensor([w.schedule.sigma_max, 0.0], dtype=torch.float64)
         x, row["nfe"], row["wall_s"] = _solve(w, method, end, rtol=tol, atol=tol)
-        row.update(_errors(x, w.reference))
+        _finish(row, w, x)
     except (FloatingPointError, RuntimeError, ValueError, AssertionError) as e:
         row["error"] = f"{type(e).__name__}: {e}"
     return row
@@ -300,7 +337,7 @@ def run_peer(w: Workload, name: str, grid: str, nfe: int) -> dict:
         r = _peers.run_peer(name, model, w.noise, w.schedule, steps, grid)
         row["wall_s"] = time.perf_counter() - t0
         row["nfe"], row["notes"] = r.nfe, r.notes
-        row.update(_errors(r.x, w.reference))
+        _finish(row, w, r.x)
     except (FloatingPointError, RuntimeError, ValueError) as e:
         row["error"] = f"{type(e).__name__}: {e}"
     return row
@@ -319,8 +356,10 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
     """Rows for every (method × grid × NFE), (adaptive method × tolerance), (peer × peer grid × NFE).
 
     methods: registered names (default: all but the reference; fixed and adaptive are told apart by the
-    registry). grids: names or builders (default `DEFAULT_GRIDS`). peers: diffusers peer names (default all,
-    or none where diffusers is absent); peer_grids: restrict the peers' grids (default: each peer's all).
+    registry). grids: names or builders (default `DEFAULT_GRIDS`); a method that needs equal steps in σ
+    (`Method.uniform_steps`: torchdiffeq's Adams methods) runs on `UNIFORM_STEP_GRID` instead. peers:
+    diffusers peer names (default all, or none where diffusers is absent); peer_grids: restrict the peers'
+    grids (default: each peer's all).
     """
     methods = list(methods) if methods is not None else fixed_methods() + adaptive_methods()
     for m in methods:
@@ -334,11 +373,13 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
         if METHODS[m].adaptive:
             tasks += [functools.partial(run_adaptive, w, m, t) for t in tolerances]
         else:
-            tasks += [functools.partial(run_fixed, w, m, g, n) for g in grids for n in nfe]
+            gs = [UNIFORM_STEP_GRID] if METHODS[m].uniform_steps else grids
+            tasks += [functools.partial(run_fixed, w, m, g, n) for g in gs for n in nfe]
     for p in peers:
         for g in _peers.peer_grids(p):
             if peer_grids is None or g in peer_grids:
                 tasks += [functools.partial(run_peer, w, p, g, n) for n in nfe]
+    _warm_up(w, [m for m in methods if not METHODS[m].adaptive], peers)
     it: Iterable = tasks
     if progress is True:
         from tqdm import tqdm
@@ -346,7 +387,30 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
         it = tqdm(tasks, desc=w.name, unit="solve", leave=False, file=sys.stderr)
     elif callable(progress):
         it = progress(tasks)
-    return [t() for t in it]
+    return [_noting_warnings(t) for t in it]
+
+
+def _warm_up(w: Workload, methods: Sequence[str], peers: Sequence[str]) -> None:
+    """One 2-step solve of one sample per method and peer before anything is timed, so that no row's wall
+    time includes a first call's lazy imports and caches (diffusers' first scheduler costs ~1 s)."""
+    one = Workload(w.name, w.model, w.schedule, w.noise[:1], w.reference[:1], w.ref, w.model_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in methods:
+            run_fixed(one, m, UNIFORM_STEP_GRID if METHODS[m].uniform_steps else "uniform", 2 * METHODS[m].stages)
+        for p in peers:
+            run_peer(one, p, _peers.peer_grids(p)[-1], 2)
+
+
+def _noting_warnings(task: Callable[[], dict]) -> dict:
+    """Run one solve; warnings it raises (e.g. torchdiffeq's "Functional iteration did not converge" of
+    implicit Adams) go into the row's notes instead of the terminal."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = task()
+    msgs = sorted({str(c.message) for c in caught if not issubclass(c.category, (DeprecationWarning, FutureWarning))})
+    row["notes"] = list(row["notes"]) + [f"warning: {m}" for m in msgs]
+    return row
 
 
 def run_mixture_suite(dim: int = 64, n_samples: int = 128, nfe: Sequence[int] = NFE,
@@ -431,77 +495,107 @@ def best_per_nfe(rows: Sequence[dict], key: str = "rmse") -> list[dict]:
 # ------------------------------------------------------------------------------------------------ overhead
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function over `repeats` rounds, the functions taking turns in every round
+    (so that load from other processes on a shared machine hits all of them alike); one warm-up round."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def solver_overhead(shape: tuple[int, ...] = (64, 3, 32, 32), steps: int = 50, repeats: int = 7,
                     methods: Sequence[str] | None = None, peers: Sequence[str] = ("ddim", "dpmpp_2m", "unipc"),
-                    ) -> dict:
+                    threads: int | None = 1) -> dict:
     """Time per step beyond the model, with a near-free model ε = 0.1·x on a float32 batch of `shape`.
 
-    Baseline: a bare `torchdiffeq.odeint(f, x̄, σ, method="euler")` with f(σ, x̄) = model(x̄/sqrt(1+σ²), σ).
-    probflow: `integrate(model, x̄, σ, method)` for every fixed-grid method; peers: diffusers schedulers in
-    a pipeline loop (set_timesteps + scale_model_input + step, float32 tables as users run them). Medians
-    of `repeats` runs; the ratio is against the bare loop's per-step time, measured in the same call.
+    Baseline: a bare `torchdiffeq.odeint(f, x̄, σ, method="euler")` with f(σ, x̄) = model(x̄/sqrt(1+σ²), σ)
+    (the work of Eq. 12 and nothing else). probflow: `integrate(model, x̄, σ, method)` for every fixed-grid
+    method; peers: diffusers schedulers in a pipeline loop (set_timesteps, scale_model_input, step; float32
+    tables, as users run them). All on the trailing DDIM grid of `steps` steps (Adams methods: `steps` equal
+    steps in σ), `threads` torch threads,
+    medians of `repeats` interleaved rounds. ratio = time per step / the bare loop's; overhead = time per
+    step − (model calls per step) × (time of one model call).
     """
     import torchdiffeq
 
-    sch = linear()
-    sig = _grids.ddim(sch, steps).float()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).float() * math.sqrt(1 + sch.sigma_max**2)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        sch = linear()
+        sig = _grids.ddim(sch, steps).float()
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).float() * math.sqrt(1 + sch.sigma_max**2)
 
-    def model(xx: Tensor, s: Tensor) -> Tensor:
-        return 0.1 * xx
+        def model(xx: Tensor, s: Tensor) -> Tensor:
+            return 0.1 * xx
 
-    def bare_f(s: Tensor, xb: Tensor) -> Tensor:
-        return model(xb * torch.rsqrt(1 + s * s), s)
+        def bare_f(s: Tensor, xb: Tensor) -> Tensor:
+            return model(xb * torch.rsqrt(1 + s * s), s)
 
-    s0 = torch.tensor(1.0)
-    t_model = _median_time(lambda: [model(x, s0) for _ in range(steps)], repeats) / steps
-    with torch.no_grad():
-        t_bare = _median_time(lambda: torchdiffeq.odeint(bare_f, x, sig, method="euler"), repeats) / steps
-    rows = [{"solver": "torchdiffeq.odeint euler (bare)", "kind": "baseline", "nfe_per_step": 1.0,
-             "step_s": t_bare, "overhead_s": t_bare - t_model, "ratio": 1.0}]
-    methods = list(methods) if methods is not None else fixed_methods()
-    for m in methods:
-        f = DDIMField(model)
-        integrate(f, x, sig, m)
-        per = f.nfe / steps
-        t = _median_time(lambda m=m: integrate(model, x, sig, m), repeats) / steps
-        rows.append({"solver": f"probflow {m}", "kind": "probflow", "nfe_per_step": per, "step_s": t,
-                     "overhead_s": t - per * t_model, "ratio": t / t_bare})
-    if peers and _peers.available():
-        import diffusers
+        s0 = torch.tensor(1.0)
+        def model_only() -> None:  # the model's share of a step, each output dropped as a solver would
+            for _ in range(steps):
+                model(x, s0)
+        fns: dict[str, Callable[[], Any]] = {"model": model_only}
+        calls: dict[str, float] = {}
+        skipped: dict[str, str] = {}
 
-        for p in peers:
-            spec = _peers.PEERS[p]
-            sched = getattr(diffusers, spec.cls)(**spec.config)
+        def bare() -> Tensor:
+            with torch.no_grad():
+                return torchdiffeq.odeint(bare_f, x, sig, method="euler")
+        fns["torchdiffeq.odeint euler (bare)"] = bare
+        calls["torchdiffeq.odeint euler (bare)"] = 1.0
+        sig_eq = grid_sigmas(UNIFORM_STEP_GRID, sch, steps).float()  # for methods that need equal steps in σ
+        for m in (list(methods) if methods is not None else fixed_methods()):
+            sg = sig_eq if METHODS[m].uniform_steps else sig
+            f = DDIMField(model)
+            try:
+                integrate(f, x, sg, m)
+            except (ValueError, FloatingPointError) as e:
+                skipped[m] = str(e)
+                continue
+            calls[f"probflow {m}"] = f.nfe / steps
+            fns[f"probflow {m}"] = functools.partial(integrate, model, x, sg, m)
+        if peers and _peers.available():
+            import diffusers
 
-            def loop(sched=sched, spec=spec):
+            for p in peers:
+                spec = _peers.PEERS[p]
+                sched = getattr(diffusers, spec.cls)(**spec.config)
+                x0 = x if spec.variable == "xbar" else x / math.sqrt(1 + sch.sigma_max**2)
+
+                def loop(sched=sched, x0=x0) -> Tensor:
+                    sched.set_timesteps(steps)
+                    xx = x0
+                    with torch.no_grad():
+                        for t in sched.timesteps:
+                            xx = sched.step(model(sched.scale_model_input(xx, t), t), t, xx, return_dict=False)[0]
+                    return xx
                 sched.set_timesteps(steps)
-                xx = x if spec.variable == "xbar" else x / math.sqrt(1 + sch.sigma_max**2)
-                with torch.no_grad():
-                    for t in sched.timesteps:
-                        xin = sched.scale_model_input(xx, t)
-                        xx = sched.step(model(xin, t), t, xx, return_dict=False)[0]
-                return xx
-            n_calls = len(sched.timesteps) if sched.set_timesteps(steps) is None else steps
-            t = _median_time(loop, repeats) / steps
-            per = n_calls / steps
-            rows.append({"solver": f"diffusers {spec.cls}" + (f" (order {spec.config['solver_order']})"
-                                                               if "solver_order" in spec.config else ""),
-                         "kind": "peer", "nfe_per_step": per, "step_s": t, "overhead_s": t - per * t_model,
-                         "ratio": t / t_bare})
+                label = f"diffusers {spec.cls}" + (f" (order {spec.config['solver_order']})"
+                                                   if "solver_order" in spec.config else "")
+                calls[label] = len(sched.timesteps) / steps
+                fns[label] = loop
+        med = _interleaved_medians(fns, repeats)
+    finally:
+        torch.set_num_threads(old_threads)
+    t_model = med.pop("model") / steps
+    t_bare = med["torchdiffeq.odeint euler (bare)"] / steps
+    rows = []
+    for k, t in med.items():
+        t /= steps
+        kind = "baseline" if k.startswith("torchdiffeq") else ("peer" if k.startswith("diffusers") else "probflow")
+        rows.append({"solver": k, "kind": kind, "nfe_per_step": calls[k], "step_s": t,
+                     "overhead_s": t - calls[k] * t_model, "ratio": t / t_bare})
     euler = next((r for r in rows if r["solver"] == "probflow euler"), None)
-    return {"shape": list(shape), "dtype": "float32", "steps": steps, "repeats": repeats, "model_s": t_model,
-            "rows": rows, "euler_ratio": euler["ratio"] if euler else None,
+    return {"shape": list(shape), "dtype": "float32", "steps": steps, "repeats": repeats,
+            "threads": threads or torch.get_num_threads(),
+            "model_s": t_model, "rows": rows, "skipped": skipped, "euler_ratio": euler["ratio"] if euler else None,
             "euler_ok": bool(euler and euler["ratio"] <= 1.1)}
 
 
@@ -528,6 +622,9 @@ def markdown_tables(results: dict) -> str:
         out.append(f"Reference: {ref['method']} rtol = atol = {ref['rtol']:g} ({ref['nfe']} NFE, "
                    f"{ref['wall_s']:.1f} s); convergence check against rtol = atol = {ref['check_rtol']:g}: "
                    f"max |Δx_0| = {ref['check_max_abs_diff']:.2e}, RMS {ref['check_rmse']:.2e}.\n")
+        if "float32_field_diff" in ref:
+            out.append(f"Reference network in {ref['network_dtype']}; the solvers' float32 network differs from "
+                       f"it by max |Δε| = {ref['float32_field_diff']:.1e} (at σ = σ_max, 1, 0.01 near the flow).\n")
         if "frechet_reference" in wres:
             out.append(f"Fréchet distance to the test digits: reference {wres['frechet_reference']:.4f}, "
                        f"floor (train vs test) {wres['frechet_floor']:.4f}.\n")
@@ -562,7 +659,8 @@ def markdown_tables(results: dict) -> str:
     ov = results.get("overhead")
     if ov:
         out.append(f"### Solver overhead\n\nNear-free model ε = 0.1·x on a {'×'.join(map(str, ov['shape']))} "
-                   f"{ov['dtype']} batch, {ov['steps']} steps, median of {ov['repeats']} runs; model call "
+                   f"{ov['dtype']} batch, {ov['steps']} steps, {ov['threads']} torch thread(s), median of "
+                   f"{ov['repeats']} interleaved runs; model call "
                    f"{ov['model_s'] * 1e3:.3f} ms. Ratio = time per step / the bare torchdiffeq Euler loop's, same "
                    f"run. probflow euler ratio {ov['euler_ratio']:.3f} (target ≤ 1.1: "
                    f"{'met' if ov['euler_ok'] else 'NOT met'}).\n")
@@ -575,8 +673,13 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(out)
 
 
+_PEER_PANEL = {"trailing": "uniform", "karras": "karras", "karras_sigma": "karras"}
+
+
 def plot_workload(wname: str, rows: Sequence[dict], out: Path) -> list[Path]:
-    """error vs NFE (log-log, one line per method+grid, peers dashed, adaptive dotted) and error vs wall time."""
+    """Error vs NFE and error vs wall time, log-log: one panel per grid (peers dashed in the panel of the grid
+    they share: trailing with uniform, karras with karras), one line per method+grid, adaptive methods in a
+    panel of their own; a method has the same colour in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,30 +689,51 @@ def plot_workload(wname: str, rows: Sequence[dict], out: Path) -> list[Path]:
     for r in rows:
         if r["error"] is None and math.isfinite(r["rmse"]) and r["rmse"] > 0:
             series.setdefault((r["family"], r["method"], r["grid"]), []).append(r)
-    names = sorted({k[1] for k in series})
-    cmap = plt.get_cmap("tab20")
-    color = {n: cmap(i % 20) for i, n in enumerate(names)}
-    markers = {g: mk for g, mk in zip(sorted({k[2] for k in series}), "osD^v<>phX*+x")}
+    panels: list[str] = []
+    for fam, _, g in series:
+        p = "adaptive" if fam == "adaptive" else (_PEER_PANEL.get(g, g) if fam == "peer" else g)
+        if p not in panels:
+            panels.append(p)
+    panels.sort(key=lambda p: (p == "adaptive", p not in DEFAULT_GRIDS,
+                               DEFAULT_GRIDS.index(p) if p in DEFAULT_GRIDS else 0, p))
+    # one colour per method name: a diffusers peer of the same name as a probflow method shares its colour
+    palette = list(plt.get_cmap("tab20").colors) + list(plt.get_cmap("Dark2").colors)
+    color = {n: palette[i % len(palette)] for i, n in enumerate(sorted({k[1] for k in series}))}
     paths = []
     slug = wname.replace(" ", "_").replace("=", "")
+    ncol = min(3, len(panels)) or 1
+    nrow = max(1, math.ceil(len(panels) / ncol))
     for xkey, fname, xl in (("nfe", f"error_vs_nfe_{slug}.png", "NFE (model calls)"),
                             ("wall_s", f"error_vs_wall_{slug}.png", "wall time (s)")):
-        fig, ax = plt.subplots(figsize=(11, 7))
+        fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol + 3.2, 4.2 * nrow), sharey=True, squeeze=False)
+        handles: dict[str, Any] = {}
         for (fam, m, g), rs in sorted(series.items()):
+            p = "adaptive" if fam == "adaptive" else (_PEER_PANEL.get(g, g) if fam == "peer" else g)
+            ax = axes.flat[panels.index(p)]
             rs = sorted(rs, key=lambda r: r[xkey])
-            ls = {"peer": "--", "adaptive": ":"}.get(fam, "-")
-            ax.plot([r[xkey] for r in rs], [r["rmse"] for r in rs], ls, marker=markers.get(g, "o"), ms=4,
-                    color=color[m], lw=1.2, label=f"{'diffusers ' if fam == 'peer' else ''}{m}/{g}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(xl)
-        ax.set_ylabel("RMSE of x_0 vs reference")
-        ax.set_title(f"{wname}: error vs {xl.split(' (')[0]} (solid probflow, dashed diffusers, dotted adaptive)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=3, loc="lower left")
-        fig.tight_layout()
+            label = f"diffusers {m}" + (" (σ)" if g == "karras_sigma" else "") if fam == "peer" else m
+            (line,) = ax.plot([r[xkey] for r in rs], [r["rmse"] for r in rs], "--" if fam == "peer" else "-",
+                              marker="s" if g == "karras_sigma" else "o", ms=3, lw=1.1,
+                              color=color[m], label=label)
+            handles.setdefault(label, line)
+        for i, ax in enumerate(axes.flat):
+            if i >= len(panels):
+                ax.set_visible(False)
+                continue
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_title(f"grid: {panels[i]}" if panels[i] != "adaptive" else "adaptive (rtol = atol = 1e-2 … 1e-7)",
+                         fontsize=9)
+            ax.set_xlabel(xl, fontsize=8)
+            if i % ncol == 0:
+                ax.set_ylabel("RMSE of x_0 vs reference", fontsize=8)
+        fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7, frameon=False)
+        fig.suptitle(f"{wname}: error vs {xl.split(' (')[0]} (solid probflow, dashed diffusers; "
+                     "(σ): model at the scheduler's σ)", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 1 - 2.9 / (5.2 * ncol + 3.2), 0.96))
         paths.append(out / fname)
-        _atomic(paths[-1], lambda p, fig=fig: fig.savefig(p, dpi=110, format="png"))
+        _atomic(paths[-1], lambda p, fig=fig: fig.savefig(p, dpi=100, format="png"))
         plt.close(fig)
     return paths
 
@@ -687,10 +811,16 @@ def _machine() -> dict:
 # ------------------------------------------------------------------------------------------------ command
 
 SUITES = ("mixture2", "mixture64", "digits", "overhead")
+# The digits network's ε(σ) has a kink at every table σ_t (t(σ) is piecewise linear in log σ, MATH.md §5), which
+# costs high-order adaptive methods dearly (dopri8 at 1e-6 took 3× the NFE of dopri5): dopri5 is the reference.
+DIGITS_REF = "dopri5"
 
 
 @dataclass(frozen=True)
 class _Config:
+    """Sizes of a run: samples per workload, NFE targets, tolerances, grids, peers (None: all), the
+    references' tolerances and those of their convergence checks, and the overhead timing."""
+
     n2: int
     n64: int
     n_digits: int
@@ -702,30 +832,37 @@ class _Config:
     check_tol: float
     digits_nfe: tuple[int, ...]
     digits_grids: tuple[str, ...]
+    digits_ref_tol: float
+    digits_check_tol: float
+    digits_min_tol: float
     overhead_steps: int
     overhead_repeats: int
 
 
-FULL = _Config(n2=256, n64=128, n_digits=64, nfe=NFE, tolerances=TOLERANCES, grids=DEFAULT_GRIDS, peers=None,
-               ref_tol=1e-12, check_tol=1e-10, digits_nfe=(10, 20, 50), digits_grids=("uniform", "karras"),
-               overhead_steps=50, overhead_repeats=7)
-QUICK = _Config(n2=32, n64=8, n_digits=8, nfe=(5, 10, 20), tolerances=(1e-3,), grids=("uniform", "karras"),
-                peers=("ddim", "dpmpp_2m"), ref_tol=1e-10, check_tol=1e-8, digits_nfe=(10,),
-                digits_grids=("uniform",), overhead_steps=10, overhead_repeats=3)
+FULL = _Config(n2=256, n64=128, n_digits=16, nfe=NFE, tolerances=TOLERANCES, grids=DEFAULT_GRIDS, peers=None,
+               ref_tol=1e-12, check_tol=1e-10, digits_nfe=(5, 10, 20, 50), digits_grids=("uniform", "karras"),
+               digits_ref_tol=1e-5, digits_check_tol=1e-4, digits_min_tol=1e-3, overhead_steps=50,
+               overhead_repeats=7)
+QUICK = _Config(n2=16, n64=4, n_digits=8, nfe=(5, 10, 20), tolerances=(1e-3,), grids=("uniform", "karras"),
+                peers=("ddim", "dpmpp_2m"), ref_tol=1e-9, check_tol=1e-7, digits_nfe=(10,),
+                digits_grids=("uniform",), digits_ref_tol=1e-7, digits_check_tol=1e-5, digits_min_tol=1e-3,
+                overhead_steps=10, overhead_repeats=3)
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="benchmarks/results", help="output folder (JSON, markdown, plots)")
-    p.add_argument("--results-md", default=None,
-                   help="also write this RESULTS.md (default: benchmarks/RESULTS.md for a full run, none for --quick)")
+    p.add_argument("--out", default="benchmarks",
+                   help="output folder for results.json, RESULTS.md and the plots (default: benchmarks)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, few methods (≤ 60 s)")
     p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
     p.add_argument("--methods", default=None, help="comma-separated registered methods (default: all)")
     p.add_argument("--grids", default=None, help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)})")
     p.add_argument("--nfe", default=None, help="comma-separated target NFEs (default: 5,10,20,50,100)")
-    p.add_argument("--samples", type=int, default=None, help="samples per mixture workload (default: 256 at D=2, "
-                   "128 at D=64)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 2)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per workload (default: 256 at D=2, 128 at D=64, 16 digits)")
+    p.add_argument("--digits-model", default=None, metavar="FOLDER",
+                   help="digits checkpoint folder (digits.safetensors + digits.json; default: the shipped model)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1; more rarely helps these "
+                   "small solves)")
     p.add_argument("--force", action="store_true", help="overwrite existing results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -734,14 +871,23 @@ def _csv(s: str | None, conv=str) -> list | None:
     return None if s is None else [conv(v.strip()) for v in s.split(",") if v.strip()]
 
 
+_WORKLOAD = {"mixture2": "mixture D=2", "mixture64": "mixture D=64", "digits": "digits"}
+HEADLINE = "headline.png"
+
+
+def _plot_names(wname: str) -> list[str]:
+    slug = wname.replace(" ", "_").replace("=", "")
+    return [f"error_vs_nfe_{slug}.png", f"error_vs_wall_{slug}.png"]
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    """`probflow bench`: run the suites, write results.json, results.md, plots (and RESULTS.md)."""
+    """`probflow bench`: run the suites; write results.json, RESULTS.md and the plots into --out, atomically."""
     cfg = QUICK if args.quick else FULL
     out = Path(args.out)
     suites = _csv(args.suites)
     bad = [s for s in suites if s not in SUITES]
-    if bad:
-        raise ValueError(f"--suites: unknown {bad}; expected a subset of {list(SUITES)}")
+    if bad or not suites:
+        raise ValueError(f"--suites: unknown {bad or suites}; expected a non-empty subset of {list(SUITES)}")
     methods = _csv(args.methods)
     if methods is None:
         methods = (["euler", "heun2"] + [n for n in fixed_methods() if METHODS[n].backend == "probflow"][:1]
@@ -752,79 +898,108 @@ def run_bench(args: argparse.Namespace) -> int:
                              f"among {[n for n in METHODS if n != REFERENCE]}")
     grid_list = _csv(args.grids) or list(cfg.grids)
     for g in grid_list:
-        grid_sigmas(g, linear(), 4)  # raises naming the grid
+        try:
+            grid_sigmas(g, linear(), 4)
+        except ValueError as e:
+            raise ValueError(f"--grids: {e}") from None
     nfe = _csv(args.nfe, int) or list(cfg.nfe)
     if any(n < 1 for n in nfe):
         raise ValueError(f"--nfe: expected positive integers, got {nfe}")
     if args.samples is not None and args.samples < 2:
         raise ValueError(f"--samples: expected at least 2, got {args.samples}")
-    results_md = Path(args.results_md) if args.results_md else (None if args.quick else Path("benchmarks/RESULTS.md"))
-    targets = [out / "results.json", out / "results.md"] + ([results_md] if results_md else [])
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+    if args.digits_model is not None and not Path(args.digits_model).is_dir():
+        raise ValueError(f"--digits-model: {args.digits_model} is not a folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+    names = ["results.json", "RESULTS.md"] + [n for k in suites if k in _WORKLOAD for n in _plot_names(_WORKLOAD[k])]
+    names += [HEADLINE] if "mixture64" in suites else []
     if not args.force:
-        exist = [str(t) for t in targets if t.exists()]
+        exist = [str(out / n) for n in names if (out / n).exists()]
         if exist:
-            raise FileExistsError(f"{', '.join(exist)} already exist(s); pass --force to overwrite")
-    torch.set_num_threads(args.threads or 2)
-    progress = not args.no_progress
-    t_start = time.perf_counter()
-    results: dict = {"command": "probflow " + " ".join(_argv(args)), "started_utc":
-                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "versions": _versions(),
-                     "machine": _machine(), "workloads": {}, "skipped": [], "config": {
-                         "methods": methods, "grids": grid_list, "nfe": nfe, "tolerances": list(cfg.tolerances),
-                         "peers": list(cfg.peers) if cfg.peers else (_peers.peer_names() if _peers.available()
-                                                                       else [])}}
-    if not _peers.available():
-        results["skipped"].append("diffusers peers: diffusers could not be imported")
-        print("probflow bench: diffusers is not importable; peers skipped", file=sys.stderr)
-    peers = results["config"]["peers"]
-    for dim, n, key in ((2, cfg.n2, "mixture2"), (64, cfg.n64, "mixture64")):
-        if key not in suites:
-            continue
-        n = args.samples or n
-        _say(progress, f"{key}: reference DOP853 at {cfg.ref_tol:g} for {n} samples …")
-        w = mixture_workload(dim, n, 0, ref_tol=cfg.ref_tol, check_tol=cfg.check_tol)
-        rows = run_workload(w, methods, grid_list, nfe, cfg.tolerances, peers, None, progress)
-        results["workloads"][w.name] = {
-            "description": f"Sharp Gaussian mixture, D = {dim}, K = 8, full covariances, per-direction std "
-                           f"log-uniform in [0.05, 0.5] (seed 0); {n} samples from probflow.noise(n, ({dim},), 1); "
-                           f"σ_max = {w.schedule.sigma_max:.4f} (t = T−1 of the linear DDPM table) → σ = 0.",
-            "reference": w.ref, "extra": w.extra, "rows": rows}
-    if "digits" in suites:
-        _run_digits(results, cfg, methods, peers, args.samples, progress)
-    if "overhead" in suites:
-        _say(progress, "overhead: near-free model, 64×3×32×32 float32 …")
-        ov_methods = [m for m in methods if not METHODS[m].adaptive]
-        results["overhead"] = solver_overhead(steps=cfg.overhead_steps, repeats=cfg.overhead_repeats,
-                                              methods=ov_methods,
-                                              peers=("ddim", "dpmpp_2m", "unipc") if peers else ())
-    results["wall_s"] = time.perf_counter() - t_start
+            raise FileExistsError(f"--out: {', '.join(exist)} already exist(s); pass --force to overwrite")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    try:
+        results = _run_suites(args, cfg, suites, methods, grid_list, nfe)
+    finally:
+        torch.set_num_threads(old_threads)
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     for wname, wres in results["workloads"].items():
         plots += plot_workload(wname, wres["rows"], out)
-    head = None
     if "mixture D=64" in results["workloads"]:
-        head = plot_headline("mixture D=64", results["workloads"]["mixture D=64"]["rows"], out / "headline.png")
-        plots.append(head)
+        plots.append(plot_headline("mixture D=64", results["workloads"]["mixture D=64"]["rows"], out / HEADLINE))
     results["plots"] = [p.name for p in plots]
     _write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default, allow_nan=True))
-    tables = markdown_tables(results)
-    _write_text(out / "results.md", _header(results, out, None) + tables)
-    if results_md:
-        _write_text(results_md, _header(results, out, results_md) + tables)
-    print(f"probflow bench: {len(plots)} plots, results.json and results.md in {out}"
-          + (f"; {results_md} regenerated" if results_md else "") + f" ({results['wall_s']:.0f} s)")
+    _write_text(out / "RESULTS.md", _header(results) + markdown_tables(results))
+    print(f"probflow bench: results.json, RESULTS.md and {len(plots)} plots written to {out} "
+          f"({results['wall_s']:.0f} s)")
     ov = results.get("overhead")
-    if ov:
+    if ov and ov["euler_ratio"] is not None:
         print(f"probflow bench: euler / bare torchdiffeq per-step time = {ov['euler_ratio']:.3f} "
               f"({'≤' if ov['euler_ok'] else '>'} 1.1)")
     return 0
 
 
-def _argv(args: argparse.Namespace) -> list[str]:
-    return list(getattr(args, "_argv", None) or sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench"
-                else [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                      for k, v in sorted(vars(args).items()) if v not in (None, False) and k != "command"])
+def _run_suites(args: argparse.Namespace, cfg: _Config, suites: list[str], methods: list[str],
+                grid_list: list[str], nfe: list[int]) -> dict:
+    progress = not args.no_progress
+    t_start = time.perf_counter()
+    peers = (list(cfg.peers) if cfg.peers else _peers.peer_names()) if _peers.available() else []
+    results: dict = {"command": _command(args), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                     "versions": _versions(), "machine": _machine(), "workloads": {}, "skipped": [],
+                     "suite_wall_s": {},
+                     "config": {"suites": suites, "methods": methods, "grids": grid_list, "nfe": nfe,
+                                "tolerances": list(cfg.tolerances), "peers": peers,
+                                "uniform_step_grid": UNIFORM_STEP_GRID}}
+    if not _peers.available():
+        results["skipped"].append("diffusers peers: diffusers could not be imported")
+        print("probflow bench: diffusers is not importable; peers skipped", file=sys.stderr)
+    for dim, n, key in ((2, cfg.n2, "mixture2"), (64, cfg.n64, "mixture64")):
+        if key not in suites:
+            continue
+        t0 = time.perf_counter()
+        n = args.samples or n
+        _say(progress, f"{key}: reference DOP853 at {cfg.ref_tol:g} (checked at {cfg.check_tol:g}) for {n} "
+                       "samples …")
+        w = mixture_workload(dim, n, 0, ref_tol=cfg.ref_tol, check_tol=cfg.check_tol)
+        rows = run_workload(w, methods, grid_list, nfe, cfg.tolerances, peers, None, progress)
+        results["workloads"][w.name] = {
+            "description": f"Sharp Gaussian mixture, D = {dim}, K = 8, full covariances, per-direction std "
+                           f"log-uniform in [0.05, 0.5] (`GaussianMixture.random({dim}, 8, seed=0)`); {n} samples "
+                           f"x_T = probflow.noise({n}, ({dim},), seed=1); σ_max = {w.schedule.sigma_max:.4f} "
+                           "(t = T−1 of the linear DDPM table) → σ = 0.",
+            "reference": w.ref, "extra": w.extra, "rows": rows}
+        results["suite_wall_s"][key] = time.perf_counter() - t0
+    if "digits" in suites:
+        t0 = time.perf_counter()
+        _run_digits(results, cfg, methods, peers, args.samples, progress, args.digits_model,
+                    grid_list if args.grids else list(cfg.digits_grids), nfe if args.nfe else list(cfg.digits_nfe))
+        results["suite_wall_s"]["digits"] = time.perf_counter() - t0
+    if "overhead" in suites:
+        t0 = time.perf_counter()
+        _say(progress, "overhead: near-free model, 64×3×32×32 float32 …")
+        ov_methods = [m for m in methods if not METHODS[m].adaptive]
+        results["overhead"] = solver_overhead(steps=cfg.overhead_steps, repeats=cfg.overhead_repeats,
+                                              methods=ov_methods, threads=None,
+                                              peers=("ddim", "dpmpp_2m", "dpmpp_3m", "unipc") if peers else ())
+        results["suite_wall_s"]["overhead"] = time.perf_counter() - t0
+    results["wall_s"] = time.perf_counter() - t_start
+    return results
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line equivalent to `args` (every option that differs from its default)."""
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    defaults = vars(p.parse_args([]))
+    parts = ["probflow bench"]
+    for k, v in vars(args).items():
+        if k in defaults and v != defaults[k]:
+            parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+    return " ".join(parts)
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -835,19 +1010,17 @@ def _say(progress: bool, msg: str) -> None:
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
-    if isinstance(o, Path):
-        return str(o)
     return str(o)
 
 
-def _header(results: dict, out: Path, md: Path | None) -> str:
+def _header(results: dict) -> str:
     v = results["versions"]
     m = results["machine"]
-    rel = os.path.relpath(out, md.parent) if md else "."
+    walls = ", ".join(f"{k} {t:.0f} s" for k, t in results.get("suite_wall_s", {}).items())
     lines = ["# probflow benchmark results", "",
              "Generated by `probflow bench`; do not edit by hand. Regenerate with:", "",
              f"    {results['command']}", "",
-             f"Started {results['started_utc']} UTC, wall time {results['wall_s']:.0f} s. Versions: "
+             f"Started {results['started_utc']} UTC, wall time {results['wall_s']:.0f} s ({walls}). Versions: "
              + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
              f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, torch threads "
              f"{m['torch_threads']}.", ""]
@@ -855,21 +1028,27 @@ def _header(results: dict, out: Path, md: Path | None) -> str:
         lines += ["Skipped: " + "; ".join(results["skipped"]), ""]
     lines += ["Every solver starts from the same x_T at σ_max (t = T−1) and ends at σ = 0; errors are of x_0 "
               "against the reference. RMSE is over all samples and coordinates; median is the median over "
-              "samples of the per-sample RMS error. probflow rows are float64; diffusers peers are driven as "
-              "their pipelines drive them with float64 tables swapped in (see probflow/peers.py for the traps "
-              "handled). Peer grids: trailing = DDIM trailing timesteps; karras = diffusers' "
-              "use_karras_sigmas with the network at the pipeline's (rounded) timestep; karras_sigma = the same "
-              "grid with the model at the scheduler's own σ.", ""]
+              "samples of the per-sample RMS error. probflow rows are float64 and call `probflow.integrate`; "
+              "diffusers peers are driven as their pipelines drive them, with the float64 tables swapped in "
+              "(see `probflow/peers.py` for the traps handled). NFE is counted (model calls, rejected adaptive "
+              "steps included), never assumed. Fixed-grid methods run at steps = round(NFE target / stages), so "
+              "a 2- or 4-stage method can use slightly fewer calls than the target; best-per-NFE tables only "
+              "count runs with measured NFE ≤ target. Grids: uniform/quadratic = DDIM trailing timesteps "
+              "uniform/quadratic in t; logsnr = uniform in log σ from σ_max to σ_0; karras = ρ = 7 from σ_max "
+              "to σ_0; all then 0. torchdiffeq's Adams methods assume equal steps in σ and run on "
+              f"`{UNIFORM_STEP_GRID}` (equal steps from σ_max to 0) instead. Peer grids: trailing = DDIM "
+              "trailing timesteps; karras = diffusers' `use_karras_sigmas` with the network at the pipeline's "
+              "(rounded) timestep; karras_sigma = the same grid with the model at the scheduler's own σ.", ""]
     for p in results.get("plots", []):
-        if p.startswith("headline") or "D64" in p:
-            lines += [f"![{p}]({rel}/{p})", ""]
+        if p == HEADLINE or "D64" in p:
+            lines += [f"![{p}]({p})", ""]
     return "\n".join(lines) + "\n"
 
 
 def _run_digits(results: dict, cfg: _Config, methods: list[str], peers: list[str], samples: int | None,
-                progress: bool) -> None:
+                progress: bool, folder: str | None, grid_list: list[str], nfe: list[int]) -> None:
     try:
-        _load_digits()
+        _load_digits(folder)
     except Exception as e:  # noqa: BLE001 - absent weights (or a broken checkpoint) skip the suite, loudly
         msg = f"digits: model not available ({type(e).__name__}: {e})"
         results["skipped"].append(msg)
@@ -878,25 +1057,31 @@ def _run_digits(results: dict, cfg: _Config, methods: list[str], peers: list[str
     from probflow import digits
 
     n = samples or cfg.n_digits
-    _say(progress, f"digits: reference dopri8 at 1e-8 for {n} samples …")
-    w = digits_workload(n, ref_tol=1e-8 if not cfg is QUICK else 1e-5, check_tol=1e-6 if not cfg is QUICK else 1e-3)
-    fixed = [m for m in methods if not METHODS[m].adaptive]
-    adaptive = [m for m in methods if METHODS[m].adaptive][:3]
-    rows = run_workload(w, fixed + adaptive, list(cfg.digits_grids), list(cfg.digits_nfe),
-                        tuple(t for t in cfg.tolerances if t >= 1e-5), peers, ("trailing", "karras"), progress)
+    _say(progress, f"digits: reference {DIGITS_REF} at {cfg.digits_ref_tol:g} (checked at {cfg.digits_check_tol:g}) "
+                   f"for {n} samples …")
+    w = digits_workload(n, ref_method=DIGITS_REF, ref_tol=cfg.digits_ref_tol, check_tol=cfg.digits_check_tol,
+                        folder=folder, ref_dtype=None)
+    w.extra["keep_x"] = True
+    tols = tuple(t for t in cfg.tolerances if t >= cfg.digits_min_tol)
+    rows = run_workload(w, methods, grid_list, nfe, tols, peers, ("trailing", "karras"), progress)
+    w.extra.pop("keep_x")
     split = digits.load_split()
     mu, cov = digits.gaussian_fit(split["x_test"])
-    floor = digits.frechet_distance(*digits.gaussian_fit(split["x_train"]), mu, cov)
+    floor = digits.frechet_distance(*digits.gaussian_fit(split["x_train"][:n]), mu, cov)
     results["workloads"][w.name] = {
-        "description": f"The digits ε-UNet (float32 network, float64 state), {n} samples from "
-                       f"probflow.noise(n, {tuple(w.noise.shape[1:])}, 0), σ_max → 0. Fréchet distance of the "
-                       "samples' pixel Gaussian to the test digits' (few samples: biased upwards; compare rows).",
+        "description": f"The digits ε-UNet ({w.extra.get('fingerprint') or 'no fingerprint'}), run with a "
+                       f"{w.extra['network_dtype']} network and float64 state; {n} samples x_T = "
+                       f"probflow.noise({n}, {tuple(w.noise.shape[1:])}, seed=0); σ_max = "
+                       f"{w.schedule.sigma_max:.4f} → σ = 0. Grids {', '.join(grid_list)} at NFE "
+                       f"{', '.join(map(str, nfe))} (the network's cost keeps this suite small); adaptive "
+                       f"tolerances ≥ {cfg.digits_min_tol:g}. Fréchet = Fréchet distance between the Gaussian "
+                       f"fits (64 pixels) of the {n} samples and of the 360 test digits; with {n} samples it is "
+                       "biased upwards, so compare rows with each other and with the reference's and the floor "
+                       f"(the first {n} training digits against the test digits).",
         "reference": w.ref, "extra": w.extra, "rows": rows,
         "frechet_reference": digits.frechet_distance(*digits.gaussian_fit(w.reference.float()), mu, cov),
         "frechet_floor": floor}
-    # per-row Fréchet needs the samples; recompute x_0 cheaply from errors is impossible, so rerun is avoided by
-    # storing it in run_workload's rows via the hook below
-    for r in rows:
+    for r in rows:  # samples kept by `_finish` (keep_x) for the Fréchet distance, then dropped
         x = r.pop("_x", None)
         if x is not None:
             r["frechet"] = digits.frechet_distance(*digits.gaussian_fit(x), mu, cov)

@@ -239,7 +239,8 @@ def run_peer(
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             if model_sigma == "timestep":
-                s = float(schedule.sigma(float(t)))
+                tf = float(t)
+                s = float(schedule.sigmas[int(tf)]) if tf.is_integer() else float(schedule.sigma(tf))
             else:
                 k = sched.step_index if spec.variable == "xbar" else i
                 s = float(sig64[k])

@@ -1,0 +1,131 @@
+"""diffusers' schedulers as peers (probflow.peers): the driver is checked against probflow and against the
+exact flow, so that a benchmark against them compares methods, not conventions (MATH.md §3, §6)."""
+
+import math
+
+import pytest
+import torch
+
+from probflow import grids, peers, schedules
+from probflow.flows import noise, sample
+from probflow.models import GaussianMixture
+
+pytestmark = pytest.mark.skipif(not peers.available(), reason="diffusers is not importable")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    sch = schedules.linear()
+    model = GaussianMixture.random(4, 3, seed=2, std_range=(0.1, 0.5))
+    z = noise(6, (4,), seed=3)
+    return sch, model, z
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_ddim_peer_equals_probflow_euler_on_the_trailing_grid(setup, steps):
+    # DDIM (Eq. 11, diffusers' own code) and Euler on Eq. 12 are the same map on the same σ grid (MATH.md §3);
+    # with the float64 table swapped in, the only difference is rounding.
+    sch, model, z = setup
+    r = peers.run_peer("ddim", model, z, sch, steps)
+    x = sample(model, z, grids.ddim(sch, steps), "euler").x
+    assert r.nfe == steps and not r.notes
+    assert torch.allclose(r.x, x, rtol=0, atol=1e-10), float((r.x - x).abs().max())
+    assert r.model_sigmas[0] == sch.sigma_max  # starts at t = T−1, σ from the float64 table
+
+
+def test_ddim_peer_flags_the_misstep_when_steps_do_not_divide_T(setup):
+    # trailing timesteps of 7 steps are not T//7 apart: DDIMScheduler moves to t − T//7 instead (MATH.md §6)
+    sch, model, z = setup
+    r = peers.run_peer("ddim", model, z, sch, 7)
+    assert r.notes and "missteps" in r.notes[0]
+    x = sample(model, z, grids.ddim(sch, 7), "euler").x
+    assert (r.x - x).abs().max() > 1e-6
+
+
+def test_euler_discrete_peer_starts_from_the_same_xbar_and_matches_euler(setup):
+    # EulerDiscreteScheduler keeps x̄ and steps in float32 inside `step`: agreement to its float32 floor
+    sch, model, z = setup
+    r = peers.run_peer("euler_d", model, z, sch, 10)
+    x = sample(model, z, grids.ddim(sch, 10), "euler").x
+    assert r.nfe == 10
+    assert (r.x - x).abs().max() < 1e-5
+    sched = peers.make_scheduler("euler_d", sch, 10)
+    assert sched.sigmas.dtype == torch.float64 and float(sched.sigmas[0]) == sch.sigma_max
+
+
+def test_karras_peer_grid_is_probflow_karras_grid_in_float64(setup):
+    sch, _, _ = setup
+    sched = peers.make_scheduler("dpmpp_2m", sch, 12, "karras")
+    ref = grids.karras(sch.sigma_max, sch.sigma_min, 12)
+    assert torch.allclose(sched.sigmas, ref, rtol=1e-14, atol=0)
+
+
+def test_heun_peer_counts_two_calls_per_step_and_one_for_the_last(setup):
+    sch, model, z = setup
+    r = peers.run_peer("heun_d", model, z, sch, 5)
+    assert r.nfe == 9 == peers.steps_for_nfe("heun_d", 10) * 2 - 1
+
+
+def test_dpmpp_2m_peer_converges_to_the_exact_flow():
+    # error against DOP853 at 1e-12 falls with NFE, faster than first order on the Karras grid
+    torch.set_num_threads(1)
+    sch = schedules.linear()
+    model = GaussianMixture.random(8, 4, seed=5, std_range=(0.05, 0.5))
+    z = noise(8, (8,), seed=6)
+    end = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    ref = sample(model, z, end, "scipy_dop853", rtol=1e-12, atol=1e-12, options={"group": 8}).x
+    errs = []
+    for n in (10, 20, 40, 80):
+        r = peers.run_peer("dpmpp_2m", model, z, sch, n, "karras_sigma")
+        assert r.nfe == n
+        errs.append(float((r.x - ref).pow(2).mean().sqrt()))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert math.log2(errs[1] / errs[3]) / 2 > 1.3, errs  # mean order over 20 → 80 steps
+
+
+def test_unknown_peer_and_grid_are_rejected(setup):
+    sch, model, z = setup
+    with pytest.raises(ValueError, match="peer"):
+        peers.run_peer("nope", model, z, sch, 5)
+    with pytest.raises(ValueError, match="grid"):
+        peers.run_peer("ddim", model, z, sch, 5, "karras")
+    with pytest.raises(ValueError, match="model_sigma"):
+        peers.run_peer("ddim", model, z, sch, 5, model_sigma="t")
+
+
+def test_euler_type_peers_start_the_model_at_the_same_x_T(setup):
+    # trap 3: pipelines start Euler-type schedulers at σ_max·z; the driver starts at x̄_T = z·sqrt(1 + σ_max²),
+    # so the model's first input (x̄/sqrt(1 + σ²)) is x_T itself, as for every other solver
+    sch, model, z = setup
+    for name in ("euler_d", "heun_d", "lms_d"):
+        seen = []
+
+        def rec(x, s, seen=seen):
+            seen.append(x.clone())
+            return model(x, s)
+
+        peers.run_peer(name, rec, z, sch, 4)
+        assert torch.allclose(seen[0], z, rtol=1e-12, atol=0), name
+
+
+def test_ddim_peer_turns_off_clip_sample_which_would_change_the_result():
+    # trap 2: DDIMScheduler clamps x̂_0 to [−1, 1] by default; data beyond ±1 make that visible
+    import diffusers
+
+    torch.set_num_threads(1)
+    sch = schedules.linear()
+    means = torch.tensor([[1.5, -1.5], [-1.5, 1.5]], dtype=torch.float64)
+    model = GaussianMixture(torch.ones(2), means, 0.01 * torch.eye(2).expand(2, 2, 2).clone())
+    z = noise(4, (2,), seed=0)
+    ours = peers.run_peer("ddim", model, z, sch, 10)
+    assert peers.make_scheduler("ddim", sch, 10).config.clip_sample is False
+    x = sample(model, z, grids.ddim(sch, 10), "euler").x
+    assert torch.allclose(ours.x, x, atol=1e-10)
+    d = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing", set_alpha_to_one=True)
+    assert d.config.clip_sample is True
+    d.set_timesteps(10)
+    xc = z.clone()
+    for t in d.timesteps:
+        xc = d.step(model(xc, sch.sigmas[int(t)]), t, xc).prev_sample
+    assert (xc - x).abs().max() > 0.1  # clipped: lands inside [−1, 1], not on the data
