@@ -70,8 +70,17 @@ GRIDS: dict[str, GridBuilder] = {
     "logsnr": lambda s, n: _grids.log_uniform(s.sigma_max, s.sigma_min, n),  # uniform in log σ
     "karras": lambda s, n: _grids.karras(s.sigma_max, s.sigma_min, n, 7.0),  # Karras ρ = 7
     "sigma_uniform": lambda s, n: torch.linspace(s.sigma_max, 0.0, n + 1, dtype=torch.float64),  # equal steps in σ
+    "log_snr_tuned": lambda s, n: _grids.log_snr_tuned(s, n),  # log-SNR uniform from σ_max to 3σ_0
 }
-DEFAULT_GRIDS = ("uniform", "quadratic", "logsnr", "karras")
+# "calibrated" is not a builder of (schedule, steps) alone: it needs the workload's model, so `run_workload` makes
+# it per workload (`grids.calibrated_builder`, see `CALIBRATION`).
+CALIBRATED = "calibrated"
+DEFAULT_GRIDS = ("uniform", "quadratic", "logsnr", "karras", "log_snr_tuned", CALIBRATED)
+# How the calibrated grid is made and used: optimised for `method` (`grids.calibrated_builder`, on its own
+# calibration noise, seed 1234, independent of every workload's noise), used by `methods` at the NFE targets `nfe`
+# (None: every NFE); `options` go to `calibrated_builder`. Its cost is reported, not counted in per-sample NFE.
+# The default methods take one call per step (steps = NFE), so one calibration per NFE serves them all.
+CALIBRATION = {"method": "unipc_3", "methods": ("dpmpp_2m", "unipc", "unipc_3"), "nfe": None, "options": {}}
 # Methods whose coefficients assume equal steps in σ (torchdiffeq's Adams methods, `Method.uniform_steps`) are
 # wrong on every other grid (integrate refuses them), so the benchmark runs them on this grid instead.
 UNIFORM_STEP_GRID = "sigma_uniform"
@@ -86,7 +95,8 @@ def register_grid(name: str, builder: GridBuilder, *, replace: bool = False) -> 
 
 def grid_sigmas(grid: str | GridBuilder, schedule: Schedule, steps: int) -> Tensor:
     """The σ grid of `steps` steps: a name in `GRIDS`, the name of a function f(schedule, steps) in
-    `probflow.grids`, or a builder; checked to run from σ_max to 0."""
+    `probflow.grids`, or a builder; checked to run from σ_max to 0. ("calibrated" needs a model: see
+    `run_workload`.)"""
     if callable(grid):
         builder = grid
     elif grid in GRIDS:
@@ -132,8 +142,13 @@ def adaptive_methods() -> list[str]:
     return [n for n, m in METHODS.items() if m.adaptive and n != REFERENCE]
 
 
+# Model calls a probflow method makes beyond stages × steps (dpmpp_3m: one, for its start), learnt from the warm-up
+# solve of each method (`_warm_up`), so that steps are chosen for counted NFE ≤ target.
+_EXTRA_CALLS: dict[str, int] = {}
+
+
 def _steps(method: Method, nfe: int) -> int:
-    return max(1, int(round(nfe / max(1, method.stages))))
+    return max(1, int(round((nfe - _EXTRA_CALLS.get(method.name, 0)) / max(1, method.stages))))
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -352,14 +367,18 @@ def _cast_model(model, dtype):
 def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Sequence[str | GridBuilder] | None = None,
                  nfe: Sequence[int] = NFE, tolerances: Sequence[float] = TOLERANCES,
                  peers: Sequence[str] | None = None, peer_grids: Sequence[str] | None = None,
-                 progress: bool | Callable[[Iterable], Iterable] = False) -> list[dict]:
+                 progress: bool | Callable[[Iterable], Iterable] = False,
+                 calibration: dict | None = None) -> list[dict]:
     """Rows for every (method × grid × NFE), (adaptive method × tolerance), (peer × peer grid × NFE).
 
     methods: registered names (default: all but the reference; fixed and adaptive are told apart by the
     registry). grids: names or builders (default `DEFAULT_GRIDS`); a method that needs equal steps in σ
     (`Method.uniform_steps`: torchdiffeq's Adams methods) runs on `UNIFORM_STEP_GRID` instead. peers:
     diffusers peer names (default all, or none where diffusers is absent); peer_grids: restrict the peers'
-    grids (default: each peer's all).
+    grids (default: each peer's all). The grid "calibrated" is `grids.calibrated_builder(w.model, shape,
+    calibration["method"], **calibration["options"])` (default `CALIBRATION`), run by calibration["methods"]
+    at the NFE targets calibration["nfe"] (None: all); its cost (NFE, seconds per step count, the first including the
+    calibration batch's reference solve) goes into `w.extra["calibration"]`, not into any row's NFE.
     """
     methods = list(methods) if methods is not None else fixed_methods() + adaptive_methods()
     for m in methods:
@@ -368,13 +387,21 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
     grids = list(grids) if grids is not None else list(DEFAULT_GRIDS)
     if peers is None:
         peers = _peers.peer_names() if _peers.available() else []
+    cal = dict(CALIBRATION, **(calibration or {}))
+    cal_builder = _calibrated_grid(w, cal) if CALIBRATED in grids else None
     tasks: list[Callable[[], dict]] = []
     for m in methods:
         if METHODS[m].adaptive:
             tasks += [functools.partial(run_adaptive, w, m, t) for t in tolerances]
         else:
             gs = [UNIFORM_STEP_GRID] if METHODS[m].uniform_steps else grids
-            tasks += [functools.partial(run_fixed, w, m, g, n) for g in gs for n in nfe]
+            for g in gs:
+                if g == CALIBRATED:
+                    if m in cal["methods"]:
+                        tasks += [functools.partial(run_fixed, w, m, cal_builder, n) for n in nfe
+                                  if cal["nfe"] is None or n in cal["nfe"]]
+                else:
+                    tasks += [functools.partial(run_fixed, w, m, g, n) for n in nfe]
     for p in peers:
         for g in _peers.peer_grids(p):
             if peer_grids is None or g in peer_grids:
@@ -390,14 +417,45 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
     return [_noting_warnings(t) for t in it]
 
 
+def _calibrated_grid(w: Workload, cal: dict) -> GridBuilder:
+    """The workload's calibrated grid builder, timed and counted per step count into w.extra["calibration"]."""
+    f = DDIMField(w.model, model_dtype=w.model_dtype)  # as_field keeps a field as is, so its NFE counts
+    inner = _grids.calibrated_builder(f, tuple(w.noise.shape[1:]), cal["method"], **cal["options"])
+    info = {"method": cal["method"], "methods": list(cal["methods"]),
+            "nfe": None if cal["nfe"] is None else list(cal["nfe"]),
+            "options": dict(cal["options"]), "per_steps": {}, "cost_nfe": 0, "wall_s": 0.0}
+    w.extra["calibration"] = info
+
+    def builder(schedule: Schedule, steps: int) -> Tensor:
+        n0, t0 = f.nfe, time.perf_counter()
+        out = inner(schedule, steps)
+        if f.nfe > n0:
+            dt = time.perf_counter() - t0
+            info["per_steps"][str(steps)] = {"nfe": f.nfe - n0, "wall_s": dt}
+            info["cost_nfe"] += f.nfe - n0
+            info["wall_s"] += dt
+        return out
+
+    builder.__name__ = CALIBRATED
+    return builder
+
+
 def _warm_up(w: Workload, methods: Sequence[str], peers: Sequence[str]) -> None:
-    """One 2-step solve of one sample per method and peer before anything is timed, so that no row's wall
-    time includes a first call's lazy imports and caches (diffusers' first scheduler costs ~1 s)."""
+    """One 3-step solve of one sample per method and peer before anything is timed, so that no row's wall
+    time includes a first call's lazy imports and caches (diffusers' first scheduler costs ~1 s); it also
+    measures the calls a method makes beyond stages × steps (`_EXTRA_CALLS`)."""
     one = Workload(w.name, w.model, w.schedule, w.noise[:1], w.reference[:1], w.ref, w.model_dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for m in methods:
-            run_fixed(one, m, UNIFORM_STEP_GRID if METHODS[m].uniform_steps else "uniform", 2 * METHODS[m].stages)
+            mm = METHODS[m]
+            try:
+                _, nfe, _ = _solve(one, m, grid_sigmas(UNIFORM_STEP_GRID if mm.uniform_steps else "uniform",
+                                                        one.schedule, 3))
+                if mm.backend == "probflow":  # a fixed start-up cost; torchdiffeq's Adams start-up varies
+                    _EXTRA_CALLS[m] = max(0, nfe - 3 * max(1, mm.stages))
+            except (FloatingPointError, RuntimeError, ValueError):
+                pass
         for p in peers:
             run_peer(one, p, _peers.peer_grids(p)[-1], 2)
 
@@ -612,9 +670,75 @@ def _label(r: dict | None) -> str:
     return f"{r['method']}/{r['grid']}"
 
 
+TARGET_NFE = (10, 20, 50)
+TARGET_RATIO = 0.5
+
+
+def _overhead_ratios(ov: dict | None) -> list[tuple[str, str, float]]:
+    """(probflow solver, diffusers solver, probflow time per step / diffusers') at the same order."""
+    if not ov:
+        return []
+    t = {r["solver"]: r["step_s"] for r in ov["rows"]}
+    pairs = [("probflow dpmpp_2m", "diffusers DPMSolverMultistepScheduler (order 2)"),
+             ("probflow dpmpp_3m", "diffusers DPMSolverMultistepScheduler (order 3)"),
+             ("probflow unipc", "diffusers UniPCMultistepScheduler (order 2)")]
+    return [(a, b, t[a] / t[b]) for a, b in pairs if a in t and b in t and t[b] > 0]
+
+
+def issue5_summary(results: dict) -> str:
+    """The issue 5 target, from this run: on the sharp D = 64 mixture, probflow's best RMSE and median at NFE
+    10, 20, 50 ≤ 0.5 × the best diffusers peer's (each on its best grid, NFE counted, ≤ target); on digits, the
+    Fréchet distance at NFE 10 no worse than the best peer's; and the solver overhead vs diffusers."""
+    out = ["## Issue 5 target\n"]
+    w64 = results["workloads"].get("mixture D=64")
+    if w64:
+        out.append(f"Sharp D = 64 mixture, this run: probflow's best fixed-grid solver+grid vs the best diffusers "
+                   f"peer+grid at each NFE (counted NFE ≤ target for both); target ratio ≤ {TARGET_RATIO}.\n")
+        out.append("| NFE | metric | probflow best | value | diffusers best | value | ratio | target met |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for key in ("rmse", "median"):
+            for b in best_per_nfe([r for r in w64["rows"] if r["nfe_target"] in TARGET_NFE], key):
+                p, q, ratio = b["probflow"], b["peer"], b["ratio"]
+                ok = "yes" if ratio is not None and ratio <= TARGET_RATIO else "no"
+                out.append(f"| {b['nfe']} | {'RMSE' if key == 'rmse' else 'median'} | {_label(p)} "
+                           f"({p['nfe'] if p else '—'}) | {_fmt(p and p[key])} | {_label(q)} "
+                           f"({q['nfe'] if q else '—'}) | {_fmt(q and q[key])} | "
+                           f"{_fmt(ratio, '.3f')} | {ok} |")
+        out.append("")
+    wd = results["workloads"].get("digits")
+    if wd:
+        fam = {}
+        for f in ("probflow", "peer"):
+            ok = [r for r in wd["rows"] if r["family"] == f and r["nfe_target"] == 10 and r["error"] is None
+                  and r["nfe"] is not None and r["nfe"] <= 10 and math.isfinite(r.get("frechet", math.nan))]
+            fam[f] = min(ok, key=lambda r: r["frechet"]) if ok else None
+        p, q = fam["probflow"], fam["peer"]
+        if p and q:
+            out.append(f"Digits, NFE 10, Fréchet distance to the test digits (lower is better; reference "
+                       f"{wd['frechet_reference']:.4f}): probflow best {_label(p)} {p['frechet']:.4f} (RMSE "
+                       f"{_fmt(p['rmse'])}), diffusers best {_label(q)} {q['frechet']:.4f} (RMSE {_fmt(q['rmse'])}): "
+                       f"{'no worse: target met' if p['frechet'] <= q['frechet'] else 'worse: target NOT met'}.\n")
+    for wname, wres in results["workloads"].items():
+        c = wres.get("extra", {}).get("calibration")
+        if c and c["per_steps"]:
+            per = ", ".join(f"{k} steps {v['nfe']} NFE / {v['wall_s']:.1f} s" for k, v in c["per_steps"].items())
+            out.append(f"Calibration ({wname}): the `calibrated` grid (`grids.calibrated_builder(model, shape, "
+                       f"\"{c['method']}\"{''.join(f', {k}={v!r}' for k, v in c['options'].items())})`, its own "
+                       f"calibration noise, seed 1234, independent of the benchmark's) cost {c['cost_nfe']} NFE (batch "
+                       f"model calls) and {c['wall_s']:.1f} s in all ({per}; the first includes the calibration "
+                       f"batch's reference solve). It is a one-off cost per model and step count, NOT counted in "
+                       f"the per-sample NFE of the rows. Used by {', '.join(c['methods'])}"
+                       + (f" at NFE {', '.join(map(str, c['nfe']))}" if c["nfe"] else "") + ".\n")
+    ratios = _overhead_ratios(results.get("overhead"))
+    if ratios:
+        out.append("Solver overhead at the same order (time per step with a near-free model, from the overhead "
+                   "suite below): " + "; ".join(f"{a} / {b} = {r:.2f}" for a, b, r in ratios) + ".\n")
+    return "\n".join(out) + "\n"
+
+
 def markdown_tables(results: dict) -> str:
     """All tables of a results dict (as `run_bench` writes to JSON) as markdown."""
-    out = []
+    out = [issue5_summary(results)]
     for wname, wres in results["workloads"].items():
         ref = wres["reference"]
         out.append(f"### {wname}\n")
@@ -752,11 +876,15 @@ def plot_headline(wname: str, rows: Sequence[dict], path: Path) -> Path:
             d = fams.setdefault((r["family"], r["method"]), {})
             if r["nfe_target"] not in d or r["rmse"] < d[r["nfe_target"]]["rmse"]:
                 d[r["nfe_target"]] = r
-    cmap = plt.get_cmap("tab20")
-    for i, ((fam, m), d) in enumerate(sorted(fams.items())):
+    # every line distinct: its own colour (tab20 then Dark2, 28 in all), and probflow solid with circles,
+    # diffusers dashed with squares; past 28 lines the dash pattern varies as well
+    palette = list(plt.get_cmap("tab20").colors) + list(plt.get_cmap("Dark2").colors)
+    dashes = {"probflow": ["-", "-.", ":"], "peer": ["--", (0, (5, 1, 1, 1)), (0, (1, 1))]}
+    for i, ((fam, m), d) in enumerate(sorted(fams.items(), key=lambda kv: (kv[0][0] == "peer", kv[0][1]))):
         rs = [d[k] for k in sorted(d)]
-        ax.plot([r["nfe"] for r in rs], [r["rmse"] for r in rs], "--" if fam == "peer" else "-", marker="o", ms=3,
-                color=cmap(i % 20), label=f"{'diffusers ' if fam == 'peer' else ''}{m}")
+        ax.plot([r["nfe"] for r in rs], [r["rmse"] for r in rs], linestyle=dashes[fam][(i // len(palette)) % 3],
+                marker="s" if fam == "peer" else "o", ms=3, color=palette[i % len(palette)],
+                label=f"{'diffusers ' if fam == 'peer' else ''}{m}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE (model calls)")
@@ -814,6 +942,7 @@ SUITES = ("mixture2", "mixture64", "digits", "overhead")
 # The digits network's ε(σ) has a kink at every table σ_t (t(σ) is piecewise linear in log σ, MATH.md §5), which
 # costs high-order adaptive methods dearly (dopri8 at 1e-6 took 3× the NFE of dopri5): dopri5 is the reference.
 DIGITS_REF = "dopri5"
+DIGITS_PEER_GRIDS = ("trailing", "karras", "exponential", "exponential_sigma")
 
 
 @dataclass(frozen=True)
@@ -837,12 +966,18 @@ class _Config:
     digits_min_tol: float
     overhead_steps: int
     overhead_repeats: int
+    # suite → `run_workload`'s calibration (absent: the default; None: no calibrated grid in that suite)
+    calibration: dict = field(default_factory=dict)
 
 
 FULL = _Config(n2=256, n64=128, n_digits=16, nfe=NFE, tolerances=TOLERANCES, grids=DEFAULT_GRIDS, peers=None,
-               ref_tol=1e-12, check_tol=1e-10, digits_nfe=(5, 10, 20, 50), digits_grids=("uniform", "karras"),
+               ref_tol=1e-12, check_tol=1e-10, digits_nfe=(5, 10, 20, 50),
+               digits_grids=("uniform", "karras", CALIBRATED),
                digits_ref_tol=1e-5, digits_check_tol=1e-4, digits_min_tol=1e-3, overhead_steps=50,
-               overhead_repeats=7)
+               overhead_repeats=7,
+               calibration={"mixture2": None, "mixture64": {"nfe": (5, 10, 20)},
+                            "digits": {"nfe": (10,), "options": {"n": 32, "ref_method": "dopri5", "ref_tol": 1e-6,
+                                                                  "max_evals": 100}}})
 QUICK = _Config(n2=16, n64=4, n_digits=8, nfe=(5, 10, 20), tolerances=(1e-3,), grids=("uniform", "karras"),
                 peers=("ddim", "dpmpp_2m"), ref_tol=1e-9, check_tol=1e-7, digits_nfe=(10,),
                 digits_grids=("uniform",), digits_ref_tol=1e-7, digits_check_tol=1e-5, digits_min_tol=1e-3,
@@ -898,6 +1033,8 @@ def run_bench(args: argparse.Namespace) -> int:
                              f"among {[n for n in METHODS if n != REFERENCE]}")
     grid_list = _csv(args.grids) or list(cfg.grids)
     for g in grid_list:
+        if g == CALIBRATED:
+            continue
         try:
             grid_sigmas(g, linear(), 4)
         except ValueError as e:
@@ -965,7 +1102,9 @@ def _run_suites(args: argparse.Namespace, cfg: _Config, suites: list[str], metho
         _say(progress, f"{key}: reference DOP853 at {cfg.ref_tol:g} (checked at {cfg.check_tol:g}) for {n} "
                        "samples …")
         w = mixture_workload(dim, n, 0, ref_tol=cfg.ref_tol, check_tol=cfg.check_tol)
-        rows = run_workload(w, methods, grid_list, nfe, cfg.tolerances, peers, None, progress)
+        cal = cfg.calibration.get(key, {})
+        gl = [g for g in grid_list if g != CALIBRATED or cal is not None]
+        rows = run_workload(w, methods, gl, nfe, cfg.tolerances, peers, None, progress, cal)
         results["workloads"][w.name] = {
             "description": f"Sharp Gaussian mixture, D = {dim}, K = 8, full covariances, per-direction std "
                            f"log-uniform in [0.05, 0.5] (`GaussianMixture.random({dim}, 8, seed=0)`); {n} samples "
@@ -1033,12 +1172,20 @@ def _header(results: dict) -> str:
               "(see `probflow/peers.py` for the traps handled). NFE is counted (model calls, rejected adaptive "
               "steps included), never assumed. Fixed-grid methods run at steps = round(NFE target / stages), so "
               "a 2- or 4-stage method can use slightly fewer calls than the target; best-per-NFE tables only "
-              "count runs with measured NFE ≤ target. Grids: uniform/quadratic = DDIM trailing timesteps "
+              "count runs with measured NFE ≤ target; a method that makes extra calls beyond stages × steps "
+              "(dpmpp_3m: one for its start, N + 1 calls on N steps) runs one step fewer per extra call, so that "
+              "its counted NFE meets the target. Grids: uniform/quadratic = DDIM trailing timesteps "
               "uniform/quadratic in t; logsnr = uniform in log σ from σ_max to σ_0; karras = ρ = 7 from σ_max "
-              "to σ_0; all then 0. torchdiffeq's Adams methods assume equal steps in σ and run on "
+              "to σ_0; log_snr_tuned = `grids.log_snr_tuned` (log-SNR uniform to 3σ_0); calibrated = "
+              "`grids.calibrated_builder` (a grid optimised per step count on a separate calibration batch; its "
+              "cost is reported in the Issue 5 section and not counted in the rows' NFE); all then 0. torchdiffeq's "
+              "Adams methods assume equal steps in σ and run on "
               f"`{UNIFORM_STEP_GRID}` (equal steps from σ_max to 0) instead. Peer grids: trailing = DDIM "
               "trailing timesteps; karras = diffusers' `use_karras_sigmas` with the network at the pipeline's "
-              "(rounded) timestep; karras_sigma = the same grid with the model at the scheduler's own σ.", ""]
+              "(rounded) timestep; karras_sigma = the same grid with the model at the scheduler's own σ; "
+              "exponential / exponential_sigma = diffusers' `use_exponential_sigmas` (σ log-uniform from σ_max to "
+              "σ_0 = log-SNR uniform, σ matched to the float64 `grids.log_uniform`), the same two ways "
+              "(DPM-Solver++, UniPC, Euler, Heun, LMS support both σ options; DDIM neither).", ""]
     for p in results.get("plots", []):
         if p == HEADLINE or "D64" in p:
             lines += [f"![{p}]({p})", ""]
@@ -1063,7 +1210,9 @@ def _run_digits(results: dict, cfg: _Config, methods: list[str], peers: list[str
                         folder=folder, ref_dtype=None)
     w.extra["keep_x"] = True
     tols = tuple(t for t in cfg.tolerances if t >= cfg.digits_min_tol)
-    rows = run_workload(w, methods, grid_list, nfe, tols, peers, ("trailing", "karras"), progress)
+    cal = cfg.calibration.get("digits", {})
+    grid_list = [g for g in grid_list if g != CALIBRATED or cal is not None]
+    rows = run_workload(w, methods, grid_list, nfe, tols, peers, DIGITS_PEER_GRIDS, progress, cal)
     w.extra.pop("keep_x")
     split = digits.load_split()
     mu, cov = digits.gaussian_fit(split["x_test"])

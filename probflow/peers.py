@@ -17,7 +17,10 @@ UniPC) the model gets σ_t from the float64 table, exactly. Euler-type scheduler
 Karras grid, so the model gets their own σ (`model_sigma="scheduler"`, the default for them). DPM-Solver++
 and UniPC *round* the timesteps of a Karras grid (for beta schedules other than squaredcos_cap_v2), so a
 pipeline evaluates the network at σ_round(t) while the update uses the Karras σ; `model_sigma="timestep"`
-(their default here) reproduces that, `model_sigma="scheduler"` evaluates at the update's own σ instead.
+(their default here) reproduces that, `model_sigma="scheduler"` evaluates at the update's own σ instead. The
+same holds for `use_exponential_sigmas` (grid "exponential": σ log-uniform from σ_max to σ_0, i.e. log-SNR
+uniform, = `probflow.grids.log_uniform`), which DPM-Solver++, UniPC, Euler, Heun and LMS support and DDIM
+does not; "karras_sigma"/"exponential_sigma" select `model_sigma="scheduler"`.
 
 Traps handled here (MATH.md §6):
 1. float32 tables: every scheduler builds ᾱ, σ in float32 (σ_max off in the 7th digit). Before
@@ -47,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probflow.grids import karras
+from probflow.grids import karras, log_uniform
 from probflow.schedules import Schedule
 
 __all__ = ["PEERS", "PeerSpec", "PeerResult", "available", "peer_grids", "peer_names", "make_scheduler",
@@ -59,7 +62,8 @@ _REL_MATCH = 1e-5  # a float32 σ and the float64 value it rounds agree far bett
 @dataclass(frozen=True)
 class PeerSpec:
     """A diffusers scheduler as a peer: its class, its config, the variable it keeps ("x" or "xbar"),
-    model calls per step (as a function of steps), and the grids it supports."""
+    model calls per step (as a function of steps), and the grids it supports (`karras`: whether it takes
+    `use_karras_sigmas` and `use_exponential_sigmas`)."""
 
     cls: str
     config: dict
@@ -121,16 +125,28 @@ def peer_names() -> list[str]:
 
 
 def peer_grids(name: str) -> list[str]:
-    """Grids a peer supports: "trailing" (uniform in t from T−1), and for those with `use_karras_sigmas`
-    "karras" (model at the pipeline's timestep) and "karras_sigma" (model at the scheduler's own σ; the
-    same as "karras" for the Euler-type schedulers, so not listed for them)."""
+    """Grids a peer supports: "trailing" (uniform in t from T−1); for the schedulers with
+    `use_karras_sigmas` and `use_exponential_sigmas` (DPM-Solver++, UniPC, Euler, Heun, LMS; not DDIM)
+    "karras" and "exponential" (diffusers' exponential sigmas: σ log-uniform from σ_max to σ_min, i.e.
+    log-SNR uniform, = `probflow.grids.log_uniform`), both with the model at the pipeline's (rounded)
+    timestep, and for the x-variable ones (DPM-Solver++, UniPC) "karras_sigma" and "exponential_sigma":
+    the same grids with the model at the scheduler's own σ (for the Euler-type schedulers that is what
+    "karras" and "exponential" already do, so they are not listed for them)."""
     spec = _spec(name)
     out = ["trailing"]
     if spec.karras:
-        out.append("karras")
+        out += ["karras", "exponential"]
         if spec.variable == "x":
-            out.append("karras_sigma")
+            out += ["karras_sigma", "exponential_sigma"]
     return out
+
+
+_SIGMA_GRIDS = ("karras", "exponential")
+
+
+def _grid_kind(grid: str) -> str | None:
+    """"karras" or "exponential" for a grid of diffusers' σ options (with or without "_sigma"), else None."""
+    return next((k for k in _SIGMA_GRIDS if grid in (k, f"{k}_sigma")), None)
 
 
 def steps_for_nfe(name: str, nfe: int) -> int:
@@ -167,8 +183,10 @@ def _match_float64(s32: Tensor, candidates: Tensor) -> Tensor:
 def make_scheduler(name: str, schedule: Schedule, steps: int, grid: str = "trailing") -> Any:
     """A diffusers scheduler for `schedule` with `steps` steps on `grid`, its tables swapped for float64.
 
-    grid: "trailing" (DDIM trailing timesteps, t from T−1) or "karras"/"karras_sigma" (ρ = 7 from σ_max to
-    σ_min = σ_0, then 0, as `probflow.grids.karras(σ_max, σ_0, steps)`).
+    grid: "trailing" (DDIM trailing timesteps, t from T−1), "karras"/"karras_sigma" (ρ = 7 from σ_max to
+    σ_min = σ_0, then 0, as `probflow.grids.karras(σ_max, σ_0, steps)`) or "exponential"/"exponential_sigma"
+    (`use_exponential_sigmas`: log-uniform from σ_max to σ_0, then 0, as `probflow.grids.log_uniform`).
+    Every σ of the grid is replaced by the float64 value it rounds (a table σ_t or the float64 grid).
     """
     import diffusers
 
@@ -178,8 +196,9 @@ def make_scheduler(name: str, schedule: Schedule, steps: int, grid: str = "trail
     if grid not in peer_grids(name):
         raise ValueError(f"grid: peer {name!r} supports {peer_grids(name)}, got {grid!r}")
     config = dict(spec.config, num_train_timesteps=schedule.T, trained_betas=_betas(schedule))
-    if grid.startswith("karras"):
-        config["use_karras_sigmas"] = True
+    kind = _grid_kind(grid)
+    if kind is not None:
+        config[f"use_{kind}_sigmas"] = True
     sched = getattr(diffusers, spec.cls)(**config)
     ab64 = schedule.alpha_bar.clone()
     sched.alphas_cumprod = ab64  # trap 1: float64 table before set_timesteps builds the grid from it
@@ -193,10 +212,11 @@ def make_scheduler(name: str, schedule: Schedule, steps: int, grid: str = "trail
     sched.set_timesteps(steps)
     if isinstance(getattr(sched, "sigmas", None), Tensor):
         cand = schedule.sigmas
-        if grid.startswith("karras"):  # ends as diffusers picks them (Euler-type: σ of the last trailing t)
+        if kind is not None:  # ends as diffusers picks them (Euler-type: σ of the last trailing t)
             nz = sched.sigmas[sched.sigmas > 0]
             ends = _match_float64(torch.stack([nz.max(), nz.min()]), cand)
-            cand = torch.cat([cand, karras(float(ends[0]), float(ends[1]), steps)[:-1]])
+            build = karras if kind == "karras" else log_uniform
+            cand = torch.cat([cand, build(float(ends[0]), float(ends[1]), steps)[:-1]])
         sched.sigmas = _match_float64(sched.sigmas, cand)
     return sched
 
@@ -215,11 +235,12 @@ def run_peer(
     model: a probflow ε-model `model(x, σ)`; noise: x_T in the model's variable, shape (B, *S), any float
     dtype (float64 for accuracy studies). model_sigma: "timestep" (σ of the pipeline's timestep t, via the
     float64 table, log-σ interpolated for fractional t) or "scheduler" (σ of the scheduler's grid at that
-    call); default "scheduler" for Euler-type peers and for grid "karras_sigma", else "timestep".
+    call); default "scheduler" for Euler-type peers and for grids "karras_sigma" and "exponential_sigma",
+    else "timestep".
     """
     spec = _spec(name)
     if model_sigma is None:
-        model_sigma = "scheduler" if (spec.variable == "xbar" or grid == "karras_sigma") else "timestep"
+        model_sigma = "scheduler" if (spec.variable == "xbar" or grid.endswith("_sigma")) else "timestep"
     if model_sigma not in ("timestep", "scheduler"):
         raise ValueError(f"model_sigma: expected 'timestep' or 'scheduler', got {model_sigma!r}")
     if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1:

@@ -212,3 +212,27 @@ def test_convergence_order_measures_heun_at_order_2():
     r = bench.convergence_order(g, "heun2", "logsnr", steps=(8, 16, 32), n_samples=4)
     assert r["declared_order"] == 2
     assert 1.7 < r["order"] < 2.4, r
+
+
+def test_calibrated_grid_is_used_by_its_methods_and_its_cost_kept_out_of_the_rows():
+    w = bench.mixture_workload(2, 4, 0, ref_tol=1e-9, check_tol=1e-7)
+    cal = {"methods": ("unipc_3",), "nfe": (10,), "options": {"max_evals": 8, "n": 4, "ref_tol": 1e-8}}
+    rows = bench.run_workload(w, ["unipc_3", "euler", "dpmpp_3m"], ["logsnr", bench.CALIBRATED], [10, 20], (), [],
+                              calibration=cal)
+    got = [(r["method"], r["grid"], r["nfe_target"]) for r in rows if r["grid"] == bench.CALIBRATED]
+    assert got == [("unipc_3", bench.CALIBRATED, 10)]
+    c = w.extra["calibration"]
+    assert c["method"] == "unipc_3" and set(c["per_steps"]) == {"10"} and c["cost_nfe"] > 10 and c["wall_s"] > 0
+    assert all(r["error"] is None and r["nfe"] <= r["nfe_target"] for r in rows)
+    # dpmpp_3m makes one extra call (N + 1 on N steps): it runs one step fewer, so its counted NFE meets the target
+    assert [(r["steps"], r["nfe"]) for r in rows if r["method"] == "dpmpp_3m"] == [(9, 10), (19, 20)]
+
+
+def test_issue5_section_compares_probflow_and_peers_at_the_target_nfe(quick):
+    out, res = quick
+    md = (out / "RESULTS.md").read_text(encoding="utf-8")
+    assert "## Issue 5 target" in md
+    for b in bench.best_per_nfe([r for r in res["workloads"]["mixture D=64"]["rows"]
+                                 if r["nfe_target"] in bench.TARGET_NFE]):
+        assert f"| {b['nfe']} | RMSE | {b['probflow']['method']}/{b['probflow']['grid']} " in md
+        assert f"| {b['ratio']:.3f} |" in md

@@ -129,3 +129,28 @@ def test_ddim_peer_turns_off_clip_sample_which_would_change_the_result():
     for t in d.timesteps:
         xc = d.step(model(xc, sch.sigmas[int(t)]), t, xc).prev_sample
     assert (xc - x).abs().max() > 0.1  # clipped: lands inside [−1, 1], not on the data
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc", "euler_d", "lms_d"])
+def test_exponential_peer_grid_is_probflow_log_uniform_grid_in_float64(setup, name):
+    # diffusers' use_exponential_sigmas (σ log-uniform from σ_max to σ_0) is probflow's log-SNR uniform grid
+    sch, _, _ = setup
+    # (Euler-type schedulers end at the σ of their last trailing timestep instead of σ_0, as with Karras)
+    sched = peers.make_scheduler(name, sch, 12, "exponential")
+    s = sched.sigmas.double()
+    end = sch.sigma_min if peers.PEERS[name].variable == "x" else float(s[-2])
+    ref = grids.log_uniform(sch.sigma_max, end, 12)
+    assert torch.allclose(s, ref, rtol=1e-14, atol=0)
+
+
+def test_exponential_grids_are_offered_where_diffusers_has_them(setup):
+    assert "exponential" not in peers.peer_grids("ddim")
+    assert {"exponential", "exponential_sigma"} <= set(peers.peer_grids("unipc"))
+    assert "exponential" in peers.peer_grids("heun_d") and "exponential_sigma" not in peers.peer_grids("heun_d")
+    sch, model, z = setup
+    # exponential_sigma: the model at the scheduler's own σ; exponential: at the pipeline's rounded timestep
+    r_s = peers.run_peer("dpmpp_2m", model, z, sch, 8, "exponential_sigma")
+    r_t = peers.run_peer("dpmpp_2m", model, z, sch, 8, "exponential")
+    assert r_s.model_sigmas == pytest.approx(r_s.sigmas[:-1].tolist(), rel=1e-14)
+    assert r_t.model_sigmas != pytest.approx(r_s.model_sigmas, rel=1e-6)
+    assert r_s.nfe == r_t.nfe == 8
