@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from probflow import grids as _grids
 from probflow import peers as _peers
+from probflow.atomic import atomic_write
 from probflow.field import DDIMField
 from probflow.integrate import integrate
 from probflow.models import GaussianMixture
@@ -899,16 +899,9 @@ def plot_headline(wname: str, rows: Sequence[dict], path: Path) -> Path:
 
 
 def _atomic(path: Path, write: Callable[[str], Any]) -> None:
+    # Whether an existing output may be replaced is decided once, before the run (run_bench's --force check).
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write, force=True)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -939,8 +932,8 @@ def _machine() -> dict:
 # ------------------------------------------------------------------------------------------------ command
 
 SUITES = ("mixture2", "mixture64", "digits", "overhead")
-# The digits network's ε(σ) has a kink at every table σ_t (t(σ) is piecewise linear in log σ, MATH.md §5), which
-# costs high-order adaptive methods dearly (dopri8 at 1e-6 took 3× the NFE of dopri5): dopri5 is the reference.
+# High-order adaptive methods pay dearly on the digits network near σ → 0 (dopri8 at 1e-6 took 3× the NFE of
+# dopri5): dopri5 is the reference.
 DIGITS_REF = "dopri5"
 DIGITS_PEER_GRIDS = ("trailing", "karras", "exponential", "exponential_sigma")
 
