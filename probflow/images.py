@@ -237,12 +237,9 @@ def load_image_model(spec: str = "digits"):
 
             model = from_diffusers(path)
     elif spec == "digits":
-        try:
-            from probflow import models
+        from probflow import models
 
-            model = models.load("digits")
-        except ValueError:  # the registry does not know it yet: the shipped weights folder
-            model = digits.load_model()
+        model = models.load("digits")
     else:
         raise ValueError(f"--model: {spec!r} is neither 'digits' nor an existing folder (a digits checkpoint "
                          "folder or a local diffusers folder)")
