@@ -131,6 +131,9 @@ def load_latents(path: str | os.PathLike, name: str = "latents") -> LatentFile:
         shape = json.loads(meta.get("shape", "null"))
     except json.JSONDecodeError:
         shape = None
+    if not isinstance(shape, list):
+        raise ValueError(f"{name}: {path}: metadata 'shape' is {meta.get('shape')!r}, expected a JSON list of "
+                         f"integers (the file is damaged or was not written by probflow)")
     if shape != list(lat.shape):
         raise ValueError(f"{name}: {path}: latents of shape {list(lat.shape)} disagree with the metadata's {shape}")
     if sig.ndim != 1 or len(sig) < 2 or not (sig[1:] < sig[:-1]).all():
@@ -153,7 +156,8 @@ def check_compatible(lf: LatentFile, model: Any, force: bool = False, name: str 
     if "schedule_sha256" in here and lf.meta.get("schedule_sha256") != here["schedule_sha256"]:
         problems.append(f"schedule {lf.meta.get('schedule')!r} (T = {lf.meta.get('schedule_T')}, σ_max = "
                         f"{lf.meta.get('sigma_max')}), not {here['schedule']!r} (T = {here['schedule_T']}, "
-                        f"σ_max = {here['sigma_max']})")
+                        f"σ_max = {here['sigma_max']}; ᾱ table sha256 {str(lf.meta.get('schedule_sha256', '?'))[:12]}… "
+                        f"vs {here['schedule_sha256'][:12]}…)")
     if problems and not force:
         raise ValueError(f"{name}: made with {'; '.join(problems)}; pass --force (force=True) to decode anyway")
     return problems

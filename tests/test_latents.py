@@ -64,6 +64,10 @@ def test_another_model_or_schedule_is_refused_unless_forced(tmp_path):
     cos.schedule = schedules.cosine()
     with pytest.raises(ValueError, match="schedule 'linear'"):
         check_compatible(lf, cos)
+    # same name, T and σ_max, another ᾱ table: the message shows the tables' hashes, which differ
+    lf.meta["schedule_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match=r"ᾱ table sha256 000000000000… vs [0-9a-f]{12}…"):
+        check_compatible(lf, a)
 
 
 def test_analytic_models_are_fingerprinted_by_their_parameters():
@@ -106,6 +110,10 @@ def test_corrupt_missing_and_foreign_files_are_clear_errors(tmp_path):
     save_file({"latents": torch.ones(2, 4), "sigmas": g}, str(lied), metadata={"format": FORMAT, "shape": "[3, 4]"})
     with pytest.raises(ValueError, match="disagree"):
         load_latents(lied)
+    garbled = tmp_path / "garbled.safetensors"
+    save_file({"latents": torch.ones(2, 4), "sigmas": g}, str(garbled), metadata={"format": FORMAT, "shape": "x"})
+    with pytest.raises(ValueError, match="metadata 'shape' is 'x', expected a JSON list"):
+        load_latents(garbled)
     up = tmp_path / "up.safetensors"
     save_file({"latents": torch.ones(2, 4), "sigmas": g.flip(0)}, str(up), metadata={"format": FORMAT,
                                                                                      "shape": "[2, 4]"})
