@@ -33,8 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import probflow  # noqa: E402
 from probflow import grids  # noqa: E402
-from probflow.atomic import atomic_write, check_writable  # noqa: E402
 from probflow.field import DDIMField  # noqa: E402
+from probflow.io.atomic import atomic_write, check_writable  # noqa: E402
 from probflow.models import GaussianMixture  # noqa: E402
 from probflow.solvers import METHODS, get_method  # noqa: E402
 
@@ -120,7 +120,7 @@ def run_case(case: str, model, x0: torch.Tensor, scale: float, model_dtype, log)
     n = x0.shape[0]
     t0 = time.time()
     ode = [0.0, sch.sigma_max]
-    from probflow.adapters import DiscreteTimeModel
+    from probflow.models.adapters import DiscreteTimeModel
 
     if isinstance(model, DiscreteTimeModel):
         # An adaptive solver at tight tolerance crawls on the learned field near σ → 0 (dopri5 needs ~660 NFE at
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in (md_path, js_path):
         check_writable(p, args.force, "--out")
     from probflow import digits
-    from probflow.images import load_image_model
+    from probflow.cli.common import load_image_model
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -11,13 +11,14 @@ from probflow import grids, models, schedules, solvers
 from probflow.field import DDIMField, as_field
 from probflow.flows import decode, encode, interpolate, lerp, noise, sample, slerp
 from probflow.integrate import Solution, integrate
+from probflow.version import __version__
 
 from probflow import exponential  # noqa: F401  # isort: skip  (registers its solvers)
 from probflow import reversible  # noqa: F401  # isort: skip  (registers reversible_heun)
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "DDIMField",
     "Solution",
     "as_field",

@@ -42,11 +42,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from probflow import calibrate as _calibrate
 from probflow import grids as _grids
 from probflow import peers as _peers
-from probflow.atomic import atomic_write
 from probflow.field import DDIMField
 from probflow.integrate import integrate
+from probflow.io.atomic import atomic_write
 from probflow.models import GaussianMixture
 from probflow.schedules import Schedule, linear
 from probflow.solvers import METHODS, Method
@@ -267,7 +268,7 @@ def digits_workload(n_samples: int = 16, seed: int = 0, ref_method: str = "dopri
 
 
 def _load_digits(folder: str | os.PathLike | None = None):
-    from probflow.digits import load_model
+    from probflow.models.digits import load_model
 
     if folder is not None:
         return load_model(folder)
@@ -420,7 +421,7 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
 def _calibrated_grid(w: Workload, cal: dict) -> GridBuilder:
     """The workload's calibrated grid builder, timed and counted per step count into w.extra["calibration"]."""
     f = DDIMField(w.model, model_dtype=w.model_dtype)  # as_field keeps a field as is, so its NFE counts
-    inner = _grids.calibrated_builder(f, tuple(w.noise.shape[1:]), cal["method"], **cal["options"])
+    inner = _calibrate.calibrated_builder(f, tuple(w.noise.shape[1:]), cal["method"], **cal["options"])
     info = {"method": cal["method"], "methods": list(cal["methods"]),
             "nfe": None if cal["nfe"] is None else list(cal["nfe"]),
             "options": dict(cal["options"]), "per_steps": {}, "cost_nfe": 0, "wall_s": 0.0}

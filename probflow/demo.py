@@ -7,13 +7,11 @@ reference (MATH.md §7); prints a table (method, NFE, error) and writes a PNG (t
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import probflow
 from probflow import grids, schedules
-from probflow.atomic import atomic_write, check_writable
+from probflow.io.atomic import atomic_write
 from probflow.models import default_mixture
 
 EULER_STEPS = (5, 10, 20, 50, 100)
@@ -68,7 +66,7 @@ def plot(study: dict, path: str, force: bool = False) -> None:
     dens = model.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1), 0.0).exp().reshape(xx.shape)
     ax0.contourf(xx, yy, dens, levels=30, cmap="Greys")
     ddim10 = study["paths"]["DDIM (euler) 10 steps"].trajectory
-    for i in range(24):
+    for i in range(min(24, ref.x.shape[0])):  # at most 24 paths, fewer when n is smaller
         ax0.plot(ref.trajectory[:, i, 0], ref.trajectory[:, i, 1], color="tab:blue", lw=1, alpha=0.8,
                  label="exact ODE (DOP853)" if i == 0 else None)
         ax0.plot(ddim10[:, i, 0], ddim10[:, i, 1], "o--", color="tab:orange", ms=2.5, lw=0.8,
@@ -86,23 +84,3 @@ def plot(study: dict, path: str, force: bool = False) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), force=force)
     plt.close(fig)
-
-
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="probflow-demo.png", help="PNG to write (default: %(default)s)")
-    p.add_argument("--n", type=int, default=256, help="number of samples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise ValueError(f"--n: expected a positive number of samples, got {args.n}")
-    check_writable(args.out, args.force, "--out")
-    study = run_demo_study(args.n, args.seed)
-    print(f"\n2-D Gaussian mixture, {args.n} samples from x_T at σ_max = {schedules.linear().sigma_max:.2f} "
-          "(t = 999, DDPM linear) to σ = 0; error against DOP853 at rtol = atol = 1e-10\n")
-    print(format_table(study["rows"]))
-    plot(study, args.out, args.force)
-    print(f"\nwrote {args.out}")
-    return 0

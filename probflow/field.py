@@ -5,7 +5,7 @@
 The ε-model protocol: `model(x, sigma) -> eps`, where `x` is a batch (B, *S) in the model's own variable
 x = x̄/sqrt(1 + σ²) (data scale, not x̄), `sigma` is a 0-d tensor of the same dtype and device (one noise
 level for the whole batch) and `eps` has the shape of `x`. Discrete-time networks reach this protocol
-through `t(σ)` in `probflow.adapters`; analytic models in `probflow.models` implement it exactly.
+through `t(σ)` in `probflow.models.adapters`; analytic models in `probflow.models` implement it exactly.
 """
 
 from __future__ import annotations

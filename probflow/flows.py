@@ -145,16 +145,26 @@ def interpolate(
     z0: Tensor,
     z1: Tensor,
     sigmas: Tensor,
-    frames: int = 8,
+    method: str | Method = "euler",
     *,
+    frames: int = 8,
     kind: str = "slerp",
     weights: Tensor | None = None,
-    method: str | Method = "euler",
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    trajectory: bool = False,
+    state: Any = None,
+    options: dict | None = None,
 ) -> Solution:
-    """Mix two batches of latents (B, *S) at `frames` weights from 0 to 1 (or the given `weights`) by
-    slerp or lerp, and decode all frames at once. Returns a Solution with x of shape (frames, B, *S)."""
+    """Mix two batches of latents (B, *S) at `frames` weights from 0 to 1 (or the given `weights`) by slerp or
+    lerp, and decode every frame down `sigmas` with `method`. Returns a Solution with x of shape
+    (frames, B, *S) (and trajectory (len(sigmas), frames, B, *S) if asked).
+
+    state: the solver state of the stacked latents [z0; z1] as `encode(model, torch.cat([x0, x1]), …)`
+    returned it (a reversible method's partner); the end frames (weights 0 and 1, required first and last)
+    are then decoded with it — exactly x0 and x1 for a reversible method — and the inner frames, new latents
+    with no state of their own, by an ordinary solve.
+    """
     if weights is None:
         if not isinstance(frames, int) or frames < 2:
             raise ValueError(f"frames: expected an integer >= 2, got {frames!r}")
@@ -163,8 +173,27 @@ def interpolate(
     if kind not in mix:
         raise ValueError(f"kind: expected 'slerp' or 'lerp', got {kind!r}")
     z = mix[kind](z0, z1, weights)
-    sol = decode(model, z.reshape(-1, *z0.shape[1:]), sigmas, method, rtol=rtol, atol=atol)
+    n, b = z.shape[0], z0.shape[0]
+    kw = {"rtol": rtol, "atol": atol, "trajectory": trajectory, "options": options}
+    if state is None:
+        sol = decode(model, z.reshape(-1, *z0.shape[1:]), sigmas, method, **kw)
+    else:
+        if n < 2 or float(weights[0]) != 0.0 or float(weights[-1]) != 1.0:
+            raise ValueError("weights: with a state, the first weight must be 0 and the last 1 (the end frames "
+                             "are the encoded latents)")
+        ends = decode(model, torch.cat([z0, z1]), sigmas, method, state=state, **kw)
+        parts = [ends]
+        if n > 2:
+            parts.append(decode(model, z[1:-1].reshape(-1, *z0.shape[1:]), sigmas, method, **kw))
+        order = [ends.x[:b]] + ([parts[1].x] if n > 2 else []) + [ends.x[b:]]
+        traj = None
+        if trajectory:
+            t = [ends.trajectory[:, :b]] + ([parts[1].trajectory] if n > 2 else []) + [ends.trajectory[:, b:]]
+            traj = torch.cat(t, dim=1)
+        sol = Solution(torch.cat(order), sum(p.nfe for p in parts), ends.sigmas, traj, None, ends.method)
     sol.x = sol.x.reshape(z.shape)
+    if sol.trajectory is not None:
+        sol.trajectory = sol.trajectory.reshape(len(sol.sigmas), *z.shape)
     return sol
 
 

@@ -1,7 +1,8 @@
 """σ grids: strictly decreasing float64 tensors from σ_max to (by default) 0 (MATH.md §6).
 
-A grid is data and its order is the direction of integration: a decreasing grid generates, the same grid
-flipped encodes. `steps` is always the number of steps, so a grid has `steps + 1` points.
+Pure builders: tensors in, tensors out, nothing solved (grids adapted to a model by solving the ODE live in
+`probflow.calibrate`). A grid is data and its order is the direction of integration: a decreasing grid
+generates, the same grid flipped encodes. `steps` is always the number of steps, so a grid has `steps + 1` points.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from probflow.schedules import Schedule
 
-__all__ = ["check_grid", "ddim", "karras", "log_uniform"]
+__all__ = ["check_grid", "ddim", "karras", "log_uniform", "log_snr_tuned", "NAMED", "named"]
 
 
 def check_grid(sigmas: Tensor, name: str = "sigmas") -> Tensor:
@@ -40,13 +41,15 @@ def check_grid(sigmas: Tensor, name: str = "sigmas") -> Tensor:
     return sigmas
 
 
-def _finish(sig: Tensor, final_zero: bool) -> Tensor:
+def with_final_zero(sig: Tensor, final_zero: bool) -> Tensor:
+    """Append σ = 0 when `final_zero`, then check the grid."""
     if final_zero:
         sig = torch.cat([sig, sig.new_zeros(1)])
     return check_grid(sig)
 
 
-def _check_steps(steps: int) -> None:
+def check_steps(steps: int) -> None:
+    """A step count is a positive int."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps!r}")
 
@@ -58,7 +61,7 @@ def ddim_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> 
     quadratic: t_k = round((T−1)·(k/steps)²),     k = steps … 1   (DDIM paper's quadratic, made strictly
                increasing in k where rounding would repeat a timestep)
     """
-    _check_steps(steps)
+    check_steps(steps)
     T = schedule.T  # noqa: N806
     if steps > T:
         raise ValueError(f"steps: at most T = {T} for a DDIM grid, got {steps}")
@@ -79,7 +82,7 @@ def ddim_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> 
 def ddim(schedule: Schedule, steps: int, spacing: str = "uniform", final_zero: bool = True) -> Tensor:
     """σ at DDIM's trailing timesteps (`ddim_timesteps`), then σ = 0 (ᾱ = 1, `set_alpha_to_one`)."""
     t = ddim_timesteps(schedule, steps, spacing)
-    return _finish(schedule.sigmas[t], final_zero)
+    return with_final_zero(schedule.sigmas[t], final_zero)
 
 
 def karras(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0, final_zero: bool = True) -> Tensor:
@@ -87,105 +90,28 @@ def karras(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0, fin
 
     With `final_zero`, N = `steps` points and a last step into 0; without, N = steps + 1.
     """
-    _check_steps(steps)
+    check_steps(steps)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     n = steps if final_zero else steps + 1
     if n == 1:
-        return _finish(torch.tensor([float(sigma_max)], dtype=torch.float64), final_zero)
+        return with_final_zero(torch.tensor([float(sigma_max)], dtype=torch.float64), final_zero)
     i = torch.arange(n, dtype=torch.float64) / (n - 1)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return _finish((a + i * (b - a)) ** rho, final_zero)
+    return with_final_zero((a + i * (b - a)) ** rho, final_zero)
 
 
 def log_uniform(sigma_max: float, sigma_min: float, steps: int, final_zero: bool = True) -> Tensor:
     """σ uniform in log σ (= uniform in log-SNR λ = −log σ) from σ_max to σ_min, then 0."""
-    _check_steps(steps)
+    check_steps(steps)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     n = steps if final_zero else steps + 1
     if n == 1:
-        return _finish(torch.tensor([float(sigma_max)], dtype=torch.float64), final_zero)
+        return with_final_zero(torch.tensor([float(sigma_max)], dtype=torch.float64), final_zero)
     s = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
     s[0], s[-1] = sigma_max, sigma_min
-    return _finish(s, final_zero)
-
-
-# ------------------------------------------------------------------------------------ problem-adapted grids
-
-
-def equalised(
-    model,
-    x: Tensor,
-    sigma_max: float,
-    sigma_min: float,
-    steps: int,
-    *,
-    order: int = 3,
-    pilot_steps: int = 64,
-    pilot_method: str = "dpmpp_3m",
-    floor: float = 0.05,
-    final_zero: bool = True,
-) -> Tensor:
-    """A grid from the problem itself: equal local error per step of an order-`order` exponential
-    integrator in λ = −log σ, with the error density measured on a cheap pilot run.
-
-    The local error of a step of length h of an order-p method in λ (probflow.exponential, (E1)) is
-    ≈ C |D^{(p)}(λ)| h^{p+1}, D = x̄ − σε the denoiser along the solution. The pilot integrates Eq. 12 down
-    (σ_max → σ_min, x̄) from the pilot batch `x` (in the model's variable, as `probflow.sample` takes it)
-    with `pilot_method` on `pilot_steps` log-uniform steps, evaluates D at every pilot point (NFE ≈
-    2·pilot_steps on the pilot batch), and estimates e(λ) = RMS over the batch of the p-th finite
-    difference of D in λ. Steps then follow the density ρ(λ) ∝ (e(λ) + floor·max e)^{1/(p+1)} (equal
-    local error), i.e. σ_i = exp(−Λ^{-1}(i/(N−1))) with Λ the normalised cumulative of ρ, from σ_max to
-    σ_min, then 0 (N = `steps` points with `final_zero`, else steps + 1). `floor` keeps steps where the
-    pilot sees no error from growing without bound.
-    """
-    import numpy as np
-
-    from probflow.field import as_field
-    from probflow.integrate import integrate  # imported here: integrate imports this module
-
-    _check_steps(steps)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if not isinstance(order, int) or order < 1:
-        raise ValueError(f"order: expected a positive integer, got {order!r}")
-    if not isinstance(pilot_steps, int) or pilot_steps < order + 2:
-        raise ValueError(f"pilot_steps: expected an integer >= order + 2 = {order + 2}, got {pilot_steps!r}")
-    if not floor > 0:
-        raise ValueError(f"floor: expected a positive relative floor, got {floor!r}")
-    n = steps if final_zero else steps + 1
-    if n == 1:
-        return _finish(torch.tensor([float(sigma_max)], dtype=torch.float64), final_zero)
-    field = as_field(model)
-    pilot = log_uniform(sigma_max, sigma_min, pilot_steps, final_zero=False).to(x.dtype)
-    xbar = x * math.sqrt(1.0 + sigma_max**2)
-    traj = integrate(field, xbar, pilot, pilot_method, trajectory=True).trajectory
-    with torch.no_grad():
-        d = torch.stack([traj[i] - pilot[i] * field(pilot[i], traj[i]) for i in range(len(pilot))])
-    lam = -torch.log(pilot.double())
-    dlam = float(lam[1] - lam[0])
-    diff = d.double()
-    for _ in range(order):
-        diff = diff[1:] - diff[:-1]
-    e = diff.flatten(1).pow(2).mean(1).sqrt() / dlam**order  # at the centres of the difference stencils
-    lam_c = lam[: len(e)] + 0.5 * order * dlam
-    # density on the pilot intervals (piecewise constant), e extended flat to the ends
-    e_at = torch.cat([e[:1], e, e[-1:]])
-    lam_at = torch.cat([lam[:1], lam_c, lam[-1:]])
-    mid = 0.5 * (lam[1:] + lam[:-1])
-    e_mid = torch.from_numpy(np.interp(mid.numpy(), lam_at.numpy(), e_at.numpy()))
-    rho = (e_mid + floor * float(e_mid.max())) ** (1.0 / (order + 1))
-    cum = torch.cat([rho.new_zeros(1), torch.cumsum(rho * dlam, 0)])
-    cum = cum / cum[-1]
-    targets = torch.linspace(0, 1, n, dtype=torch.float64)
-    lam_grid = torch.from_numpy(np.interp(targets.numpy(), cum.numpy(), lam.numpy()))
-    s = torch.exp(-lam_grid)
-    s[0], s[-1] = sigma_max, sigma_min
-    return _finish(s, final_zero)
-
-
-__all__ += ["equalised"]
+    return with_final_zero(s, final_zero)
 
 
 def log_snr_tuned(schedule: Schedule, steps: int, end: float = 3.0, final_zero: bool = True) -> Tensor:
@@ -201,146 +127,21 @@ def log_snr_tuned(schedule: Schedule, steps: int, end: float = 3.0, final_zero: 
     return log_uniform(schedule.sigma_max, end * schedule.sigma_min, steps, final_zero)
 
 
-__all__ += ["log_snr_tuned"]
+
+# Grids by name, each `builder(schedule, steps)` from the schedule's σ_max to 0 (the CLI's `--grid`, the benchmark).
+NAMED: dict[str, Callable[[Schedule, int], Tensor]] = {
+    "uniform": lambda s, n: ddim(s, n, "uniform"),        # DDIM trailing, uniform in t
+    "quadratic": lambda s, n: ddim(s, n, "quadratic"),    # DDIM trailing, quadratic in t
+    "logsnr": lambda s, n: log_uniform(s.sigma_max, s.sigma_min, n),  # uniform in log σ down to σ_0
+    "karras": lambda s, n: karras(s.sigma_max, s.sigma_min, n, 7.0),  # Karras ρ = 7
+    "sigma_uniform": lambda s, n: torch.linspace(s.sigma_max, 0.0, n + 1, dtype=torch.float64),  # equal steps in σ
+    "log_snr_tuned": lambda s, n: log_snr_tuned(s, n),    # log-SNR uniform from σ_max to 3σ_0
+}
 
 
-def _density_grid(sigma0: float, sigma1: float, log_density, n: int) -> Tensor:
-    """n points σ_0 = sigma0 > … > σ_{n−1} = sigma1 at equal quantiles, in λ = −log σ, of a piecewise-constant
-    density exp(log_density) on equal bins of [λ_0, λ_{n−1}]."""
-    import numpy as np
-
-    lam0, lam1 = -math.log(sigma0), -math.log(sigma1)
-    k = len(log_density)
-    rho = np.exp(log_density - log_density.max())
-    cum = np.concatenate([[0.0], np.cumsum(rho)])
-    cum /= cum[-1]
-    edges = np.linspace(lam0, lam1, k + 1)
-    lam = np.interp(np.linspace(0.0, 1.0, n), cum, edges)
-    s = torch.from_numpy(np.exp(-lam))
-    s[0], s[-1] = sigma0, sigma1
-    return s
-
-
-def calibrated(
-    model,
-    x: Tensor,
-    sigma_max: float,
-    sigma_min: float,
-    steps: int,
-    method: str = "unipc",
-    *,
-    bins: int = 6,
-    max_evals: int = 400,
-    ref_tol: float = 1e-10,
-    reference: Tensor | None = None,
-) -> Tensor:
-    """A grid optimised for `method` on a small calibration batch: min over grids of the RMSE at σ = 0.
-
-    Eq. 12 is integrated down (σ_max → 0, in x̄) from the calibration batch `x` (the model's variable, as
-    `probflow.sample` takes it; independent of the noise the grid will be used on) with `method` on
-    candidate grids of `steps` steps, and the error of x̄(0) is measured against `reference` (x̄(0) of the
-    same batch, default: `scipy_dop853` at rtol = atol = `ref_tol`). A candidate has σ_max, `steps` − 1 points
-    at equal quantiles of a step density in λ = −log σ, piecewise constant on `bins` equal bins of
-    [−log σ_max, −log σ_end], then 0; σ_end and the bin densities (bins + 1 numbers) are chosen by
-    Nelder–Mead (scipy) from the log-SNR uniform grid to σ_end = `sigma_min`, at most `max_evals`
-    solves (each costs about `steps` NFE on the calibration batch). The final grid is never worse on the
-    calibration batch than that start.
-    """
-    import numpy as np
-    from scipy.optimize import minimize
-
-    from probflow.field import as_field
-    from probflow.integrate import integrate  # imported here: integrate imports this module
-
-    _check_steps(steps)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins: expected a positive integer, got {bins!r}")
-    if not isinstance(max_evals, int) or max_evals < 1:
-        raise ValueError(f"max_evals: expected a positive integer, got {max_evals!r}")
-    if not isinstance(x, Tensor) or x.ndim < 1 or not x.is_floating_point():
-        raise ValueError("x: expected a floating-point calibration batch (B, ...) in the model's variable")
-    if steps < 2:
-        return log_uniform(sigma_max, sigma_min, steps)
-    field = as_field(model)
-    xbar = x.double() * math.sqrt(1.0 + sigma_max**2)
-    if reference is None:
-        ends = torch.tensor([sigma_max, 0.0], dtype=torch.float64)
-        reference = integrate(field, xbar, ends, "scipy_dop853", rtol=ref_tol, atol=ref_tol,
-                              options={"group": len(xbar)}).x
-    elif reference.shape != xbar.shape:
-        raise ValueError(f"reference: expected shape {tuple(xbar.shape)}, got {tuple(reference.shape)}")
-    lo, hi = math.log(sigma_min) - math.log(10.0), min(math.log(sigma_min) + math.log(10.0), math.log(sigma_max) - 1)
-
-    def grid(theta) -> Tensor:
-        log_end = float(np.clip(theta[0], lo, hi))
-        s = _density_grid(sigma_max, math.exp(log_end), np.clip(theta[1:], -8.0, 8.0), steps)
-        return torch.cat([s, s.new_zeros(1)])
-
-    def loss(theta) -> float:
-        try:
-            out = integrate(field, xbar, grid(theta), method).x
-        except (FloatingPointError, ValueError):
-            return math.inf
-        return math.log(float((out - reference).pow(2).mean()) + 1e-300)
-
-    theta0 = np.concatenate([[math.log(sigma_min)], np.zeros(bins)])
-    simplex = np.vstack([theta0] + [theta0 + 0.5 * np.eye(bins + 1)[i] for i in range(bins + 1)])
-    res = minimize(loss, theta0, method="Nelder-Mead",
-                   options={"maxfev": max_evals, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-3})
-    best = res.x if res.fun < loss(theta0) else theta0
-    return check_grid(grid(best))
-
-
-__all__ += ["calibrated"]
-
-
-def calibrated_builder(
-    model,
-    shape: tuple[int, ...],
-    method: str = "unipc_3",
-    *,
-    n: int = 16,
-    seed: int = 1234,
-    end: float = 3.0,
-    max_evals: int = 400,
-    ref_method: str = "scipy_dop853",
-    ref_tol: float = 1e-10,
-) -> Callable[[Schedule, int], Tensor]:
-    """`builder(schedule, steps)` of `calibrated` grids for one model (for benchmarks, e.g.
-    `probflow.bench.run_workload(..., grids=[calibrated_builder(model, shape)])`).
-
-    Calibration batch: `probflow.noise(n, shape, seed)` (choose a seed the evaluation noise does not use);
-    its reference x̄(0) (`ref_method` at rtol = atol = `ref_tol`; "scipy_dop853" solves the batch jointly)
-    is computed once per schedule, the grids once per step count. The start grid is log-SNR uniform from
-    σ_max to `end`·σ_0 (`log_snr_tuned`).
-    """
-    from probflow.field import as_field
-    from probflow.flows import noise
-    from probflow.integrate import integrate
-
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive integer, got {n!r}")
-    field = as_field(model)
-    x = noise(n, tuple(shape), seed)
-    refs: dict[tuple, Tensor] = {}
-    cache: dict[tuple, Tensor] = {}
-
-    def builder(schedule: Schedule, steps: int) -> Tensor:
-        key = (schedule.name, schedule.T, schedule.sigma_max)
-        if key not in refs:
-            ends = torch.tensor([schedule.sigma_max, 0.0], dtype=torch.float64)
-            opts = {"group": n} if ref_method == "scipy_dop853" else None
-            refs[key] = integrate(field, x.double() * math.sqrt(1 + schedule.sigma_max**2), ends, ref_method,
-                                  rtol=ref_tol, atol=ref_tol, options=opts).x
-        if (*key, steps) not in cache:
-            cache[(*key, steps)] = calibrated(field, x, schedule.sigma_max, end * schedule.sigma_min, steps, method,
-                                              max_evals=max_evals, reference=refs[key])
-        return cache[(*key, steps)].clone()
-
-    builder.__name__ = f"calibrated_{method}"
-    return builder
-
-
-__all__ += ["calibrated_builder"]
+def named(name: str, schedule: Schedule, steps: int) -> Tensor:
+    """The grid `name` (a key of `NAMED`) with `steps` steps on `schedule`, from σ_max to 0."""
+    if name not in NAMED:
+        raise ValueError(f"grid: unknown grid {name!r}; expected one of {sorted(NAMED)}")
+    check_steps(steps)
+    return check_grid(torch.as_tensor(NAMED[name](schedule, steps), dtype=torch.float64), f"grid {name!r}")

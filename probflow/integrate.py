@@ -84,6 +84,9 @@ def integrate(
         if ((d - d.mean()).abs() > 1e-6 * d.abs().mean()).any():
             raise ValueError(f"sigmas: method {m.name!r} assumes equal steps in σ; got a non-uniform grid "
                              "(use e.g. torch.linspace, or a method without this restriction)")
+    if state is not None and m.backend != "probflow":
+        raise ValueError(f"state: {m.name} ({m.backend}) keeps no solver state; state applies to probflow's own "
+                         "step methods")
     options = {**m.default_options, **(options or {})}
     nfe0 = field.nfe
     if m.backend == "torchdiffeq":

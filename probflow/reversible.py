@@ -15,7 +15,7 @@ parasitic mode (x̄ − x̂ oscillating; its step map has determinant −1, so o
 |z| + sqrt(1 + z²), z = h ∂f/∂x̄ ≈ h/σ, while the other shrinks) amplifies the rounding errors: measured on a
 64-D Gaussian mixture at 10 DDIM steps each way, the round trip's per-dimension MSE was 4e-24 in float64 and
 1e-6 in float32 (a McCallum–Foster reversible RK on Heun's increment, λ = 0.999, 4 model calls per step, was
-worse: 2.6e-23 and 7e-6, with a latent only ~1.4× closer to the ODE's; commit 198abf0 holds both float
+worse: 2.6e-23 and 7e-6, with a latent only ~1.4× closer to the ODE's; neither float
 versions). So the pair is held in 64-bit fixed point, x̄ = X·q with X an int64 tensor and q = 2**-42
 (|x̄| < 2**18, enough for σ_max·|x| on the cosine table's σ_max ≈ 2e4), and every increment h/2·f is
 rounded to a multiple of q *before* it is added. Rounding is odd (round(−a) = −round(a)) and σ − σ' is

@@ -11,8 +11,10 @@ from scipy.integrate import solve_ivp
 
 from probflow import bench, grids
 from probflow.cli import main
+from probflow.digits import train as digits_train
 from probflow.flows import noise
 from probflow.models import GaussianMixture
+from probflow.models import digits as digits_model
 from probflow.solvers import METHODS
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -21,13 +23,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _tiny_digits(folder):
     """A small random digits checkpoint (the shipped model may not exist yet): UNet(8, 16) with a non-zero
     output layer, so ε is a non-trivial smooth function of (x, t)."""
-    from probflow import digits
-    from probflow.unet import UNet
+    from probflow.models.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(1, (8, 16), 1)
     torch.nn.init.normal_(net.out[-1].weight, std=0.1)
-    digits.save(net, {"name": "tiny random test model", "fingerprint": digits.as_model(net).fingerprint}, folder)
+    card = {"name": "tiny random test model", "fingerprint": digits_model.as_model(net).fingerprint}
+    digits_train.save(net, card, folder)
     return folder
 
 

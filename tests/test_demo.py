@@ -32,3 +32,9 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys):
     assert "--n" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["nonsense"])
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_demo_with_fewer_samples_than_plotted_paths_completes(n, tmp_path):
+    assert main(["demo", "--n", str(n), "--out", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").stat().st_size > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import probflow
-from probflow import grids
+from probflow import calibrate, grids
 from probflow.exponential import METHOD_NAMES, exp_weights, zero_weights
 from probflow.models import GaussianMixture
 from probflow.solvers import get_method
@@ -179,16 +179,16 @@ def test_encoding_from_zero_runs_and_beats_ddim_inversion(encoding, method):
 
 def test_equalised_grid_is_a_valid_grid_and_follows_the_error_density():
     x = probflow.noise(4, (8,), seed=8)
-    g = grids.equalised(SMOOTH, x, 80.0, 0.02, 12)
+    g = calibrate.equalised(SMOOTH, x, 80.0, 0.02, 12)
     assert len(g) == 13 and float(g[0]) == 80.0 and float(g[-2]) == pytest.approx(0.02) and float(g[-1]) == 0.0
     assert (g[1:] < g[:-1]).all()
     # D is nearly constant for σ ≫ data scale: the equalised grid takes a longer first step than log-uniform
     lu = grids.log_uniform(80.0, 0.02, 12)
     assert float(g[1]) < 0.9 * float(lu[1])
     with pytest.raises(ValueError, match="sigma_min"):
-        grids.equalised(SMOOTH, x, 1.0, 2.0, 12)
+        calibrate.equalised(SMOOTH, x, 1.0, 2.0, 12)
     with pytest.raises(ValueError, match="pilot_steps"):
-        grids.equalised(SMOOTH, x, 80.0, 0.02, 12, pilot_steps=3)
+        calibrate.equalised(SMOOTH, x, 80.0, 0.02, 12, pilot_steps=3)
 
 
 def test_calibrated_grid_beats_log_snr_uniform_on_independent_noise():
@@ -208,7 +208,7 @@ def test_calibrated_grid_beats_log_snr_uniform_on_independent_noise():
     def rmse(k, g):
         return (probflow.integrate(gm, xb[k], g, "unipc").x - ref[k]).pow(2).mean().sqrt().item()
 
-    g = grids.calibrated(gm, cal, smax, smin, 8, "unipc", max_evals=100, reference=ref["cal"])
+    g = calibrate.calibrated(gm, cal, smax, smin, 8, "unipc", max_evals=100, reference=ref["cal"])
     assert len(g) == 9 and float(g[0]) == smax and float(g[-1]) == 0.0 and (g[1:] < g[:-1]).all()
     start = grids.log_uniform(smax, smin, 8)
     assert rmse("cal", g) <= rmse("cal", start)
@@ -219,19 +219,19 @@ def test_calibrated_grid_beats_log_snr_uniform_on_independent_noise():
 def test_calibrated_grid_bad_input():
     x = probflow.noise(2, (8,), seed=1)
     with pytest.raises(ValueError, match="sigma_min"):
-        grids.calibrated(SMOOTH, x, 1.0, 2.0, 8)
+        calibrate.calibrated(SMOOTH, x, 1.0, 2.0, 8)
     with pytest.raises(ValueError, match="bins"):
-        grids.calibrated(SMOOTH, x, 80.0, 0.02, 8, bins=0)
+        calibrate.calibrated(SMOOTH, x, 80.0, 0.02, 8, bins=0)
     with pytest.raises(ValueError, match="steps"):
-        grids.calibrated(SMOOTH, x, 80.0, 0.02, 0)
+        calibrate.calibrated(SMOOTH, x, 80.0, 0.02, 0)
     with pytest.raises(ValueError, match="x:"):
-        grids.calibrated(SMOOTH, [1.0, 2.0], 80.0, 0.02, 8)
+        calibrate.calibrated(SMOOTH, [1.0, 2.0], 80.0, 0.02, 8)
     with pytest.raises(ValueError, match="reference"):
-        grids.calibrated(SMOOTH, x, 80.0, 0.02, 8, reference=torch.zeros(3, 8, dtype=torch.float64))
+        calibrate.calibrated(SMOOTH, x, 80.0, 0.02, 8, reference=torch.zeros(3, 8, dtype=torch.float64))
 
 
 def test_calibrated_builder_caches_per_step_count():
-    b = grids.calibrated_builder(SMOOTH, (8,), "dpmpp_2m", n=2, max_evals=5, ref_tol=1e-8)
+    b = calibrate.calibrated_builder(SMOOTH, (8,), "dpmpp_2m", n=2, max_evals=5, ref_tol=1e-8)
     sch = probflow.schedules.linear()
     g1 = b(sch, 4)
     assert torch.equal(g1, b(sch, 4)) and len(g1) == 5 and b.__name__ == "calibrated_dpmpp_2m"

@@ -108,6 +108,26 @@ def test_interpolate_decodes_every_frame():
     assert torch.allclose(sol.x[0, 0], ends[0], atol=1e-12) and torch.allclose(sol.x[-1, 0], ends[1], atol=1e-12)
 
 
+def test_interpolate_with_the_encode_state_returns_the_inputs_exactly_at_the_ends():
+    gm = probflow.models.GaussianMixture.random(6, 3, seed=5)
+    x0 = gm.sample(2, generator=torch.Generator().manual_seed(1))
+    g = grids.ddim(SCH, 12)
+    enc = probflow.encode(gm, x0, g, "reversible_heun")
+    sol = probflow.interpolate(gm, enc.x[:1], enc.x[1:], g, "reversible_heun", frames=4, state=enc.state,
+                               trajectory=True)
+    q = 2.0**-42 * math.sqrt(1 + float(g[0]) ** 2)  # the fixed-point lattice, in x at σ_max
+    assert sol.x.shape == (4, 1, 6) and sol.trajectory.shape == (len(g), 4, 1, 6)
+    assert (sol.x[0, 0] - x0[0]).abs().max() <= q and (sol.x[-1, 0] - x0[1]).abs().max() <= q
+    plain = probflow.interpolate(gm, enc.x[:1], enc.x[1:], g, "reversible_heun", frames=4)
+    assert torch.equal(plain.x[1:-1], sol.x[1:-1])  # inner frames: the same ordinary solve
+    assert (plain.x[0, 0] - x0[0]).abs().max() > 1e3 * q  # without the state the ends are not exact
+    with pytest.raises(ValueError, match="weights: with a state"):
+        probflow.interpolate(gm, enc.x[:1], enc.x[1:], g, "reversible_heun", weights=torch.tensor([0.2, 1.0]),
+                             state=enc.state)
+    with pytest.raises(ValueError, match="state: dopri5"):
+        probflow.decode(gm, enc.x, g, "dopri5", state=enc.state)
+
+
 def test_bad_input_raises_a_clear_error_naming_the_argument():
     gm = probflow.models.default_mixture()
     g = grids.ddim(SCH, 5)

@@ -8,11 +8,13 @@ import torch
 from PIL import Image
 
 import probflow
-from probflow import digits, grids
+from probflow import grids
 from probflow.cli import main
-from probflow.images import from_uint8, load_images, save_grid, save_images, to_uint8
-from probflow.latents import load_latents, save_latents
-from probflow.unet import UNet
+from probflow.digits import train as digits_train
+from probflow.io.images import from_uint8, load_images, save_grid, save_images, to_uint8
+from probflow.io.latents import load_latents, save_latents
+from probflow.models import digits as digits_model
+from probflow.models.unet import UNet
 
 
 def _randomise(net):
@@ -26,7 +28,7 @@ def _randomise(net):
 def _checkpoint(folder, seed):
     torch.manual_seed(seed)
     net = _randomise(UNet(in_channels=1, channels=(8, 16), blocks=1))
-    digits.save(net, {"name": "digits", "fingerprint": digits.as_model(net).fingerprint}, folder)
+    digits_train.save(net, {"name": "digits", "fingerprint": digits_model.as_model(net).fingerprint}, folder)
     return str(folder)
 
 
@@ -73,7 +75,7 @@ def test_cli_latents_are_the_python_api_latents(env, tmp_path, capsys):
     lat = tmp_path / "z.safetensors"
     assert _run(capsys, "encode", env["imgs"][0], "--model", env["model"], "--method", "rk4", "--steps", 5,
                 "--out", lat)[0] == 0
-    model = digits.load_model(env["model"])
+    model = digits_model.load_model(env["model"])
     x0 = load_images(env["imgs"][:1], 8, 1)
     api = probflow.encode(probflow.DDIMField(model, torch.float32), x0, grids.ddim(model.schedule, 5), "rk4")
     lf = load_latents(lat)
@@ -164,7 +166,7 @@ def test_bad_inputs_exit_2_naming_the_argument(env, tmp_path, capsys):
 
 
 def test_latents_of_the_wrong_shape_or_without_their_state_are_refused(env, tmp_path, capsys):
-    model = digits.load_model(env["model"])
+    model = digits_model.load_model(env["model"])
     g = grids.ddim(model.schedule, 2)
     small = save_latents(tmp_path / "s.safetensors", torch.zeros(1, 1, 4, 4), g, model, method="euler", nfe=2)
     rc, _, err = _run(capsys, "decode", small, "--model", env["model"], "--out", tmp_path / "d")

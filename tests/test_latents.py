@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 
 import probflow
 from probflow import grids, schedules
-from probflow.digits import as_model
-from probflow.latents import FORMAT, check_compatible, load_latents, model_identity, save_latents
+from probflow.io.latents import FORMAT, check_compatible, load_latents, model_identity, save_latents
 from probflow.models import GaussianMixture
+from probflow.models.digits import as_model
+from probflow.models.unet import UNet
 from probflow.reversible import HeunState, from_fixed, to_fixed
-from probflow.unet import UNet
 
 GM = GaussianMixture.random(4, 3, seed=2)
 

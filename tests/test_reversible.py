@@ -8,12 +8,12 @@ import torch
 
 import probflow
 from probflow import grids, schedules
-from probflow.digits import as_model
 from probflow.field import DDIMField
 from probflow.models import GaussianMixture
+from probflow.models.digits import as_model
+from probflow.models.unet import UNet
 from probflow.reversible import QUANTUM, HeunState, from_fixed, to_fixed
 from probflow.solvers import get_method
-from probflow.unet import UNet
 
 SCH = schedules.linear()
 GM = GaussianMixture.random(64, 8, seed=1, std_range=(0.1, 0.5))

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probflow.atomic import atomic_write
+from probflow.io.atomic import atomic_write
+from probflow.version import __version__
 
 __all__ = ["FORMAT", "LatentFile", "model_identity", "schedule_identity", "save_latents", "load_latents",
            "check_compatible"]
@@ -39,7 +40,7 @@ def schedule_identity(schedule) -> dict[str, str]:
 def model_identity(model: Any) -> dict[str, str]:
     """The model's name and weights fingerprint (a DiscreteTimeModel's `fingerprint`, or the sha256 of an
     analytic model's tensors), and its schedule's identity when it has one."""
-    from probflow.adapters import fingerprint
+    from probflow.models.adapters import fingerprint
 
     fp = getattr(model, "fingerprint", None)
     if fp is None:
@@ -89,12 +90,11 @@ def save_latents(
     strings (e.g. the CLI's "invert")."""
     from safetensors.torch import save_file
 
-    import probflow
 
     if not isinstance(latents, Tensor) or not latents.is_floating_point() or latents.ndim < 2:
         raise ValueError(f"latents: expected a floating-point batch (B, ...), got "
                          f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
-    meta = {"format": FORMAT, "probflow_version": probflow.__version__, **model_identity(model),
+    meta = {"format": FORMAT, "probflow_version": __version__, **model_identity(model),
             "method": str(method), "rtol": repr(rtol), "atol": repr(atol), "nfe": str(int(nfe)),
             "steps": str(len(sigmas) - 1), "dtype": str(latents.dtype).replace("torch.", ""),
             "shape": json.dumps(list(latents.shape)), "data_range": json.dumps(list(data_range)),

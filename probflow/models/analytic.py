@@ -1,4 +1,4 @@
-"""ε-models. Analytic ones are exact at every σ and give the ground truth for every accuracy claim.
+"""Analytic ε-models: exact at every σ and give the ground truth for every accuracy claim.
 
 All follow the protocol of `probflow.field`: `model(x, sigma) -> eps`, x = x̄/sqrt(1+σ²) in the model's
 variable, a batch (B, *S) flattened to (B, D) inside. With the σ-marginal p_σ(x̄) = ∫ p_0(y) N(x̄; y, σ²I) dy,
@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["GaussianMixture", "IdealDenoiser", "default_mixture", "load", "MODEL_NAMES"]
+__all__ = ["GaussianMixture", "IdealDenoiser", "default_mixture"]
 
 
 def _xbar(x: Tensor, sigma: Tensor) -> Tensor:
@@ -190,25 +190,3 @@ class IdealDenoiser:
         n = self.data.shape[0]
         return (torch.logsumexp(self._logits(xbar, sigma), dim=-1) - math.log(n)
                 - 0.5 * self.dim * torch.log(2 * math.pi * sigma * sigma))
-
-
-MODEL_NAMES = ("mixture2d", "digits")
-
-
-def load(name: str):
-    """A model by name: "mixture2d" (the default 2-D mixture, exact ε), "digits" (the shipped 8×8 digits ε-UNet,
-    a `probflow.adapters.DiscreteTimeModel`), or the path of a local diffusers folder (`save_pretrained`
-    layout; `probflow.adapters.from_diffusers`, no network access)."""
-    import os
-
-    if name == "mixture2d":
-        return default_mixture()
-    if name == "digits":
-        from probflow.digits import load_model
-
-        return load_model()
-    if isinstance(name, (str, os.PathLike)) and os.path.isdir(name):
-        from probflow.adapters import from_diffusers
-
-        return from_diffusers(name)
-    raise ValueError(f"name: unknown model {name!r}; expected one of {list(MODEL_NAMES)} or a local diffusers folder")

@@ -3,7 +3,7 @@
     ε_θ(x_t, t):  x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε  (the model's variable x, MATH.md §1)
 
 t is a *continuous* timestep (float, shape (B,)) on the DDPM table's scale 0 … T−1, embedded with
-sinusoids, so the network can be asked for ε between table entries: `probflow.adapters.DiscreteTimeModel`
+sinusoids, so the network can be asked for ε between table entries: `probflow.models.adapters.DiscreteTimeModel`
 maps σ → t(σ) (MATH.md §5) and turns it into an ε-model over σ.
 
 Architecture: conv in; per resolution `blocks` residual blocks (GroupNorm, SiLU, 3×3 conv, additive

@@ -129,6 +129,12 @@ class DiscreteTimeModel:
             return a * out + b * x
         return (x - a * out) / b
 
+    def to(self, device: torch.device | str) -> DiscreteTimeModel:
+        """Move the network to `device` (in place; returns self). ε follows x's device."""
+        if isinstance(self.net, nn.Module):
+            self.net.to(device)
+        return self
+
     def __repr__(self) -> str:
         return (f"DiscreteTimeModel(name={self.name!r}, schedule={self.schedule.name!r}, T={self.schedule.T}, "
                 f"prediction_type={self.prediction_type!r}, sample_shape={self.sample_shape})")

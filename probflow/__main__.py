@@ -1,0 +1,7 @@
+"""`python -m probflow …` is the `probflow` command."""
+
+import sys
+
+from probflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""What the image commands share: the model argument, the solver arguments (method, grid, steps,
+tolerances, stochastic knobs, device) and a solve with a progress bar through the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from probflow.field import DDIMField
+from probflow.grids import NAMED
+from probflow.solvers import Method, get_method
+
+# Names the CLI accepts for methods besides the registry's (DDIM is Euler on Eq. 12, MATH.md §3).
+ALIASES = {"ddim": "euler"}
+GRID_NAMES = (*NAMED, "calibrated")
+
+
+def say(msg: str) -> None:
+    """A message to the user on stderr (progress and notes; results go to stdout)."""
+    print(f"probflow: {msg}", file=sys.stderr)
+
+
+def load_image_model(spec: str, device: str = "cpu"):
+    """An image ε-model by `--model`: "digits", a digits checkpoint folder or a local diffusers folder
+    (`probflow.models.load`); it must have a sample shape (C, H, W)."""
+    from probflow import models
+
+    try:
+        model = models.load(spec)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from None
+    shape = getattr(model, "sample_shape", None)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"--model: {spec!r} is not an image model (no (C, H, W) sample shape)")
+    if device != "cpu":
+        if not hasattr(model, "to"):
+            raise ValueError(f"--device: model {spec!r} cannot be moved to {device}")
+        model.to(device)
+    return model
+
+
+def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: int | None,
+                         stochastic: bool = False) -> None:
+    """--model, --method, --grid, --steps, --rtol/--atol, --device, --force, --quiet (and --eta/--gamma)."""
+    p.add_argument("--model", default="digits",
+                   help="'digits' (default), a digits checkpoint folder, or a local diffusers folder")
+    p.add_argument("--method", default=method, help=f"solver name (probflow.solvers.method_names(); 'ddim' is "
+                   f"'euler'); default {method}")
+    p.add_argument("--grid", default=None, choices=GRID_NAMES, help="σ grid for fixed-grid methods (probflow.grids."
+                   "NAMED; 'calibrated' = probflow.calibrate.calibrated_builder for this model and method); "
+                   "default uniform (DDIM trailing)")
+    p.add_argument("--steps", type=int, default=steps, help=f"steps of the σ grid (fixed-grid methods); "
+                   f"default {steps}")
+    p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (adaptive methods); default 1e-6")
+    p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (adaptive methods); default 1e-6")
+    if stochastic:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--eta", type=float, default=None,
+                       help="stochastic DDIM (Eq. 11 with σ_{s,t}(η); η = 1 is DDPM's ancestral sampler) on the grid")
+        g.add_argument("--gamma", type=float, default=None,
+                       help="reverse-SDE family by Euler–Maruyama (γ = 1 the reverse SDE, γ = 0 Eq. 12)")
+    p.add_argument("--device", default="cpu", help="torch device for the model and the state (default cpu)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_solver_args(args: argparse.Namespace) -> None:
+    """Validate and normalise the solver arguments in place (aliases resolved)."""
+    args.method = ALIASES.get(args.method, args.method)
+    try:
+        get_method(args.method)
+    except ValueError as e:
+        raise ValueError(f"--method: {e}") from None
+    for k in ("rtol", "atol"):
+        v = getattr(args, k)
+        if not (isinstance(v, float) and math.isfinite(v) and v > 0):
+            raise ValueError(f"--{k}: expected a positive number, got {v!r}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps: expected a positive integer, got {args.steps}")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device: {args.device!r} is not a usable torch device ({str(e).splitlines()[0]})") from None
+
+
+def solver_method(args: argparse.Namespace, seed: int = 0) -> Method:
+    """The method the arguments name: `--eta`/`--gamma` build a seeded stochastic method, else the registry's."""
+    from probflow import sde
+
+    if getattr(args, "eta", None) is not None:
+        return sde.stochastic_ddim(args.eta, seed=seed)
+    if getattr(args, "gamma", None) is not None:
+        return sde.reverse_sde(args.gamma, seed=seed)
+    return get_method(args.method)
+
+
+def grid(args: argparse.Namespace, model, method: Method) -> Tensor:
+    """The decreasing sampling grid: [σ_max, 0] for adaptive methods (they choose their own steps), else the
+    `--grid` builder with `--steps` steps."""
+    from probflow.grids import named
+
+    if method.adaptive:
+        return torch.tensor([model.schedule.sigma_max, 0.0], dtype=torch.float64)
+    name = args.grid or ("sigma_uniform" if method.uniform_steps else "uniform")
+    if method.uniform_steps and name != "sigma_uniform":
+        raise ValueError(f"--grid: {method.name} assumes equal steps in σ; use --grid sigma_uniform")
+    if name == "calibrated":
+        from probflow.calibrate import calibrated_builder
+
+        say(f"calibrating a {args.steps}-step grid for {method.name} on this model (16 calibration samples)")
+        return calibrated_builder(model, tuple(model.sample_shape), method.name)(model.schedule, args.steps)
+    return named(name, model.schedule, args.steps)
+
+
+class _Progress:
+    """The ε-model with a tqdm bar that advances at each evaluation (one NFE)."""
+
+    def __init__(self, model, bar) -> None:
+        self.model, self.bar = model, bar
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        out = self.model(x, sigma)
+        self.bar.update(1)
+        return out
+
+
+def solve(args: argparse.Namespace, model, fn: Callable, x: Tensor, sigmas: Tensor, method: Method,
+          what: str, **kw):
+    """Run `fn` (probflow.sample/encode/decode/interpolate) on the model wrapped with a progress bar."""
+    from tqdm import tqdm
+
+    total = None if method.adaptive else (len(sigmas) - 1) * method.stages
+    with tqdm(total=total, desc=f"{what} ({method.name})", unit="NFE", file=sys.stderr,
+              disable=True if getattr(args, "quiet", False) else None, leave=False) as bar:
+        field = DDIMField(_Progress(model, bar), model_dtype=getattr(model, "model_dtype", None))
+        return fn(field, x, sigmas=sigmas, method=method, rtol=args.rtol, atol=args.atol, **kw)
+
+
+def load_inputs(args: argparse.Namespace, model, paths: list[str], name: str) -> Tensor:
+    """Images → x in the model's range, shape and channels (converted with a message)."""
+    from probflow.io.images import load_images
+
+    c, h, w = model.sample_shape
+    x = load_images(paths, (h, w), c, data_range=getattr(model, "data_range", (-1.0, 1.0)), invert=args.invert,
+                    name=name)
+    return x.to(args.device)

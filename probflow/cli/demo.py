@@ -1,0 +1,30 @@
+"""`probflow demo`: the built-in 2-D mixture sampled by DDIM, rk4 and dopri5 (`probflow.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from probflow.io.atomic import check_writable
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="probflow-demo.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--n", type=int, default=256, help="number of samples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from probflow import schedules
+    from probflow.demo import format_table, plot, run_demo_study
+
+    if args.n < 1:
+        raise ValueError(f"--n: expected a positive number of samples, got {args.n}")
+    check_writable(args.out, args.force, "--out")
+    study = run_demo_study(args.n, args.seed)
+    print(f"\n2-D Gaussian mixture, {args.n} samples from x_T at σ_max = {schedules.linear().sigma_max:.2f} "
+          "(t = 999, DDPM linear) to σ = 0; error against DOP853 at rtol = atol = 1e-10\n")
+    print(format_table(study["rows"]))
+    plot(study, args.out, args.force)
+    print(f"\nwrote {args.out}")
+    return 0

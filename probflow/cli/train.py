@@ -1,0 +1,33 @@
+"""`probflow train digits`: the shipped digits model's training (`probflow.digits.train.train_digits`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from probflow.models.digits import CONFIG
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", choices=["digits"], help="what to train on (scikit-learn's 8×8 digits)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (init, batches, t, ε); default 0")
+    p.add_argument("--steps", type=int, default=CONFIG["steps"], help=f"optimiser steps (default {CONFIG['steps']})")
+    p.add_argument("--out", default=".", help="folder for digits.safetensors and digits.json (default: .)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
+    p.add_argument("--eval-samples", type=int, default=2000,
+                   help="samples per solver for the card's metrics (0: skip the evaluation); default 2000")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from probflow.digits.train import train_digits
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
+    train_digits(args.out, args.seed, args.steps, args.eval_samples, args.force)
+    return 0

@@ -1,0 +1,2 @@
+"""Files in and out: atomic writes (`atomic`), image files ↔ tensors (`images`), latent files with their
+provenance (`latents`)."""

@@ -1,0 +1,65 @@
+"""The shipped digits ε-model: its noise table, its checkpoint format, and loading it.
+
+The network is `probflow.models.unet.UNet`, trained by `probflow.digits.train` (DDPM objective on
+scikit-learn's 8×8 digits in [−1, 1]); a checkpoint is a folder with `digits.safetensors` (the state_dict,
+the UNet config as metadata) and `digits.json` (the card: recipe, metrics, the weights' sha256).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from probflow.models.adapters import DiscreteTimeModel
+from probflow.models.unet import UNet
+from probflow.schedules import Schedule, linear
+
+__all__ = ["WEIGHTS", "CONFIG", "schedule", "as_model", "load_model"]
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+# The shipped model's recipe: network size and optimisation (the train command's defaults).
+CONFIG = {"channels": [32, 64], "blocks": 2, "batch": 128, "lr": 2e-3, "warmup": 100, "ema": 0.999,
+          "steps": 2000, "T": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+
+def schedule() -> Schedule:
+    """The digits model's table: DDPM's linear β from 1e-4 to 0.02, T = 1000."""
+    return linear(CONFIG["T"], CONFIG["beta_start"], CONFIG["beta_end"])
+
+
+def as_model(net: UNet, name: str = "digits", card: dict | None = None) -> DiscreteTimeModel:
+    """The trained network as an ε-model over σ (float32, linear T = 1000 table, ε-prediction)."""
+    net = net.float().eval().requires_grad_(False)
+    return DiscreteTimeModel(net, schedule(), "epsilon", sample_shape=(1, 8, 8), name=name,
+                             model_dtype=torch.float32, card=card)
+
+
+def load_model(folder: str | os.PathLike | None = None) -> DiscreteTimeModel:
+    """The digits model from `folder` (default: the shipped `probflow/models/weights`), float32, as a
+    DiscreteTimeModel; checks the card's sha256 fingerprint against the weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = WEIGHTS if folder is None else Path(folder)
+    wpath, cpath = folder / "digits.safetensors", folder / "digits.json"
+    for p in (wpath, cpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"digits model: {p} is missing (train one with `probflow train digits`)")
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            cfg = json.loads(f.metadata()["unet_config"])
+        sd = load_file(str(wpath))
+    except Exception as e:
+        raise ValueError(f"weights: could not read {wpath} (corrupt or not a digits checkpoint): {e}") from e
+    with open(cpath, encoding="utf-8") as f:
+        card = json.load(f)
+    net = UNet(**cfg)
+    net.load_state_dict(sd, strict=True)
+    model = as_model(net, "digits", card)
+    want = card.get("fingerprint")
+    if want and want != model.fingerprint:
+        raise ValueError(f"weights: {wpath} does not match the fingerprint in its card {cpath}")
+    return model

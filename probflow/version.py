@@ -1,0 +1,3 @@
+"""probflow's version (one place; pyproject.toml reads it from here)."""
+
+__version__ = "0.2.0"

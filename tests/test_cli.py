@@ -1,0 +1,115 @@
+"""The CLI exposes what the Python API offers: --grid, --eta/--gamma, --device, --scale, --version, the
+`ddim` alias, `python -m probflow`; and it is the API (same samples as `probflow.sample`)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import probflow
+from probflow import grids, models, sde
+from probflow.cli import main
+from probflow.io.images import to_uint8
+
+
+def _run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _px(path):
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return models.load("digits")
+
+
+def _api_pixels(model, sol_x):
+    return to_uint8(sol_x.float().double())
+
+
+@pytest.mark.parametrize("grid", ["quadratic", "log_snr_tuned", "karras"])
+def test_sample_grid_flag_is_the_api_on_that_grid(digits, grid, tmp_path, capsys):
+    out = tmp_path / "s.png"
+    rc, msg, _ = _run(capsys, "sample", "--n", 2, "--method", "dpmpp_2m", "--grid", grid, "--steps", 4, "--scale", 1,
+                      "--out", out, "--quiet")
+    assert rc == 0, msg
+    g = grids.named(grid, digits.schedule, 4)
+    x = probflow.sample(digits, probflow.noise(2, (1, 8, 8), 0), g, "dpmpp_2m").x
+    pix = _px(out)  # nrow = 2, pad 2, scale 1: 2 + 8 + 2 + 8 + 2 wide
+    assert pix.shape == (12, 22)
+    assert np.array_equal(pix[2:10, 2:10], to_uint8(x[0])[..., 0])
+    assert np.array_equal(pix[2:10, 12:20], to_uint8(x[1])[..., 0])
+
+
+def test_ddim_alias_is_euler(tmp_path, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert _run(capsys, "sample", "--n", 2, "--method", "ddim", "--steps", 5, "--out", a, "--quiet")[0] == 0
+    assert _run(capsys, "sample", "--n", 2, "--method", "euler", "--steps", 5, "--out", b, "--quiet")[0] == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_eta_and_gamma_run_the_stochastic_samplers(digits, tmp_path, capsys):
+    out = tmp_path / "eta.png"
+    rc, msg, _ = _run(capsys, "sample", "--n", 2, "--eta", 1.0, "--steps", 5, "--scale", 1, "--out", out, "--quiet")
+    assert rc == 0 and "NFE 5" in msg
+    g = grids.named("uniform", digits.schedule, 5)
+    x = probflow.sample(digits, probflow.noise(2, (1, 8, 8), 0), g, sde.stochastic_ddim(1.0, seed=1)).x
+    assert np.array_equal(_px(out)[2:10, 2:10], to_uint8(x[0])[..., 0])
+    eta0 = tmp_path / "eta0.png"
+    euler = tmp_path / "euler.png"
+    _run(capsys, "sample", "--n", 2, "--eta", 0.0, "--steps", 5, "--out", eta0, "--quiet")
+    _run(capsys, "sample", "--n", 2, "--method", "euler", "--steps", 5, "--out", euler, "--quiet")
+    assert eta0.read_bytes() == euler.read_bytes()  # η = 0 is DDIM
+    assert _run(capsys, "sample", "--n", 2, "--gamma", 0.5, "--steps", 5, "--out", tmp_path / "g.png",
+                "--quiet")[0] == 0
+    rc, _, err = _run(capsys, "sample", "--n", 2, "--eta", -1, "--steps", 5, "--out", tmp_path / "bad.png")
+    assert rc == 2 and "eta" in err
+
+
+def test_bad_device_grid_and_scale_are_one_line_errors(tmp_path, capsys):
+    rc, _, err = _run(capsys, "sample", "--n", 2, "--device", "nosuchdevice", "--out", tmp_path / "a.png")
+    assert rc == 2 and "--device" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _run(capsys, "sample", "--n", 2, "--scale", 0, "--out", tmp_path / "a.png")
+    assert rc == 2 and "--scale" in err
+    rc, _, err = _run(capsys, "sample", "--n", 2, "--method", "explicit_adams", "--grid", "uniform", "--steps", 4,
+                      "--out", tmp_path / "a.png")
+    assert rc == 2 and "sigma_uniform" in err
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--out", str(tmp_path / "a.png"), "--grid", "nosuch"])
+    assert e.value.code == 2
+
+
+def test_device_cpu_is_accepted(tmp_path, capsys):
+    assert _run(capsys, "sample", "--n", 1, "--steps", 2, "--device", "cpu", "--out", tmp_path / "a.png",
+                "--quiet")[0] == 0
+
+
+def test_version_and_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "probflow", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"probflow {probflow.__version__}"
+    r = subprocess.run([sys.executable, "-m", "probflow"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "COMMAND" in r.stdout
+
+
+def test_interpolate_calls_the_api_with_the_encode_state(digits, tmp_path, capsys):
+    from probflow.io.images import save_images
+
+    x = torch.tensor(np.stack([np.eye(8), np.fliplr(np.eye(8))]), dtype=torch.float64)[:, None] * 2 - 1
+    save_images(x, tmp_path, names=["a", "b"])
+    strip = tmp_path / "s.png"
+    rc, msg, _ = _run(capsys, "interpolate", tmp_path / "a.png", tmp_path / "b.png", "--method", "rk4", "--steps", 3,
+                      "--frames", 3, "--scale", 1, "--out", strip, "--quiet")
+    assert rc == 0, msg
+    g = grids.named("uniform", digits.schedule, 3)
+    enc = probflow.encode(digits, x, g, "rk4")
+    api = probflow.interpolate(digits, enc.x[:1], enc.x[1:], g, "rk4", frames=3).x
+    pix = _px(strip)
+    for k in range(3):
+        assert np.array_equal(pix[2:10, 2 + 10 * k:10 + 10 * k], to_uint8(api[k, 0])[..., 0])
