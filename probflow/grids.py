@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from probflow.schedules import Schedule
+from probflow.schedules import MAX_SIGMA, Schedule
 
 __all__ = ["check_grid", "ddim", "karras", "log_uniform", "log_snr_tuned", "NAMED", "named"]
 
@@ -33,6 +33,9 @@ def check_grid(sigmas: Tensor, name: str = "sigmas") -> Tensor:
         raise ValueError(f"{name}: contains NaN or Inf: {sigmas.tolist()}")
     if (sigmas < 0).any():
         raise ValueError(f"{name}: σ must be non-negative, got min {float(sigmas.min())}")
+    if (sigmas > MAX_SIGMA).any():
+        raise ValueError(f"{name}: σ = {float(sigmas.max()):g} is above {MAX_SIGMA:g}, where x̄ = x·sqrt(1 + σ²) "
+                         "overflows float64")
     d = sigmas[1:] - sigmas[:-1]
     if not ((d < 0).all() or (d > 0).all()):
         raise ValueError(

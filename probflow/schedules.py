@@ -23,6 +23,8 @@ __all__ = [
     "scaled_linear",
     "cosine",
     "by_name",
+    "check_T",
+    "MAX_SIGMA",
 ]
 
 
@@ -36,6 +38,22 @@ def sigma_to_alpha_bar(sigma: Tensor) -> Tensor:
     """ᾱ = 1/(1 + σ²) (MATH.md §1)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return 1.0 / (1.0 + sigma**2)
+
+
+MAX_SIGMA = 1e100  # σ above this makes sqrt(1 + σ²)·x overflow float64 in practice (σ² alone overflows at 1.3e154)
+
+
+def check_T(T: object, name: str = "T") -> int:  # noqa: N802
+    """A table length: an integer ≥ 2 (ValueError naming `name` otherwise)."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+        raise ValueError(f"{name}: expected an integer number of timesteps >= 2, got {T!r}")
+    return T
+
+
+def _check_beta(v: object, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ValueError(f"{name}: expected a number in (0, 1), got {v!r}")
+    return float(v)
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +71,9 @@ class Schedule:
             raise ValueError("alpha_bar: every entry must lie strictly between 0 and 1")
         if not (ab[1:] < ab[:-1]).all():
             raise ValueError("alpha_bar: the table must be strictly decreasing in t")
+        if float(alpha_bar_to_sigma(ab[-1])) > MAX_SIGMA:
+            raise ValueError(f"alpha_bar: the last entry {float(ab[-1]):.3g} gives σ_max above {MAX_SIGMA:g}, where "
+                             "x̄ = x·sqrt(1 + σ²) overflows float64")
         object.__setattr__(self, "alpha_bar", ab)
         object.__setattr__(self, "_log_sigmas", torch.log(alpha_bar_to_sigma(ab)))
 
@@ -99,18 +120,27 @@ class Schedule:
 
 
 def from_betas(betas: Tensor, name: str = "custom") -> Schedule:
-    """ᾱ_t = Π_{s≤t} (1 − β_s)."""
-    betas = torch.as_tensor(betas, dtype=torch.float64)
+    """ᾱ_t = Π_{s≤t} (1 − β_s); every β_t a finite number in (0, 1) (ValueError naming `name` otherwise)."""
+    try:
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: expected a 1-D list of numbers (β_t), got {type(betas).__name__}") from None
+    if betas.ndim != 1 or betas.numel() < 2:
+        raise ValueError(f"{name}: expected a 1-D table of at least 2 β_t, got shape {tuple(betas.shape)}")
+    if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
+        raise ValueError(f"{name}: every β_t must be a finite number in (0, 1)")
     return Schedule(name, torch.cumprod(1.0 - betas, dim=0))
 
 
 def linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:  # noqa: N803
     """DDPM's linear β schedule (Ho et al. 2020): β linear from 1e-4 to 0.02 over T = 1000 steps."""
+    T, beta_start, beta_end = check_T(T), _check_beta(beta_start, "beta_start"), _check_beta(beta_end, "beta_end")  # noqa: N806
     return from_betas(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), "linear")
 
 
 def scaled_linear(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Schedule:  # noqa: N803
     """Latent-diffusion's "scaled_linear": sqrt(β) linear, then squared."""
+    T, beta_start, beta_end = check_T(T), _check_beta(beta_start, "beta_start"), _check_beta(beta_end, "beta_end")  # noqa: N806
     b = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
     return from_betas(b, "scaled_linear")
 
@@ -121,6 +151,8 @@ def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule
     Built from betas the way diffusers' `squaredcos_cap_v2` is, so that checkpoints trained with it map
     onto the same table.
     """
+
+    check_T(T)
 
     def f(u: float) -> float:
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2

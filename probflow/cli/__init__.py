@@ -36,20 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can span dozens of lines), at most 400 chars."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    msg = lines[0] + (" …" if len(lines) > 1 else "")
+    return msg if len(msg) <= 400 else msg[:399] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    run = getattr(importlib.import_module(COMMANDS[args.command][0]), f"run_{args.command}")
+    """Run one command. Bad input — ValueError, a missing/existing/unwritable file (OSError), a number out of
+    range (OverflowError, FloatingPointError) — prints one line `probflow CMD: error: …` and returns 2;
+    Ctrl-C prints one line and returns 130 (outputs are atomic, so nothing half-written is left)."""
+    command = "command"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        command = args.command
+        run = getattr(importlib.import_module(COMMANDS[command][0]), f"run_{command}")
         return int(run(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"probflow {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, OverflowError, FloatingPointError) as e:
+        print(f"probflow {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"probflow {args.command}: interrupted; nothing half-written was left behind", file=sys.stderr)
+        print(f"probflow {command}: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
 
 

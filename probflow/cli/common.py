@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from probflow.solvers import Method, get_method
 # Names the CLI accepts for methods besides the registry's (DDIM is Euler on Eq. 12, MATH.md §3).
 ALIASES = {"ddim": "euler"}
 GRID_NAMES = (*NAMED, "calibrated")
+TOL_FLOOR = 1e-10  # --rtol/--atol below this are refused unless --no-limits
 
 
 def say(msg: str) -> None:
@@ -25,13 +27,15 @@ def say(msg: str) -> None:
     print(f"probflow: {msg}", file=sys.stderr)
 
 
-def load_image_model(spec: str, device: str = "cpu"):
+def load_image_model(spec: str, device: str = "cpu", limits: bool = True):
     """An image ε-model by `--model`: "digits", a digits checkpoint folder or a local diffusers folder
-    (`probflow.models.load`); it must have a sample shape (C, H, W)."""
+    (`probflow.models.load`); it must have a sample shape (C, H, W). `limits`: refuse a checkpoint whose
+    network or noise table is beyond `probflow.models.adapters.MAX_PARAMETERS` / `MAX_TIMESTEPS` before
+    building it (`--no-limits` lifts this)."""
     from probflow import models
 
     try:
-        model = models.load(spec)
+        model = _load_checked(spec, limits) if os.path.isdir(spec) else models.load(spec)
     except ValueError as e:
         raise ValueError(f"--model: {e}") from None
     shape = getattr(model, "sample_shape", None)
@@ -42,6 +46,16 @@ def load_image_model(spec: str, device: str = "cpu"):
             raise ValueError(f"--device: model {spec!r} cannot be moved to {device}")
         model.to(device)
     return model
+
+
+def _load_checked(folder: str, limits: bool):
+    """A checkpoint folder as `probflow.models.load` reads it, with the resource limits on or off."""
+    from probflow.models import adapters, digits
+
+    big = {} if limits else {"max_parameters": None}
+    if os.path.isfile(os.path.join(folder, "digits.safetensors")):
+        return digits.load_model(folder, **big)
+    return adapters.from_diffusers(folder, **big, **({} if limits else {"max_timesteps": None}))
 
 
 def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: int | None,
@@ -67,6 +81,26 @@ def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: 
     p.add_argument("--device", default="cpu", help="torch device for the model and the state (default cpu)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_limit_arguments(p)
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """--no-limits: lift the resource and sanity bounds (see `check_limits`)."""
+    p.add_argument("--no-limits", action="store_true",
+                   help=f"lift the bounds on model size (parameters), noise-table length, input image pixels and the "
+                        f"tolerance floor (--rtol/--atol >= {TOL_FLOOR:g})")
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    """The sanity floor on the tolerances: below TOL_FLOOR an adaptive solve cannot meet them in float64 with a
+    float32 network (ε is only resolved to ~1e-7), so it would shrink its steps without end."""
+    if getattr(args, "no_limits", False):
+        return
+    for k in ("rtol", "atol"):
+        v = getattr(args, k, None)
+        if isinstance(v, float) and 0 < v < TOL_FLOOR:
+            raise ValueError(f"--{k}: {v:g} is below the floor {TOL_FLOOR:g} that an adaptive solve can reach "
+                             "(pass --no-limits to try anyway)")
 
 
 def check_solver_args(args: argparse.Namespace) -> None:
@@ -82,6 +116,7 @@ def check_solver_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{k}: expected a positive number, got {v!r}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps: expected a positive integer, got {args.steps}")
+    check_limits(args)
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, ValueError) as e:
@@ -137,8 +172,38 @@ def solve(args: argparse.Namespace, model, fn: Callable, x: Tensor, sigmas: Tens
     total = None if method.adaptive else (len(sigmas) - 1) * method.stages
     with tqdm(total=total, desc=f"{what} ({method.name})", unit="NFE", file=sys.stderr,
               disable=True if getattr(args, "quiet", False) else None, leave=False) as bar:
-        field = DDIMField(_Progress(model, bar), model_dtype=getattr(model, "model_dtype", None))
-        return fn(field, x, sigmas=sigmas, method=method, rtol=args.rtol, atol=args.atol, **kw)
+        field = DDIMField(_Progress(_Finite(model), bar), model_dtype=getattr(model, "model_dtype", None))
+        return guarded(fn, method)(field, x, sigmas=sigmas, method=method, rtol=args.rtol, atol=args.atol, **kw)
+
+
+class _Finite:
+    """The ε-model, refusing a NaN/Inf ε (broken weights) with the σ where it appeared."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        out = self.model(x, sigma)
+        if not torch.isfinite(out).all():
+            raise ValueError(f"--model: the network returned NaN or Inf for ε at σ = {float(sigma):.6g} "
+                             "(broken weights or an input out of its range)")
+        return out
+
+
+def guarded(fn: Callable, method: Method) -> Callable:
+    """`fn` with a solver's internal failures (torchdiffeq's "underflow in dt" assertion, a NaN/Inf result)
+    turned into a ValueError naming the method."""
+
+    def run(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except AssertionError as e:
+            raise ValueError(f"--method {method.name}: the solver failed ({str(e) or 'assertion'}): its step "
+                             "size collapsed; the model's ε is not smooth or not finite here") from None
+        except FloatingPointError as e:
+            raise ValueError(f"--method {method.name}: {e}") from None
+
+    return run
 
 
 def load_inputs(args: argparse.Namespace, model, paths: list[str], name: str) -> Tensor:
@@ -147,5 +212,5 @@ def load_inputs(args: argparse.Namespace, model, paths: list[str], name: str) ->
 
     c, h, w = model.sample_shape
     x = load_images(paths, (h, w), c, data_range=getattr(model, "data_range", (-1.0, 1.0)), invert=args.invert,
-                    name=name)
+                    name=name, **({"max_pixels": None} if getattr(args, "no_limits", False) else {}))
     return x.to(args.device)

@@ -20,6 +20,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n: expected a positive number of samples, got {args.n}")
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
     check_writable(args.out, args.force, "--out")
     study = run_demo_study(args.n, args.seed)
     print(f"\n2-D Gaussian mixture, {args.n} samples from x_T at σ_max = {schedules.linear().sigma_max:.2f} "

@@ -30,7 +30,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.scale is not None and args.scale < 1:
         raise ValueError(f"--scale: expected a positive integer, got {args.scale}")
     check_writable(args.out, args.force, "--out")
-    model = load_image_model(args.model, args.device)
+    model = load_image_model(args.model, args.device, limits=not args.no_limits)
     method = solver_method(args, seed=args.seed + 1)
     sig = grid(args, model, method)
     z = probflow.noise(args.n, tuple(model.sample_shape), args.seed, device=args.device)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from probflow.io.atomic import check_writable
 from probflow.models.digits import CONFIG
 
 
@@ -18,16 +20,30 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
+def check_out_folder(out: str, force: bool) -> None:
+    """Before training: --out is a folder (or can be made), writable, without the two files unless --force."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out: {folder} exists and is not a folder")
+    if folder.is_dir():
+        for name in ("digits.safetensors", "digits.json"):
+            check_writable(folder / name, force, "--out")
+        return
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    check_writable(existing / ".probflow-train", False, "--out")  # the folder mkdir will create it in
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from probflow.digits.train import train_digits
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
     if args.seed < 0:
         raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
+    check_out_folder(args.out, args.force)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     train_digits(args.out, args.seed, args.steps, args.eval_samples, args.force)
     return 0

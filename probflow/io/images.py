@@ -3,8 +3,9 @@
 Pixels v ∈ {0 … 255} map to x = lo + (hi − lo)·v/255 with (lo, hi) the model's data range (default
 (−1, 1)), and back by rounding. PNG/JPEG, grayscale or RGB, are read with Pillow (which ships with
 matplotlib); an image of the wrong mode or size is converted or resized with a printed message.
-Every file written here is written atomically (a temporary file in the same folder, then `os.replace`)
-and an existing file is never overwritten unless `force`.
+Every file written here is written atomically (a temporary file in the same folder, then `os.replace`; a
+folder of PNGs as one set, through a temporary sibling folder) and an existing output is never overwritten
+unless `force`. An input image's header is checked (pixel count, frames, bit depth) before it is decoded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from probflow.io.atomic import atomic_write
 
-__all__ = ["load_images", "save_grid", "save_images", "to_uint8", "from_uint8"]
+__all__ = ["MAX_PIXELS", "load_images", "save_grid", "save_images", "to_uint8", "from_uint8"]
 
 DataRange = tuple[float, float]
 
@@ -51,6 +52,86 @@ def _size(size: int | Sequence[int]) -> tuple[int, int]:
     return hw
 
 
+MAX_PIXELS = 4096 * 4096  # default bound on an input image's pixels, read from its header before decoding
+
+
+def _open_image(p: Path, name: str, max_pixels: int | None, verbose: bool):
+    """Open one image file, checking its header (size, frames, bit depth) before decoding its pixels."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if p.is_dir():
+        raise ValueError(f"{name}: {p} is a directory, not an image file")
+    if not p.is_file():
+        raise FileNotFoundError(f"{name}: {p}: no such image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels below decides
+            with Image.open(p) as im:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ValueError(f"{name}: {p}: {w}×{h} = {w * h} pixels is above the limit of {max_pixels} "
+                                     "(max_pixels=; --no-limits in the CLI)")
+                frames = getattr(im, "n_frames", 1)
+                deep = im.mode.startswith("I;16") or any(";16" in str(getattr(t, "args", "")) for t in im.tile)
+                im.load()
+                img = im.copy()
+    except Image.DecompressionBombError as e:  # beyond twice PIL's own bound even without max_pixels
+        raise ValueError(f"{name}: {p}: refused as a decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if str(e).startswith(f"{name}: "):
+            raise
+        raise ValueError(f"{name}: {p}: not a readable PNG/JPEG image ({e})") from None
+    if verbose and frames > 1:
+        _say(f"{p}: animated image with {frames} frames; using the first frame")
+    if verbose and deep:
+        _say(f"{p}: 16-bit image reduced to 8 bits per channel")
+    return img
+
+
+def _to_mode(img, mode: str, p: Path, channels: int, verbose: bool):
+    """Convert to "L" or "RGB": 16-bit grayscale keeps round(v/257); alpha is composited onto black."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: round(v/257)
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    if img.mode == mode:
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode in ("P", "PA") and "transparency" in img.info):
+        img = img.convert("RGBA")  # alpha composited onto black, then converted
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+    if img.mode != mode:
+        if verbose:
+            _say(f"{p}: converted {img.mode} → {'grayscale (L)' if mode == 'L' else 'RGB'} for a "
+                 f"{channels}-channel model")
+        img = img.convert(mode)
+    return img
+
+
+def _to_size(img, h: int, w: int, p: Path, verbose: bool):
+    """Centre-crop to the aspect ratio w/h, then resize (Lanczos) to w×h."""
+    from PIL import Image
+
+    if img.size == (w, h):
+        return img
+    W0, H0 = img.size  # noqa: N806
+    target = w / h
+    if abs(W0 / H0 - target) > 1e-9:  # centre-crop to the model's aspect ratio
+        if W0 / H0 > target:
+            cw = round(H0 * target)
+            box = ((W0 - cw) // 2, 0, (W0 - cw) // 2 + cw, H0)
+        else:
+            ch = round(W0 / target)
+            box = (0, (H0 - ch) // 2, W0, (H0 - ch) // 2 + ch)
+        img = img.crop(box)
+    if verbose:
+        crop = f" (centre-cropped to {img.size[0]}×{img.size[1]})" if img.size != (W0, H0) else ""
+        _say(f"{p}: resized {W0}×{H0} → {w}×{h}{crop} to the model's input size")
+    return img.resize((w, h), Image.Resampling.LANCZOS)
+
+
 def load_images(
     paths: Sequence[str | os.PathLike],
     size: int | Sequence[int],
@@ -61,17 +142,18 @@ def load_images(
     dtype: torch.dtype = torch.float64,
     verbose: bool = True,
     name: str = "images",
+    max_pixels: int | None = MAX_PIXELS,
 ) -> Tensor:
     """Read PNG/JPEG files into a batch x of shape (B, channels, H, W) in the model's data range.
 
     A file in another mode (RGB for a grayscale model, grayscale for RGB, RGBA, palette, 16-bit) is
     converted; one of another size is centre-cropped to the model's aspect ratio and resized (Lanczos);
-    each with a message on stderr. `invert` maps v → 255 − v first (black-on-white drawings for a model
-    trained on white-on-black digits). Unreadable, missing or non-image files raise ValueError /
-    FileNotFoundError naming the argument `name` and the path.
+    an animated image contributes its first frame; each with a message on stderr. `invert` maps
+    v → 255 − v first (black-on-white drawings for a model trained on white-on-black digits). A file whose
+    header declares more than `max_pixels` pixels (None: no bound) is refused before it is decoded.
+    Unreadable, missing or non-image files and folders raise ValueError / FileNotFoundError naming the
+    argument `name` and the path.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if channels not in (1, 3):
         raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB), got {channels!r}")
     if isinstance(paths, (str, os.PathLike)):
@@ -81,44 +163,9 @@ def load_images(
     h, w = _size(size)
     mode = "L" if channels == 1 else "RGB"
     out = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"{name}: {p}: no such image file")
-        try:
-            with Image.open(p) as im:
-                im.load()
-                img = im.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{name}: {p}: not a readable PNG/JPEG image ({e})") from None
-        if img.mode != mode:
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
-                arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
-            if img.mode in ("RGBA", "LA", "P", "PA") and "transparency" in img.info or img.mode in ("RGBA", "LA"):
-                img = img.convert("RGBA")  # alpha composited onto black, then converted
-                bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
-                img = Image.alpha_composite(bg, img)
-            if img.mode != mode:
-                if verbose:
-                    _say(f"{p}: converted {img.mode} → {'grayscale (L)' if mode == 'L' else 'RGB'} for a "
-                         f"{channels}-channel model")
-                img = img.convert(mode)
-        if img.size != (w, h):
-            W0, H0 = img.size  # noqa: N806
-            target = w / h
-            if abs(W0 / H0 - target) > 1e-9:  # centre-crop to the model's aspect ratio
-                if W0 / H0 > target:
-                    cw = round(H0 * target)
-                    box = ((W0 - cw) // 2, 0, (W0 - cw) // 2 + cw, H0)
-                else:
-                    ch = round(W0 / target)
-                    box = (0, (H0 - ch) // 2, W0, (H0 - ch) // 2 + ch)
-                img = img.crop(box)
-            if verbose:
-                crop = f" (centre-cropped to {img.size[0]}×{img.size[1]})" if img.size != (W0, H0) else ""
-                _say(f"{p}: resized {W0}×{H0} → {w}×{h}{crop} to the model's input size")
-            img = img.resize((w, h), Image.Resampling.LANCZOS)
+    for p in map(Path, paths):
+        img = _open_image(p, name, max_pixels, verbose)
+        img = _to_size(_to_mode(img, mode, p, channels, verbose), h, w, p, verbose)
         a = np.asarray(img, dtype=np.uint8)
         if a.ndim == 2:
             a = a[:, :, None]
@@ -184,31 +231,36 @@ def save_images(
     *,
     names: Sequence[str] | None = None,
     data_range: DataRange = (-1.0, 1.0),
+    name: str = "--out",
 ) -> list[Path]:
-    """Write each image of x (B, C, H, W) as its own PNG at native size (pixels exact) in `folder`
-    (created if missing), named `names[i]` (default 0000.png, 0001.png, …). Refuses, before writing
-    anything, if any target exists and not `force`."""
+    """Write each image of x (B, C, H, W) as its own PNG at native size (pixels exact) as the folder
+    `folder`, named `names[i]` (default 0000.png, 0001.png, …).
+
+    The set is written atomically (`probflow.io.atomic.atomic_folder`): into a temporary sibling folder
+    that is renamed into place at the end, so an interrupted run leaves no partial set. `folder` must not
+    exist or be empty unless `force`; with `force` an existing folder of PNGs is replaced as a whole (old
+    and new files never mix). Everything is checked before anything is written."""
     from PIL import Image
+
+    from probflow.io.atomic import atomic_folder
 
     if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"x: expected a tensor of shape (B, 1 or 3, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder}: exists and is not a folder")
     if names is None:
         names = [f"{i:04d}.png" for i in range(x.shape[0])]
     names = [n if n.lower().endswith(".png") else f"{n}.png" for n in names]
     if len(names) != x.shape[0] or len(set(names)) != len(names):
         raise ValueError(f"names: expected {x.shape[0]} distinct file names, got {list(names)}")
-    targets = [folder / n for n in names]
-    clash = [str(t) for t in targets if t.exists()]
-    if clash and not force:
-        raise FileExistsError(f"--out: {', '.join(clash[:3])}{' …' if len(clash) > 3 else ''} exist(s); pass "
-                              f"--force (force=True) to overwrite")
-    folder.mkdir(parents=True, exist_ok=True)
+    bad = [n for n in names if Path(n).name != n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"names: expected plain file names (no folders, not hidden), got {bad[:3]}")
     a = to_uint8(x, data_range)
-    for t, ai in zip(targets, a):
-        img = Image.fromarray(ai[:, :, 0] if ai.shape[2] == 1 else ai, "L" if ai.shape[2] == 1 else "RGB")
-        atomic_write(t, lambda tmp, img=img: img.save(tmp, format="PNG"), force, name="--out")
-    return targets
+
+    def write(tmp: Path) -> None:
+        for n, ai in zip(names, a):
+            img = Image.fromarray(ai[:, :, 0] if ai.shape[2] == 1 else ai, "L" if ai.shape[2] == 1 else "RGB")
+            img.save(tmp / n, format="PNG")
+
+    folder = atomic_folder(folder, write, force, name=name)
+    return [folder / n for n in names]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 
 from probflow.schedules import Schedule, cosine, from_betas, linear, scaled_linear
 
-__all__ = ["DiscreteTimeModel", "PREDICTION_TYPES", "fingerprint", "from_diffusers", "schedule_from_config"]
+__all__ = ["DiscreteTimeModel", "MAX_PARAMETERS", "MAX_TIMESTEPS", "PREDICTION_TYPES", "check_state_dict",
+           "count_parameters", "fingerprint", "from_diffusers", "schedule_from_config"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -140,17 +142,50 @@ class DiscreteTimeModel:
                 f"prediction_type={self.prediction_type!r}, sample_shape={self.sample_shape})")
 
 
-def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
+MAX_PARAMETERS = 10**9  # default bound on a checkpoint's network size (4 GB in float32), checked before building it
+MAX_TIMESTEPS = 100_000  # default bound on a scheduler config's table length T
+
+
+def _config_number(config: Mapping[str, Any], key: str, default: float) -> float:
+    v = config.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"scheduler config: {key}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+def _config_timesteps(config: Mapping[str, Any], max_timesteps: int | None) -> int:
+    T = _config_number(config, "num_train_timesteps", 1000)  # noqa: N806
+    if T != int(T) or T < 2:
+        raise ValueError(f"scheduler config: num_train_timesteps: expected an integer >= 2, got "
+                         f"{config.get('num_train_timesteps')!r}")
+    if max_timesteps is not None and T > max_timesteps:
+        raise ValueError(f"scheduler config: num_train_timesteps {int(T)} is above the limit of {max_timesteps} "
+                         "(max_timesteps=; --no-limits in the CLI)")
+    return int(T)
+
+
+def schedule_from_config(config: Mapping[str, Any], max_timesteps: int | None = MAX_TIMESTEPS) -> Schedule:
     """A probflow Schedule from a diffusers scheduler config (DDPMScheduler/DDIMScheduler keys):
     `beta_schedule` ∈ {linear, scaled_linear, squaredcos_cap_v2} or `trained_betas`, `num_train_timesteps`,
-    `beta_start`, `beta_end`. Built in float64 (diffusers builds the same table in float32)."""
-    T = int(config.get("num_train_timesteps", 1000))  # noqa: N806
+    `beta_start`, `beta_end`. Built in float64 (diffusers builds the same table in float32). Every field is
+    checked for its type and range (ValueError naming it); a table longer than `max_timesteps` (None: no
+    bound) is refused before it is built."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"scheduler config: expected a JSON object, got {type(config).__name__}")
+    T = _config_timesteps(config, max_timesteps)  # noqa: N806
     if config.get("rescale_betas_zero_snr"):
         raise ValueError("scheduler config: rescale_betas_zero_snr=True makes σ_max infinite; not supported")
-    if config.get("trained_betas") is not None:
-        return from_betas(torch.tensor(config["trained_betas"], dtype=torch.float64), "trained_betas")
+    betas = config.get("trained_betas")
+    if betas is not None:
+        if not isinstance(betas, (list, tuple)) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+            raise ValueError("scheduler config: trained_betas: expected a list of numbers")
+        if max_timesteps is not None and len(betas) > max_timesteps:
+            raise ValueError(f"scheduler config: trained_betas has {len(betas)} entries, above the limit of "
+                             f"{max_timesteps} (max_timesteps=; --no-limits in the CLI)")
+        return from_betas(torch.tensor(betas, dtype=torch.float64), "trained_betas")
     kind = config.get("beta_schedule", "linear")
-    bs, be = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    bs, be = _config_number(config, "beta_start", 1e-4), _config_number(config, "beta_end", 0.02)
     if kind == "linear":
         return linear(T, bs, be)
     if kind == "scaled_linear":
@@ -159,6 +194,41 @@ def schedule_from_config(config: Mapping[str, Any]) -> Schedule:
         return cosine(T)
     raise ValueError(f"scheduler config: beta_schedule {kind!r} is not supported; expected linear, scaled_linear "
                      "or squaredcos_cap_v2")
+
+
+def check_state_dict(net: nn.Module, sd: Mapping[str, Tensor], where: str) -> None:
+    """Refuse, in one line, a state_dict with non-tensor or non-finite values, or whose keys or shapes differ
+    from the network's (`where`: the file)."""
+    own = net.state_dict()
+    odd = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if odd:
+        raise ValueError(f"weights: {where}: {odd[0]!r} is not a tensor")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"weights: {where} holds NaN or Inf values (in {len(bad)} tensors, e.g. {bad[0]})")
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    for what, items in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches (file vs config)",
+                                                                                 shapes)):
+        if items:
+            raise ValueError(f"weights: {where} does not match its config: {len(items)} {what}, e.g. "
+                             f"{', '.join(items[:2])}")
+
+
+def count_parameters(build: Callable[[], nn.Module], what: str, max_parameters: int | None) -> int:
+    """The parameter count of `build()`, built on the meta device (no memory), refused above `max_parameters`."""
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build().parameters())
+    except Exception as e:  # a bad config raises TypeError/ValueError/AttributeError/… from the constructor
+        raise ValueError(f"{what}: cannot build the network from it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if max_parameters is not None and n > max_parameters:
+        raise ValueError(f"{what}: the network would have {n:.3g} parameters ({4 * n / 2**30:.1f} GiB in float32), "
+                         f"above the limit of {max_parameters:.3g} (max_parameters=; --no-limits in the CLI)")
+    return n
 
 
 class _DiffusersUNet(nn.Module):
@@ -176,8 +246,8 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}: {path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{what}: {path} does not hold a JSON object")
     return cfg
@@ -211,6 +281,8 @@ def from_diffusers(
     prediction_type: str | None = None,
     schedule: Schedule | None = None,
     round_t: bool = False,
+    max_parameters: int | None = MAX_PARAMETERS,
+    max_timesteps: int | None = MAX_TIMESTEPS,
 ) -> DiscreteTimeModel:
     """Load a diffusers `UNet2DModel` and its scheduler config from a LOCAL folder as a DiscreteTimeModel.
 
@@ -220,7 +292,9 @@ def from_diffusers(
     `prediction_type` come from the scheduler config (`schedule_from_config`) unless given here. The
     network is built from its config (`from_config`, no hub look-up) and the weights are read with
     safetensors, or `torch.load(weights_only=True)` for a .bin: no network access, no arbitrary unpickling.
-    Runs in float32 on the CPU, in eval mode.
+    Runs in float32 on the CPU, in eval mode. Before anything is allocated, the network's parameter count
+    (built on the meta device) and the table length are checked against `max_parameters` / `max_timesteps`
+    (None: no bound); every config field, and the weights' keys and shapes, fail as a one-line ValueError.
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -242,18 +316,29 @@ def from_diffusers(
     else:
         if schedule is None:
             raise ValueError(f"scheduler config: no scheduler/scheduler_config.json in {root}; pass schedule=")
-    sched = schedule if schedule is not None else schedule_from_config(sched_cfg)
+    sched = schedule if schedule is not None else schedule_from_config(sched_cfg, max_timesteps)
     pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
+    if not isinstance(pred, str):
+        raise ValueError(f"scheduler config: prediction_type: expected one of {PREDICTION_TYPES}, got {pred!r}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers import UNet2DModel
+    from diffusers.utils import logging as dlogging
 
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # the probe build would repeat diffusers' notes on ignored keys
+    try:
+        count_parameters(lambda: UNet2DModel.from_config(config), f"config: {unet_dir / 'config.json'}", max_parameters)
+    finally:
+        dlogging.set_verbosity(level)
     unet = UNet2DModel.from_config(config)
     sd = _load_weights(unet_dir)
+    check_state_dict(unet, sd, str(unet_dir))
     try:
         unet.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"weights: the state_dict in {unet_dir} does not match its config.json: {e}") from e
+        raise ValueError(f"weights: the state_dict in {unet_dir} does not match its config.json: "
+                         f"{str(e).splitlines()[0]}") from None
     net = _DiffusersUNet(unet.float().eval()).requires_grad_(False)
     size = config.get("sample_size")
     shape = None

@@ -7,13 +7,14 @@ the UNet config as metadata) and `digits.json` (the card: recipe, metrics, the w
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from probflow.models.adapters import DiscreteTimeModel
+from probflow.models.adapters import MAX_PARAMETERS, DiscreteTimeModel, check_state_dict, count_parameters
 from probflow.models.unet import UNet
 from probflow.schedules import Schedule, linear
 
@@ -37,9 +38,42 @@ def as_model(net: UNet, name: str = "digits", card: dict | None = None) -> Discr
                              model_dtype=torch.float32, card=card)
 
 
-def load_model(folder: str | os.PathLike | None = None) -> DiscreteTimeModel:
+def _read_card(cpath: Path) -> dict:
+    try:
+        with open(cpath, encoding="utf-8") as f:
+            card = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"card: {cpath} is not valid JSON: {e}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"card: {cpath} does not hold a JSON object (got {type(card).__name__})")
+    if not isinstance(card.get("fingerprint", ""), (str, type(None))):
+        raise ValueError(f"card: {cpath}: fingerprint: expected a sha256 hex string")
+    return card
+
+
+def _unet_config(meta: dict | None, wpath: Path) -> dict:
+    """The UNet constructor arguments stored in the checkpoint's metadata, checked against `UNet`'s."""
+    if not meta or "unet_config" not in meta:
+        raise ValueError(f"weights: {wpath} has no unet_config metadata (not a digits checkpoint)")
+    try:
+        cfg = json.loads(meta["unet_config"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"weights: unet_config in {wpath} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"weights: unet_config in {wpath} is not a JSON object")
+    known = [k for k in inspect.signature(UNet).parameters]
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise ValueError(f"weights: unet_config in {wpath} has unknown keys {unknown}; expected some of {known}")
+    return cfg
+
+
+def load_model(folder: str | os.PathLike | None = None,
+               max_parameters: int | None = MAX_PARAMETERS) -> DiscreteTimeModel:
     """The digits model from `folder` (default: the shipped `probflow/models/weights`), float32, as a
-    DiscreteTimeModel; checks the card's sha256 fingerprint against the weights."""
+    DiscreteTimeModel; checks the card (a JSON object), the network config (known keys, at most
+    `max_parameters` parameters, counted before anything is allocated), the weights' keys, shapes and
+    finiteness, and the card's sha256 fingerprint against the weights — each a one-line ValueError."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -48,15 +82,20 @@ def load_model(folder: str | os.PathLike | None = None) -> DiscreteTimeModel:
     for p in (wpath, cpath):
         if not p.is_file():
             raise FileNotFoundError(f"digits model: {p} is missing (train one with `probflow train digits`)")
+    card = _read_card(cpath)
     try:
         with safe_open(str(wpath), framework="pt") as f:
-            cfg = json.loads(f.metadata()["unet_config"])
+            meta = f.metadata()
+    except Exception as e:
+        raise ValueError(f"weights: could not read {wpath} (corrupt or not a digits checkpoint): {e}") from None
+    cfg = _unet_config(meta, wpath)
+    count_parameters(lambda: UNet(**cfg), f"weights: unet_config in {wpath}", max_parameters)
+    try:
         sd = load_file(str(wpath))
     except Exception as e:
-        raise ValueError(f"weights: could not read {wpath} (corrupt or not a digits checkpoint): {e}") from e
-    with open(cpath, encoding="utf-8") as f:
-        card = json.load(f)
+        raise ValueError(f"weights: could not read {wpath} (corrupt or not a digits checkpoint): {e}") from None
     net = UNet(**cfg)
+    check_state_dict(net, sd, str(wpath))
     net.load_state_dict(sd, strict=True)
     model = as_model(net, "digits", card)
     want = card.get("fingerprint")
