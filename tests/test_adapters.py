@@ -8,6 +8,7 @@ onto diffusers' tables; no network is touched; bad checkpoints give a ValueError
 
 import json
 import math
+import re
 import socket
 
 import pytest
@@ -321,3 +322,12 @@ def test_bin_state_dict_loads_with_weights_only(tmp_path, unet):
     x = torch.randn(2, 2, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x, model.schedule.sigmas[999]), unet(x, torch.tensor(999)).sample)
+
+
+def test_parameter_count_before_building_is_the_built_networks_count(unet):
+    from probflow.models.adapters import count_parameters
+
+    n = count_parameters(lambda: diffusers.UNet2DModel.from_config(unet.config), "config", None)
+    assert n == sum(p.numel() for p in unet.parameters()) > 0
+    with pytest.raises(ValueError, match=re.escape(f"config: the network would have {n:.3g} parameters")):
+        count_parameters(lambda: diffusers.UNet2DModel.from_config(unet.config), "config", n - 1)

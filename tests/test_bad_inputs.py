@@ -392,10 +392,12 @@ SCRIPT = textwrap.dedent("""
 
     mark = pathlib.Path(sys.argv[1])
     save, call = Image.Image.save, common._Progress.__call__
+    saved = []
 
     def slow_save(self, fp, *a, **k):  # PNG writes made slow, so that a signal lands between them
         save(self, fp, *a, **k)
-        if sys.argv[2] == "write":
+        saved.append(fp)
+        if sys.argv[2] == "write" and len(saved) == 2:  # after the first file is complete, in the second
             mark.write_text("writing")
         time.sleep(0.3)
 

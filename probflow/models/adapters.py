@@ -343,7 +343,10 @@ def from_diffusers(
     size = config.get("sample_size")
     shape = None
     if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
+        hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else ()
+        if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw):
+            raise ValueError(f"config: {unet_dir / 'config.json'}: sample_size: expected a positive integer or "
+                             f"[height, width], got {size!r}")
         shape = (int(config.get("in_channels", 3)), *hw)
     return DiscreteTimeModel(net, sched, pred, round_t=round_t, sample_shape=shape, name=root.resolve().name,
                              model_dtype=torch.float32)
