@@ -210,8 +210,8 @@ def check_state_dict(net: nn.Module, sd: Mapping[str, Tensor], where: str) -> No
     extra = [k for k in sd if k not in own]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    for what, items in (("missing keys", missing), ("unexpected keys", extra), ("shape mismatches (file vs config)",
-                                                                                 shapes)):
+    for what, items in (("missing key(s)", missing), ("unexpected key(s)", extra),
+                        ("shape mismatch(es) (file vs config)", shapes)):
         if items:
             raise ValueError(f"weights: {where} does not match its config: {len(items)} {what}, e.g. "
                              f"{', '.join(items[:2])}")
@@ -226,7 +226,8 @@ def count_parameters(build: Callable[[], nn.Module], what: str, max_parameters: 
         raise ValueError(f"{what}: cannot build the network from it ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if max_parameters is not None and n > max_parameters:
-        raise ValueError(f"{what}: the network would have {n:.3g} parameters ({4 * n / 2**30:.1f} GiB in float32), "
+        gib = 4 * n / 2**30
+        raise ValueError(f"{what}: the network would have {n:.3g} parameters ({gib:.3g} GiB in float32), "
                          f"above the limit of {max_parameters:.3g} (max_parameters=; --no-limits in the CLI)")
     return n
 
