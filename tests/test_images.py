@@ -221,3 +221,40 @@ def test_invert_round_trip_gives_back_the_dark_on_light_original(env, tmp_path, 
     expect = load_images([tmp_path / "mine.png"], 8, 1, verbose=False)  # the converted input, not inverted
     assert np.array_equal(_px(tmp_path / "d" / "mine.png"), to_uint8(expect)[0, :, :, 0])
     assert _px(tmp_path / "d" / "mine.png")[0, 0] > 200  # light paper stays light
+
+
+def _png_header(path, w, h):
+    """A PNG declaring w×h 8-bit grayscale pixels in its header, with no pixel data."""
+    import zlib
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_images_are_bounded_by_their_header_before_decoding_and_the_bound_can_be_lifted(env, tmp_path, capsys):
+    big = _png_header(tmp_path / "big.png", 5000, 5000)
+    with pytest.raises(ValueError, match=r"images: .*big.png: 5000×5000 = 25000000 pixels is above the limit"):
+        load_images([big], 8, 1)
+    with pytest.raises(ValueError, match=r"not a readable PNG/JPEG image"):  # no bound: decoded, and it is empty
+        load_images([big], 8, 1, max_pixels=None)
+    with pytest.raises(ValueError, match=r"images: .* is a directory, not an image file"):
+        load_images([tmp_path], 8, 1)
+    rc, _, err = _run(capsys, "encode", big, "--model", env["model"], "--steps", 2, "--out", tmp_path / "z.st",
+                      "--no-limits")
+    assert rc == 2 and "not a readable PNG/JPEG image" in err and "above the limit" not in err
+
+
+def test_save_images_replaces_a_folder_of_pngs_as_a_whole_only_with_force(tmp_path):
+    x = torch.zeros(2, 1, 8, 8)
+    first = save_images(x, tmp_path / "out", names=["a", "b"])
+    with pytest.raises(FileExistsError, match="--out: folder .* exists and is not empty"):
+        save_images(x[:1], tmp_path / "out", names=["c"])
+    save_images(x[:1], tmp_path / "out", force=True, names=["c"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c.png"] and not first[0].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
+    with pytest.raises(ValueError, match="names: expected plain file names"):
+        save_images(x[:1], tmp_path / "other", names=["../escape"])
