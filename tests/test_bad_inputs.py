@@ -448,11 +448,11 @@ def test_sigkill_while_decode_writes_leaves_no_partial_set(env, tmp_path):
     assert "dec" not in left and all(n.startswith(".dec.") and n.endswith(".tmp") for n in left), left
 
 
-def test_ctrl_c_during_a_solve_prints_one_line_and_writes_nothing(env, tmp_path):
+def test_sigterm_during_a_solve_prints_one_line_and_writes_nothing(env, tmp_path):
     argv = ["sample", "--model", env["model"], "--n", "2", "--steps", "200", "--quiet", "--out", tmp_path / "s.png"]
-    rc, err = _interrupt(tmp_path, "solve", argv, signal.SIGINT)
-    assert rc == 130 and err.strip().splitlines() == [
-        "probflow sample: interrupted; nothing half-written was left behind"], err
+    rc, err = _interrupt(tmp_path, "solve", argv, signal.SIGTERM)
+    assert rc == 143 and err.strip().splitlines() == [
+        "probflow sample: terminated; nothing half-written was left behind"], err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,15 +2,18 @@
 
 Each module in `COMMANDS` exposes `add_<name>_arguments(parser)` and `run_<name>(args) -> int`; modules import
 heavy libraries (diffusers, scikit-learn) inside `run_<name>`, so that `probflow --help` stays fast. Errors
-in what the user gave (ValueError, missing or existing files) print one line and exit with status 2; Ctrl-C
-prints one line and exits with 130.
+in what the user gave (ValueError, missing, existing or unwritable files) print one line and exit with status 2;
+Ctrl-C prints one line and exits with 130, SIGTERM likewise with 143 (outputs are atomic: the temporary files
+are removed on the way out).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from probflow.version import __version__
 
@@ -43,7 +46,26 @@ def _one_line(e: BaseException) -> str:
     return msg if len(msg) <= 400 else msg[:399] + "…"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command (see `_run`), with SIGTERM handled like Ctrl-C while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return _run(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None = None) -> int:
     """Run one command. Bad input — ValueError, a missing/existing/unwritable file (OSError), a number out of
     range (OverflowError, FloatingPointError) — prints one line `probflow CMD: error: …` and returns 2;
     Ctrl-C prints one line and returns 130 (outputs are atomic, so nothing half-written is left)."""
@@ -60,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, OverflowError, FloatingPointError) as e:
         print(f"probflow {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print(f"probflow {command}: terminated; nothing half-written was left behind", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"probflow {command}: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
