@@ -9,6 +9,7 @@ continuous t by interpolating t against log σ_t (monotone, exact at the table's
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +46,13 @@ MAX_SIGMA = 1e100  # σ above this makes sqrt(1 + σ²)·x overflow float64 in p
 
 def check_T(T: object, name: str = "T") -> int:  # noqa: N802
     """A table length: an integer ≥ 2 (ValueError naming `name` otherwise)."""
-    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 2:
         raise ValueError(f"{name}: expected an integer number of timesteps >= 2, got {T!r}")
-    return T
+    return int(T)
 
 
 def _check_beta(v: object, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1:
         raise ValueError(f"{name}: expected a number in (0, 1), got {v!r}")
     return float(v)
 
