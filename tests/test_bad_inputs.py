@@ -30,7 +30,7 @@ DOC = ROOT / "docs" / "BAD_INPUTS.md"
 
 # ---------------------------------------------------------------- fixtures: tiny checkpoints and files
 
-def _tiny_digits(folder: Path, seed: int = 0, nan: bool = False) -> Path:
+def _tiny_digits(folder: Path, seed: int = 0, nan: bool = False, fill: float | None = None) -> Path:
     from probflow.digits import train as digits_train
     from probflow.models import digits as digits_model
     from probflow.models.unet import UNet
@@ -42,6 +42,8 @@ def _tiny_digits(folder: Path, seed: int = 0, nan: bool = False) -> Path:
             p.copy_(0.3 * torch.randn(p.shape) / max(1, p[0].numel()) ** 0.5)
         if nan:
             next(net.parameters()).fill_(float("nan"))
+        for p in net.parameters() if fill is not None else ():
+            p.fill_(fill)
     digits_train.save(net, {"name": "digits", "fingerprint": digits_model.as_model(net).fingerprint}, folder)
     return folder
 
@@ -260,6 +262,9 @@ CASES = [
     Case("digits-nan-weights", "digits checkpoint with NaN weights, `--method dopri5`",
          lambda e, t: _sample({**e, "model": _tiny_digits(e["root"] / "nan", nan=True)}, "--method", "dopri5",
                               "--out", t / "s.png"), "holds NaN or Inf values"),
+    Case("digits-eps-overflows", "digits checkpoint, finite weights (all 3e38) overflowing float32, `--method dopri5`",
+         lambda e, t: _sample({**e, "model": _tiny_digits(e["root"] / "big", fill=3e38)}, "--method", "dopri5",
+                              "--out", t / "s.png"), "--model: the network returned NaN or Inf for ε at σ = 157.4"),
     # diffusers folders
     Case("diffusers-T-negative", "diffusers folder, `num_train_timesteps: -5`",
          lambda e, t: _diff(e, t, "T-neg", sched_cfg={"num_train_timesteps": -5}),
