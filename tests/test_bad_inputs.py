@@ -263,7 +263,7 @@ CASES = [
          lambda e, t: _sample({**e, "model": _tiny_digits(e["root"] / "nan", nan=True)}, "--method", "dopri5",
                               "--out", t / "s.png"), "holds NaN or Inf values"),
     Case("digits-eps-overflows", "digits checkpoint, finite weights (all 3e38) overflowing float32, `--method dopri5`",
-         lambda e, t: _sample({**e, "model": _tiny_digits(e["root"] / "big", fill=3e38)}, "--method", "dopri5",
+         lambda e, t: _sample({**e, "model": _tiny_digits(e["root"] / "overflow", fill=3e38)}, "--method", "dopri5",
                               "--out", t / "s.png"), "--model: the network returned NaN or Inf for ε at σ = 157.4"),
     # diffusers folders
     Case("diffusers-T-negative", "diffusers folder, `num_train_timesteps: -5`",
