@@ -335,7 +335,7 @@ def unipc_step(order: int):
 _METHODS = [
     Method("dpmpp_2m", 2, 1, step=multistep_step(2),
            description="DPM-Solver++(2M), exponential integrator in λ, data prediction; last step (E3)"),
-    Method("dpmpp_3m", 3, 1, step=multistep_step(3),
+    Method("dpmpp_3m", 3, 1, step=multistep_step(3), extra_calls=1,
            description="exponential multistep of order 3 (exact quadratic integral), 2S first step; last (E3)"),
     Method("dpmpp_2s", 2, 2, step=singlestep_step(2),
            description="DPM-Solver++(2S), singlestep, stage at r = 1/2; last step to 0: midpoint in σ"),

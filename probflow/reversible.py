@@ -133,6 +133,6 @@ def reversible_heun_step(field: DDIMField, x: Tensor, sigma: Tensor, sigma_next:
     return from_fixed(xbar, dtype).to(x.device), HeunState(xbar, xhat, fhat, float(sigma_next))
 
 
-register(Method("reversible_heun", order=2, stages=1, step=reversible_heun_step, reversible=True,
+register(Method("reversible_heun", order=2, stages=1, step=reversible_heun_step, reversible=True, extra_calls=1,
                 description="reversible Heun (Kidger et al. 2021) in exact fixed point: pair state, 1 NFE/step, "
                             "decode(encode(x)) = x to 1e-13 on the flipped grid, any dtype and step count"))

@@ -40,6 +40,10 @@ class Method:
     uniform_steps: the method's coefficients assume equal steps in σ (torchdiffeq's Adams methods);
         integrate refuses other grids rather than return a silently wrong answer.
     default_options: options passed to the backend unless the caller overrides them.
+    extra_calls: model calls a fixed-grid solve makes beyond stages × steps, the same for every step count
+        (dpmpp_3m: one for its start; torchdiffeq's explicit Adams: its Runge–Kutta start-up); the benchmark
+        chooses steps = round((NFE − extra_calls) / stages) so that the counted NFE meets a target.
+    stochastic: the method draws noise (no deterministic order of convergence to measure against the ODE).
     """
 
     name: str
@@ -52,6 +56,8 @@ class Method:
     description: str = ""
     uniform_steps: bool = False
     default_options: dict = field(default_factory=dict)
+    extra_calls: int = 0
+    stochastic: bool = False
 
     def __post_init__(self) -> None:
         if self.backend == "probflow" and self.step is None:
@@ -92,6 +98,9 @@ _TORCHDIFFEQ_FIXED = {  # name: (order, stages)
 # even on uniform grids; max_order = 4 gives the stable 3-step Adams–Bashforth (order 3, measured 2.96)
 # and a predictor–corrector of order 4 (measured 3.95).
 _TORCHDIFFEQ_ADAMS = {"explicit_adams": (3, 1), "implicit_adams": (4, 2)}
+# explicit Adams (max_order 4) starts with Runge–Kutta steps: 6 calls beyond one per step, whatever the step count;
+# implicit Adams' corrector iterations vary with the problem, so it declares none (its NFE is counted anyway).
+_ADAMS_EXTRA_CALLS = {"explicit_adams": 6}
 _TORCHDIFFEQ_ADAPTIVE = {"dopri5": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 2}
 
 for _name, (_order, _stages) in _TORCHDIFFEQ_FIXED.items():
@@ -100,7 +109,7 @@ for _name, (_order, _stages) in _TORCHDIFFEQ_FIXED.items():
                     else "torchdiffeq fixed-grid"))
 for _name, (_order, _stages) in _TORCHDIFFEQ_ADAMS.items():
     register(Method(_name, _order, _stages, backend="torchdiffeq", uniform_steps=True,
-                    default_options={"max_order": 4},
+                    default_options={"max_order": 4}, extra_calls=_ADAMS_EXTRA_CALLS.get(_name, 0),
                     description="torchdiffeq fixed-grid Adams (equal steps in σ only)"))
 for _name, _order in _TORCHDIFFEQ_ADAPTIVE.items():
     register(Method(_name, _order, adaptive=True, backend="torchdiffeq", description="torchdiffeq adaptive"))

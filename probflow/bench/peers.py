@@ -34,7 +34,11 @@ Traps handled here (MATH.md §6):
    x̄ of x_T is x_T·sqrt(1 + σ_max²); they get the latter, so every solver starts from the same point.
 4. DPM-Solver++ and UniPC with `final_sigmas_type="zero"` take a first-order last step into σ = 0 (a
    second-order step in λ = −log σ cannot reach λ = ∞); that is their method, counted as such.
-5. `DDIMScheduler` with trailing spacing moves the state to t − T//n, which is not the next timestep when n
+5. Euler-type schedulers (Euler, Heun, LMS) build their Karras and exponential grids down to the σ of their
+   last *trailing timestep* (t = T/n − 1: σ ≈ 0.34 at 10 steps of the linear table, not σ_0 ≈ 0.01) and then
+   jump from there to σ = 0 in one step (`last_sigma_before_zero`); that is diffusers' method, run as is.
+   DPM-Solver++ and UniPC end their Karras/exponential grids at σ_0 (then a first-order step to 0, trap 4).
+6. `DDIMScheduler` with trailing spacing moves the state to t − T//n, which is not the next timestep when n
    does not divide T: such runs are recorded in `PeerResult.notes` ("missteps") and flagged.
 
 diffusers is imported lazily; `available()` says whether it can be (any Exception counts as absent).
@@ -54,7 +58,7 @@ from probflow.grids import karras, log_uniform
 from probflow.schedules import Schedule
 
 __all__ = ["PEERS", "PeerSpec", "PeerResult", "available", "peer_grids", "peer_names", "make_scheduler",
-           "run_peer", "steps_for_nfe"]
+           "run_peer", "steps_for_nfe", "last_sigma_before_zero"]
 
 _REL_MATCH = 1e-5  # a float32 σ and the float64 value it rounds agree far better than this
 
@@ -90,6 +94,10 @@ PEERS: dict[str, PeerSpec] = {
                       {**_DDPM, "solver_order": 2, "predict_x0": True, "solver_type": "bh2",
                        "final_sigmas_type": "zero", "thresholding": False},
                       "x", True, "diffusers UniPC (bh2, order 2, corrector on)"),
+    "unipc_3": PeerSpec("UniPCMultistepScheduler",
+                        {**_DDPM, "solver_order": 3, "predict_x0": True, "solver_type": "bh2",
+                         "final_sigmas_type": "zero", "thresholding": False},
+                        "x", True, "diffusers UniPC (bh2, order 3, corrector on)"),
     "euler_d": PeerSpec("EulerDiscreteScheduler", {**_DDPM, "final_sigmas_type": "zero"}, "xbar", True,
                         "diffusers EulerDiscreteScheduler"),
     "heun_d": PeerSpec("HeunDiscreteScheduler", {**_DDPM, "clip_sample": False}, "xbar", True,
@@ -147,6 +155,12 @@ _SIGMA_GRIDS = ("karras", "exponential")
 def _grid_kind(grid: str) -> str | None:
     """"karras" or "exponential" for a grid of diffusers' σ options (with or without "_sigma"), else None."""
     return next((k for k in _SIGMA_GRIDS if grid in (k, f"{k}_sigma")), None)
+
+
+def last_sigma_before_zero(name: str, schedule: Schedule, steps: int, grid: str) -> float:
+    """The σ from which the peer's last step jumps to σ = 0 (the last nonzero σ of its grid)."""
+    sig = make_scheduler(name, schedule, steps, grid).sigmas
+    return float(sig[sig > 0].min())
 
 
 def steps_for_nfe(name: str, nfe: int) -> int:
