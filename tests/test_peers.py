@@ -1,4 +1,4 @@
-"""diffusers' schedulers as peers (probflow.peers): the driver is checked against probflow and against the
+"""diffusers' schedulers as peers (probflow.bench.peers): the driver is checked against probflow and against the
 exact flow, so that a benchmark against them compares methods, not conventions (MATH.md §3, §6)."""
 
 import math
@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from probflow import grids, peers, schedules
+from probflow import grids, schedules
+from probflow.bench import peers
 from probflow.flows import noise, sample
 from probflow.models import GaussianMixture
 
@@ -154,3 +155,32 @@ def test_exponential_grids_are_offered_where_diffusers_has_them(setup):
     assert r_s.model_sigmas == pytest.approx(r_s.sigmas[:-1].tolist(), rel=1e-14)
     assert r_t.model_sigmas != pytest.approx(r_s.model_sigmas, rel=1e-6)
     assert r_s.nfe == r_t.nfe == 8
+
+
+def test_unipc_order_3_peer_converges_faster_than_order_2():
+    # the fairness peer for probflow's unipc_3: diffusers' UniPC with solver_order = 3 must really run at order 3
+    # (until its first-order last step into σ = 0 caps it), measured against DOP853 at 1e-12
+    torch.set_num_threads(1)
+    sch = schedules.linear()
+    model = GaussianMixture.random(8, 4, seed=5, std_range=(0.05, 0.5))
+    z = noise(8, (8,), seed=6)
+    end = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    ref = sample(model, z, end, "scipy_dop853", rtol=1e-12, atol=1e-12, options={"group": 8}).x
+    assert peers.make_scheduler("unipc_3", sch, 10, "karras_sigma").config.solver_order == 3
+    orders = {}
+    for name in ("unipc", "unipc_3"):
+        errs = [float((peers.run_peer(name, model, z, sch, n, "karras_sigma").x - ref).pow(2).mean().sqrt())
+                for n in (20, 80)]
+        orders[name] = math.log2(errs[0] / errs[1]) / 2
+    assert orders["unipc_3"] > 2.3 and orders["unipc_3"] > orders["unipc"] + 0.5, orders
+
+
+def test_euler_type_peers_jump_to_zero_from_their_last_trailing_sigma(setup):
+    # diffusers builds the Euler-type Karras grid down to σ of the last trailing timestep (t = T/n − 1), then 0;
+    # DPM-Solver++ ends the same option at σ_0
+    sch, _, _ = setup
+    for steps in (5, 10, 20):
+        t_last = sch.T // steps - 1
+        assert peers.last_sigma_before_zero("euler_d", sch, steps, "karras") == pytest.approx(
+            float(sch.sigmas[t_last]), rel=1e-12)
+        assert peers.last_sigma_before_zero("dpmpp_2m", sch, steps, "karras") == pytest.approx(sch.sigma_min, rel=1e-12)

@@ -138,6 +138,11 @@ def _workload(wname: str, wres: dict) -> list[str]:
            f"Reference: {ref['method']} rtol = atol = {ref['rtol']:g} ({ref['nfe']} NFE, {ref['wall_s']:.1f} s); "
            f"convergence check against rtol = atol = {ref['check_rtol']:g}: max |Δx_0| = "
            f"{ref['check_max_abs_diff']:.2e}, RMS {ref['check_rmse']:.2e}.\n"]
+    errs = [r["rmse"] for r in wres["rows"] if r["error"] is None and math.isfinite(r["rmse"]) and r["rmse"] > 0]
+    if errs and ref["check_rmse"] >= 0.1 * min(errs):
+        out.append(f"**Caution**: the reference's own uncertainty (RMS {ref['check_rmse']:.1e}) is not far below the "
+                   f"smallest errors reported ({min(errs):.1e}); errors below ~{10 * ref['check_rmse']:.0e} do not "
+                   "rank solvers. Tighten it with --ref-tol.\n")
     if "float32_field_diff" in ref:
         out.append(f"Reference network in {ref['network_dtype']}; the solvers' network differs from it by max |Δε| = "
                    f"{ref['float32_field_diff']:.1e} (at σ = σ_max, 1, 0.01 near the flow).\n")

@@ -35,8 +35,9 @@ NETWORK_PEER_GRIDS = ("trailing", "karras", "exponential", "exponential_sigma")
 
 @dataclass(frozen=True)
 class Config:
-    """Sizes of a run: samples per workload, NFE targets, tolerances, grids, peers (None: all), the mixtures'
-    reference tolerances, the network workloads' NFE/grids/smallest tolerance, and the overhead timing."""
+    """Sizes of a run: samples per workload, NFE targets, tolerances, grids, peers (None: all), the closed-form
+    models' reference tolerances, the network workloads' NFE/grids/smallest tolerance/reference tolerances, and
+    the overhead timing."""
 
     n2: int
     n64: int
@@ -50,6 +51,8 @@ class Config:
     network_nfe: tuple[int, ...]
     network_grids: tuple[str, ...]
     network_min_tol: float
+    network_ref_tol: float
+    network_check_tol: float
     overhead_steps: int
     overhead_repeats: int
     # suite → `run_workload`'s calibration (absent: the default; None: no calibrated grid in that suite)
@@ -59,13 +62,15 @@ class Config:
 FULL = Config(n2=256, n64=128, n_model=16, nfe=NFE, tolerances=TOLERANCES, grids=DEFAULT_GRIDS, peers=None,
               ref_tol=1e-12, check_tol=1e-10, network_nfe=(5, 10, 20, 50),
               network_grids=("uniform", "karras", CALIBRATED),
-              network_min_tol=1e-3, overhead_steps=50, overhead_repeats=7,
+              network_min_tol=1e-3, network_ref_tol=1e-5, network_check_tol=1e-4, overhead_steps=50,
+              overhead_repeats=7,
               calibration={"mixture2": None, "mixture64": {},
                            "network": {"nfe": (10,), "options": {"n": 32, "ref_method": "dopri5", "ref_tol": 1e-6,
                                                                  "max_evals": 100}}})
 QUICK = Config(n2=16, n64=4, n_model=8, nfe=(5, 10, 20), tolerances=(1e-3,), grids=("uniform", "karras"),
                peers=("ddim", "dpmpp_2m"), ref_tol=1e-9, check_tol=1e-7, network_nfe=(10,), network_grids=("uniform",),
-               network_min_tol=1e-3, overhead_steps=10, overhead_repeats=3)
+               network_min_tol=1e-3, network_ref_tol=1e-7, network_check_tol=1e-5, overhead_steps=10,
+               overhead_repeats=3)
 
 
 @dataclass
@@ -114,9 +119,8 @@ def _network_or_model(ctx: Context, spec: str, name: str) -> None:
     model = load_model_spec(spec)
     network = hasattr(model, "net")
     n = ctx.samples or cfg.n_model
-    method, tol, check = default_reference(model)
-    if not network:
-        tol, check = cfg.ref_tol, cfg.check_tol
+    method = default_reference(model)[0]
+    tol, check = (cfg.network_ref_tol, cfg.network_check_tol) if network else (cfg.ref_tol, cfg.check_tol)
     method, tol, check = ctx.ref[0] or method, ctx.ref[1] or tol, ctx.ref[2] or check
     ctx.say(f"{name}: reference {method} at {tol:g} (checked at {check:g}) for {n} samples …")
     w = model_workload(model, n, 0, name=name, ref_method=method, ref_tol=tol, check_tol=check)
