@@ -25,13 +25,14 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _tiny_digits(folder):
     """A small random digits checkpoint: UNet(8, 16) with a non-zero output layer, so ε is a non-trivial smooth
     function of (x, t)."""
-    from probflow import digits
-    from probflow.unet import UNet
+    from probflow.digits.train import save
+    from probflow.models.digits import as_model
+    from probflow.models.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(1, (8, 16), 1)
     torch.nn.init.normal_(net.out[-1].weight, std=0.1)
-    digits.save(net, {"name": "tiny random test model", "fingerprint": digits.as_model(net).fingerprint}, folder)
+    save(net, {"name": "tiny random test model", "fingerprint": as_model(net).fingerprint}, folder)
     return folder
 
 

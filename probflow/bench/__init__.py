@@ -6,8 +6,8 @@ x_T; at σ = 0, x̄ = x = x_0, which is compared with a reference x_0 from the s
 Modules: `grids` (grids by name), `workloads` (a model, its noise and reference; models by spec), `reference`
 (the tight adaptive reference and its check against a looser one), `runner` (one row per solve; best per NFE;
 convergence order), `peers` (diffusers' schedulers driven as pipelines drive them), `overhead` (time per step
-beyond the model), `suites` (the sizes and suites of a run), `report` (RESULTS.md), `plots`, and `command` (the
-`probflow bench` arguments and run).
+beyond the model), `suites` (the sizes and suites of a run), `report` (RESULTS.md) and `plots`; the command's
+arguments and run are in `probflow.cli.bench`.
 
 Helper API for notebooks and other benchmarks, re-exported here: `mixture_workload`, `model_workload`,
 `run_workload`, `run_mixture_suite`, `error_vs_nfe`, `convergence_order`, `best_per_nfe`, `solver_overhead`;

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from probflow.atomic import atomic_write
 from probflow.bench.grids import DEFAULT_GRIDS
+from probflow.io.atomic import atomic_write
 
 __all__ = ["plot_workload", "plot_headline", "plot_names", "write_text", "HEADLINE"]
 

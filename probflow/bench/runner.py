@@ -189,7 +189,7 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
 
 def calibrated_grid(w: Workload, cal: dict) -> GridBuilder:
     """The workload's calibrated grid builder, timed and counted per step count into w.extra["calibration"]."""
-    from probflow.grids import calibrated_builder
+    from probflow.calibrate import calibrated_builder
 
     f = DDIMField(w.model, model_dtype=w.model_dtype)  # as_field keeps a field as is, so its NFE counts
     inner = calibrated_builder(f, tuple(w.noise.shape[1:]), cal["method"], **cal["options"])

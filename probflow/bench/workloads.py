@@ -5,7 +5,7 @@ and integrates Eq. 12 down to σ = 0, where x̄ = x = x_0 (MATH.md §1, §7).
 
 Models by spec (`load_model_spec`): "mixture2d" (the built-in 2-D mixture, exact ε), "digits" (the shipped
 digits ε-UNet), a local folder (a diffusers `save_pretrained` folder, or a digits checkpoint folder with
-digits.json), or a Python entry point "module:factory" (factory() returns an ε-model `model(x, σ)`).
+digits.safetensors), or a Python entry point "module:factory" (factory() returns an ε-model `model(x, σ)`).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def with_dtype(model, dtype: torch.dtype):
 
 def load_model_spec(spec: str):
     """A model from a `--model` spec: "mixture2d", "digits", a local folder (diffusers `save_pretrained` layout, or
-    a digits checkpoint folder with digits.json) or "module:factory" (a Python entry point; factory() returns an
+    a digits checkpoint folder with digits.safetensors) or "module:factory" (a Python entry point; factory() returns an
     ε-model `model(x, σ)` with `sample_shape` or `dim`, and optionally `schedule`). ValueError names the spec."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--model: expected a model spec, got {spec!r}")
@@ -163,10 +163,6 @@ def load_model_spec(spec: str):
         return load(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "digits.json").is_file():
-            from probflow.digits import load_model
-
-            return load_model(path)
         from probflow.models import load
 
         try:
