@@ -1,4 +1,4 @@
-"""Print the core issue's measured figures: DDIM (Eq. 11) vs probflow Euler (and vs diffusers' DDIMScheduler),
+"""Print the core measured figures: DDIM (Eq. 11) vs probflow Euler (and vs diffusers' DDIMScheduler),
 measured convergence orders against DOP853, and the encode→decode round trip.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/core_checks.py
