@@ -141,7 +141,8 @@ def _out(args: argparse.Namespace, suites: list[str]) -> Path:
         exist = [str(out / n) for n in ("results.json", "RESULTS.md", HEADLINE) if (out / n).exists()]
         exist += [str(p) for p in out.glob("error_vs_*.png")]
         if exist:
-            raise FileExistsError(f"--out: {', '.join(exist)} already exist(s); pass --force to overwrite")
+            raise FileExistsError(f"--out: {out} already holds results ({len(exist)} files, e.g. "
+                                  f"{Path(exist[0]).name}); pass --force to overwrite them")
     return out
 
 
