@@ -17,6 +17,7 @@ from torch import Tensor
 from probflow.field import DDIMField, EpsModel, as_field
 from probflow.grids import check_grid
 from probflow.integrate import Solution, check_state, integrate, scale_in, scale_out
+from probflow.precision import Precision
 from probflow.solvers import Method
 
 __all__ = ["sample", "decode", "encode", "interpolate", "slerp", "lerp", "noise"]
@@ -29,8 +30,12 @@ def _decreasing(sigmas: Tensor) -> Tensor:
     return sigmas
 
 
-def _flow(model, x, sigmas, method, rtol, atol, trajectory, state, options) -> Solution:
+def _flow(model, x, sigmas, method, rtol, atol, trajectory, state, options, precision=None) -> Solution:
     x = check_state(x, "x")
+    if precision is not None:  # the model in its dtype, the state in its own (probflow.precision)
+        p = Precision.parse(precision).check_device(x.device)
+        model, x = p.field(model), p.state_tensor(x)
+    model = as_field(model)
     sol = integrate(model, scale_in(x, sigmas[0]), sigmas, method, rtol=rtol, atol=atol,
                     trajectory=trajectory, state=state, options=options)
     sol.x = scale_out(sol.x, sigmas[-1])
@@ -51,13 +56,16 @@ def sample(
     trajectory: bool = False,
     state: Any = None,
     options: dict | None = None,
+    precision: Precision | str | None = None,
 ) -> Solution:
     """x_T → x_0: integrate Eq. 12 down the decreasing grid `sigmas` (σ_max … 0) from `noise` = x_T.
 
     `noise` is in the model's variable x (a standard normal draw for σ_max large), shape (B, *S).
     Returns a Solution whose `x` (and `trajectory`, if asked) are in x; `method="euler"` is DDIM.
+    `precision` (e.g. "model=bfloat16,state=float32", `probflow.precision`) sets the model's and the
+    state's dtypes; default: the noise's dtype for the state, the model's own dtype for the model.
     """
-    return _flow(as_field(model), noise, _decreasing(sigmas), method, rtol, atol, trajectory, state, options)
+    return _flow(model, noise, _decreasing(sigmas), method, rtol, atol, trajectory, state, options, precision)
 
 
 def decode(
@@ -71,11 +79,12 @@ def decode(
     trajectory: bool = False,
     state: Any = None,
     options: dict | None = None,
+    precision: Precision | str | None = None,
 ) -> Solution:
     """Latents x_T → images x_0: `sample` from given latents (pass an encode's `state` to invert a
     reversible method exactly)."""
     return sample(model, latents, sigmas, method, rtol=rtol, atol=atol, trajectory=trajectory, state=state,
-                  options=options)
+                  options=options, precision=precision)
 
 
 def encode(
@@ -89,6 +98,7 @@ def encode(
     trajectory: bool = False,
     state: Any = None,
     options: dict | None = None,
+    precision: Precision | str | None = None,
 ) -> Solution:
     """x_0 → x_T: integrate Eq. 12 *up* the flipped sampling grid; the latent is x_T = x̄(σ_max)/sqrt(1+σ_max²).
 
@@ -96,7 +106,7 @@ def encode(
     (MATH.md §3). The Solution's `state` lets a reversible method decode exactly.
     """
     up = _decreasing(sigmas).flip(0)
-    return _flow(as_field(model), x0, up, method, rtol, atol, trajectory, state, options)
+    return _flow(model, x0, up, method, rtol, atol, trajectory, state, options, precision)
 
 
 def lerp(z0: Tensor, z1: Tensor, w: Tensor) -> Tensor:
@@ -198,13 +208,16 @@ def interpolate(
 
 
 def noise(n: int, shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64,
-          device: torch.device | str = "cpu") -> Tensor:
+          device: torch.device | str = "cpu", start: int = 0) -> Tensor:
     """n standard-normal latents of shape `shape`, sample i drawn from its own stream seeded by (seed, i),
-    so a sample's noise does not depend on the batch size or its position in a batch."""
+    so a sample's noise does not depend on the batch size or its position in a batch. `start` gives samples
+    start … start+n−1 of the same sequence (a chunk of a larger run: `noise(n)[a:b] == noise(b-a, start=a)`)."""
     if n < 1:
         raise ValueError(f"n: expected a positive number of samples, got {n}")
+    if start < 0:
+        raise ValueError(f"start: expected a non-negative sample index, got {start}")
     out = torch.empty((n, *shape), dtype=torch.float64)
     for i in range(n):
-        s = int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> 1)
+        s = int(np.random.SeedSequence([seed, start + i]).generate_state(1, np.uint64)[0] >> 1)
         out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
     return out.to(dtype=dtype, device=device)

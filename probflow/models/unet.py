@@ -103,8 +103,9 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """ε_θ(x_t, t): x (B, C, H, W), t float of shape (B,) (or a scalar, broadcast)."""
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        e = self.t_mlp(timestep_embedding(t, self.t_dim))
+        tdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # t ≤ 999 needs ≥ 24 bits
+        t = torch.as_tensor(t, dtype=tdt, device=x.device).reshape(-1).expand(x.shape[0])
+        e = self.t_mlp(timestep_embedding(t, self.t_dim).to(x.dtype))
         h = self.inp(x)
         hs = [h]
         for m in self.down:

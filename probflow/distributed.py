@@ -1,0 +1,411 @@
+"""Runs over `torch.distributed` ranks whose results do not depend on the world size.
+
+**Unit of work.** n samples are cut into chunks of `chunk` consecutive sample indices,
+chunk k = [k·chunk, min((k+1)·chunk, n)), and chunk k runs on rank k mod W as ONE batch, by a function
+`fn(start, stop)` that sees only its indices. A chunk's batch is therefore the same for every world size W:
+the network sees the same batch-mates and an adaptive solver the same batch-wide error norm (Eq. 12 solved
+for that batch alone), so on a deterministic device (CPU; same torch build and thread count) each
+sample's bytes do not depend on W. Changing `chunk` changes batch-mates: fixed-grid methods then differ by
+round-off only (the network's kernels), adaptive ones by up to their tolerance.
+
+**No collective inside a solve.** Ranks never synchronise per step; they meet only after all their local
+work, in `map_chunks`, to exchange a per-rank status (ok, or the error message of a rank that raised) with
+`all_gather_object`, and then the results. A rank whose `fn` raises still reaches that meeting with its
+error, so every rank learns of the failure at the same point and raises `RankFailed` naming the failing
+rank and its message; rank 0 writes nothing (`on_rank0` runs writers only after success, and shares their
+own status the same way). A rank that dies without raising (killed, segfault) is handled by torchrun, which
+stops the other workers; one that hangs hits the process group's `timeout`.
+
+**Launch.** `torchrun --nproc-per-node N -m probflow ...` (add `--nnodes M --node-rank R
+--rdzv-endpoint HOST:PORT` or `--master-addr/--master-port` on several machines) sets RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `world()` joins the process group from them
+(gloo on CPU, NCCL on CUDA). Without them it is a world of one process and no process group is made.
+
+Python::
+
+    from probflow import distributed as dist
+    w = dist.world()                                       # rank/size from torchrun's variables, or 0/1
+    parts = dist.map_chunks(lambda a, b: solve(a, b), n, chunk=64)   # list of chunk results on rank 0
+    if w.rank == 0: ...                                    # combine and write (see `on_rank0`)
+    dist.finish()
+"""
+
+from __future__ import annotations
+
+import _thread
+import datetime
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["World", "RankFailed", "world", "finish", "chunk_bounds", "map_chunks", "map_cells", "on_rank0",
+           "default_threads", "set_threads", "concat_solutions", "slice_state", "cat_batch"]
+
+T = TypeVar("T")
+TIMEOUT_S = float(os.environ.get("PROBFLOW_DIST_TIMEOUT", 1800))
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RankFailed(RuntimeError):
+    """Raised on every rank when one or more ranks failed; the message names them and their errors."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: `rank` of `size` (global), `local_rank` of `local_size` on its
+    machine, the `device` its work should use, and whether a process group is live."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    device: str = "cpu"
+    grouped: bool = False
+
+
+_WORLD: World | None = None
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None:
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer from torchrun, got {v!r}") from None
+
+
+def world(device: str | None = None, timeout: float | None = None) -> World:
+    """Join the run started by torchrun (once per process; later calls return the same World).
+
+    device: "cpu" (gloo) or "cuda" (NCCL, GPU LOCAL_RANK); default cuda when available. timeout: seconds
+    any collective may wait (default $PROBFLOW_DIST_TIMEOUT or 1800: it must exceed the longest imbalance
+    of local work between ranks). Without torchrun's variables: World() — one process, no process group.
+    """
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    import torch.distributed as tdist
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    size = _env_int("WORLD_SIZE", 1)
+    if size == 1 and not tdist.is_initialized():
+        _WORLD = World(device=device if device == "cpu" else f"cuda:{_env_int('LOCAL_RANK', 0)}")
+        return _WORLD
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing and not tdist.is_initialized():
+        raise ValueError(f"WORLD_SIZE={size} but {', '.join(missing)} unset: launch with torchrun")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                 timeout=datetime.timedelta(seconds=timeout or TIMEOUT_S))
+    _WORLD = World(tdist.get_rank(), tdist.get_world_size(), local_rank,
+                   _env_int("LOCAL_WORLD_SIZE", 1), device, True)
+    return _WORLD
+
+
+def finish() -> None:
+    """Leave the process group (if this process made one); `world()` may then be called again."""
+    global _WORLD
+    import torch.distributed as tdist
+
+    if _WORLD is not None and _WORLD.grouped and tdist.is_initialized():
+        tdist.destroy_process_group()
+    _WORLD = None
+
+
+def default_threads(local_size: int | None = None, cores: int | None = None) -> int:
+    """Torch intra-op threads per rank: ⌊usable cores / ranks on this machine⌋, at least 1.
+
+    usable cores: the CPUs this process may run on (`os.sched_getaffinity`), less those already busy by
+    the 1-minute load average (other processes), at least 1 — so ranks × threads never exceeds the cores,
+    and a shared machine is not oversubscribed (two threads on two cores that other processes also use run
+    an 8×8-digit batch ~15× slower than one). `local_size` defaults to torchrun's LOCAL_WORLD_SIZE.
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        try:
+            busy = os.getloadavg()[0]
+        except (OSError, AttributeError):
+            busy = 0.0
+        cores = max(1, cores - int(busy + 0.5)) if busy >= 0.5 else cores
+    local_size = local_size or _env_int("LOCAL_WORLD_SIZE", 1)
+    return max(1, cores // max(1, local_size))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (default `default_threads()`); returns the number set."""
+    n = default_threads() if threads is None else threads
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"--threads: expected a positive integer, got {threads!r}")
+    torch.set_num_threads(n)
+    return n
+
+
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[(start, stop)] of the chunks of n sample indices, `chunk` each (the last may be shorter)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive number of items, got {n!r}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"--chunk: expected a positive integer, got {chunk!r}")
+    return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors (in containers and dataclasses) moved to the CPU so they pickle device-free."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: _to_cpu(getattr(obj, f.name)) for f in fields(obj) if f.init})
+    return obj
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _agree(w: World, error: str | None) -> None:
+    """Every rank contributes its status (None = ok, or its error message); all raise RankFailed if any
+    rank failed. The only collective besides the result gather, reached by every rank."""
+    if w.size == 1:
+        statuses = [error]
+    else:
+        import torch.distributed as tdist
+
+        statuses: list[str | None] = [None] * w.size
+        tdist.all_gather_object(statuses, error)
+    failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+    if failed:
+        raise RankFailed("; ".join(f"rank {r} of {w.size} failed: {s}" for r, s in failed))
+
+
+class _Watch:
+    """Early abort without a collective: a rank whose work raises sets the store key `key` (the rendezvous
+    key-value store, a point-to-point request, not a collective); a daemon thread on every rank polls the key
+    every `poll` s and, while local work is still running, interrupts the main thread (KeyboardInterrupt at
+    its next Python instruction, i.e. between model calls), so the others stop within about a second and go
+    to the status meeting instead of finishing their chunks."""
+
+    def __init__(self, w: World, key: str, poll: float = 0.2) -> None:
+        self.key, self.poll, self.fired, self.done = key, poll, False, False
+        self.lock, self.store = threading.Lock(), None
+        if w.size > 1:
+            try:
+                from torch.distributed.distributed_c10d import _get_default_store
+
+                self.store = _get_default_store()
+            except Exception:  # no store: failures are still reported at the meeting, only later
+                self.store = None
+        if self.store is not None:
+            threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.poll)
+            with self.lock:
+                if self.done:
+                    return
+                try:
+                    hit = self.store.check([self.key])
+                except Exception:
+                    return
+                if hit:
+                    self.fired = True
+                    _thread.interrupt_main()
+                    return
+
+    def fail(self) -> None:
+        with self.lock:
+            self.done = True
+        if self.store is not None:
+            try:
+                self.store.set(self.key, "1")
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        with self.lock:
+            self.done = True
+
+
+_CALLS = [0]
+
+
+def _run_local(w: World, fn: Callable[[int, int], Any], bounds: list[tuple[int, int]]):
+    """This rank's chunks → ({k: result}, error message or None); stops early when another rank failed."""
+    _CALLS[0] += 1
+    watch = _Watch(w, f"probflow/failed/{_CALLS[0]}")
+    local: dict[int, Any] = {}
+    try:
+        try:
+            for k in range(w.rank, len(bounds), w.size):
+                local[k] = _to_cpu(fn(*bounds[k]))
+        finally:
+            watch.stop()
+    except KeyboardInterrupt:
+        if not watch.fired:
+            raise
+        return {}, None  # another rank failed: its message comes from the meeting
+    except Exception as e:  # reach the meeting with the error instead of leaving the others waiting
+        watch.fail()
+        traceback.print_exc(file=sys.stderr)
+        return {}, _error_text(e)
+    return local, None
+
+
+def map_chunks(fn: Callable[[int, int], T], n: int, chunk: int, *, w: World | None = None,
+               everywhere: bool = False) -> list[T] | None:
+    """Run `fn(start, stop)` on every chunk of n indices (`chunk_bounds`), chunk k on rank k mod W, and
+    gather the results in chunk order: the list on rank 0 (on every rank with `everywhere`), None on the
+    others. `fn` must not use collectives. If any rank's `fn` raises, the others stop within about a second
+    (`_Watch`) and every rank raises `RankFailed` with that rank's message (its traceback is printed on its
+    own stderr)."""
+    w = w or world()
+    bounds = chunk_bounds(n, chunk)
+    local, error = _run_local(w, fn, bounds)
+    _agree(w, error)
+    if w.size == 1:
+        parts = [local]
+    else:
+        import torch.distributed as tdist
+
+        if everywhere:
+            parts = [None] * w.size
+            tdist.all_gather_object(parts, local)
+        else:
+            parts = [None] * w.size if w.rank == 0 else None
+            tdist.gather_object(local, parts, dst=0)
+    if parts is None:
+        return None
+    merged = {k: v for p in parts for k, v in p.items()}
+    return [merged[k] for k in range(len(bounds))]
+
+
+def map_cells(fn: Callable[[int], T], cells: int, *, w: World | None = None) -> list[T]:
+    """`fn(i)` for i in range(cells), cell i on rank i mod W, results in cell order on every rank (for
+    independent benchmark cells; a cell's result must not depend on which rank computed it)."""
+    return map_chunks(lambda a, b: fn(a), cells, 1, w=w, everywhere=True)
+
+
+def on_rank0(write: Callable[[], T], *, w: World | None = None) -> T | None:
+    """Run `write()` on rank 0 only, then share its status: every rank raises RankFailed if it failed (use
+    probflow's atomic writer inside, so a failure leaves no partial file). Returns write()'s value on rank 0."""
+    w = w or world()
+    out, error = None, None
+    if w.rank == 0:
+        try:
+            out = write()
+        except Exception as e:
+            error = _error_text(e)
+            if w.size == 1:
+                raise
+    _agree(w, error)
+    return out
+
+
+def cat_batch(parts: Sequence[Any], dim: int = 0) -> Any:
+    """Concatenate chunk results along the batch: tensors with `torch.cat` (0-d tensors and plain values
+    must agree and are kept once), tuples/lists/dicts item by item, None stays None."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, Tensor):
+        if first.ndim == 0:
+            if any(not torch.equal(p, first) for p in parts):
+                raise ValueError("chunks: a scalar tensor differs between chunks")
+            return first
+        return torch.cat(list(parts), dim=dim)
+    if isinstance(first, (list, tuple)):
+        return type(first)(cat_batch([p[i] for p in parts], dim) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: cat_batch([p[k] for p in parts], dim) for k in first}
+    if any(p != first for p in parts):
+        raise ValueError(f"chunks: value {first!r} differs between chunks")
+    return first
+
+
+def slice_state(state: Any, a: int, b: int) -> Any:
+    """Rows a:b of a solver state that exposes `tensors()`/`from_tensors` (e.g. reversible_heun's pair);
+    0-d entries are kept. None → None."""
+    if state is None:
+        return None
+    if not hasattr(state, "tensors"):
+        raise ValueError(f"state: {type(state).__name__} cannot be split into chunks (no tensors())")
+    t = {k: (v if v.ndim == 0 else v[a:b]) for k, v in state.tensors().items()}
+    return type(state).from_tensors(t)
+
+
+def concat_solutions(parts: Sequence[Any]):
+    """One Solution from the chunks' Solutions (in chunk order): x and trajectory concatenated along the
+    batch, nfe summed (model calls, each on one chunk), a `tensors()` state concatenated row-wise; any
+    other state (a multistep method's history) is not carried over: state None."""
+    from probflow.integrate import Solution
+
+    st = parts[0].state
+    if st is not None and hasattr(st, "tensors"):
+        st = type(st).from_tensors(cat_batch([p.state.tensors() for p in parts]))
+    else:
+        st = None
+    traj = parts[0].trajectory
+    traj = None if traj is None else torch.cat([p.trajectory for p in parts], dim=1)
+    return Solution(torch.cat([p.x for p in parts]), sum(p.nfe for p in parts), parts[0].sigmas, traj, st,
+                    parts[0].method)
+
+
+def sample(model: Any, n: int, sigmas: Tensor, method: Any = "euler", *, chunk: int = 64, seed: int = 0,
+           shape: Sequence[int] | None = None, w: World | None = None, everywhere: bool = False,
+           **kw: Any):
+    """n samples x_0 = `probflow.sample` from `probflow.noise(·, shape, seed)`, chunk by chunk over the ranks.
+
+    Sample i's noise is stream (seed, i) and chunk k's batch is samples [k·chunk, (k+1)·chunk): the result is
+    the same for every world size. kw: rtol, atol, precision, options (as `probflow.sample`). Returns the
+    concatenated Solution on rank 0 (every rank with `everywhere`), None on the others.
+    """
+    from probflow.flows import noise
+    from probflow.flows import sample as sample_
+
+    shape = tuple(shape if shape is not None else getattr(model, "sample_shape", None) or ())
+    if not shape:
+        raise ValueError("shape: give the sample shape (the model has no sample_shape)")
+
+    def run(a: int, b: int):
+        return sample_(model, noise(b - a, shape, seed, start=a), sigmas, method, **kw)
+
+    parts = map_chunks(run, n, chunk, w=w, everywhere=everywhere)
+    return None if parts is None else concat_solutions(parts)
+
+
+def solve(what: str, model: Any, x: Tensor, sigmas: Tensor, method: Any = "euler", *, chunk: int = 64,
+          state: Any = None, w: World | None = None, everywhere: bool = False, **kw: Any):
+    """`probflow.encode`/`decode`/`sample` (`what`) of the batch x (given on every rank), chunk by chunk over
+    the ranks; rows a:b of a reversible `state` go with rows a:b of x. Returns the concatenated Solution on
+    rank 0 (every rank with `everywhere`), None on the others."""
+    import probflow.flows as flows
+
+    fns = {"sample": flows.sample, "encode": flows.encode, "decode": flows.decode}
+    if what not in fns:
+        raise ValueError(f"what: expected one of {sorted(fns)}, got {what!r}")
+
+    def run(a: int, b: int):
+        return fns[what](model, x[a:b], sigmas, method, state=slice_state(state, a, b), **kw)
+
+    parts = map_chunks(run, int(x.shape[0]), chunk, w=w, everywhere=everywhere)
+    return None if parts is None else concat_solutions(parts)
