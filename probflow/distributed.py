@@ -55,7 +55,12 @@ _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RankFailed(RuntimeError):
-    """Raised on every rank when one or more ranks failed; the message names them and their errors."""
+    """Raised on every rank when one or more ranks failed; the message names them and their errors.
+    `user_error`: every failure was a ValueError or a missing/existing file (bad input, not a crash)."""
+
+    def __init__(self, message: str, user_error: bool = False) -> None:
+        super().__init__(message)
+        self.user_error = user_error
 
 
 @dataclass(frozen=True)
@@ -178,8 +183,11 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
+_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)
+
+
 def _error_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+    return f"{'!' if isinstance(e, _USER_ERRORS) else ''}{type(e).__name__}: {e}"
 
 
 def _agree(w: World, error: str | None) -> None:
@@ -193,8 +201,9 @@ def _agree(w: World, error: str | None) -> None:
         statuses: list[str | None] = [None] * w.size
         tdist.all_gather_object(statuses, error)
     failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
-    if failed:
-        raise RankFailed("; ".join(f"rank {r} of {w.size} failed: {s}" for r, s in failed))
+    if failed:  # a leading "!" marks a user error (bad input)
+        raise RankFailed("; ".join(f"rank {r} of {w.size} failed: {s.lstrip('!')}" for r, s in failed),
+                         all(s.startswith("!") for _, s in failed))
 
 
 class _Watch:

@@ -35,7 +35,7 @@ WORKER = textwrap.dedent('''
     torch.set_num_threads(1)
     from safetensors.torch import save_file
     from probflow import distributed as dist
-    from probflow.atomic import atomic_write
+    from probflow.io.atomic import atomic_write
     mode, out = sys.argv[1], sys.argv[2]
     w = dist.world()
     if mode == "fail":   # rank 1 raises in its second chunk while the others are mid-chunk
@@ -188,7 +188,7 @@ def test_across_chunk_sizes_round_off_and_same_png(reference, capsys):
     """Another chunk size changes batch-mates: fixed-grid methods differ by the network's round-off only and
     give the same 8-bit images; the adaptive dopri5 follows another step sequence (differences up to its
     tolerance), which is why the unit of work is a chunk of fixed size."""
-    from probflow.images import to_uint8
+    from probflow.io.images import to_uint8
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -15,6 +15,8 @@ import signal
 import sys
 import threading
 
+from probflow.cli.common import add_runtime_arguments
+from probflow.distributed import RankFailed, finish, set_threads
 from probflow.version import __version__
 
 # name: (module, one-line help)
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         getattr(importlib.import_module(module), f"add_{name}_arguments")(p)
+        add_runtime_arguments(p)  # --threads for every command (kept as is where a command has its own)
     return parser
 
 
@@ -78,16 +81,23 @@ def _run(argv: list[str] | None = None) -> int:
             return 2
         command = args.command
         run = getattr(importlib.import_module(COMMANDS[command][0]), f"run_{command}")
+        if getattr(args, "runtime_threads", False):
+            set_threads(args.threads)
         return int(run(args) or 0)
     except (ValueError, OSError, OverflowError, FloatingPointError) as e:
         print(f"probflow {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except RankFailed as e:  # torchrun: a rank failed; every rank exits with its message, nothing was written
+        print(f"probflow {command}: error: {e}", file=sys.stderr)
+        return 2 if e.user_error else 1
     except _Terminated:
         print(f"probflow {command}: terminated; nothing half-written was left behind", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print(f"probflow {command}: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
+    finally:
+        finish()
 
 
 if __name__ == "__main__":

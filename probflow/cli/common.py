@@ -8,6 +8,8 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,8 +61,9 @@ def _load_checked(folder: str, limits: bool):
 
 
 def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: int | None,
-                         stochastic: bool = False) -> None:
-    """--model, --method, --grid, --steps, --rtol/--atol, --device, --force, --quiet (and --eta/--gamma)."""
+                         stochastic: bool = False, chunked: bool = True) -> None:
+    """--model, --method, --grid, --steps, --rtol/--atol, --device, --force, --quiet (and --eta/--gamma), and
+    `add_runtime_arguments` (--threads, --precision, and --chunk when `chunked`)."""
     p.add_argument("--model", default="digits",
                    help="'digits' (default), a digits checkpoint folder, or a local diffusers folder")
     p.add_argument("--method", default=method, help=f"solver name (probflow.solvers.method_names(); 'ddim' is "
@@ -82,6 +85,7 @@ def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: 
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_limit_arguments(p)
+    add_runtime_arguments(p, precision=True, chunk=chunked)
 
 
 def add_limit_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,14 +127,15 @@ def check_solver_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--device: {args.device!r} is not a usable torch device ({str(e).splitlines()[0]})") from None
 
 
-def solver_method(args: argparse.Namespace, seed: int = 0) -> Method:
-    """The method the arguments name: `--eta`/`--gamma` build a seeded stochastic method, else the registry's."""
+def solver_method(args: argparse.Namespace, seed: int = 0, indices: range | None = None) -> Method:
+    """The method the arguments name: `--eta`/`--gamma` build a seeded stochastic method (noise stream
+    (seed, i) for sample i of `indices`, default 0 … B−1), else the registry's."""
     from probflow import sde
 
     if getattr(args, "eta", None) is not None:
-        return sde.stochastic_ddim(args.eta, seed=seed)
+        return sde.stochastic_ddim(args.eta, seed=seed, indices=indices)
     if getattr(args, "gamma", None) is not None:
-        return sde.reverse_sde(args.gamma, seed=seed)
+        return sde.reverse_sde(args.gamma, seed=seed, indices=indices)
     return get_method(args.method)
 
 
@@ -214,3 +219,79 @@ def load_inputs(args: argparse.Namespace, model, paths: list[str], name: str) ->
     x = load_images(paths, (h, w), c, data_range=getattr(model, "data_range", (-1.0, 1.0)), invert=args.invert,
                     name=name, **({"max_pixels": None} if getattr(args, "no_limits", False) else {}))
     return x.to(args.device)
+
+
+# ---------------------------------------------------------------- runtime: threads, precision, chunks, ranks
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, precision: bool = False, chunk: bool = False) -> None:
+    """--threads (every command), --precision (image commands) and --chunk (those spread over torchrun's ranks:
+    sample, encode, decode; probflow.distributed).
+
+    A command that defines its own --threads (train, bench) keeps it; `apply_runtime` then leaves threads
+    to the command."""
+    if "--threads" not in p._option_string_actions:
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch intra-op threads per process (default: the free cores of this machine divided "
+                            "by the ranks on it, at least 1: ranks × threads never exceeds the cores)")
+        p.set_defaults(runtime_threads=True)
+    if precision:
+        p.add_argument("--precision", default=None,
+                       help="dtypes of the model and of the ODE state, e.g. model=bfloat16,state=float32, or one of "
+                            "float64/float32 for both (probflow.precision); default: the model's own dtype, state "
+                            "float64")
+    if chunk:
+        p.add_argument("--chunk", type=int, default=64,
+                       help="samples per batch (default 64): the unit of work spread over torchrun's ranks; the "
+                            "same --chunk gives the same bytes on any number of ranks")
+
+
+@dataclass
+class Runtime:
+    """What `apply_runtime` set up: the ranks (`probflow.distributed.World`), threads and precision."""
+
+    world: Any
+    threads: int | None
+    precision: Any
+
+
+def apply_runtime(args: argparse.Namespace) -> Runtime:
+    """Set torch's threads, parse and check --precision on --device, check --chunk and join torchrun's ranks
+    (world size 1 without torchrun). On a CUDA device each rank takes GPU LOCAL_RANK."""
+    from probflow import distributed as dist
+    from probflow.precision import Precision
+
+    threads = dist.set_threads(args.threads) if getattr(args, "runtime_threads", False) else None
+    if getattr(args, "chunk", 1) < 1:
+        raise ValueError(f"--chunk: expected a positive integer, got {args.chunk}")
+    device = getattr(args, "device", "cpu")
+    w = dist.world(device="cuda" if str(device).startswith("cuda") else "cpu")
+    if w.size > 1 and str(device).startswith("cuda"):
+        args.device = w.device
+    precision = Precision.parse(getattr(args, "precision", None))
+    if precision is not None:
+        precision.check_device(args.device)
+    return Runtime(w, threads, precision)
+
+
+def run_chunks(args: argparse.Namespace, rt: Runtime, model, fn: Callable, n: int, inputs: Callable,
+               sigmas: Tensor, method: Callable, what: str, state: Any = None):
+    """`solve` chunk by chunk over the ranks (`probflow.distributed.map_chunks`, --chunk samples each):
+    `inputs(a, b)` and `method(a, b)` give chunk [a, b)'s input x and method (a stochastic method's noise is
+    indexed by sample), rows a:b of a reversible `state` go with it; the model runs in --precision. Returns
+    the concatenated Solution on rank 0, None on the other ranks."""
+    from probflow import distributed as dist
+
+    if rt.precision is not None:
+        model = rt.precision.cast_model(model)
+    quiet = args.quiet or rt.world.rank != 0
+
+    def one(a: int, b: int):
+        x = inputs(a, b).to(args.device)
+        x = x if rt.precision is None else rt.precision.state_tensor(x)
+        st = dist.slice_state(state, a, b)
+        ns = argparse.Namespace(**{**vars(args), "quiet": quiet})
+        return solve(ns, model, fn, x, sigmas, method(a, b), what, state=st)
+
+    parts = dist.map_chunks(one, n, args.chunk, w=rt.world)
+    return None if parts is None else dist.concat_solutions(parts)

@@ -14,14 +14,17 @@ import torch
 
 from probflow.cli.common import (
     add_solver_arguments,
+    apply_runtime,
     check_solver_args,
     grid,
     load_image_model,
     load_inputs,
+    run_chunks,
     say,
     solve,
     solver_method,
 )
+from probflow.distributed import on_rank0
 from probflow.io.atomic import check_writable
 from probflow.solvers import get_method
 
@@ -40,17 +43,22 @@ def run_encode(args: argparse.Namespace) -> int:
     from probflow.io.latents import save_latents
 
     check_solver_args(args)
-    check_writable(args.out, args.force, "--out")
+    rt = apply_runtime(args)
+    on_rank0(lambda: check_writable(args.out, args.force, "--out"), w=rt.world)
     model = load_image_model(args.model, args.device)
     x0 = load_inputs(args, model, args.images, "IMAGE")
     method = solver_method(args)
     sig = grid(args, model, method)
-    sol = solve(args, model, probflow.encode, x0, sig, method, "encode")
+    sol = run_chunks(args, rt, model, probflow.encode, len(x0), lambda a, b: x0[a:b], sig, lambda a, b: method,
+                     "encode")
+    if rt.world.rank != 0:  # the other ranks meet rank 0's write, then stop
+        return on_rank0(lambda: None, w=rt.world) or 0
     state = sol.state.tensors() if hasattr(sol.state, "tensors") else None
-    save_latents(args.out, sol.x.cpu(), sig, model, method=args.method, nfe=sol.nfe, rtol=args.rtol, atol=args.atol,
-                 state=state, sources=[Path(p).name for p in args.images],
-                 data_range=getattr(model, "data_range", (-1.0, 1.0)), force=args.force,
-                 extra={"invert": json.dumps(bool(args.invert))})
+    extra = {"invert": json.dumps(bool(args.invert)), **({"precision": str(rt.precision)} if rt.precision else {})}
+    on_rank0(lambda: save_latents(args.out, sol.x.cpu(), sig, model, method=args.method, nfe=sol.nfe, rtol=args.rtol,
+                                  atol=args.atol, state=state, sources=[Path(p).name for p in args.images],
+                                  data_range=getattr(model, "data_range", (-1.0, 1.0)), force=args.force,
+                                  extra=extra), w=rt.world)
     print(f"wrote {args.out}: {len(args.images)} latent(s) of shape {tuple(sol.x.shape[1:])}, {args.method}, "
           f"NFE {sol.nfe}{', with its reversible state' if state else ''}")
     return 0
@@ -97,6 +105,7 @@ def run_decode(args: argparse.Namespace) -> int:
             v = meta.get(k, "None")
             setattr(args, k, float(v) if v not in ("None", "") else 1e-6)
     check_solver_args(args)
+    rt = apply_runtime(args)
     model = load_image_model(args.model, args.device)
     for msg in check_compatible(lf, model, args.force, "latents"):
         say(f"warning: decoding latents made with {msg} (--force)")
@@ -118,19 +127,26 @@ def run_decode(args: argparse.Namespace) -> int:
     if names is not None and len(set(names)) != len(names):
         names = None
     folder = Path(args.out)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"--out: {folder} exists and is not a folder")
-    targets = [folder / n for n in (names or [f"{i:04d}.png" for i in range(len(lf.latents))])]
-    clash = [str(t) for t in targets if t.exists()]
-    if clash and not args.force:
-        raise FileExistsError(f"--out: {', '.join(clash[:3])} exist(s); pass --force to overwrite")
-    sol = solve(args, model, probflow.decode, lf.latents.to(args.device), sig, method, "decode", state=state)
+    on_rank0(lambda: _check_out_folder(args, folder, names, len(lf.latents)), w=rt.world)
+    sol = run_chunks(args, rt, model, probflow.decode, len(lf.latents), lambda a, b: lf.latents[a:b], sig,
+                     lambda a, b: method, "decode", state=state)
     lo, hi = json.loads(meta.get("data_range", "[-1, 1]"))
+    if rt.world.rank != 0:  # the other ranks meet rank 0's write, then stop
+        return on_rank0(lambda: None, w=rt.world) or 0
     x = (lo + hi) - sol.x if json.loads(meta.get("invert", "false")) else sol.x  # back to the inputs' polarity
-    paths = save_images(x.cpu(), folder, args.force, names=names, data_range=(lo, hi))
+    paths = on_rank0(lambda: save_images(x.cpu(), folder, args.force, names=names, data_range=(lo, hi)), w=rt.world)
     print(f"wrote {len(paths)} image(s) to {folder}/ ({args.method}, NFE {sol.nfe}"
           f"{', exact inverse' if state is not None else ''})")
     return 0
+
+
+def _check_out_folder(args: argparse.Namespace, folder: Path, names: list[str] | None, n: int) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--out: {folder} exists and is not a folder")
+    targets = [folder / n for n in (names or [f"{i:04d}.png" for i in range(n)])]
+    clash = [str(t) for t in targets if t.exists()]
+    if clash and not args.force:
+        raise FileExistsError(f"--out: {', '.join(clash[:3])} exist(s); pass --force to overwrite")
 
 
 def add_interpolate_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,7 +158,7 @@ def add_interpolate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invert", action="store_true", help="use 255 − pixel (dark digits on a light background)")
     p.add_argument("--scale", type=int, default=None,
                    help="enlarge each frame by pixel repetition (default: to at least 32 px; 1 keeps pixels exact)")
-    add_solver_arguments(p, "reversible_heun", 50)
+    add_solver_arguments(p, "reversible_heun", 50, chunked=False)
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
@@ -157,8 +173,11 @@ def run_interpolate(args: argparse.Namespace) -> int:
     if args.scale is not None and args.scale < 1:
         raise ValueError(f"--scale: expected a positive integer, got {args.scale}")
     check_writable(args.out, args.force, "--out")
+    rt = apply_runtime(args)  # threads and precision (two images: not spread over ranks)
     model = load_image_model(args.model, args.device)
     x0 = torch.cat([load_inputs(args, model, [args.a], "A"), load_inputs(args, model, [args.b], "B")])
+    if rt.precision is not None:
+        model, x0 = rt.precision.cast_model(model), rt.precision.state_tensor(x0)
     method = solver_method(args)
     sig = grid(args, model, method)
     enc = solve(args, model, probflow.encode, x0, sig, method, "encode")
