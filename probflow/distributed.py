@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["World", "RankFailed", "world", "finish", "chunk_bounds", "map_chunks", "map_cells", "on_rank0",
+__all__ = ["World", "RankFailed", "world", "joined", "finish", "chunk_bounds", "map_chunks", "map_cells", "on_rank0",
            "default_threads", "set_threads", "concat_solutions", "slice_state", "cat_batch"]
 
 T = TypeVar("T")
@@ -121,6 +121,11 @@ def world(device: str | None = None, timeout: float | None = None) -> World:
     _WORLD = World(tdist.get_rank(), tdist.get_world_size(), local_rank,
                    _env_int("LOCAL_WORLD_SIZE", 1), device, True)
     return _WORLD
+
+
+def joined() -> bool:
+    """Whether `world()` has been called in this process (and not `finish()`ed since)."""
+    return _WORLD is not None
 
 
 def finish() -> None:

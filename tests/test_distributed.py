@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +55,10 @@ WORKER = textwrap.dedent('''
             sys.exit(1)
         sys.exit(0)
     sys.path.insert(0, sys.argv[3])
-    from test_distributed import run_matrix
+    from test_distributed import run_cli, run_matrix
     res = run_matrix(w)
     dist.on_rank0(lambda: atomic_write(out, lambda tmp: save_file(res, tmp)))
+    assert run_cli(out.removesuffix(".st"), sys.argv[4]) == [0, 0]
     print(f"RANK {w.rank} OF {w.size} OK", file=sys.stderr, flush=True)
     dist.finish()
 ''')
@@ -85,6 +85,17 @@ def run_matrix(w=None, chunk: int = CHUNK) -> dict[str, torch.Tensor] | None:
     return {k: v.contiguous() for k, v in res.items()}
 
 
+def run_cli(prefix: str, pngs: str) -> list[int]:
+    """`probflow sample` and `probflow encode` through the CLI (under torchrun: spread over its ranks)."""
+    from probflow.cli import main
+
+    common = ["--steps", str(STEPS), "--chunk", str(CHUNK), "--threads", "1", "--quiet"]
+    files = sorted(str(p) for p in Path(pngs).glob("*.png"))
+    return [main(["sample", "--samples", str(N), "--seed", str(SEED), "--method", "dpmpp_2m", "--out",
+                  f"{prefix}_sample.png", *common]),
+            main(["encode", *files, "--out", f"{prefix}_latents.safetensors", *common])]
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,16 +115,20 @@ def jobs(tmp_path_factory):
     worker = d / "worker.py"
     worker.write_text(WORKER)
     (d / "fail_out.txt").write_text("old")
+    from probflow.digits import load_split
+    from probflow.io.images import save_images
+
+    save_images(load_split()["x_test"][:N].double(), d / "pngs", names=[f"d{i:02d}" for i in range(N)])
     tests = str(Path(__file__).parent)
     p2, rdzv, pf = _port(), _port(), _port()
     nodes = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "--rdzv-id", "t"]
     procs = {
         "ws2": _torchrun(["--nproc-per-node", "2", "--master-port", str(p2)], worker, "run", str(d / "ws2.st"),
-                         tests),
+                         tests, str(d / "pngs")),
         "node0": _torchrun([*nodes, "--nproc-per-node", "2", "--node-rank", "0"], worker, "run",
-                           str(d / "ws3.st"), tests),
+                           str(d / "ws3.st"), tests, str(d / "pngs")),
         "node1": _torchrun([*nodes, "--nproc-per-node", "1", "--node-rank", "1"], worker, "run",
-                           str(d / "ws3.st"), tests),
+                           str(d / "ws3.st"), tests, str(d / "pngs")),
         "fail": _torchrun(["--nproc-per-node", "3", "--master-port", str(pf)], worker, "fail",
                           str(d / "fail_out.txt")),
     }
@@ -135,9 +150,18 @@ def reference(jobs):
     torch.set_num_threads(1)
     try:
         assert dist.world().size == 1 and not torch.distributed.is_initialized()
+        d, _ = jobs
+        assert run_cli(str(d / "ws1"), str(d / "pngs")) == [0, 0]
         return run_matrix()
     finally:
         torch.set_num_threads(threads)
+
+
+def _latents(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -159,6 +183,10 @@ def test_bit_identical_for_world_sizes_1_2_3(jobs, reference):
         assert set(got) == set(reference)
         for k, v in reference.items():
             assert torch.equal(got[k], v), f"{ws} {k}: max diff {(got[k] - v).abs().max().item():.3g}"
+        # the CLI's files: the PNG byte for byte; the latent file's tensors bit for bit and the same metadata
+        # (safetensors writes its metadata map in an order that varies from process to process)
+        assert (d / f"{ws}_sample.png").read_bytes() == (d / "ws1_sample.png").read_bytes()
+        assert _latents(d / f"{ws}_latents.safetensors") == _latents(d / "ws1_latents.safetensors")
     assert not any(p.name.startswith(".") for p in d.iterdir()), "a temporary file was left behind"
     # the outputs are real: finite, distinct samples, an exact round trip
     for k in ("euler", "dpmpp_2m", "dopri5"):
@@ -174,7 +202,7 @@ def test_failure_stops_every_rank_within_seconds(jobs):
     exits = {int(line.split("RANK ")[1].split()[0]): line for line in out.splitlines() if " EXIT-AT " in line}
     assert sorted(exits) == [0, 1, 2], out[-3000:]
     lags = []
-    for r, line in exits.items():
+    for line in exits.values():
         assert "rank 1 of 3 failed: RuntimeError: injected failure in chunk 16:20" in line
         lags.append(float(line.split("EXIT-AT ")[1].split()[0]) - t_fail)
     print(f"failure → RankFailed on every rank after {max(lags):.2f} s (ranks 0 and 2 had ~60 s of work left)")
@@ -290,3 +318,27 @@ def test_precision_in_sample_matches_manual_casts_and_bounds_the_error():
     e32, ebf = ((s.x.double() - ref.x).abs().max().item() for s in (f32, bf))
     assert 0 < e32 < 1e-4  # float32 round-off
     assert 10 * e32 < ebf < 0.2  # bfloat16: 8-bit mantissa, visibly worse, still the same digits
+
+
+# ---------------------------------------------------------------- the CLI's runtime flags, in one process
+
+
+def test_cli_runtime_flags(tmp_path, capsys):
+    from probflow.cli import main
+
+    base = ["sample", "--n", "12", "--steps", "10", "--method", "euler", "--quiet", "--threads", "1"]
+    for bad, msg in ((["--chunk", "0"], "--chunk: expected a positive integer"),
+                     (["--threads", "0"], "--threads: expected a positive integer"),
+                     (["--precision", "model=bfloat16,state=bfloat16"], "state dtype must be float64 or float32")):
+        assert main([*base, *bad, "--out", str(tmp_path / "x.png")]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    # stochastic DDIM: sample i's path noise is stream i whatever its chunk, so chunks of 4 = one batch of 12
+    for c in ("4", "12"):
+        assert main([*base, "--eta", "1", "--chunk", c, "--out", str(tmp_path / f"eta{c}.png")]) == 0
+    assert (tmp_path / "eta4.png").read_bytes() == (tmp_path / "eta12.png").read_bytes()
+    assert main([*base, "--precision", "model=bfloat16,state=float32", "--out", str(tmp_path / "bf.png")]) == 0
+    from probflow.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert all("--threads" in p._option_string_actions for p in sub.choices.values())

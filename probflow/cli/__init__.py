@@ -16,7 +16,7 @@ import sys
 import threading
 
 from probflow.cli.common import add_runtime_arguments
-from probflow.distributed import RankFailed, finish, set_threads
+from probflow.distributed import RankFailed, finish, joined, set_threads
 from probflow.version import __version__
 
 # name: (module, one-line help)
@@ -73,6 +73,7 @@ def _run(argv: list[str] | None = None) -> int:
     range (OverflowError, FloatingPointError) — prints one line `probflow CMD: error: …` and returns 2;
     Ctrl-C prints one line and returns 130 (outputs are atomic, so nothing half-written is left)."""
     command = "command"
+    ours = not joined()  # leave a process group the caller made (main() called from a torchrun script)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -97,7 +98,8 @@ def _run(argv: list[str] | None = None) -> int:
         print(f"probflow {command}: interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
     finally:
-        finish()
+        if ours:
+            finish()
 
 
 if __name__ == "__main__":
