@@ -3,7 +3,7 @@
     python benchmarks/scaling.py determinism   # 256 digits: euler, dpmpp_2m, dopri5 and encode at world size 1/2/3
     python benchmarks/scaling.py speedup       # 1,024 samples × 20 steps, 1 rank vs 2 ranks, 1 thread per rank
     python benchmarks/scaling.py threads       # `probflow sample --n 64 --steps 50`: torch's default vs ours
-    python benchmarks/scaling.py precision     # x_0 error and speed of each (model, state) dtype pair
+    python benchmarks/scaling.py precision     # x_0 error and speed of each (model, state) dtype pair (DDIM)
     python benchmarks/scaling.py report        # rewrite SCALING.md from scaling.json
 
 Each section stores its figures (with the machine's load average before and after) in benchmarks/scaling.json
@@ -83,7 +83,7 @@ def _worker_determinism(out: str) -> None:
     from probflow.io.atomic import atomic_write
 
     torch.set_num_threads(1)
-    w = dist.world()
+    dist.world()
     m = models.load("digits")
     g = grids.ddim(m.schedule, DET["steps"])
     whole = torch.tensor([m.schedule.sigma_max, 0.0], dtype=torch.float64)
@@ -174,9 +174,10 @@ PAIRS = [("float64", "float64"), ("float32", "float64"), ("bfloat16", "float64")
          ("float32", "float32"), ("bfloat16", "float32"), ("float16", "float32")]
 
 
-def precision(n: int = 256, reps: int = 2) -> None:
-    """x_0 of DDIM (euler) and dpmpp_2m at 20 and 100 steps for each (model, state) pair against float64/float64
-    from the same noise; 1 thread; speed = best of `reps` timed 20-step runs."""
+def precision(n: int = 64, pairs: list[tuple[str, str]] | None = None, methods: tuple[str, ...] = ("euler",)) -> None:
+    """x_0 of DDIM (euler) at 20 and 100 steps for each (model, state) pair against float64/float64 from the
+    same noise (seed 1; the first n samples), one batch of n, 1 thread; speed = wall of the 20-step run (after
+    a 1-step warm-up). Rows are merged into scaling.json one by one (a pair measured again replaces its row)."""
     import torch
 
     import probflow
@@ -186,28 +187,28 @@ def precision(n: int = 256, reps: int = 2) -> None:
     torch.set_num_threads(1)
     m = models.load("digits")
     z = probflow.noise(n, tuple(m.sample_shape), seed=1)
-    load0, rows = _load(), []
-    for meth in ("euler", "dpmpp_2m"):
+    for meth in methods:
         ref = {s: probflow.sample(m, z, grids.ddim(m.schedule, s), meth, precision="float64").x for s in (20, 100)}
         disc = (ref[20] - ref[100]).pow(2).mean().sqrt().item()  # 20-step discretisation error (vs 100 steps)
-        for mdt, sdt in PAIRS:
+        for mdt, sdt in pairs or PAIRS:
             p = f"model={mdt},state={sdt}"
-            row = {"method": meth, "model": mdt, "state": sdt, "disc_rmse_20": disc}
+            row = {"method": meth, "model": mdt, "state": sdt, "n": n, "disc_rmse_20": disc, "load_before": _load()}
+            probflow.sample(m, z, grids.ddim(m.schedule, 1), meth, precision=p)  # warm-up
             for s in (20, 100):
+                t = time.perf_counter()
                 x = probflow.sample(m, z, grids.ddim(m.schedule, s), meth, precision=p).x.double()
+                row[f"s_{s}_steps"] = time.perf_counter() - t
                 d = x - ref[s]
                 px = (to_uint8(x).astype(int) - to_uint8(ref[s]).astype(int))
                 row[f"rmse_{s}"], row[f"max_{s}"] = d.pow(2).mean().sqrt().item(), d.abs().max().item()
                 row[f"px_changed_{s}"], row[f"px_max_{s}"] = float((px != 0).mean()), int(abs(px).max())
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                probflow.sample(m, z, grids.ddim(m.schedule, 20), meth, precision=p)
-                times.append(time.perf_counter() - t)
-            row["s_20_steps"] = min(times)
-            rows.append(row)
+            row["load_after"] = _load()
             print({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    _save("precision", {"n": n, "rows": rows, "load_before": load0, "load_after": _load(), "threads": 1})
+            old = json.loads(JSON.read_text()).get("precision", {}) if JSON.exists() else {}
+            rows = [r for r in old.get("rows", []) if (r["method"], r["model"], r["state"]) != (meth, mdt, sdt)]
+            order = {pq: i for i, pq in enumerate(PAIRS)}
+            rows = sorted([*rows, row], key=lambda r: (r["method"], order.get((r["model"], r["state"]), 99)))
+            _save("precision", {"rows": rows, "threads": 1})
 
 
 # ---------------------------------------------------------------- SCALING.md
@@ -234,9 +235,11 @@ def _md_determinism(d: dict | None) -> list[str]:
            "(dopri5: σ_max → 0 at rtol = atol = 1e-4), seed 0; world size 1, 2 and 3 through torchrun "
            "(gloo), 1 thread per rank; compared element by element with world size 1.", "",
            "| run | NFE (all chunks) | world size 2 bit-identical | world size 3 bit-identical |", "|---|---|---|---|"]
+    def cell(v: dict, ws: int) -> str:
+        return "yes" if v[f"ws{ws}"] else f"NO (max {v[f'maxdiff_ws{ws}']:.2g})"
+
     for k, v in d["table"].items():
-        out.append(f"| {k} | {v['nfe']} | {'yes' if v['ws2'] else 'NO (max %.2g)' % v['maxdiff_ws2']} | "
-                   f"{'yes' if v['ws3'] else 'NO (max %.2g)' % v['maxdiff_ws3']} |")
+        out.append(f"| {k} | {v['nfe']} | {cell(v, 2)} | {cell(v, 3)} |")
     out += ["", f"Wall (s, incl. start-up): {d['wall_s']}; load {d['load_before']} → {d['load_after']}.", ""]
     return out
 
@@ -267,21 +270,27 @@ def _md_precision(d: dict | None) -> list[str]:
     if not d:
         return []
     out = ["## Precision", "",
-           f"`python benchmarks/scaling.py precision`: {d['n']} digits from the same noise, x_0 against the "
-           "float64/float64 solve of the same method and step count; RMSE and max |Δx| on the [−1, 1] scale; "
-           "8-bit pixels changed; time of one 20-step run of the 256 samples, 1 thread (load "
-           f"{d['load_before']} → {d['load_after']}).", "",
-           "| method | model | state | RMSE 20 | max 20 | px changed 20 | RMSE 100 | max 100 | px changed 100 | "
-           "s (20 steps) | speed vs f64/f64 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {x["method"]: x["s_20_steps"] for x in d["rows"] if x["model"] == x["state"] == "float64"}
+           "`python benchmarks/scaling.py precision [N] [MODEL/STATE ...]`: the first N digits of seed 1 sampled by "
+           "DDIM (euler) with `probflow.sample(..., precision=...)`, x_0 against the float64/float64 solve at the same "
+           "step count; RMSE and max |Δx| on the [−1, 1] scale; 8-bit pixels changed (and the largest change in "
+           "levels); wall of the 20-step run as one batch of N, 1 thread, with the load average before → after.", "",
+           "| model | state | N | RMSE 20 | max 20 | px changed 20 | RMSE 100 | max 100 | px changed 100 | "
+           "s (20 steps) | time vs float32 model | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f32 = {}  # the float32 model's time at the same N (state float64 if measured, else float32)
+    for x in sorted(d["rows"], key=lambda r: r["state"] != "float64"):
+        if x["model"] == "float32":
+            f32.setdefault((x["method"], x["n"]), x["s_20_steps"])
     for x in d["rows"]:
-        out.append(f"| {x['method']} | {x['model']} | {x['state']} | {x['rmse_20']:.1e} | {x['max_20']:.1e} | "
-                   f"{100 * x['px_changed_20']:.2f} % (max {x['px_max_20']}) | {x['rmse_100']:.1e} | "
-                   f"{x['max_100']:.1e} | {100 * x['px_changed_100']:.2f} % (max {x['px_max_100']}) | "
-                   f"{x['s_20_steps']:.2f} | {base[x['method']] / x['s_20_steps']:.2f}× |")
-    disc = {x["method"]: x["disc_rmse_20"] for x in d["rows"]}
-    out += ["", "For scale, the 20-step discretisation error (float64, 20 vs 100 steps, RMSE): "
-            + ", ".join(f"{k} {v:.1e}" for k, v in disc.items()) + ".", ""]
+        rel = f32.get((x["method"], x["n"]))
+        ratio = f"{x['s_20_steps'] / rel:.1f}×" if rel else "–"
+        out.append(f"| {x['model']} | {x['state']} | {x['n']} | {x['rmse_20']:.1e} | {x['max_20']:.1e} | "
+                   f"{100 * x['px_changed_20']:.1f} % ({x['px_max_20']}) | {x['rmse_100']:.1e} | "
+                   f"{x['max_100']:.1e} | {100 * x['px_changed_100']:.1f} % ({x['px_max_100']}) | "
+                   f"{x['s_20_steps']:.1f} | {ratio} | "
+                   f"{x.get('load_before', '?')} → {x.get('load_after', '?')} |")
+    disc = {(x["method"], x["n"]): x["disc_rmse_20"] for x in d["rows"]}
+    out += ["", "For scale, DDIM's own 20-step discretisation error (float64, 20 vs 100 steps, RMSE): "
+            + ", ".join(f"{k[0]} N = {k[1]}: {v:.1e}" for k, v in disc.items()) + ".", ""]
     return out
 
 
@@ -290,6 +299,9 @@ if __name__ == "__main__":
                 "report": report}
     if len(sys.argv) >= 2 and sys.argv[1] == "_worker_determinism":
         _worker_determinism(sys.argv[2])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "precision":  # precision N [MODEL/STATE ...]
+        sys.path.insert(0, str(ROOT))
+        precision(int(sys.argv[2]), [tuple(a.split("/")) for a in sys.argv[3:]] or None)
     elif len(sys.argv) == 2 and sys.argv[1] in sections:
         sys.path.insert(0, str(ROOT))
         sections[sys.argv[1]]()

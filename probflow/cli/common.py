@@ -255,9 +255,10 @@ class Runtime:
     precision: Any
 
 
-def apply_runtime(args: argparse.Namespace) -> Runtime:
+def apply_runtime(args: argparse.Namespace, spread: bool = True) -> Runtime:
     """Set torch's threads, parse and check --precision on --device, check --chunk and join torchrun's ranks
-    (world size 1 without torchrun). On a CUDA device each rank takes GPU LOCAL_RANK."""
+    (world size 1 without torchrun; a command that is not `spread` over ranks refuses more). On a CUDA device
+    each rank takes GPU LOCAL_RANK."""
     from probflow import distributed as dist
     from probflow.precision import Precision
 
@@ -265,6 +266,8 @@ def apply_runtime(args: argparse.Namespace) -> Runtime:
     if getattr(args, "chunk", 1) < 1:
         raise ValueError(f"--chunk: expected a positive integer, got {args.chunk}")
     device = getattr(args, "device", "cpu")
+    if not spread and dist.world(device="cpu").size > 1:
+        raise ValueError(f"{args.command}: not spread over ranks; run it without torchrun")
     w = dist.world(device="cuda" if str(device).startswith("cuda") else "cpu")
     if w.size > 1 and str(device).startswith("cuda"):
         args.device = w.device

@@ -173,7 +173,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     if args.scale is not None and args.scale < 1:
         raise ValueError(f"--scale: expected a positive integer, got {args.scale}")
     check_writable(args.out, args.force, "--out")
-    rt = apply_runtime(args)  # threads and precision (two images: not spread over ranks)
+    rt = apply_runtime(args, spread=False)  # threads and precision (two images: not spread over ranks)
     model = load_image_model(args.model, args.device)
     x0 = torch.cat([load_inputs(args, model, [args.a], "A"), load_inputs(args, model, [args.b], "B")])
     if rt.precision is not None:
