@@ -266,6 +266,11 @@ def _md_threads(d: dict | None) -> list[str]:
     return out + [""]
 
 
+def _load1(v) -> str:
+    """The 1-minute load average of a [1, 5, 15]-minute triple (or the note recorded instead)."""
+    return f"{v[0]:.1f}" if isinstance(v, list) else str(v or "")
+
+
 def _md_precision(d: dict | None) -> list[str]:
     if not d:
         return []
@@ -273,7 +278,8 @@ def _md_precision(d: dict | None) -> list[str]:
            "`python benchmarks/scaling.py precision [N] [MODEL/STATE ...]`: the first N digits of seed 1 sampled by "
            "DDIM (euler) with `probflow.sample(..., precision=...)`, x_0 against the float64/float64 solve at the same "
            "step count; RMSE and max |Δx| on the [−1, 1] scale; 8-bit pixels changed (and the largest change in "
-           "levels); wall of the 20-step run as one batch of N, 1 thread, with the load average before → after.", "",
+           "levels); wall of the 20-step run as one batch of N, 1 thread, with the 1-minute load average before → "
+           "after.", "",
            "| model | state | N | RMSE 20 | max 20 | px changed 20 | RMSE 100 | max 100 | px changed 100 | "
            "s (20 steps) | time vs float32 model | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f32 = {}  # the float32 model's time at the same N (state float64 if measured, else float32)
@@ -287,7 +293,7 @@ def _md_precision(d: dict | None) -> list[str]:
                    f"{100 * x['px_changed_20']:.1f} % ({x['px_max_20']}) | {x['rmse_100']:.1e} | "
                    f"{x['max_100']:.1e} | {100 * x['px_changed_100']:.1f} % ({x['px_max_100']}) | "
                    f"{x['s_20_steps']:.1f} | {ratio} | "
-                   f"{x.get('load_before', '?')} → {x.get('load_after', '?')} |")
+                   f"{_load1(x.get('load_before'))} → {_load1(x.get('load_after'))} |")
     disc = {(x["method"], x["n"]): x["disc_rmse_20"] for x in d["rows"]}
     out += ["", "For scale, DDIM's own 20-step discretisation error (float64, 20 vs 100 steps, RMSE): "
             + ", ".join(f"{k[0]} N = {k[1]}: {v:.1e}" for k, v in disc.items()) + ".", ""]
