@@ -56,7 +56,7 @@ _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 class RankFailed(RuntimeError):
     """Raised on every rank when one or more ranks failed; the message names them and their errors.
-    `user_error`: every failure was a ValueError or a missing/existing file (bad input, not a crash)."""
+    `user_error`: every failure was bad input (ValueError, a file error, a number out of range), not a crash."""
 
     def __init__(self, message: str, user_error: bool = False) -> None:
         super().__init__(message)
@@ -188,7 +188,7 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)
+_USER_ERRORS = (ValueError, OSError, OverflowError, FloatingPointError)  # what the CLI reports as bad input
 
 
 def _error_text(e: BaseException) -> str:
@@ -279,8 +279,11 @@ def _run_local(w: World, fn: Callable[[int, int], Any], bounds: list[tuple[int, 
             raise
         return {}, None  # another rank failed: its message comes from the meeting
     except Exception as e:  # reach the meeting with the error instead of leaving the others waiting
+        if w.size == 1:  # one process: the error itself, as a plain loop would raise it
+            raise
         watch.fail()
-        traceback.print_exc(file=sys.stderr)
+        if not isinstance(e, _USER_ERRORS):  # a crash: its traceback, on this rank's stderr
+            traceback.print_exc(file=sys.stderr)
         return {}, _error_text(e)
     return local, None
 
@@ -290,8 +293,8 @@ def map_chunks(fn: Callable[[int, int], T], n: int, chunk: int, *, w: World | No
     """Run `fn(start, stop)` on every chunk of n indices (`chunk_bounds`), chunk k on rank k mod W, and
     gather the results in chunk order: the list on rank 0 (on every rank with `everywhere`), None on the
     others. `fn` must not use collectives. If any rank's `fn` raises, the others stop within about a second
-    (`_Watch`) and every rank raises `RankFailed` with that rank's message (its traceback is printed on its
-    own stderr)."""
+    (`_Watch`) and every rank raises `RankFailed` with that rank's message (a crash's traceback — anything but
+    ValueError or a file error — is printed on its own stderr). In a world of one, `fn`'s error is raised as is."""
     w = w or world()
     bounds = chunk_bounds(n, chunk)
     local, error = _run_local(w, fn, bounds)
@@ -328,9 +331,11 @@ def on_rank0(write: Callable[[], T], *, w: World | None = None) -> T | None:
         try:
             out = write()
         except Exception as e:
-            error = _error_text(e)
             if w.size == 1:
                 raise
+            if not isinstance(e, _USER_ERRORS):
+                traceback.print_exc(file=sys.stderr)
+            error = _error_text(e)
     _agree(w, error)
     return out
 

@@ -254,7 +254,7 @@ def test_world_of_one_maps_chunks_in_order():
     assert (w.rank, w.size, w.grouped) == (0, 1, False)
     assert dist.map_chunks(lambda a, b: list(range(a, b)), 7, 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert dist.map_cells(lambda i: i * i, 4) == [0, 1, 4, 9]
-    with pytest.raises(dist.RankFailed, match="rank 0 of 1 failed: ValueError: boom"):
+    with pytest.raises(ValueError, match="boom"):  # one process: the error as is
         dist.map_chunks(lambda a, b: (_ for _ in ()).throw(ValueError("boom")), 4, 2)
     with pytest.raises(OSError, match="disk"):
         dist.on_rank0(lambda: (_ for _ in ()).throw(OSError("disk full")))
