@@ -342,3 +342,27 @@ def test_cli_runtime_flags(tmp_path, capsys):
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert all("--threads" in p._option_string_actions for p in sub.choices.values())
+
+
+def test_bench_over_two_ranks_gives_the_single_process_tables(tmp_path):
+    """`torchrun … -m probflow bench` spreads the (method, grid, NFE) cells over ranks; the rows (and so
+    RESULTS.md's tables) are those of one process."""
+    import json
+
+    args = ["bench", "--model", "mixture2d", "--quick", "--methods", "euler,rk4,dopri5", "--grids", "uniform,quadratic",
+            "--nfe", "5,10", "--samples", "16", "--threads", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, "-m", "probflow", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_port()), "-m", "probflow", *args, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stdout[-2000:])
+
+    def rows(folder):
+        r = json.loads((folder / "results.json").read_text())
+        return sorted((w, str(row.get("method")), str(row.get("grid")), str(row.get("nfe")), row.get("rmse"))
+                      for w, wl in r["workloads"].items() for row in wl["rows"])
+
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(a) >= 10 and a == b

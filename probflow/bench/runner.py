@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from probflow import distributed as dist
 from probflow.bench import peers as _peers
 from probflow.bench.grids import CALIBRATED, DEFAULT_GRIDS, UNIFORM_STEP_GRID, GridBuilder, grid_name, grid_sigmas
 from probflow.bench.reference import REFERENCE, reference
@@ -184,6 +185,9 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
         it = tqdm(tasks, desc=w.name, unit="solve", leave=False, file=sys.stderr)
     elif callable(progress):
         it = progress(tasks)
+    world = dist.world()
+    if world.size > 1:  # under torchrun: cell i on rank i mod W, no collective inside a solve
+        return dist.map_cells(lambda i: _noting_warnings(tasks[i]), len(tasks), w=world)
     return [_noting_warnings(t) for t in it]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from probflow import distributed as dist
 from probflow.bench import peers as _peers
 from probflow.bench.grids import CALIBRATED, DEFAULT_GRIDS, UNIFORM_STEP_GRID, grid_sigmas
 from probflow.bench.plots import HEADLINE, plot_headline, plot_workload, write_text
@@ -203,9 +204,10 @@ def run_bench(args: argparse.Namespace) -> int:
         results = run_suites(ctx, suites)
     finally:
         torch.set_num_threads(old_threads)
-    _write(results, out)
-    print(f"probflow bench: results.json, RESULTS.md and {len(results['plots'])} plots written to {out} "
-          f"({results['wall_s']:.0f} s)")
+    dist.on_rank0(lambda: _write(results, out))
+    if dist.world().rank == 0:
+        print(f"probflow bench: results.json, RESULTS.md and {len(results['plots'])} plots written to {out} "
+              f"({results['wall_s']:.0f} s)")
     return 0
 
 
