@@ -25,10 +25,13 @@ and unit covariance and off by O(1/σmax²) otherwise; "exact": `model.log_prob(
 (`GaussianMixture`: Σ_k w_k N(μ_k, Σ_k + σmax² I)), which isolates the solver's error; or a callable
 prior(x̄_T (B, D), σmax) -> (B,).
 
-Methods. Every torchdiffeq method (fixed-grid and adaptive), `scipy_dop853` and probflow's step functions whose
-update is a linear combination of field values (`reversible_heun`, the exponential integrators: their
-denoiser D = y − σ g is formed componentwise, and for ℓ it is the smooth ℓ − σ ∇·f) carry the augmented
-state; `UNSUPPORTED` lists the ones that cannot, with the reason, and `likelihood` refuses them.
+Methods. Every registered method carries the augmented state (tests/test_likelihood.py measures each one
+converging to the exact density): torchdiffeq's fixed-grid and adaptive methods and `scipy_dop853` see a plain
+tensor; probflow's step functions only form linear combinations of states and field values, so they act on ℓ
+componentwise — the exponential integrators' denoiser D = y − σ g becomes ℓ − σ ∇·f for the accumulator (smooth
+in λ, and equal to ℓ at σ = 0, which their extrapolation to σ = 0 needs), and `reversible_heun`'s fixed point
+holds ℓ (|ℓ| < 2**18 nats) like x̄. What cannot: the stochastic methods of `probflow.sde` (`UNSUPPORTED_PREFIXES`):
+(L1) holds along the deterministic flow only, their noise would enter ℓ, and they step down in σ only.
 """
 
 from __future__ import annotations
@@ -47,10 +50,14 @@ from probflow.integrate import check_state, integrate
 from probflow.solvers import Method, get_method
 
 __all__ = ["AugmentedField", "Likelihood", "BitsPerDim", "likelihood", "bits_per_dim", "probes",
-           "dequantise", "per_sample_norm", "UNSUPPORTED"]
+           "dequantise", "per_sample_norm", "UNSUPPORTED_PREFIXES"]
 
-# name: why the method cannot integrate the augmented state (filled in from measurements, see tests).
-UNSUPPORTED: dict[str, str] = {}
+# method-name prefix: why that method cannot integrate the augmented state.
+UNSUPPORTED_PREFIXES: dict[str, str] = {
+    "ddim_eta=": "stochastic DDIM is not the ODE flow; (L1) needs the deterministic Eq. 12 (and it steps down only)",
+    "reverse_sde_gamma=": "the reverse SDE is not the ODE flow; (L1) needs the deterministic Eq. 12 (and it steps "
+                          "down only)",
+}
 
 _PROBE_STREAM, _DEQUANT_STREAM = 1, 2  # stream tags: probes and dequantisation noise never share a stream
 
@@ -210,11 +217,21 @@ def _grid(sigmas: Tensor | float, m: Method, like: Tensor) -> Tensor:
     return g.to(dtype=like.dtype, device=like.device)
 
 
+def _check_shape(model, shape: tuple[int, ...]) -> None:
+    """x0's sample shape against the model's (`sample_shape` of image models, `dim` of analytic ones)."""
+    want = getattr(model, "sample_shape", None)
+    if want is not None and tuple(want) != shape:
+        raise ValueError(f"x0: expected samples of the model's shape {tuple(want)}, got {shape}")
+    dim = getattr(model, "dim", None)
+    if want is None and isinstance(dim, int) and int(np.prod(shape)) != dim:
+        raise ValueError(f"x0: expected samples of {dim} numbers (the model's dimension), got shape {shape}")
+
+
 def _method(method: str | Method) -> Method:
     m = method if isinstance(method, Method) else get_method(method)
-    if m.name in UNSUPPORTED:
-        raise ValueError(f"method: {m.name!r} cannot integrate the augmented (x̄, log-density) state: "
-                         f"{UNSUPPORTED[m.name]}")
+    for prefix, why in UNSUPPORTED_PREFIXES.items():
+        if m.name.startswith(prefix):
+            raise ValueError(f"method: {m.name!r} cannot give a likelihood: {why}")
     return m
 
 
@@ -252,6 +269,7 @@ def likelihood(
     if not (isinstance(probes_per_sample, int) and probes_per_sample >= 1):
         raise ValueError(f"probes_per_sample: expected a positive integer, got {probes_per_sample!r}")
     b, shape = x0.shape[0], tuple(x0.shape[1:])
+    _check_shape(field.model, shape)
     d = int(np.prod(shape))
     v = None
     if divergence == "hutchinson":
@@ -274,3 +292,101 @@ def likelihood(
         se = torch.full_like(div, float("nan"))
     latent = (xbar_t / math.sqrt(1.0 + sigma_max**2)).reshape(b, *shape)
     return Likelihood(lp_prior + div, latent, lp_prior, div, ells, se, sol.nfe, aug.vjps, sigma_max, m.name)
+
+
+def _levels(x: Tensor, levels: int, data_range: tuple[float, float]) -> Tensor:
+    """The integer level k of every pixel of x = lo + k·Δ, Δ = (hi − lo)/(levels − 1); refuses other data."""
+    lo, hi = float(data_range[0]), float(data_range[1])
+    if not (isinstance(levels, int) and levels >= 2):
+        raise ValueError(f"levels: expected an integer >= 2 (256 for 8-bit images), got {levels!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"data_range: expected (lo, hi) with lo < hi, got {data_range!r}")
+    k = (x.double() - lo) * ((levels - 1) / (hi - lo))
+    kr = torch.round(k)
+    tol = 1e-3 if x.dtype != torch.float64 else 1e-6
+    if (kr < 0).any() or (kr > levels - 1).any() or ((k - kr).abs() > tol).any():
+        bad = ((k - kr).abs() > tol) | (kr < 0) | (kr > levels - 1)
+        v = x.reshape(-1)[bad.reshape(-1).nonzero()[0, 0]].item()
+        raise ValueError(f"x: bits/dim needs {levels}-level data lo + k·(hi − lo)/{levels - 1} in {data_range} "
+                         f"(e.g. 8-bit images converted by probflow.io.images); found the value {v!r}")
+    return kr
+
+
+def dequantise(x: Tensor, draws: int = 1, levels: int = 256, data_range: tuple[float, float] = (-1.0, 1.0),
+               seed: int = 0, first_index: int = 0) -> Tensor:
+    """(draws, B, *S): x_k + (u − ½)·Δ, u ~ U[0, 1) per pixel, Δ = (hi − lo)/(levels − 1), sample i's draws from
+    its own stream (seed, first_index + i): uniform over the bin of width Δ centred on each level."""
+    if not (isinstance(draws, int) and draws >= 1):
+        raise ValueError(f"draws: expected a positive integer, got {draws!r}")
+    k = _levels(check_state(x, "x"), levels, data_range)
+    lo, hi = float(data_range[0]), float(data_range[1])
+    delta = (hi - lo) / (levels - 1)
+    u = torch.empty((x.shape[0], draws, *x.shape[1:]), dtype=torch.float64)
+    for i in range(x.shape[0]):
+        u[i] = torch.rand((draws, *x.shape[1:]), generator=_stream(seed, first_index + i, _DEQUANT_STREAM),
+                          dtype=torch.float64)
+    out = lo + (k.cpu().unsqueeze(0) + u.transpose(0, 1) - 0.5) * delta
+    return out.to(dtype=x.dtype, device=x.device)
+
+
+@dataclass
+class BitsPerDim:
+    """Result of `bits_per_dim`. bpd: (B,) per image, averaged over the dequantisation draws; bpd_draws:
+    (draws, B); mean and stderr: over images (the SE of the mean over B images, each its draws' average, so
+    dequantisation and Hutchinson noise are in it; NaN for one image); offset: the constant −log2 Δ added per
+    dimension; x_dequantised: (draws, B, *S); likelihood: the `Likelihood` of the stacked draws."""
+
+    bpd: Tensor
+    bpd_draws: Tensor
+    mean: float
+    stderr: float
+    offset: float
+    x_dequantised: Tensor
+    likelihood: Likelihood
+
+
+def bits_per_dim(
+    model: EpsModel | DDIMField,
+    x: Tensor,
+    sigmas: Tensor | float,
+    method: str | Method = "dopri5",
+    *,
+    levels: int = 256,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    draws: int = 1,
+    seed: int = 0,
+    first_index: int = 0,
+    **kwargs,
+) -> BitsPerDim:
+    """Uniformly dequantised bits/dim of quantised images x (B, *S) under the model, by `likelihood`.
+
+    Convention. A pixel at level k ∈ {0 … L−1} (L = `levels`, 256 for 8-bit) is x_k = lo + k·Δ in the model's
+    range, Δ = (hi − lo)/(L − 1) (how probflow.io.images reads 8-bit files: x = v/127.5 − 1). Its
+    dequantised value is y = k + u, u ~ U[0, 1), a point of [0, L) with unit bins, placed in the model's range
+    by the affine map x = lo + (y − ½)·Δ (each bin centred on its level). With D pixels,
+
+        bpd = −log2 p_Y(y)/D = −log p_x(x)/(D ln 2) − log2 Δ                                          (B1)
+
+    (p_Y(y) = p_x(x)·Δ^D); −log2 Δ = log2 127.5 ≈ 6.994 for 8-bit data in [−1, 1]. E_u[bpd] ≥ −log2 P(k)/D, the
+    bits/dim of the model's discretised probability of the image (Jensen), which is why dequantised bits/dim are
+    never negative for a normalised model. This is the literature's "uniformly dequantised bits/dim" (Theis et
+    al. 2016; Ho et al. 2020; Song et al. 2021 use the bin map x = 2y/256 − 1, i.e. Δ = 2/256 and 7 bits, whose
+    bins are not centred on the levels a model trained on v/127.5 − 1 has seen; the number is comparable, both
+    being −log2 p_Y(y)/D for unit bins on [0, L)).
+
+    draws: dequantisation draws per image (sample i's from the stream (seed, first_index + i)); Hutchinson probes
+    (if `divergence="hutchinson"` in kwargs) of draw r of image i from (seed, (first_index + i)·draws + r). kwargs go
+    to `likelihood` (rtol, atol, divergence, probes_per_sample, probe_kind, prior, chunk, options).
+    """
+    xq = dequantise(x, draws, levels, data_range, seed, first_index)  # (R, B, *S)
+    b, d = x.shape[0], int(np.prod(x.shape[1:]))
+    stacked = xq.transpose(0, 1).reshape(b * draws, *x.shape[1:])  # image-major: row (i, r) = i·draws + r
+    kwargs.setdefault("seed", seed)
+    kwargs.setdefault("first_index", first_index * draws)
+    res = likelihood(model, stacked, sigmas, method, **kwargs)
+    delta = (float(data_range[1]) - float(data_range[0])) / (levels - 1)
+    offset = -math.log2(delta)
+    per = (-res.log_prob / (d * math.log(2)) + offset).reshape(b, draws).T
+    bpd = per.mean(0)
+    se = float(bpd.std() / math.sqrt(b)) if b > 1 else float("nan")
+    return BitsPerDim(bpd, per, float(bpd.mean()), se, offset, xq, res)

@@ -1,0 +1,205 @@
+"""Log-likelihood through the ODE (MATH.md §8) against exact densities, and the bits/dim convention against a
+hand-computed Gaussian case. References are independent of the code under test: the mixtures' closed-form
+log-densities, torch.func's full Jacobian, scipy.stats."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from probflow import grids, sde
+from probflow.field import DDIMField
+from probflow.likelihood import AugmentedField, bits_per_dim, dequantise, likelihood, probes
+from probflow.models import GaussianMixture, default_mixture
+from probflow.solvers import method_names
+
+SIGMA_MAX = 80.0
+
+
+@pytest.fixture(scope="module")
+def mix2():
+    m = default_mixture()
+    return m, m.sample(16, generator=torch.Generator().manual_seed(11))
+
+
+def test_exact_divergence_matches_the_mixture_density_d2(mix2):
+    m, x0 = mix2
+    r = likelihood(m, x0, SIGMA_MAX, "dopri5", rtol=1e-8, atol=1e-8, prior="exact")
+    assert (r.log_prob - m.log_prob(x0, 0.0)).abs().max() <= 1e-6
+    assert r.vjps == 2 * r.nfe  # exact divergence: D VJPs per evaluation
+
+
+def test_exact_divergence_matches_the_mixture_density_d8():
+    m = GaussianMixture.random(8, 4, seed=3)
+    x0 = m.sample(8, generator=torch.Generator().manual_seed(4))
+    r = likelihood(m, x0, SIGMA_MAX, "dopri5", rtol=1e-8, atol=1e-8, prior="exact")
+    assert (r.log_prob - m.log_prob(x0, 0.0)).abs().max() <= 1e-6
+
+
+def test_normal_prior_changes_only_the_prior_term(mix2):
+    m, x0 = mix2
+    g = grids.karras(SIGMA_MAX, 0.002, 24).flip(0)
+    a = likelihood(m, x0, g, "rk4", prior="exact")
+    b = likelihood(m, x0, g, "rk4")
+    assert torch.equal(a.divergence, b.divergence)
+    var = 1 + SIGMA_MAX**2
+    xbar = a.latent.reshape(len(x0), -1) * math.sqrt(var)
+    hand = stats.multivariate_normal(np.zeros(2), var * np.eye(2)).logpdf(xbar.numpy())
+    np.testing.assert_allclose(b.prior.numpy(), hand, rtol=0, atol=1e-10)
+    gap = (b.prior - a.prior).abs().max()
+    assert 0 < gap < 1e-2  # N(0, (1+σ²)I) vs the convolved mixture: O(1/σmax²) per dimension
+
+
+def test_augmented_field_divergence_is_the_jacobian_trace():
+    m = GaussianMixture.random(5, 3, seed=1)
+    x = m.sample(4, sigma=0.3, generator=torch.Generator().manual_seed(2))
+    f = DDIMField(m)
+    s = torch.tensor(0.3, dtype=torch.float64)
+    aug = AugmentedField(f, (5,), None, chunk=2)
+    out = aug(s, torch.cat([x, torch.zeros(4, 1, dtype=x.dtype)], 1))
+    jac = torch.func.vmap(torch.func.jacrev(lambda z: f(s, z[None])[0]))(x)
+    torch.testing.assert_close(out[:, -1], jac.diagonal(dim1=1, dim2=2).sum(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[:, :5], f(s, x))
+    assert aug.nfe == 1 and aug.vjps == 5
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased_within_a_calibrated_bound(kind):
+    """On a fixed grid the x̄ path is the same for every probe, so each probe's integral is an unbiased
+    estimate of the exact-divergence integral of that very solve; the mean of 256 probes must lie within 4
+    standard errors of it (|z| > 4 has probability < 1e-4 under the null), and the standard error must match
+    the spread across 16 independent seeds (its own calibration)."""
+    m = GaussianMixture.random(6, 3, seed=5)
+    x0 = m.sample(3, generator=torch.Generator().manual_seed(6))
+    g = grids.karras(SIGMA_MAX, 0.002, 12).flip(0)
+    ex = likelihood(m, x0, g, "heun2", prior="exact")
+    h = likelihood(m, x0, g, "heun2", prior="exact", divergence="hutchinson", probes_per_sample=256, probe_kind=kind)
+    z = (h.divergence - ex.divergence) / h.stderr
+    assert z.abs().max() < 4, z
+    assert h.vjps == 256 * h.nfe
+    one = torch.stack([likelihood(m, x0, g, "heun2", divergence="hutchinson", seed=s, probe_kind=kind).divergence
+                       for s in range(16)])
+    spread = one.std(0)  # SE of one probe, measured across seeds
+    predicted = h.stderr * math.sqrt(256)
+    assert ((spread / predicted) > 0.4).all() and ((spread / predicted) < 1.8).all()  # χ²_15 range, ±~3σ
+    assert torch.isnan(likelihood(m, x0, g, "heun2", divergence="hutchinson").stderr).all()
+
+
+def test_probes_depend_on_the_sample_not_on_the_batch(mix2):
+    m, x0 = mix2
+    g = grids.karras(SIGMA_MAX, 0.002, 8).flip(0)
+    full = likelihood(m, x0[:6], g, "rk4", divergence="hutchinson", probes_per_sample=3, seed=9)
+    part = likelihood(m, x0[3:5], g, "rk4", divergence="hutchinson", probes_per_sample=3, seed=9, first_index=3)
+    torch.testing.assert_close(part.divergence_probes, full.divergence_probes[3:5], rtol=1e-12, atol=1e-12)
+    p = probes(4, 2, 5, "rademacher", seed=1)
+    assert p.shape == (2, 4, 5) and set(p.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(probes(2, 2, 5, seed=1, first=2), p[:, 2:])
+
+
+@pytest.mark.parametrize("method", [n for n in method_names() if n != "scipy_dop853"])
+def test_every_registered_method_carries_the_augmented_state(method, mix2):
+    """Each method's log-density error falls as the grid is refined (fixed) or the tolerance tightened."""
+    m, x0 = mix2
+    x0, exact = x0[:2], m.log_prob(x0[:2], 0.0)
+    from probflow.solvers import get_method
+
+    meth = get_method(method)
+    if meth.adaptive:
+        errs = [(likelihood(m, x0, SIGMA_MAX, method, rtol=t, atol=t, prior="exact").log_prob - exact).abs().max()
+                for t in (1e-2, 1e-4)]
+        assert errs[1] < 0.1 and errs[1] < errs[0] / 2, errs
+        return
+    make = (lambda n: torch.linspace(0, SIGMA_MAX, 2 * n + 1, dtype=torch.float64)) if meth.uniform_steps \
+        else (lambda n: grids.karras(SIGMA_MAX, 0.002, n).flip(0))
+    errs = [(likelihood(m, x0, make(n), method, prior="exact").log_prob - exact).abs().max() for n in (12, 48)]
+    assert errs[1] < errs[0] / 2, errs
+
+
+def test_scipy_reference_carries_the_augmented_state(mix2):
+    m, x0 = mix2
+    r = likelihood(m, x0[:1], SIGMA_MAX, "scipy_dop853", rtol=1e-9, atol=1e-9, prior="exact")
+    assert (r.log_prob - m.log_prob(x0[:1], 0.0)).abs().max() < 1e-6
+
+
+def test_float32_state_and_float32_model(mix2):
+    m, x0 = mix2
+    exact = m.log_prob(x0, 0.0)
+    r = likelihood(m, x0.float(), SIGMA_MAX, "dopri5", rtol=1e-5, atol=1e-5, prior="exact")
+    assert r.log_prob.dtype == torch.float32 and (r.log_prob.double() - exact).abs().max() < 1e-2
+    f32 = DDIMField(m, model_dtype=torch.float32)  # float64 state, the model in float32
+    r = likelihood(f32, x0, SIGMA_MAX, "dopri5", rtol=1e-5, atol=1e-5, prior="exact")
+    assert r.log_prob.dtype == torch.float64 and (r.log_prob - exact).abs().max() < 1e-2
+
+
+def _gaussian(dim: int, mu: float, s: float) -> GaussianMixture:
+    return GaussianMixture(torch.ones(1), torch.full((1, dim), mu), (s * s * torch.eye(dim))[None])
+
+
+def test_bits_per_dim_matches_the_hand_computed_gaussian_case():
+    """N(μ, s²I) model, 8-bit images in [−1, 1]: bpd = −Σ log N(x'; μ, s²)/(D ln 2) + log2 127.5 at the
+    dequantised x' (B1), and its mean over draws matches E_u in closed form and the discrete bits/dim
+    −log2 P(k)/D (scipy's normal cdf over each bin of width 2/255), to which it is tight for s ≫ Δ."""
+    mu, s, levels = 0.1, 0.4, 256
+    m = _gaussian(4, mu, s)
+    k = torch.tensor([[0, 100, 128, 255], [3, 77, 200, 250]], dtype=torch.float64)
+    x = (k / 127.5 - 1).reshape(2, 1, 2, 2)
+    r = bits_per_dim(m, x, SIGMA_MAX, "dopri5", draws=3, rtol=1e-9, atol=1e-9, prior="exact", seed=4)
+    xd = r.x_dequantised.reshape(3, 2, 4).numpy()
+    hand = -stats.norm(mu, s).logpdf(xd).sum(-1) / (4 * math.log(2)) + math.log2(127.5)
+    np.testing.assert_allclose(r.bpd_draws.numpy(), hand, rtol=0, atol=1e-6)
+    assert r.offset == pytest.approx(math.log2(127.5), abs=1e-12)
+    kk = np.rint((xd + 1) * 127.5)  # each draw stays in its own bin, centred on its level
+    assert (kk == np.broadcast_to(k.numpy(), kk.shape)).all()
+    delta = 2 / 255
+    xk = (k / 127.5 - 1).numpy()
+    expected = (0.5 * math.log(2 * math.pi * s * s) + ((xk - mu) ** 2 + delta**2 / 12) / (2 * s * s)).sum(-1) \
+        / (4 * math.log(2)) + math.log2(127.5)
+    discrete = -np.log2(stats.norm(mu, s).cdf(xk + delta / 2) - stats.norm(mu, s).cdf(xk - delta / 2)).sum(-1) / 4
+    assert np.all(expected >= discrete) and np.abs(expected - discrete).max() < 1e-4  # Jensen, tight
+    many = dequantise(x, 4000, seed=1).reshape(4000, 2, 4).numpy()  # the mean over draws → the closed form
+    mc = -stats.norm(mu, s).logpdf(many).sum(-1) / (4 * math.log(2)) + math.log2(127.5)
+    assert np.all(np.abs(mc.mean(0) - expected) < 4 * mc.std(0) / math.sqrt(4000) + 1e-12)
+
+
+def test_bits_per_dim_mean_and_standard_error_are_over_images():
+    m = _gaussian(4, 0.0, 0.5)
+    x = (torch.tensor([[0, 64, 128, 255], [10, 20, 30, 40], [90, 91, 92, 93]], dtype=torch.float64)
+         / 127.5 - 1).reshape(3, 4)
+    r = bits_per_dim(m, x, SIGMA_MAX, "dopri5", draws=2, rtol=1e-7, atol=1e-7, prior="exact")
+    assert r.bpd_draws.shape == (2, 3)
+    torch.testing.assert_close(r.bpd, r.bpd_draws.mean(0))
+    assert r.mean == pytest.approx(float(r.bpd.mean())) and r.stderr == pytest.approx(float(r.bpd.std() / 3**0.5))
+    one = bits_per_dim(m, x[1:2], SIGMA_MAX, "dopri5", draws=2, rtol=1e-7, atol=1e-7, prior="exact", first_index=1)
+    torch.testing.assert_close(one.x_dequantised[:, 0], r.x_dequantised[:, 1])  # draws do not depend on the batch
+
+
+def test_bad_inputs_raise_one_line_errors(mix2):
+    m, x0 = mix2
+    g = grids.karras(SIGMA_MAX, 0.002, 4).flip(0)
+    bad = [
+        (dict(x0=x0.clone().fill_(float("nan"))), "x0: contains NaN"),
+        (dict(x0=x0[:, :1]), "x0: expected samples of 2 numbers"),
+        (dict(sigmas=g.flip(0)), "sigmas: expected an increasing grid from σ = 0"),
+        (dict(sigmas=g, method="rk4", divergence="trace"), "divergence: expected"),
+        (dict(sigmas=SIGMA_MAX, method="rk4"), "sigmas: the fixed-grid method 'rk4' needs a grid"),
+        (dict(sigmas=-1.0), "sigmas: expected σmax > 0"),
+        (dict(divergence="hutchinson", probe_kind="uniform"), "probe_kind: expected"),
+        (dict(probes_per_sample=0), "probes_per_sample: expected a positive integer"),
+        (dict(sigmas=g, method=sde.stochastic_ddim(0.5)), "cannot give a likelihood"),
+        (dict(prior="laplace"), "prior: expected"),
+    ]
+    for kw, msg in bad:
+        args = dict(x0=x0[:2], sigmas=SIGMA_MAX, method="dopri5") | kw
+        with pytest.raises(ValueError, match=msg):
+            likelihood(m, args.pop("x0"), args.pop("sigmas"), args.pop("method"), **args)
+    with pytest.raises(ValueError, match="prior: 'exact' needs an analytic model"):
+        likelihood(lambda x, s: x * 0, x0[:2], g, "euler", prior="exact")
+    x8 = torch.tensor([[0.0, 0.5]])  # 0.5 is not v/127.5 − 1 for an integer v
+    with pytest.raises(ValueError, match="x: bits/dim needs 256-level data"):
+        bits_per_dim(m, x8, SIGMA_MAX)
+    with pytest.raises(ValueError, match="x: bits/dim needs 256-level data"):
+        bits_per_dim(m, torch.tensor([[-1.0, 1.0 + 2 / 255]]), SIGMA_MAX)
+    with pytest.raises(ValueError, match="levels: expected an integer >= 2"):
+        bits_per_dim(m, torch.tensor([[-1.0, 1.0]]), SIGMA_MAX, levels=1)
