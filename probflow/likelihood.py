@@ -11,9 +11,9 @@ in nats, for x_0 in the model's variable x (x̄ = x at σ = 0). The pair y = (x�
 flat tensor (B, D + P) (x̄ flattened to D numbers, then P divergence accumulators), so torchdiffeq's methods,
 the scipy reference and probflow's Runge–Kutta-type step functions carry it unchanged.
 
-Divergence. "exact": ∇·f = Σ_i ∂f_i/∂x̄_i by D vector–Jacobian products with the unit vectors (one reverse pass
-each, batched over the samples and vmapped over `chunk` unit vectors at a time), so one evaluation of g costs one
-model forward and D VJPs. "hutchinson": ∇·f ≈ vᵀ(∂f/∂x̄)v with E[vvᵀ] = I (Rademacher ±1 or standard
+Divergence. "exact": ∇·f = Σ_i ∂f_i/∂x̄_i by D vector–Jacobian products with the unit vectors, `chunk` of them
+at a time as one forward and one reverse pass over `chunk` copies of the batch (no vmap, so any autograd model
+works), so one evaluation of g costs D VJPs: ≈ D times the model's forward-plus-backward cost on the batch. "hutchinson": ∇·f ≈ vᵀ(∂f/∂x̄)v with E[vvᵀ] = I (Rademacher ±1 or standard
 normal v), one VJP per probe; the P probes of a sample are fixed along the solve and drawn from a stream seeded
 by (seed, sample index), so a sample's estimate does not depend on the batch it is in. Each probe has its own
 accumulator; the estimate is their mean and its standard error is their standard deviation / sqrt(P) (NaN for
@@ -110,26 +110,34 @@ class AugmentedField(DDIMField):
         b, d = y.shape[0], self.dim
         if y.shape[1:] != (d + self.accumulators,):
             raise ValueError(f"y: expected the augmented state (B, {d + self.accumulators}), got {tuple(y.shape)}")
+        xbar = y[:, :d].detach().reshape(b, *self.shape)
         with torch.enable_grad():
-            xbar = y[:, :d].detach().reshape(b, *self.shape).requires_grad_(True)
-            f = self.inner(sigma, xbar)
-            div = self._exact(f, xbar) if self.hutchinson is None else self._hutchinson(f, xbar)
+            if self.hutchinson is None:
+                f, div = self._exact(sigma, xbar)
+            else:
+                xg = xbar.requires_grad_(True)
+                f = self.inner(sigma, xg)
+                div = self._hutchinson(f, xg)
         return torch.cat([f.detach().reshape(b, d), div.to(y.dtype) / self.scale], dim=1)
 
-    def _exact(self, f: Tensor, xbar: Tensor) -> Tensor:
-        """Σ_i ∂f_i/∂x̄_i: D unit-vector VJPs, `chunk` at a time (vmapped), diagonal entries kept. (B, 1)."""
-        b, d = f.shape[0], self.dim
-        total = torch.zeros(b, dtype=f.dtype, device=f.device)
+    def _exact(self, sigma: Tensor | float, xbar: Tensor) -> tuple[Tensor, Tensor]:
+        """f and Σ_i ∂f_i/∂x̄_i: the batch is copied k = `chunk` times, copy j's output is pulled back along the
+        unit vector e_{lo+j} (one reverse pass for the k·B rows: k VJPs per sample) and the diagonal entries
+        kept; ⌈D/chunk⌉ forward and reverse passes in all. Returns f (B, *S) and the divergence (B, 1)."""
+        b, d = xbar.shape[0], self.dim
+        total, f = torch.zeros(b, dtype=xbar.dtype, device=xbar.device), None
         for lo in range(0, d, self.chunk):
             k = min(self.chunk, d - lo)
-            idx = torch.arange(lo, lo + k, device=f.device)
-            basis = torch.zeros(k, b, d, dtype=f.dtype, device=f.device)
+            idx = torch.arange(lo, lo + k, device=xbar.device)
+            xr = xbar.unsqueeze(0).expand(k, *xbar.shape).reshape(k * b, *self.shape).clone().requires_grad_(True)
+            fr = self.inner(sigma, xr)
+            basis = torch.zeros(k, b, d, dtype=fr.dtype, device=fr.device)
             basis[torch.arange(k), :, idx] = 1
-            (g,) = torch.autograd.grad(f, xbar, basis.reshape(k, b, *self.shape), retain_graph=True,
-                                       is_grads_batched=True)
-            total = total + g.reshape(k, b, d)[torch.arange(k), :, idx].sum(0)
+            (g,) = torch.autograd.grad(fr, xr, basis.reshape(fr.shape))
+            total = total + g.reshape(k, b, d)[torch.arange(k), :, idx].sum(0).to(total.dtype)
+            f = fr.detach()[:b] if f is None else f
             self.vjps += k
-        return total.unsqueeze(1)
+        return f, total.unsqueeze(1)
 
     def _hutchinson(self, f: Tensor, xbar: Tensor) -> Tensor:
         """vᵀ(∂f/∂x̄)v for each fixed probe v: one VJP per probe. (B, P)."""
