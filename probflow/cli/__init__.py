@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("probflow.cli.inversion", "invert PNG/JPEG images to their latents x_T (a safetensors file)"),
     "decode": ("probflow.cli.inversion", "decode a latent file back to images"),
     "interpolate": ("probflow.cli.inversion", "encode two images, mix their latents, decode the frames into a strip"),
+    "likelihood": ("probflow.cli.likelihood", "bits/dim of 8-bit images under an image model (ODE log-likelihood)"),
 }
 
 
