@@ -164,7 +164,8 @@ def report() -> str:
     for k in ("D2", "D64"):
         d = t[k]
         lines.append(f"- Exact divergence, {k}, float64, dopri5 rtol = atol = 1e-8, {d['samples']} samples: "
-                     f"max |log p − exact| = {d['max_abs_exact_prior']:.2e} nats with the exact prior (NFE {d['nfe']}); with the "
+                     f"max |log p − exact| = {d['max_abs_exact_prior']:.2e} nats with the exact prior "
+                     f"(NFE {d['nfe']}); with the "
                      f"N(0, (1+σ_max²)I) prior {d['max_abs_normal_prior']:.2e}, of which the prior term's own error is "
                      f"{d['prior_error_max']:.2e}.")
     h = t["hutchinson"]
