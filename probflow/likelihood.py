@@ -14,11 +14,11 @@ the scipy reference and probflow's Runge–Kutta-type step functions carry it un
 Divergence. "exact": ∇·f = Σ_i ∂f_i/∂x̄_i by D vector–Jacobian products with the unit vectors, `chunk` of them
 at a time as one forward and one reverse pass over `chunk` copies of the batch (no vmap, so any autograd model
 works), so one evaluation of g costs D VJPs: ≈ D times the model's forward-plus-backward cost on the batch.
-"hutchinson": ∇·f ≈ vᵀ(∂f/∂x̄)v with E[vvᵀ] = I (Rademacher ±1 or standard normal v), one VJP per probe; the
-P probes of a sample are fixed along the solve and drawn from a stream seeded by (seed, sample index), so a sample's estimate does not depend on the batch it is in. Each probe has its own
-accumulator; the estimate is their mean and its standard error is their standard deviation / sqrt(P) (NaN for
-P = 1: one probe carries no estimate of its own spread). Batched VJPs assume the model treats the samples of a
-batch independently (no batch statistics).
+"hutchinson": ∇·f ≈ vᵀ(∂f/∂x̄)v with E[vvᵀ] = I (Rademacher ±1 or standard normal v), one VJP per probe; the P
+probes of a sample are fixed along the solve and drawn from a stream seeded by (seed, sample index), so a sample's
+estimate does not depend on the batch it is in. Each probe has its own accumulator; the estimate is their mean and
+its standard error is their standard deviation / sqrt(P) (NaN for P = 1: one probe carries no estimate of its own
+spread). Batched VJPs assume the model treats the samples of a batch independently (no batch statistics).
 
 Prior. "normal": p_{σmax} ≈ N(0, (1 + σmax²) I) in x̄ (N(0, I) for the latent x_T), exact for data of zero mean
 and unit covariance and off by O(1/σmax²) otherwise; "exact": `model.log_prob(x̄, σmax)` for analytic models

@@ -203,3 +203,31 @@ def test_bad_inputs_raise_one_line_errors(mix2):
         bits_per_dim(m, torch.tensor([[-1.0, 1.0 + 2 / 255]]), SIGMA_MAX)
     with pytest.raises(ValueError, match="levels: expected an integer >= 2"):
         bits_per_dim(m, torch.tensor([[-1.0, 1.0]]), SIGMA_MAX, levels=1)
+
+
+def test_cli_prints_per_image_bits_per_dim_and_refuses_bad_images(tmp_path, capsys):
+    from PIL import Image
+
+    from probflow import models
+    from probflow.cli import main
+    from probflow.digits import load_split
+    from probflow.io.images import load_images, save_images
+
+    paths = [str(p) for p in save_images(load_split()["x_test"][:3], tmp_path / "img")]
+    args = ["likelihood", *paths, "--method", "heun2", "--steps", "3", "--divergence", "hutchinson", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 4 and out[-1].startswith("mean ") and "± " in out[-1]
+    model = models.load("digits")
+    x = load_images(paths, (8, 8), 1, verbose=False)
+    g = grids.ddim(model.schedule, 3).flip(0)
+    api = bits_per_dim(model, x, g, "heun2", divergence="hutchinson", rtol=1e-6, atol=1e-6)
+    assert [float(line.split("\t")[1]) for line in out[:3]] == pytest.approx(api.bpd.tolist(), abs=1e-4)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray((np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)).save(tmp_path / "deep.png")
+    for bad, msg in ((["big.png"], "expected the model's 8×8"), (["deep.png"], "is not 8-bit"),
+                     (["missing.png"], "no such image file")):
+        assert main(["likelihood", str(tmp_path / bad[0]), "--quiet"]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["likelihood", paths[0], "--draws", "0"]) == 2
+    assert "--draws: expected a positive integer" in capsys.readouterr().err
