@@ -220,7 +220,7 @@ def test_cli_prints_per_image_bits_per_dim_and_refuses_bad_images(tmp_path, caps
     assert len(out) == 4 and out[-1].startswith("mean ") and "± " in out[-1]
     model = models.load("digits")
     x = load_images(paths, (8, 8), 1, verbose=False)
-    g = grids.ddim(model.schedule, 3).flip(0)
+    g = grids.karras(model.schedule.sigma_max, model.schedule.sigma_min, 3).flip(0)  # the CLI's default grid
     api = bits_per_dim(model, x, g, "heun2", divergence="hutchinson", rtol=1e-6, atol=1e-6)
     assert [float(line.split("\t")[1]) for line in out[:3]] == pytest.approx(api.bpd.tolist(), abs=1e-4)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "big.png")

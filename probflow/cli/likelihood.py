@@ -1,5 +1,10 @@
 """`probflow likelihood`: uniformly dequantised bits/dim of 8-bit images under an image model, through
-`probflow.likelihood.bits_per_dim` (Eq. 12 with its divergence, σ = 0 → σ_max, MATH.md §8)."""
+`probflow.likelihood.bits_per_dim` (Eq. 12 with its divergence, σ = 0 → σ_max, MATH.md §8).
+
+Default solver: rk4 on the 25-step Karras grid run upwards (100 NFE); on the digits model it agrees with dopri5 at
+rtol = atol = 1e-3 (212 NFE) to 0.002 bits/dim, while the DDIM (uniform-in-t) grid, sparse near σ = 0, is off by
+0.1–1 bit/dim at 25–100 steps. The exact divergence costs D VJPs per evaluation; `--divergence hutchinson` costs one
+per probe, at the price of a per-image error of order a nat."""
 
 from __future__ import annotations
 
@@ -25,7 +30,11 @@ def add_likelihood_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise and probes (per image)")
     p.add_argument("--batch", type=int, default=8, help="images per solve (default 8)")
     p.add_argument("--invert", action="store_true", help="use 255 − pixel (dark digits on a light background)")
-    add_solver_arguments(p, "dopri5", 32)
+    add_solver_arguments(p, "rk4", 25)
+    p.set_defaults(grid="karras")  # dense near σ = 0, where the divergence changes fastest
+    for action in p._actions:
+        if action.dest == "grid":
+            action.help = "σ grid for fixed-grid methods, run upwards from 0 (probflow.grids.NAMED); default karras"
 
 
 def _check_files(paths: list[str], size: tuple[int, int]) -> None:
