@@ -342,7 +342,8 @@ class BitsPerDim:
     """Result of `bits_per_dim`. bpd: (B,) per image, averaged over the dequantisation draws; bpd_draws:
     (draws, B); mean and stderr: over images (the SE of the mean over B images, each its draws' average, so
     dequantisation and Hutchinson noise are in it; NaN for one image); offset: the constant −log2 Δ added per
-    dimension; x_dequantised: (draws, B, *S); likelihood: the `Likelihood` of the stacked draws."""
+    dimension; x_dequantised: (draws, B, *S); likelihood: the `Likelihood` of the B·draws dequantised images,
+    image-major (row i·draws + r is draw r of image i)."""
 
     bpd: Tensor
     bpd_draws: Tensor
