@@ -186,7 +186,8 @@ def report() -> str:
         cheap = min(kd, key=lambda r: r["nfe"])
         ok = [r for r in pf if r["mean_abs"] <= level]
         lo = min(r["mean_abs"] for r in kd)
-        lines += ["", f"Equal error: every k-diffusion row has a mean error of {lo:.2f}–{level:.2f} nats whatever the tolerance (its single probe dominates); its cheapest is {cheap['nfe']} "
+        lines += ["", f"Equal error: every k-diffusion row has a mean error of {lo:.2f}–{level:.2f} nats whatever "
+                  f"the tolerance (its single probe dominates); its cheapest is {cheap['nfe']} "
                   "NFE."]
         if ok:
             c = min(ok, key=lambda r: r["nfe"])
