@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from probflow.cli.common import add_solver_arguments, check_solver_args, grid, load_image_model, load_inputs
+from probflow.cli.common import (
+    add_solver_arguments,
+    apply_runtime,
+    check_solver_args,
+    grid,
+    load_image_model,
+    load_inputs,
+)
 
 _EIGHT_BIT = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
 
@@ -30,7 +37,7 @@ def add_likelihood_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise and probes (per image)")
     p.add_argument("--batch", type=int, default=8, help="images per solve (default 8)")
     p.add_argument("--invert", action="store_true", help="use 255 − pixel (dark digits on a light background)")
-    add_solver_arguments(p, "rk4", 25)
+    add_solver_arguments(p, "rk4", 25, chunked=False)
     p.set_defaults(grid="karras")  # dense near σ = 0, where the divergence changes fastest
     for action in p._actions:
         if action.dest == "grid":
@@ -68,9 +75,12 @@ def run_likelihood(args: argparse.Namespace) -> int:
     for k in ("probes", "draws", "batch"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k}: expected a positive integer, got {getattr(args, k)}")
-    model = load_image_model(args.model, args.device)
+    rt = apply_runtime(args, spread=False)
+    model = load_image_model(args.model, args.device, limits=not args.no_limits)
     _check_files(args.images, tuple(model.sample_shape[1:]))
     x = load_inputs(args, model, args.images, "IMAGE")
+    if rt.precision is not None:
+        model, x = rt.precision.cast_model(model), rt.precision.state_tensor(x)
     method = get_method(args.method)
     sigmas = grid(args, model, method).flip(0).to(args.device)  # increasing: 0 … σ_max
     data_range = getattr(model, "data_range", (-1.0, 1.0))
