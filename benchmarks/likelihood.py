@@ -2,7 +2,7 @@
 settings beside an independent implementation of k-diffusion's recipe; the exactness targets; digits bits/dim.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood.py --part mixture  # → likelihood_mixture.json
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood.py --part digits   # → likelihood_digits.json
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood.py --part digits --n 48 --n-exact 5  # → …digits.json
     PYTHONPATH=. python benchmarks/likelihood.py --part report                     # → LIKELIHOOD.md
 
 Held out: the defaults (dopri5, exact divergence, per-sample norm) were developed on GaussianMixture.random(64, 8,
