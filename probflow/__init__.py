@@ -14,6 +14,7 @@ from probflow.integrate import Solution, integrate
 
 from probflow import exponential  # noqa: F401  # isort: skip  (registers its solvers)
 from probflow import reversible  # noqa: F401  # isort: skip  (registers reversible_heun)
+from probflow import adaptive  # noqa: F401  # isort: skip  (registers adaptive_exp)
 
 __version__ = "0.1.0"
 
