@@ -26,15 +26,16 @@ value (p = 1 predictor, p = 2 corrector); p grows to `order` as the history fill
 
 Reaching σ = 0 (λ = +∞). (E1) has the limit x̄(0) = D(x̄(0), 0); x̄ and D are smooth in s = σ² along the
 solution (probflow.exponential, (E3)), so x̄(0) ≈ Σ_j ℓ_j(0) D_j, the Lagrange extrapolation in s through the
-last history values. Once σ_n ≤ `finish_below` (default 1: SNR 1, the scale of normalised data; above it
-the history has seen none of the data's small-scale structure and an extrapolation would be blind), every
-accepted point tries this jump with 3 nodes against 2 nodes as its error estimate (the 2-node error is
+last history values. Once σ_n ≤ `finish_below` (default 1: SNR 1, the scale of normalised data) and D has
+entered its smooth-in-σ² regime (per sample, |ΔD|/Δλ decays by at least e^{−h} over the last two steps; it
+decays like e^{−2h} once σ is below the data's scale, while above it D still moves towards D(0), so an
+extrapolation from there would be blind to the structure still ahead), every accepted point tries this jump with 3 nodes against 2 nodes as its error estimate (the 2-node error is
 ≈ |∂²D/∂s²|·s_n·s_{n−1}, the 3-node one smaller by a further factor ≈ s_{n−2}·|∂³D/∂s³|/|∂²D/∂s²|), with the
 same norm; if err ≤ 1 the 3-node value is returned (no model call at σ = 0), else the method keeps stepping
 in λ, where Π s_j shrinks geometrically, so the jump is accepted after finitely many steps.
 
 Settings come as the first state (integrate passes {"rtol", "atol", "monitor", **options}); options:
-`order` (predictor order p, 1…3, default 2), `first_step` (λ, default 0.1), `finish_below` (σ, default 1).
+`order` (predictor order p, 1…3, default 3: a 3(4) pair), `first_step` (λ, default 0.1), `finish_below` (σ, default 1).
 Generation only (decreasing grids, σ_max > 0); the grid's interior points are landed on exactly.
 """
 
@@ -64,7 +65,7 @@ class AdaptiveState:
 
     rtol: float
     atol: float
-    order: int = 2
+    order: int = 3
     h: float = 0.1
     finish_below: float = 1.0
     monitor: Any = None
@@ -86,7 +87,7 @@ def _make_state(settings: dict) -> AdaptiveState:
     if unknown:
         raise ValueError(f"options: adaptive_exp takes {sorted(known - {'rtol', 'atol', 'monitor'})}, "
                          f"got unknown {sorted(unknown)}")
-    order = settings.get("order", 2)
+    order = settings.get("order", 3)
     if order not in (1, 2, 3):
         raise ValueError(f"options['order']: expected a predictor order 1, 2 or 3, got {order!r}")
     h = float(settings.get("first_step", 0.1))
@@ -96,9 +97,10 @@ def _make_state(settings: dict) -> AdaptiveState:
     return AdaptiveState(float(settings["rtol"]), float(settings["atol"]), order, h, fb, settings.get("monitor"))
 
 
-def error_norm(diff: Tensor, x0: Tensor, x1: Tensor, rtol: float, atol: float) -> float:
-    """max over samples of RMS over the sample of diff / (atol + rtol·max(|x0|, |x1|))."""
-    scale = atol + rtol * torch.maximum(x0.abs(), x1.abs())
+def error_norm(diff: Tensor, x0: Tensor, x1: Tensor, rtol: float, atol: float, sigma: float = 0.0) -> float:
+    """max over samples of RMS over the sample of diff / (atol·sqrt(1+σ²) + rtol·max(|x0|, |x1|)): the
+    tolerance of the model's variable x = x̄/sqrt(1+σ²) at the step's end σ."""
+    scale = atol * math.sqrt(1.0 + sigma * sigma) + rtol * torch.maximum(x0.abs(), x1.abs())
     r = (diff / scale).reshape(diff.shape[0], -1)
     return float(r.pow(2).mean(1).sqrt().max())
 
@@ -118,9 +120,21 @@ def _exp_step(xbar: Tensor, sigma: float, sigma_next: float, sigmas: list[float]
     return out
 
 
+def _past_transition(st: AdaptiveState) -> bool:
+    """Whether D is in its smooth-in-σ² regime: per sample, the slope |ΔD|/Δλ of the last interval is at most
+    e^{−h} times that of the one before (+ atol). Along a solution D − D(0) ∝ σ² for σ below the data's
+    scale (slope decaying like e^{−2h}), while above it D approaches D(0) from afar (slope growing or flat)."""
+    lam = [-math.log(x) for x in st.sigmas[-3:]]
+    d = st.denoised[-3:]
+    g1 = (d[1] - d[0]).reshape(len(d[0]), -1).pow(2).mean(1).sqrt() / (lam[1] - lam[0])
+    g2 = (d[2] - d[1]).reshape(len(d[0]), -1).pow(2).mean(1).sqrt() / (lam[2] - lam[1])
+    return bool((g2 <= g1 * math.exp(-(lam[2] - lam[1])) + st.atol).all())
+
+
 def _try_finish(st: AdaptiveState, xbar: Tensor) -> Tensor | None:
-    """The jump to σ = 0 by extrapolation in s = σ² ((E3)): 3 nodes, checked against 2; None if err > 1."""
-    if len(st.sigmas) < 3 or st.sigmas[-1] > st.finish_below:
+    """The jump to σ = 0 by extrapolation in s = σ² ((E3)): 3 nodes, checked against 2; None if err > 1 or
+    D is not yet in its smooth-in-σ² regime (`_past_transition`)."""
+    if len(st.sigmas) < 3 or st.sigmas[-1] > st.finish_below or not _past_transition(st):
         return None
     hi = sum(w * d for w, d in zip(zero_weights(st.sigmas[-3:]), st.denoised[-3:], strict=True))
     lo = sum(w * d for w, d in zip(zero_weights(st.sigmas[-2:]), st.denoised[-2:], strict=True))
@@ -153,7 +167,7 @@ def _advance(field: DDIMField, xbar: Tensor, sigma: float, target: float, st: Ad
         pred = _exp_step(xbar, sigma, sn, st.sigmas[-p:], st.denoised[-p:])
         d_new = _denoise(field, pred, sn)
         corr = _exp_step(xbar, sigma, sn, [*st.sigmas[-p:], sn], [*st.denoised[-p:], d_new])
-        err = error_norm(corr - pred, xbar, corr, st.rtol, st.atol)
+        err = error_norm(corr - pred, xbar, corr, st.rtol, st.atol, sn)
         ok = err <= 1.0 and bool(torch.isfinite(corr).all())
         proposal = _propose(st, h, err if math.isfinite(err) else 1e10, p + 1, ok)
         if ok:
@@ -191,7 +205,7 @@ def adaptive_step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Ten
 
 
 ADAPTIVE_METHODS = (
-    register(Method("adaptive_exp", 3, adaptive=True, step=adaptive_step,
-                    description="adaptive exponential predictor–corrector in λ (order 2(3), 1 NFE per step, "
+    register(Method("adaptive_exp", 4, adaptive=True, step=adaptive_step,
+                    description="adaptive exponential predictor–corrector in λ (order 3(4), 1 NFE per step, "
                                 "PI controller), closed jump to σ = 0 by extrapolation in σ²")),
 )
