@@ -29,13 +29,15 @@ solution (probflow.exponential, (E3)), so x̄(0) ≈ Σ_j ℓ_j(0) D_j, the Lagr
 last history values. Once σ_n ≤ `finish_below` (default 1: SNR 1, the scale of normalised data) and D has
 entered its smooth-in-σ² regime (per sample, |ΔD|/Δλ decays by at least e^{−h} over the last two steps; it
 decays like e^{−2h} once σ is below the data's scale, while above it D still moves towards D(0), so an
-extrapolation from there would be blind to the structure still ahead), every accepted point tries this jump with 3 nodes against 2 nodes as its error estimate (the 2-node error is
-≈ |∂²D/∂s²|·s_n·s_{n−1}, the 3-node one smaller by a further factor ≈ s_{n−2}·|∂³D/∂s³|/|∂²D/∂s²|), with the
-same norm; if err ≤ 1 the 3-node value is returned (no model call at σ = 0), else the method keeps stepping
-in λ, where Π s_j shrinks geometrically, so the jump is accepted after finitely many steps.
+extrapolation from there would be blind to the structure still ahead), every accepted point tries this jump
+with 3 nodes against 2 nodes as its error estimate (the 2-node error is ≈ |∂²D/∂s²|·s_n·s_{n−1}, the 3-node
+one smaller by a further factor ≈ s_{n−2}·|∂³D/∂s³|/|∂²D/∂s²|), with the same norm; if err ≤ 1 the 3-node
+value is returned (no model call at σ = 0), else the method keeps stepping in λ, where Π s_j shrinks
+geometrically, so the jump is accepted after finitely many steps.
 
 Settings come as the first state (integrate passes {"rtol", "atol", "monitor", **options}); options:
-`order` (predictor order p, 1…3, default 3: a 3(4) pair), `first_step` (λ, default 0.1), `finish_below` (σ, default 1).
+`order` (predictor order p, 1…3, default 3: a 3(4) pair), `first_step` (λ, default 0.1), `finish_below`
+(σ, default 1).
 Generation only (decreasing grids, σ_max > 0); the grid's interior points are landed on exactly.
 """
 
