@@ -156,13 +156,10 @@ def _propose(st: AdaptiveState, h: float, err: float, k: int, accepted: bool) ->
 
 def _advance(field: DDIMField, xbar: Tensor, sigma: float, target: float, st: AdaptiveState) -> tuple[Tensor, float]:
     """One attempted-and-accepted step from σ towards `target` (> 0 or 0); returns (x̄, σ) reached."""
-    lam = -math.log(sigma)
     while True:
-        h = st.h
-        if target > 0:
-            rest = -math.log(target) - lam
-            h = rest if lam + 1.25 * h >= lam + rest else h  # land on the grid point, no sliver steps
-        sn = sigma * math.exp(-h)
+        h, sn = st.h, sigma * math.exp(-st.h)
+        if target > 0 and 1.25 * h >= math.log(sigma / target):  # land on the grid point, no sliver steps
+            h, sn = math.log(sigma / target), target
         if st.monitor is not None:
             st.monitor.step(sigma)
         p = min(st.order, len(st.sigmas))

@@ -191,8 +191,10 @@ class _TimeVariable:
     """Eq. 12 in u = log σ (log=True): dx̄/du = σ ε(x̄/sqrt(1+σ²), σ), σ = e^u; or in σ itself (log=False).
     Carries torchdiffeq's step callbacks to the monitor (max_steps, progress)."""
 
-    def __init__(self, field: DDIMField, log: bool, monitor: _Monitor | None) -> None:
+    def __init__(self, field: DDIMField, log: bool, monitor: _Monitor | None, t_end: float = 0.0,
+                 sign: float = -1.0) -> None:
         self.field, self.log, self.monitor = field, log, monitor
+        self.t_end, self.sign = t_end, sign  # the last time of this solve and the sign of its direction
 
     def __call__(self, t: Tensor, xbar: Tensor) -> Tensor:
         if not self.log:
@@ -209,7 +211,9 @@ class _TimeVariable:
 
     def callback_accept_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         if self.monitor is not None:
-            self.monitor.accept(self._sigma(t0 + dt))
+            t1 = float(t0) + self.sign * float(dt)  # torchdiffeq's dt is > 0 either way; its last step may overshoot
+            t1 = max(t1, self.t_end) if self.sign < 0 else min(t1, self.t_end)
+            self.monitor.accept(self._sigma(torch.tensor(t1)))
 
 
 def _odeint(field: DDIMField, xbar: Tensor, sigmas: Tensor, name: str, rtol: float, atol: float, options: dict,
@@ -218,7 +222,8 @@ def _odeint(field: DDIMField, xbar: Tensor, sigmas: Tensor, name: str, rtol: flo
     import torchdiffeq
 
     t = torch.log(sigmas) if log else sigmas
-    func = _TimeVariable(field, log, monitor) if (log or monitor is not None) else field
+    sign = 1.0 if float(t[-1]) > float(t[0]) else -1.0
+    func = _TimeVariable(field, log, monitor, float(t[-1]), sign) if (log or monitor is not None) else field
     if log:  # steps of at most one e-fold of σ: beyond it the embedded estimate is not yet asymptotic
         options = {"max_step": LOG_MAX_STEP, **options}
     return torchdiffeq.odeint(func, xbar, t, method=name, rtol=rtol, atol=atol, options=options)
