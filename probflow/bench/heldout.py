@@ -206,11 +206,9 @@ def tuned_grid(schedule: Schedule, steps: int, method: str, nfe: int) -> Tensor:
     return power_grid(schedule, steps, rho, end)
 
 
-GRIDS = {
-    "uniform": lambda s, n: _grids.ddim(s, n, "uniform"),
+GRIDS = {  # (uniform-in-t and Karras grids never won a tuning problem at NFE ≥ 10 and are left out for time)
     "quadratic": lambda s, n: _grids.ddim(s, n, "quadratic"),
     "logsnr": lambda s, n: _grids.log_uniform(s.sigma_max, s.sigma_min, n),
-    "karras": lambda s, n: _grids.karras(s.sigma_max, s.sigma_min, n),
     "log_snr_tuned": lambda s, n: _grids.log_snr_tuned(s, n),
     "tuned": None,  # per method and NFE: `tuned_grid`
 }
@@ -269,11 +267,50 @@ def run_peer(s: Setup, name: str, grid: str, nfe: int) -> tuple[float, int]:
     return rmse(r.x, s.reference), r.nfe
 
 
-def run_problem(s: Setup, nfe=NFE, methods=METHODS, grids=tuple(GRIDS), peers=None) -> dict:
-    """{"pf": {(method, grid, nfe): rmse}, "peer": {(name, grid, nfe): rmse}} for one problem."""
+PILOT_METHODS = ("unipc", "unipc_3")
+PILOT_ENDS = (1.0, 2.0, 4.0, 8.0)
+PILOT_SAMPLES = 8
+
+
+def pilot_select(model, schedule: Schedule, dim: int, seed: int, nfe: int, ref: Tensor | None = None,
+                 methods=PILOT_METHODS, ends=PILOT_ENDS, n_cal: int = PILOT_SAMPLES) -> tuple[str, float, Tensor]:
+    """A per-model choice among few candidates, made on the model's own calibration noise (never the noise
+    it is evaluated on): `probflow.noise(n_cal, (dim,), seed + 7)`, reference `adaptive_exp` at 1e-7; the
+    candidates are `methods` × log-SNR grids from σ_max to end·σ_0 (`ends`), then 0; the smallest RMSE wins.
+    One knob of four values per method (not a free-form grid) so that it cannot fit the calibration noise.
+    Returns (method, end, the reference, for reuse). Cost: the reference (≈ 400 NFE on n_cal samples) once
+    per model, plus len(methods)·len(ends) solves of `nfe` NFE on n_cal samples per NFE."""
+    z = noise(n_cal, (dim,), seed + 7)
+    xb = z * math.sqrt(1.0 + schedule.sigma_max**2)
+    if ref is None:
+        ends_ = torch.tensor([schedule.sigma_max, 0.0], dtype=torch.float64)
+        ref = integrate(model, xb, ends_, "adaptive_exp", rtol=1e-7, atol=1e-7).x
+    best = None
+    for m in methods:
+        for end in ends:
+            g = power_grid(schedule, steps_for(m, nfe), math.inf, end)
+            err = rmse(integrate(model, xb, g, m).x, ref)
+            if best is None or err < best[0]:
+                best = (err, m, end)
+    return best[1], best[2], ref
+
+
+def run_pilot(s: Setup, nfe: int, ref: Tensor | None = None) -> tuple[float, str, Tensor]:
+    """The pilot's choice for this problem at `nfe`, evaluated on the problem's own noise."""
+    p = s.problem
+    m, end, ref = pilot_select(p.model, s.schedule, p.dim, p.seed, nfe, ref)
+    g = power_grid(s.schedule, steps_for(m, nfe), math.inf, end)
+    return rmse(integrate(p.model, s.xbar, g, m).x, s.reference), f"{m}/end {end:g}", ref
+
+
+def run_problem(s: Setup, nfe=NFE, methods=METHODS, grids=tuple(GRIDS), peers=None, pilot: bool = True) -> dict:
+    """{"pf": {(method, grid, nfe): rmse}, "peer": {(name, grid, nfe): rmse}} for one problem; with `pilot`,
+    also pf[("pilot", "pilot", nfe)] (`pilot_select`'s choice, recorded in "pilot_choice")."""
     peers = PEERS if peers is None else list(peers)
-    pf, pe = {}, {}
+    pf, pe, picks, ref = {}, {}, {}, None
     for n in nfe:
+        if pilot:
+            pf[("pilot", "pilot", n)], picks[n], ref = run_pilot(s, n, ref)
         for m in methods:
             for g in grids:
                 err, used = run_probflow(s, m, g, n)
@@ -287,7 +324,7 @@ def run_problem(s: Setup, nfe=NFE, methods=METHODS, grids=tuple(GRIDS), peers=No
                     continue
                 if used <= n:
                     pe[(name, g, n)] = err
-    return {"pf": pf, "peer": pe}
+    return {"pf": pf, "peer": pe, "pilot_choice": picks}
 
 
 def _best(table: dict, n: int) -> tuple[float, tuple]:
@@ -362,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the report (markdown) here, atomically")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--tune", action="store_true", help="fit the `tuned` grid on the tuning set and print TUNED")
-    p.add_argument("--samples", type=int, default=16, help="samples per problem (default 16)")
+    p.add_argument("--samples", type=int, default=8, help="samples per problem (default 8)")
     p.add_argument("--tuning", type=int, default=len(TUNING_SEEDS), help="first N tuning problems")
     p.add_argument("--heldout", type=int, default=len(HELDOUT_SEEDS), help="first N held-out problems")
     p.add_argument("--quick", action="store_true", help="2 + 2 problems, 4 samples, NFE 10 and 20, no adaptive")
@@ -390,7 +427,7 @@ def _fmt(v: float) -> str:
 
 
 def calibrated_study(setups: list[Setup], nfe=(10, 20), method: str = "unipc_3", n_cal: int = 16,
-                     max_evals: int = 150) -> list[dict]:
+                     max_evals: int = 100) -> list[dict]:
     """The calibrated grid (`probflow.grids.calibrated`, `n_cal` calibration samples drawn with seed + 7, its own
     reference, at most `max_evals` solves) against `log_snr_tuned` and `tuned`, per problem and NFE (RMSE)."""
     rows = []
@@ -427,7 +464,8 @@ def _problem_table(results: list[dict], setups: list[Setup], chosen: dict, nfe) 
         cells = []
         for n in nfe:
             bp, key = _best(r["peer"], n)
-            cells.append(f"{key[0]}/{key[1]} ({bp:.1e}) → {_fmt(r['pf'].get((*chosen[n], n), math.inf) / bp)}")
+            pick = f" [{r['pilot_choice'][n]}]" if chosen[n][0] == "pilot" else ""
+            cells.append(f"{key[0]}/{key[1]} ({bp:.1e}) → {_fmt(r['pf'].get((*chosen[n], n), math.inf) / bp)}{pick}")
         out.append(f"| {s.problem.describe()} | " + " | ".join(cells) + " |")
     return out
 
@@ -451,7 +489,8 @@ def _report(a) -> int:
         t1 = time.perf_counter()
         held.append(run_problem(s, nfe))
         _say(f"  evaluated {s.problem.describe()}: {time.perf_counter() - t1:.1f} s")
-    cal = [] if quick else calibrated_study(held_setups[:5])
+    _say("calibrated grid study")
+    cal = [] if quick else calibrated_study(held_setups[:4])
     adaptive_md = ""
     if not quick:
         ab = _sibling("adaptive")
@@ -494,8 +533,8 @@ def _markdown(a, nfe, n_samples, tun_setups, held_setups, tun, held, chosen, cal
     ]
     if cal:
         lines += ["## The calibrated grid on held-out problems", "",
-                  "unipc_3, RMSE on the first 5 held-out problems; calibrated = `probflow.grids.calibrated` (16 "
-                  "calibration samples of its own noise, ≤ 150 solves, start log-SNR to 3σ_0).", "",
+                  "unipc_3, RMSE on the first 4 held-out problems; calibrated = `probflow.grids.calibrated` (16 "
+                  "calibration samples of its own noise, ≤ 100 solves, start log-SNR to 3σ_0).", "",
                   "| problem | NFE | calibrated | log_snr_tuned | tuned | calibrated ÷ best other |",
                   "|---|---|---|---|---|---|"]
         for r in cal:
