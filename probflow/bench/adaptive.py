@@ -101,9 +101,12 @@ def dpm_solver_adaptive(model, x: Tensor, sigma_max: float, sigma_end: float, rt
 
 
 def _ddim_best(model, xbar: Tensor, schedule, nfe: int, reference: Tensor) -> float:
-    """DDIM (Euler on Eq. 12) with `nfe` steps: the smaller RMSE of the trailing-uniform and log-SNR grids."""
+    """DDIM (Euler on Eq. 12) with `nfe` steps: the smaller RMSE of the log-SNR and (nfe ≤ T) trailing grids."""
     errs = []
-    for g in (ddim(schedule, nfe), log_uniform(schedule.sigma_max, schedule.sigma_min, nfe)):
+    grids = [log_uniform(schedule.sigma_max, schedule.sigma_min, nfe)]
+    if nfe <= schedule.T:  # DDIM's trailing grid has at most T steps
+        grids.append(ddim(schedule, nfe))
+    for g in grids:
         x = integrate(model, xbar, g, "euler").x
         errs.append(float((x - reference).pow(2).mean().sqrt()))
     return min(errs)

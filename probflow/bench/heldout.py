@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=8, help="samples per problem (default 8)")
     p.add_argument("--tuning", type=int, default=len(TUNING_SEEDS), help="first N tuning problems")
     p.add_argument("--heldout", type=int, default=len(HELDOUT_SEEDS), help="first N held-out problems")
+    p.add_argument("--cache", help="pickle the finished phases here and resume from it (a long run can resume)")
     p.add_argument("--quick", action="store_true", help="2 + 2 problems, 4 samples, NFE 10 and 20, no adaptive")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -457,47 +458,70 @@ def _ratio_table(results: list[dict], chosen: dict, nfe) -> list[str]:
     return out
 
 
-def _problem_table(results: list[dict], setups: list[Setup], chosen: dict, nfe) -> list[str]:
+def _problem_table(results: list[dict], meta: list, chosen: dict, nfe) -> list[str]:
     out = ["| problem | " + " | ".join(f"NFE {n}: best peer (RMSE) → ratio" for n in nfe) + " |",
            "|---|" + "---|" * len(nfe)]
-    for r, s in zip(results, setups, strict=True):
+    for r, (desc, _) in zip(results, meta, strict=True):
         cells = []
         for n in nfe:
             bp, key = _best(r["peer"], n)
             pick = f" [{r['pilot_choice'][n]}]" if chosen[n][0] == "pilot" else ""
             cells.append(f"{key[0]}/{key[1]} ({bp:.1e}) → {_fmt(r['pf'].get((*chosen[n], n), math.inf) / bp)}{pick}")
-        out.append(f"| {s.problem.describe()} | " + " | ".join(cells) + " |")
+        out.append(f"| {desc} | " + " | ".join(cells) + " |")
     return out
 
 
+def _cached(cache: dict, path: str | None, key: str, compute):
+    """cache[key], computed (and the cache pickled to `path`, if given) when missing: a long run can resume."""
+    import pickle
+
+    if key not in cache:
+        cache[key] = compute()
+        if path:
+            Path(path).write_bytes(pickle.dumps(cache))
+    return cache[key]
+
+
+def _meta(setups: list[Setup]) -> list[tuple[str, float]]:
+    return [(s.problem.describe(), s.ref_check) for s in setups]
+
+
+def _evaluate(seeds, n_samples: int, nfe, calibrated: int = 0) -> tuple[list[dict], list, list[dict]]:
+    setups = _setups(seeds, n_samples)
+    res = []
+    for s in setups:
+        t1 = time.perf_counter()
+        res.append(run_problem(s, nfe))
+        _say(f"  evaluated {s.problem.describe()}: {time.perf_counter() - t1:.1f} s")
+    cal = calibrated_study(setups[:calibrated]) if calibrated else []
+    return res, _meta(setups), cal
+
+
 def _report(a) -> int:
+    import pickle
+
     t0 = time.perf_counter()
     quick = a.quick
     nfe = (10, 20) if quick else NFE
     n_samples = 4 if quick else a.samples
     tun_seeds = TUNING_SEEDS[:2 if quick else a.tuning]
     held_seeds = HELDOUT_SEEDS[:2 if quick else a.heldout]
+    cache = pickle.loads(Path(a.cache).read_bytes()) if a.cache and Path(a.cache).exists() else {}
     _say(f"tuning set: {len(tun_seeds)} problems")
-    tun_setups = _setups(tun_seeds, n_samples)
-    tun = [run_problem(s, nfe) for s in tun_setups]
+    tun, tun_meta, _ = _cached(cache, a.cache, "tuning", lambda: _evaluate(tun_seeds, n_samples, nfe))
     chosen = {n: choose(tun, n) for n in nfe}
     _say(f"chosen on the tuning set: {chosen}")
-    _say(f"held-out set: {len(held_seeds)} problems")
-    held_setups = _setups(held_seeds, n_samples)
-    held = []
-    for s in held_setups:
-        t1 = time.perf_counter()
-        held.append(run_problem(s, nfe))
-        _say(f"  evaluated {s.problem.describe()}: {time.perf_counter() - t1:.1f} s")
-    _say("calibrated grid study")
-    cal = [] if quick else calibrated_study(held_setups[:4])
+    _say(f"held-out set: {len(held_seeds)} problems (+ the calibrated grid on the first 4)")
+    held, held_meta, cal = _cached(cache, a.cache, "heldout",
+                                   lambda: _evaluate(held_seeds, n_samples, nfe, 0 if quick else 4))
     adaptive_md = ""
     if not quick:
         ab = _sibling("adaptive")
         _say("adaptive study")
-        ad_setups = [setup(make_problem(sd), 8, 1e-12, 1e-10) for sd in HELDOUT_SEEDS[:3]]
-        adaptive_md = ab.tolerance_tables(ab.tolerance_study(ad_setups))
-    text = _markdown(a, nfe, n_samples, tun_setups, held_setups, tun, held, chosen, cal, adaptive_md,
+        rows = _cached(cache, a.cache, "adaptive", lambda: ab.tolerance_study(
+            [setup(make_problem(sd), 8, 1e-12, 1e-10) for sd in HELDOUT_SEEDS[:3]]))
+        adaptive_md = ab.tolerance_tables(rows)
+    text = _markdown(a, nfe, n_samples, tun_meta, held_meta, tun, held, chosen, cal, adaptive_md,
                      time.perf_counter() - t0)
     if a.out:
         from probflow.atomic import atomic_write
@@ -512,7 +536,7 @@ def _report(a) -> int:
     return 0
 
 
-def _markdown(a, nfe, n_samples, tun_setups, held_setups, tun, held, chosen, cal, adaptive_md, wall) -> str:
+def _markdown(a, nfe, n_samples, tun_meta, held_meta, tun, held, chosen, cal, adaptive_md, wall) -> str:
     cmd = "python -m probflow.bench.heldout " + " ".join(sys.argv[1:])
     lines = [
         "# Held-out problem family (issue 17)", "",
@@ -520,7 +544,7 @@ def _markdown(a, nfe, n_samples, tun_setups, held_setups, tun, held, chosen, cal
         "Everything chosen (the solver + grid per NFE, the `tuned` grid's (ρ, end), the adaptive method's "
         "settings) was chosen on the tuning set; the held-out set is used for these numbers only. Family, split "
         "and evaluation: `probflow/bench/heldout.py` (module doc). "
-        f"{len(tun_setups)} tuning and {len(held_setups)} held-out problems, {n_samples} samples each, Eq. 12 from "
+        f"{len(tun_meta)} tuning and {len(held_meta)} held-out problems, {n_samples} samples each, Eq. 12 from "
         "σ_max = 157 (DDPM linear, t = 999) to σ = 0, error = RMSE of x_0 against DOP853 at 1e-10.", "",
         "## Ratio to the best peer, held-out set", "",
         "Ratio = probflow's RMSE / the best peer's RMSE on the same problem, the peer being the best of diffusers' "
@@ -557,9 +581,9 @@ def _markdown(a, nfe, n_samples, tun_setups, held_setups, tun, held, chosen, cal
         lines.append(f"- NFE {n}: `{chosen[n][0]}` on the `{chosen[n][1]}` grid — held-out median "
                      f"{_fmt(float(np.median(r)))}× the best peer, worst {_fmt(max(r))}×.")
     lines += ["", "## Problems", "", "Tuning set:", "",
-              *[f"- {s.problem.describe()} (reference check {s.ref_check:.1e})" for s in tun_setups], "",
+              *[f"- {d} (reference check {c:.1e})" for d, c in tun_meta], "",
               "Held-out set, per problem at the chosen configuration:", "",
-              *_problem_table(held, held_setups, chosen, nfe), ""]
+              *_problem_table(held, held_meta, chosen, nfe), ""]
     return "\n".join(lines)
 
 
