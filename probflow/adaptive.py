@@ -26,7 +26,9 @@ value (p = 1 predictor, p = 2 corrector); p grows to `order` as the history fill
 
 Reaching σ = 0 (λ = +∞). (E1) has the limit x̄(0) = D(x̄(0), 0); x̄ and D are smooth in s = σ² along the
 solution (probflow.exponential, (E3)), so x̄(0) ≈ Σ_j ℓ_j(0) D_j, the Lagrange extrapolation in s through the
-last history values. Once σ_n ≤ `finish_below` (default 1: SNR 1, the scale of normalised data) and D has
+last history values. Once σ_n ≤ `finish_below` (default 0.1: a tenth of the scale of normalised data; on
+tuning problem 106 at rtol = atol = 1e-2 a jump from σ = 0.98 ended 7e-2 off, worse than DDIM at the same NFE,
+while every jump that kept its tolerance on the tuning problems started below σ = 0.06) and D has
 entered its smooth-in-σ² regime (per sample, |ΔD|/Δλ decays by at least e^{−h} over the last two steps; it
 decays like e^{−2h} once σ is below the data's scale, while above it D still moves towards D(0), so an
 extrapolation from there would be blind to the structure still ahead), every accepted point tries this jump
@@ -38,7 +40,7 @@ after finitely many steps.
 
 Settings come as the first state (integrate passes {"rtol", "atol", "monitor", **options}); options:
 `order` (predictor order p, 1…3, default 3: a 3(4) pair), `first_step` (λ, default 0.1), `finish_below`
-(σ, default 1).
+(σ, default 0.1).
 Generation only (decreasing grids, σ_max > 0); the grid's interior points are landed on exactly.
 """
 
@@ -74,7 +76,7 @@ class AdaptiveState:
     atol: float
     order: int = 3
     h: float = 0.1
-    finish_below: float = 1.0
+    finish_below: float = 0.1
     monitor: Any = None
     sigmas: list[float] = field(default_factory=list)
     denoised: list[Tensor] = field(default_factory=list)
@@ -98,7 +100,7 @@ def _make_state(settings: dict) -> AdaptiveState:
     if order not in (1, 2, 3):
         raise ValueError(f"options['order']: expected a predictor order 1, 2 or 3, got {order!r}")
     h = float(settings.get("first_step", 0.1))
-    fb = float(settings.get("finish_below", 1.0))
+    fb = float(settings.get("finish_below", 0.1))
     if not (h > 0 and fb > 0):
         raise ValueError(f"options: first_step and finish_below must be positive, got {h}, {fb}")
     return AdaptiveState(float(settings["rtol"]), float(settings["atol"]), order, h, fb, settings.get("monitor"))
