@@ -482,7 +482,7 @@ def _calibrated_table(held: list[dict], rows: list[dict]) -> list[str]:
 
 
 def _ratio_table(results: list[dict], chosen: dict, nfe) -> list[str]:
-    out = ["| NFE | chosen on tuning set (method, grid) | held-out median ratio | worst | oracle median | "
+    out = ["| NFE | chosen on tuning set (method, grid) | median ratio | worst | oracle median | "
            "oracle worst | problems ≤ 1.0× |", "|---|---|---|---|---|---|---|"]
     for n in nfe:
         r = ratios(results, n, chosen[n])
@@ -630,6 +630,13 @@ def _markdown(a, nfe, n_samples, tun_meta, held_meta, tun, held, chosen, cal, ad
         r = ratios(held, n, chosen[n])
         lines.append(f"- NFE {n}: `{chosen[n][0]}` on the `{chosen[n][1]}` grid — held-out median "
                      f"{_fmt(float(np.median(r)))}× the best peer, worst {_fmt(max(r))}×.")
+    if cal_all:
+        lines += ["", "With a per-model calibration (`probflow.grids.calibrated`, the method per NFE fixed from the "
+                  "tuning problems; one-off cost in the table above):", ""]
+        for row in _calibrated_table(held, list(cal_all))[2:]:
+            c = [v.strip() for v in row.strip("|").split("|")]
+            lines.append(f"- NFE {c[0]}: `{c[1]}` on its calibrated grid — held-out median {c[2]}× the best peer, "
+                         f"worst {c[3]}× ({c[4]} problems ≤ 1.0×).")
     lines += ["", "## Problems", "", "Tuning set:", "",
               *[f"- {d} (reference check {c:.1e})" for d, c in tun_meta], "",
               "Held-out set, per problem at the chosen configuration:", "",
