@@ -23,6 +23,13 @@ that problem (best over peers and their grids, chosen per problem: an oracle for
 is either the configuration chosen per NFE on the tuning set ("chosen", the honest number) or the best per
 problem ("oracle").
 
+Also evaluated: `pilot` (`pilot_select`: per model, one of a few method × grid-end candidates picked on the
+model's own calibration noise, never the evaluation noise) as a probflow configuration; the calibrated grid
+(`probflow.grids.calibrated`, per model, on its calibration noise) on every held-out problem at NFE 10/20/50
+(`calibrated_all`); the adaptive study of `probflow.bench.adaptive` on the first 3 held-out problems.
+Sizes (defaults): 8 samples per problem; about 12 min of CPU on one thread in all (≈ 28 min wall on a
+shared, loaded 2-core machine). Phases are cached with `--cache PATH` so that a run can resume.
+
 Run: `python -m probflow.bench.heldout --out benchmarks/HELDOUT.md` (until probflow/bench/ is a package:
 `python probflow/bench/heldout.py --out …`); `--tune` refits the `tuned` grid on the tuning set.
 """
