@@ -15,6 +15,7 @@ from probflow.version import __version__
 
 from probflow import exponential  # noqa: F401  # isort: skip  (registers its solvers)
 from probflow import reversible  # noqa: F401  # isort: skip  (registers reversible_heun)
+from probflow import adaptive  # noqa: F401  # isort: skip  (registers adaptive_exp)
 
 
 __all__ = [

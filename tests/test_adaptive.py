@@ -1,0 +1,153 @@
+"""Adaptive solving (issue 17): adaptive_exp's tolerance proportionality, σ = 0, max_steps, progress; torchdiffeq
+in log σ against σ; DPM-Solver's adaptive recipe (benchmark code) and the held-out family, quickly.
+
+References are independent: the closed-form flow of a single Gaussian (STYLE.md habit 5), scipy's DOP853 at
+tight tolerance, `probflow.models.GaussianMixture` for the held-out family's diagonal mixtures.
+"""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import probflow
+from probflow.integrate import MaxStepsError
+from probflow.models import GaussianMixture
+
+MU = torch.tensor([[0.3, -0.5, 0.1, 0.7]], dtype=torch.float64)
+S = 0.1  # a sharp Gaussian: the flow's structure sits at σ ≈ 0.1, three decades below σ_max
+SIGMA_MAX = 80.0
+GAUSS = GaussianMixture(torch.ones(1), MU, (S * S * torch.eye(4, dtype=torch.float64)).unsqueeze(0))
+ENDS = torch.tensor([SIGMA_MAX, 0.0], dtype=torch.float64)
+
+
+def _bench(name: str):
+    return importlib.import_module(f"probflow.bench.{name}")
+
+
+def _start(n: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * SIGMA_MAX
+
+
+def _exact(xbar: torch.Tensor, sigma: float, sigma0: float = SIGMA_MAX) -> torch.Tensor:
+    """x̄(σ) = μ + (x̄(σ0) − μ)·sqrt((s² + σ²)/(s² + σ0²)) (STYLE.md habit 5)."""
+    return MU + (xbar - MU) * math.sqrt((S * S + sigma * sigma) / (S * S + sigma0 * sigma0))
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("method", ["adaptive_exp", "dopri5"])
+def test_error_is_proportional_to_the_tolerance_on_a_closed_form_flow(method):
+    x = _start()
+    tols = (1e-4, 1e-6, 1e-8)
+    errs = [_rmse(probflow.integrate(GAUSS, x, ENDS, method, rtol=t, atol=t).x, _exact(x, 0.0)) for t in tols]
+    for t, e in zip(tols, errs, strict=True):
+        assert t / 30 < e < 10 * t, (method, t, e)  # within 10× above, and not vacuously far below
+    slope = math.log(errs[0] / errs[2]) / math.log(tols[0] / tols[2])
+    assert 0.7 < slope < 1.3, (method, errs)
+
+
+def test_adaptive_exp_tracks_its_tolerance_on_a_sharp_mixture_against_dop853():
+    gm = GaussianMixture.random(6, 4, seed=3, std_range=(0.03, 0.3))
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * SIGMA_MAX
+    ref = probflow.integrate(gm, x, ENDS, "scipy_dop853", rtol=1e-12, atol=1e-12, options={"group": 4}).x
+    for tol in (1e-3, 1e-5, 1e-7):
+        e = _rmse(probflow.integrate(gm, x, ENDS, "adaptive_exp", rtol=tol, atol=tol).x, ref)
+        assert tol / 100 < e < 10 * tol, (tol, e)
+
+
+def test_adaptive_exp_reaches_sigma_zero_and_lands_on_interior_grid_points():
+    x = _start()
+    grid = torch.tensor([SIGMA_MAX, 3.0, 0.2, 0.05, 0.0], dtype=torch.float64)
+    sol = probflow.integrate(GAUSS, x, grid, "adaptive_exp", rtol=1e-7, atol=1e-7, trajectory=True)
+    assert sol.trajectory.shape == (5, *x.shape)
+    for i, s in enumerate(grid.tolist()):
+        assert _rmse(sol.trajectory[i], _exact(x, s)) < 1e-6 * max(1.0, s), s
+    assert sol.state.sigmas[-1] > 0.0  # the last model call is at σ > 0: σ = 0 is reached by the (E3) jump
+
+
+def test_adaptive_exp_loose_tolerance_does_not_stop_early():
+    # the failure of issue 17: a σ-controller at rtol = 1e-2 stopped after 26 NFE with an O(1) error
+    x = _start()
+    e = _rmse(probflow.integrate(GAUSS, x, ENDS, "adaptive_exp", rtol=1e-2, atol=1e-2).x, _exact(x, 0.0))
+    assert e < 1e-1
+
+
+@pytest.mark.parametrize("method", ["adaptive_exp", "dopri5"])
+def test_max_steps_stops_the_solve_and_names_sigma(method):
+    x = _start()
+    with pytest.raises(MaxStepsError, match=r"max_steps: .* stopped at σ = ") as info:
+        probflow.integrate(GAUSS, x, ENDS, method, rtol=1e-9, atol=1e-9, max_steps=5)
+    assert 0.0 < info.value.sigma < SIGMA_MAX
+    with pytest.raises(ValueError, match="max_steps"):
+        probflow.integrate(GAUSS, x, ENDS, method, max_steps=0)
+
+
+@pytest.mark.parametrize("method", ["adaptive_exp", "dopri5"])
+def test_progress_callback_sees_sigma_decrease_to_the_end(method):
+    seen = []
+    probflow.integrate(GAUSS, _start(), ENDS, method, rtol=1e-4, atol=1e-4, progress=lambda s, n: seen.append((s, n)))
+    sig = [s for s, _ in seen]
+    assert len(sig) > 3 and all(a >= b for a, b in zip(sig, sig[1:], strict=False)) and sig[-1] == pytest.approx(0.0)
+    assert [n for _, n in seen] == sorted(n for _, n in seen)
+
+
+def test_log_sigma_variable_gives_the_sigma_variable_answer_at_tight_tolerance():
+    x = _start()
+    grid = torch.tensor([SIGMA_MAX, 1.0, 1e-4, 0.0], dtype=torch.float64)  # crosses σ_floor = 1e-3
+    a = probflow.integrate(GAUSS, x, grid, "dopri5", rtol=1e-11, atol=1e-11, variable="log_sigma", trajectory=True)
+    b = probflow.integrate(GAUSS, x, grid, "dopri5", rtol=1e-11, atol=1e-11, variable="sigma", trajectory=True)
+    assert _rmse(a.trajectory, b.trajectory) < 1e-8
+    assert _rmse(a.x, _exact(x, 0.0)) < 1e-8
+    up = probflow.integrate(GAUSS, a.x, grid.flip(0), "dopri5", rtol=1e-11, atol=1e-11)  # encode: mirror split
+    assert _rmse(up.x, x) < 1e-6 * SIGMA_MAX
+    with pytest.raises(ValueError, match="variable"):
+        probflow.integrate(GAUSS, x, ENDS, "dopri5", variable="t")
+
+
+def test_dopri5_in_log_sigma_keeps_its_tolerance_where_the_sigma_controller_fails():
+    x = _start()
+    for tol in (1e-2, 1e-3):
+        e_log = _rmse(probflow.integrate(GAUSS, x, ENDS, "dopri5", rtol=tol, atol=tol).x, _exact(x, 0.0))
+        assert e_log < 10 * tol, (tol, e_log)
+
+
+def test_dpm_solver_recipe_converges_to_the_closed_form():
+    ab = _bench("adaptive")
+    x = _start()
+    z = x / math.sqrt(1 + SIGMA_MAX**2)
+    errs = []
+    for tol in (1e-3, 1e-5):
+        out, nfe = ab.dpm_solver_adaptive(GAUSS, z, SIGMA_MAX, 1e-4, tol, tol, order=3)
+        errs.append(_rmse(out, _exact(x, 0.0)))
+    assert errs[1] < errs[0] / 10 and errs[1] < 1e-4
+
+
+def test_heldout_family_is_reproducible_split_and_exact():
+    ho = _bench("heldout")
+    assert not set(ho.TUNING_SEEDS) & set(ho.HELDOUT_SEEDS)
+    a, b = ho.make_problem(201), ho.make_problem(201)
+    assert (a.dim, a.components, a.std_min) == (b.dim, b.components, b.std_min)
+    kinds = {ho.make_problem(s).kind for s in ho.HELDOUT_SEEDS[:3]}
+    assert kinds == {"isotropic", "diagonal", "rotated"}
+    for s in ho.HELDOUT_SEEDS:
+        p = ho.make_problem(s)
+        assert 16 <= p.dim <= 256 and 4 <= p.components <= 16 and 0.02 <= p.std_min <= 0.2
+    dm = ho.make_problem(201).model  # a diagonal-family model against GaussianMixture with the same covariances
+    gm = GaussianMixture(dm.logw.exp(), dm.means, torch.diag_embed(dm.variances))
+    x = torch.randn(3, dm.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for sigma in (5.0, 0.3, 0.01):
+        s = torch.tensor(sigma, dtype=torch.float64)
+        torch.testing.assert_close(dm(x, s), gm(x, s), rtol=1e-9, atol=1e-10)
+
+
+def test_heldout_quick_run_gives_finite_ratios():
+    pytest.importorskip("diffusers")
+    ho = _bench("heldout")
+    s = ho.setup(ho.make_problem(ho.HELDOUT_SEEDS[0]), 2, ref_tol=1e-8, check_tol=1e-6)
+    r = ho.run_problem(s, nfe=(10,), methods=("unipc",), grids=("logsnr",), peers=("unipc",))
+    rat = ho.ratios([r], 10, ("unipc", "logsnr"))
+    assert len(rat) == 1 and 0 < rat[0] < math.inf
