@@ -212,7 +212,7 @@ def encode_exact(
     (`exact_methods()`). tol: per-step residual bound relative to max(1, |x̄|_∞) (default 2 ulp of x0's
     dtype; a step stalled at round-off is accepted up to 64× that). max_iter: iterations per step solve;
     memory: Anderson's history. verify_tol: bound of the verified round trip relative to max(1, |x_0|_∞)
-    (default 16·len(sigmas)·tol). Returns a Solution on the flipped (increasing) grid with x = x_T and
+    (default 64·len(sigmas)·tol). Returns a Solution on the flipped (increasing) grid with x = x_T and
     `info`: per-step `iterations` and `residuals` (decoder step order, σ_0 first), `nfe_solve`,
     `nfe_verify`, `roundtrip_max_abs` (the verified |decode(x_T) − x_0|_∞, in x) and `decoder`. Raises
     InversionError if a step does not converge or the verification fails.
@@ -225,7 +225,7 @@ def encode_exact(
     x0 = check_state(x0, "x0")
     sigmas = _decreasing(sigmas).to(dtype=x0.dtype, device=x0.device)
     tol = 2 * torch.finfo(x0.dtype).eps if tol is None else float(tol)
-    verify_tol = 16 * len(sigmas) * tol if verify_tol is None else float(verify_tol)
+    verify_tol = 64 * len(sigmas) * tol if verify_tol is None else float(verify_tol)
     if not (tol > 0):
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
     if _is_multistep(m):

@@ -1,0 +1,153 @@
+"""Exact inversion for an ordinary decoder (issue 13): encode_exact's latent, decoded by the ordinary sampler
+(probflow's own, and diffusers' DDIMScheduler for Euler), returns x_0 to round-off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import probflow
+from probflow import grids, schedules
+from probflow.inversion import InversionError, encode_exact
+from probflow.models import GaussianMixture
+
+SCH = schedules.linear()
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    gm = GaussianMixture.random(64, 8, seed=7, std_range=(0.1, 0.5))  # not the benchmark's seed
+    x0 = gm.sample(3, generator=torch.Generator().manual_seed(11))
+    return gm, x0
+
+
+def _mse(a, b):
+    return float(((a.double() - b.double()) ** 2).mean())
+
+
+@pytest.mark.parametrize("method", ["euler", "heun2"])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_round_trip_float64(mixture, method, steps):
+    gm, x0 = mixture
+    g = grids.ddim(SCH, steps)
+    enc = encode_exact(gm, x0, g, method)
+    back = probflow.decode(gm, enc.x, g, method)
+    assert _mse(back.x, x0) <= 1e-24
+    info = enc.info
+    assert info["decoder"] == method and len(info["iterations"]) == steps
+    assert enc.nfe == info["nfe_solve"] + info["nfe_verify"] and info["nfe_verify"] > 0
+    assert max(info["residuals"]) <= max(info["tolerances"])
+    plain = probflow.encode(gm, x0, g, method)  # the ordinary (explicit) encode is far from exact
+    assert _mse(probflow.decode(gm, plain.x, g, method).x, x0) > 1e-8
+
+
+def test_round_trip_float32(mixture):
+    gm, x0 = mixture
+    g = grids.ddim(SCH, 20)
+    enc = encode_exact(gm, x0.float(), g, "heun2")
+    assert enc.x.dtype == torch.float32
+    assert _mse(probflow.decode(gm, enc.x, g, "heun2").x, x0) <= 1e-12
+
+
+def _gauss_eps(s2: float):
+    """ε of N(0, s2·I) in any shape: D = s2/(s2+σ²)·x̄, ε = (x̄ − D)/σ with x̄ = x·sqrt(1+σ²)."""
+    def eps(x, sigma):
+        xb = x * torch.sqrt(1 + sigma**2)
+        return xb * sigma / (s2 + sigma**2)
+    return eps
+
+
+def test_any_batch_shape_matches_closed_form_direction():
+    model = _gauss_eps(0.3)
+    x0 = torch.randn(2, 1, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = grids.ddim(SCH, 10)
+    enc = encode_exact(model, x0, g, "euler")
+    assert enc.x.shape == x0.shape
+    assert _mse(probflow.decode(model, enc.x, g, "euler").x, x0) <= 1e-24
+
+
+def test_diffusers_ddim_scheduler_decodes_the_euler_latent(mixture):
+    """Interoperability: diffusers' own DDIMScheduler loop (eta = 0, trailing, float64 ᾱ, set_alpha_to_one,
+    clip_sample=False) maps the latent made exact for euler back to x_0."""
+    from diffusers import DDIMScheduler
+
+    gm, x0 = mixture
+    steps = 10
+    enc = encode_exact(gm, x0, grids.ddim(SCH, steps), "euler")
+    sch = DDIMScheduler(num_train_timesteps=SCH.T, clip_sample=False, set_alpha_to_one=True,
+                        timestep_spacing="trailing", prediction_type="epsilon")
+    sch.alphas_cumprod = SCH.alpha_bar.clone()
+    sch.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    sch.set_timesteps(steps)
+    x = enc.x.clone()
+    for t in sch.timesteps:
+        x = sch.step(gm(x, SCH.sigmas[int(t)]), t, x, eta=0.0).prev_sample
+    assert _mse(x, x0) <= 1e-24
+
+
+def test_negative_control_other_decoder_is_not_exact(mixture):
+    gm, x0 = mixture
+    g = grids.ddim(SCH, 10)
+    enc = encode_exact(gm, x0, g, "euler")
+    assert _mse(probflow.decode(gm, enc.x, g, "heun2").x, x0) > 1e-8
+    assert _mse(probflow.decode(gm, enc.x, grids.ddim(SCH, 11), "euler").x, x0) > 1e-8
+
+
+def test_corrupted_latent_decodes_differently(mixture):
+    gm, x0 = mixture
+    g = grids.ddim(SCH, 10)
+    z = encode_exact(gm, x0, g, "euler").x.clone()
+    z[1, 5] += 1e-3
+    back = probflow.decode(gm, z, g, "euler").x
+    assert _mse(back[1], x0[1]) > 1e-14  # no hidden state restores it
+    assert _mse(back[0], x0[0]) <= 1e-24  # the other samples are untouched
+
+
+class _Perturbed:
+    """ε·(1 + rel·ξ), ξ = ±1 fixed per element: a stand-in for another machine or thread count."""
+
+    def __init__(self, model, rel: float) -> None:
+        self.model, self.rel = model, rel
+
+    def __call__(self, x, sigma):
+        e = self.model(x, sigma)
+        xi = torch.sign(torch.sin(torch.arange(e.numel(), dtype=e.dtype) * 12.9898 + 1.0)).reshape(e.shape)
+        return e * (1 + self.rel * xi)
+
+
+def test_robust_to_perturbed_eps_unlike_reversible_heun(mixture):
+    gm, x0 = mixture
+    g = grids.ddim(SCH, 10)
+    rel = 1e-7
+    enc = encode_exact(gm, x0, g, "euler")
+    moved = float((probflow.decode(_Perturbed(gm, rel), enc.x, g, "euler").x - x0).abs().max())
+    assert moved <= 10 * rel * max(1.0, float(x0.abs().max()))
+    rev = probflow.encode(gm, x0, g, "reversible_heun")
+    back = probflow.decode(_Perturbed(gm, rel), rev.x, g, "reversible_heun", state=rev.state).x
+    rev_moved = float((back - x0).abs().max())
+    assert rev_moved > moved  # the reversible pair amplifies what the ordinary decoder damps
+
+
+def test_non_convergence_raises_with_sigma_and_residual(mixture):
+    gm, x0 = mixture
+    with pytest.raises(InversionError, match=r"σ = .*residual"):
+        encode_exact(gm, x0, grids.ddim(SCH, 10), "euler", max_iter=1)
+
+
+@pytest.mark.parametrize("method", ["dpmpp_2m", "unipc", "reversible_heun", "dopri5"])
+def test_refuses_methods_it_cannot_invert(mixture, method):
+    gm, x0 = mixture
+    with pytest.raises(ValueError, match="method"):
+        encode_exact(gm, x0, grids.ddim(SCH, 10), method)
+
+
+def test_trajectory_is_the_decoders_path(mixture):
+    gm, x0 = mixture
+    g = grids.ddim(SCH, 10)
+    enc = encode_exact(gm, x0, g, "euler", trajectory=True)
+    dec = probflow.decode(gm, enc.x, g, "euler", trajectory=True)
+    assert enc.trajectory.shape == dec.trajectory.shape
+    assert torch.allclose(enc.trajectory.flip(0), dec.trajectory, rtol=0, atol=1e-10)
+    assert math.isclose(float(enc.sigmas[-1]), float(g[0]))
