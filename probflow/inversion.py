@@ -15,7 +15,7 @@ fixed: x̄_{i+1} − D = (σ_{i+1}/σ_i)(x̄_i − D)); at large σ, where ∂D/
 a few iterations. Warm start: a linear extrapolation in σ through the two x̄ below (x̄_{i+1} alone for the
 first step). A sample's step is solved when |g|_∞ ≤ tol·max(1, |x̄_{i+1}|_∞) (tol = 2 ulp of the state's dtype
 by default), or when it has stalled at round-off below 64× that; a network running in a lower precision than
-the state adds its own floor, eps(model dtype)·|x̄_{i+1} − y|_∞ (the increment it computes).
+the state adds its own floor, 4·eps(model dtype)·|Φ_i(y_0) − y_0|_∞ (the increment it computes).
 
 Every solve ends with a verification: the decoder runs from the stored latent x_T through `integrate`
 (`probflow.decode`'s path) and must return x_0 within verify_tol·max(1, |x_0|_∞). A step that does not converge,
@@ -99,11 +99,14 @@ def _step(field: DDIMField, m: Method, y: Tensor, s: Tensor, s_next: Tensor) -> 
 
 
 def _solve_step(field, m, target, guess, s, s_next, tol, max_iter, memory, patience=3, floor_eps=0.0):
-    """(X1) for one step: y with Φ(y; state) = target, per sample.
+    """(X1) for one step: y with Φ(y) = target, per sample.
 
-    A sample is done when |g|_∞ ≤ tol·max(1, |target|_∞), or when its best residual has not improved for
-    `patience` iterations (the round-off floor) and is ≤ 64·tol·max(1, |target|_∞); converged samples stop
-    moving. Returns (y, iterations, best residual per sample, failure bound per sample)."""
+    Anderson first; once every open sample has stalled for `patience` iterations (or half of `max_iter` is
+    spent), plain fixed-point iteration y ← y + (target − Φ(y)) from the best iterate: where the network's
+    output is piecewise constant in y (a lower-precision network), it lands on an exact fixed point. A sample
+    is done when |g|_∞ ≤ tol·max(1, |target|_∞), or, in the second phase, when it has stalled below the
+    failure bound 64·tol·max(1, |target|_∞) (+ the network's floor). Converged samples stop moving.
+    Returns (y, iterations, best residual per sample, failure bound per sample)."""
     bound = _ulp_tol(target, tol).double().cpu()
     fail = 64 * bound
     ratio = float(s_next) / float(s)
@@ -114,24 +117,31 @@ def _solve_step(field, m, target, guess, s, s_next, tol, max_iter, memory, patie
     best_r = torch.full((b,), float("inf"), dtype=torch.float64)
     best_y = y.clone()
     stall = torch.zeros(b, dtype=torch.long)
-    iters = 0
+    iters, polish = 0, False
     while True:
         phi = _step(field, m, y, s, s_next)
         g = target - phi
         res = _maxabs(g).double().cpu()
         if floor_eps and iters == 0:  # the network's own precision bounds what the step can resolve
-            extra = floor_eps * _maxabs(target - y).double().cpu()
-            bound, fail = bound + extra, fail + 4 * extra
+            fail = fail + 4 * floor_eps * _maxabs(phi - y).double().cpu()  # |increment| the network computed
         better = (res < best_r) & ~done
         best_r = torch.where(better, res, best_r)
         best_y = torch.where(_bmask(better, y), y, best_y)
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
-        done = done | (best_r <= bound) | ((stall >= patience) & (best_r <= fail))
+        done = done | (best_r <= bound) | (polish & (stall >= patience) & (best_r <= fail))
         if bool(done.all()) or iters >= max_iter:
             break
-        y_new = acc.next(y, g)
-        y = torch.where(_bmask(done, y), best_y, y_new)  # converged samples keep their solution
         iters += 1
+        if not polish and acc.beta != 1.0 and bool((res[~done] > 10 * best_r[~done]).any()):
+            acc = _Anderson(memory, 1.0)  # the scaled direction overshoots here: plain Anderson from the best
+            y = best_y
+            continue
+        if not polish and (bool((stall[~done] >= patience).all()) or iters >= max_iter // 2):
+            polish, acc = True, _Anderson(0, 1.0)
+            stall.zero_()
+            y = best_y
+            continue
+        y = torch.where(_bmask(done, y), best_y, acc.next(y, g))  # converged samples keep their solution
     return best_y, iters, best_r, fail
 
 
