@@ -94,7 +94,8 @@ class HeunState:
         """The state as named tensors (for a latent file); `from_tensors` inverts it exactly."""
         return {"xbar": self.xbar, "xhat": self.xhat, "fhat": self.fhat,
                 "sigma": torch.tensor(self.sigma, dtype=torch.float64),
-                "path": torch.tensor(self.path or (self.sigma,), dtype=torch.float64)}
+                # one row per sample, so the state slices and concatenates along the batch like the pair
+                "path": torch.tensor(self.path or (self.sigma,), dtype=torch.float64).expand(self.xbar.shape[0], -1)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor]) -> HeunState:
@@ -106,7 +107,12 @@ class HeunState:
         if not (t["xbar"].shape == t["xhat"].shape == t["fhat"].shape):
             raise ValueError(f"state: xbar, xhat, fhat shapes differ: {tuple(t['xbar'].shape)}, "
                              f"{tuple(t['xhat'].shape)}, {tuple(t['fhat'].shape)}")
-        path = tuple(float(v) for v in t["path"].reshape(-1)) if "path" in t else ()
+        path = ()
+        if "path" in t:
+            rows = t["path"].reshape(-1, t["path"].shape[-1]) if t["path"].ndim else t["path"].reshape(1, 1)
+            if not (rows == rows[:1]).all():
+                raise ValueError("state: the recorded σ paths of the samples differ (altered?)")
+            path = tuple(float(v) for v in rows[0])
         if path and path[-1] != float(t["sigma"]):
             raise ValueError("state: the recorded σ path does not end at the state's σ (altered?)")
         return cls(t["xbar"], t["xhat"], t["fhat"], float(t["sigma"]), path)
