@@ -151,3 +151,90 @@ def test_trajectory_is_the_decoders_path(mixture):
     assert enc.trajectory.shape == dec.trajectory.shape
     assert torch.allclose(enc.trajectory.flip(0), dec.trajectory, rtol=0, atol=1e-10)
     assert math.isclose(float(enc.sigmas[-1]), float(g[0]))
+
+
+# ---------------------------------------------------------------- the CLI's defaults on the shipped digits model
+
+HELD_OUT_PAIRS = [(120, 121), (122, 123)]  # test-split indices never used to choose the default (pairs 0–29)
+CONFIDENCE_BOUND = 0.85  # default on held-out pairs 50–59: 0.927 (worst pair 0.837); the old default: ≤ 0.81
+
+
+def _strip_confidence(clf, path, frames):
+    import numpy as np
+    from PIL import Image
+
+    pix = np.asarray(Image.open(path)).astype(np.float64)  # nrow = frames, pad 2, scale 1
+    x = np.stack([pix[2:10, 2 + k * 10:10 + k * 10] for k in range(frames)]).reshape(frames, 64) / 255 * 2 - 1
+    return clf.predict_proba(x).max(1)
+
+
+@pytest.fixture(scope="module")
+def digits_env(tmp_path_factory):
+    from probflow.digits import fit_classifier, load_split
+    from probflow.io.images import save_images
+
+    split = load_split()
+    clf, _ = fit_classifier(split)
+    d = tmp_path_factory.mktemp("digits")
+    idx = [i for p in HELD_OUT_PAIRS for i in p]
+    save_images(split["x_test"][idx].double(), d, names=[f"d{i}" for i in idx])
+    return clf, d, split
+
+
+def test_default_interpolate_gives_clean_digits_and_the_old_default_did_not(digits_env, tmp_path, capsys):
+    import warnings
+
+    import numpy as np
+
+    from probflow.cli import main
+    from probflow.models import load
+
+    clf, d, split = digits_env
+    conf = []
+    for a, b in HELD_OUT_PAIRS:
+        out = tmp_path / f"s{a}.png"
+        assert main(["interpolate", str(d / f"d{a}.png"), str(d / f"d{b}.png"), "--frames", "8", "--scale", "1",
+                     "--out", str(out), "--quiet"]) == 0
+        conf.append(_strip_confidence(clf, out, 8))
+    assert "exact latents" in capsys.readouterr().out
+    assert float(np.mean(conf)) >= CONFIDENCE_BOUND
+    # the old default (reversible_heun, 50 uniform steps, ends from the encode's state) on the same pairs
+    model = load("digits")
+    g = grids.named("uniform", model.schedule, 50)
+    old = []
+    for a, b in HELD_OUT_PAIRS:
+        x = split["x_test"][[a, b]].double()
+        enc = probflow.encode(model, x, g, "reversible_heun")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fr = probflow.interpolate(model, enc.x[:1], enc.x[1:], g, "reversible_heun", frames=8, state=enc.state).x
+        old.append(clf.predict_proba(fr.reshape(8, 64).clamp(-1, 1).numpy()).max(1))
+    assert float(np.mean(old)) < CONFIDENCE_BOUND
+    # and the CLI now refuses it instead of writing noise
+    rc = main(["interpolate", str(d / "d120.png"), str(d / "d121.png"), "--method", "reversible_heun", "--steps", "50",
+               "--out", str(tmp_path / "old.png"), "--quiet"])
+    assert rc == 2 and "unstable" in capsys.readouterr().err
+
+
+def test_default_encode_decode_round_trip_is_exact_and_reproducible(digits_env, tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    from probflow.cli import main
+
+    _, d, _ = digits_env
+    imgs = [str(d / "d120.png"), str(d / "d121.png")]
+    z1, z2 = tmp_path / "z1.safetensors", tmp_path / "z2.safetensors"
+    assert main(["encode", *imgs, "--out", str(z1), "--quiet"]) == 0
+    assert main(["encode", *imgs, "--out", str(z2), "--quiet"]) == 0
+    assert z1.read_bytes() == z2.read_bytes()  # byte-reproducible files
+    with safe_open(str(z1), framework="pt") as f:
+        meta = json.loads(f.metadata()["probflow"])
+        assert set(f.keys()) == {"latents", "sigmas"}  # one tensor latent, no hidden state
+    assert meta["exact_for"] == "euler" and meta["grid"] == "quadratic_open" and meta["steps"] == "20"
+    capsys.readouterr()
+    assert main(["decode", str(z1), "--out", str(tmp_path / "dec"), "--quiet"]) == 0
+    assert "exact inverse" in capsys.readouterr().out
+    for i in (120, 121):
+        assert (tmp_path / "dec" / f"d{i}.png").read_bytes() == (d / f"d{i}.png").read_bytes()
