@@ -258,3 +258,11 @@ def test_reversible_latent_decoded_on_another_thread_count_is_not_called_exact(d
     out, err = capsys.readouterr()
     assert "exact inverse" not in out and "NOT exact" in out
     assert "WARNING: NOT EXACT" in err and f"threads {n} → {n + 1}" in err
+
+
+def test_sample_with_stateless_reversible_heun_is_refused_on_digits(tmp_path, capsys):
+    from probflow.cli import main
+
+    rc = main(["sample", "--method", "reversible_heun", "--steps", "20", "--n", "4", "--out", str(tmp_path / "s.png"),
+               "--quiet"])
+    assert rc == 2 and "unstable" in capsys.readouterr().err and not (tmp_path / "s.png").exists()
