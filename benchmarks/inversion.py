@@ -293,7 +293,7 @@ def interop(gm, x0: torch.Tensor, log) -> list[str]:
     """A latent exact for euler on the DDIM trailing grid, decoded by diffusers' DDIMScheduler loop."""
     from diffusers import DDIMScheduler
 
-    from probflow.inversion import encode_exact
+    from probflow.inversion import InversionError, encode_exact
 
     sch = gm.schedule
     out = ["## Interoperability: exact-for-euler latents decoded by diffusers' DDIMScheduler", "",
@@ -302,7 +302,12 @@ def interop(gm, x0: torch.Tensor, log) -> list[str]:
            "| steps | round-trip MSE through diffusers | through probflow.decode |", "|---|---|---|"]
     for steps in (10, 20, 50):
         g = grids.ddim(sch, steps)
-        enc = encode_exact(gm, x0, g, "euler")
+        try:
+            enc = encode_exact(gm, x0, g, "euler")
+        except InversionError as e:
+            out.append(f"| {steps} | no latent: {str(e)[:160]} | |")
+            log(f"[interop] {steps} steps: encode_exact failed: {e}")
+            continue
         d = DDIMScheduler(num_train_timesteps=sch.T, clip_sample=False, set_alpha_to_one=True,
                           timestep_spacing="trailing", prediction_type="epsilon")
         d.alphas_cumprod = sch.alpha_bar.clone()

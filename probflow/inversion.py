@@ -14,7 +14,7 @@ inverse of ∂Φ_i/∂y when the denoiser D = x̄ − σε does not depend on x�
 fixed: x̄_{i+1} − D = (σ_{i+1}/σ_i)(x̄_i − D)); at large σ, where ∂D/∂x̄ ≈ s²/σ² is small, this converges in
 a few iterations. Warm start: a linear extrapolation in σ through the two x̄ below (x̄_{i+1} alone for the
 first step). A sample's step is solved when |g|_∞ ≤ tol·max(1, |x̄_{i+1}|_∞) (tol = 2 ulp of the state's dtype
-by default), or when it has stalled at round-off below 64× that; a network running in a lower precision than
+by default), or when it has stalled at round-off below 256× that; a network running in a lower precision than
 the state adds its own floor, 4·eps(model dtype)·|Φ_i(y_0) − y_0|_∞ (the increment it computes).
 
 Every solve ends with a verification: the decoder runs from the stored latent x_T through `integrate`
@@ -105,10 +105,10 @@ def _solve_step(field, m, target, guess, s, s_next, tol, max_iter, memory, patie
     spent), plain fixed-point iteration y ← y + (target − Φ(y)) from the best iterate: where the network's
     output is piecewise constant in y (a lower-precision network), it lands on an exact fixed point. A sample
     is done when |g|_∞ ≤ tol·max(1, |target|_∞), or, in the second phase, when it has stalled below the
-    failure bound 64·tol·max(1, |target|_∞) (+ the network's floor). Converged samples stop moving.
+    failure bound 256·tol·max(1, |target|_∞) (+ the network's floor). Converged samples stop moving.
     Returns (y, iterations, best residual per sample, failure bound per sample)."""
     bound = _ulp_tol(target, tol).double().cpu()
-    fail = 64 * bound
+    fail = 256 * bound
     ratio = float(s_next) / float(s)
     acc = _Anderson(memory, damping=1.0 / ratio if ratio > 0 else 1.0)
     y = guess
@@ -132,8 +132,9 @@ def _solve_step(field, m, target, guess, s, s_next, tol, max_iter, memory, patie
         if bool(done.all()) or iters >= max_iter:
             break
         iters += 1
-        if not polish and acc.beta != 1.0 and bool((res[~done] > 10 * best_r[~done]).any()):
-            acc = _Anderson(memory, 1.0)  # the scaled direction overshoots here: plain Anderson from the best
+        if bool((res[~done] > 10 * best_r[~done]).any()) and acc.beta > 1 / 16:
+            # diverging: restart from the best iterate with a smaller step (the scaled one overshoots first)
+            acc = _Anderson(memory if not polish else 0, 1.0 if acc.beta > 1.0 else acc.beta / 2)
             y = best_y
             continue
         if not polish and (bool((stall[~done] >= patience).all()) or iters >= max_iter // 2):
@@ -220,7 +221,7 @@ def encode_exact(
 
     sigmas: the decreasing sampling grid the decoder will use. method: a fixed-grid registered method
     (`exact_methods()`). tol: per-step residual bound relative to max(1, |x̄|_∞) (default 2 ulp of x0's
-    dtype; a step stalled at round-off is accepted up to 64× that). max_iter: iterations per step solve;
+    dtype; a step stalled at round-off is accepted up to 256× that). max_iter: iterations per step solve;
     memory: Anderson's history. verify_tol: bound of the verified round trip relative to max(1, |x_0|_∞)
     (default 64·len(sigmas)·tol). Returns a Solution on the flipped (increasing) grid with x = x_T and
     `info`: per-step `iterations` and `residuals` (decoder step order, σ_0 first), `nfe_solve`,
