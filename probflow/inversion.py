@@ -13,9 +13,12 @@ backward Euler by fixed point: y = x̄_{i+1} − h ε(y, σ_i). The new directio
 inverse of ∂Φ_i/∂y when the denoiser D = x̄ − σε does not depend on x̄ (exact solution of Eq. 12 with D
 fixed: x̄_{i+1} − D = (σ_{i+1}/σ_i)(x̄_i − D)); at large σ, where ∂D/∂x̄ ≈ s²/σ² is small, this converges in
 a few iterations. Warm start: a linear extrapolation in σ through the two x̄ below (x̄_{i+1} alone for the
-first step). A sample's step is solved when |g|_∞ ≤ tol·max(1, |x̄_{i+1}|_∞) (tol = 2 ulp of the state's dtype
-by default), or when it has stalled at round-off below 256× that; a network running in a lower precision than
-the state adds its own floor, 4·eps(model dtype)·|Φ_i(y_0) − y_0|_∞ (the increment it computes).
+first step). When every open sample has stalled, plain fixed-point iteration from the best iterate finishes
+(where a lower-precision network's output is piecewise constant it lands on an exact fixed point); a solve
+that diverges restarts from its best iterate with a smaller step. A sample's step is solved when
+|g|_∞ ≤ tol·max(1, |x̄_{i+1}|_∞) (tol = 2 ulp of the state's dtype by default), or when it has stalled at
+round-off below 256× that; a network running in a lower precision than the state raises that failure bound
+by 16·eps(model dtype)·|Φ_i(y_0) − y_0|_∞ (the increment it computes).
 
 Every solve ends with a verification: the decoder runs from the stored latent x_T through `integrate`
 (`probflow.decode`'s path) and must return x_0 within verify_tol·max(1, |x_0|_∞). A step that does not converge,
@@ -27,7 +30,9 @@ Limits (measured, benchmarks/INVERSION.md): multistep methods (dpmpp_2m/3m, unip
 a history, are refused (a trajectory-level solve did not converge reliably and is not shipped). The step into
 σ = 0 inverts the denoiser itself (Euler: x_0 = D(y, σ_{N−1})); on the digits network D is nearly singular
 there (eigenvalues of ∂D/∂x̄ from −0.23 to 1.18, smallest singular value ~1e−3 at σ = 0.17), the solve
-stalls and raises rather than return an inexact latent.
+stalls and raises rather than return an inexact latent; grids that end at the table's smallest σ
+(`grids.NAMED["quadratic_open"]`) avoid that step. Large steps on sharp models can fail the same way (Euler
+with 10 trailing steps on some 64-D mixtures, at σ 0.72 → 0.34); it raises, never returns an inexact latent.
 """
 
 from __future__ import annotations
