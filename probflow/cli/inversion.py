@@ -77,7 +77,7 @@ def _encode(args: argparse.Namespace, model, x0: Tensor, method: Method, rt=None
     md = getattr(model, "model_dtype", None)
     x0 = x0.to(md) if md is not None and md.is_floating_point else x0  # exact to the network's own precision
 
-    def exact(field, x, sigmas, method, rtol, atol):
+    def exact(field, x, sigmas, method, rtol, atol, state=None):
         return encode_exact(field, x, sigmas, method)
 
     try:
