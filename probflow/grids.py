@@ -135,6 +135,9 @@ def log_snr_tuned(schedule: Schedule, steps: int, end: float = 3.0, final_zero: 
 NAMED: dict[str, Callable[[Schedule, int], Tensor]] = {
     "uniform": lambda s, n: ddim(s, n, "uniform"),        # DDIM trailing, uniform in t
     "quadratic": lambda s, n: ddim(s, n, "quadratic"),    # DDIM trailing, quadratic in t
+    # DDIM's quadratic-in-t timesteps for n + 1 points, ending at the smallest one's σ > 0 instead of stepping into
+    # σ = 0 (inverting that last step is ill-conditioned on a learned denoiser; probflow.inversion)
+    "quadratic_open": lambda s, n: ddim(s, n + 1, "quadratic", final_zero=False),
     "logsnr": lambda s, n: log_uniform(s.sigma_max, s.sigma_min, n),  # uniform in log σ down to σ_0
     "karras": lambda s, n: karras(s.sigma_max, s.sigma_min, n, 7.0),  # Karras ρ = 7
     "sigma_uniform": lambda s, n: torch.linspace(s.sigma_max, 0.0, n + 1, dtype=torch.float64),  # equal steps in σ

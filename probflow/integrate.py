@@ -39,6 +39,8 @@ class Solution:
     steps included). sigmas: the grid, in the state's dtype. trajectory: the state at every grid point,
     shape (len(sigmas), *x.shape), when asked for. state: the solver's final state (for reversible and
     multistep methods; pass it back to continue or to invert exactly), None for torchdiffeq methods.
+    method: the solver's name. info: statistics of solves that have them (`probflow.inversion.encode_exact`:
+    per-step iterations and residuals), else None.
     """
 
     x: Tensor
@@ -47,6 +49,7 @@ class Solution:
     trajectory: Tensor | None = None
     state: Any = None
     method: str = ""
+    info: dict | None = None
 
 
 def check_state(x: Tensor, name: str = "x") -> Tensor:

@@ -30,12 +30,27 @@ What the latent is: the pair. `Solution.x` is x̄_N/sqrt(1+σ_max²), the usual 
 the ODE from x_0, so its distance from the exact ODE latent falls like h² (measured in
 benchmarks/INVERSION.md); decoding x̄_N without the state (partner initialised to x̄_N) is an ordinary
 order-2 solve from that latent, not an exact inverse.
+
+Stability limits. Exactness needs the pair; stability needs the parasitic mode d = x̄ − x̂ to stay small. Its
+step map grows it by about |z| + sqrt(1 + z²) per step, z = h·∂f/∂x̄ ≈ h/σ on Eq. 12 (MATH.md §2), so on
+DDIM's trailing grids (|h|/σ from 0.4 to 1 per step) it grows by 1.5–2.4× per step unless the field damps
+it. Started without the state (x̂ = x̄) it is excited by the first step and, on the shipped digits network,
+diverges: `sample` with 10/20/50 trailing steps ends with |x̄ − x̂| up to 83/61/44 and x_0 up to ±17/±11/±10
+for data in [−1, 1] (Euler from the same noise: ±1.4). On the 64-D Gaussian mixture it stays bounded (|x̄ − x̂|
+≤ 2.0 at 10 steps, 0.13 at 50). `parasitic(state)` measures it; a solve whose final |x̄ − x̂|_∞ exceeds
+max(1, |x̄|_∞) warns (RuntimeWarning) that it is unstable and its result not a solution of Eq. 12 — the CLI
+refuses such a result. With the state, decoding retraces the encode exactly, but the retrace amplifies any
+difference in ε (another thread count, BLAS or device) like the parasitic mode: a relative 1e−7 change of ε
+moved x_0 by ~1e−2 on digits (measured; tests/test_reversible.py), so a latent's exactness holds only on the
+environment it was made on (the latent file records it). The state also records the σ path it was made on
+(`HeunState.path`); retracing it on another grid raises.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -43,7 +58,7 @@ from torch import Tensor
 from probflow.field import DDIMField
 from probflow.solvers import Method, register
 
-__all__ = ["HeunState", "QUANTUM", "reversible_heun_step", "to_fixed", "from_fixed"]
+__all__ = ["HeunState", "QUANTUM", "reversible_heun_step", "to_fixed", "from_fixed", "parasitic"]
 
 QUANTUM_BITS = 42
 QUANTUM = 2.0**-QUANTUM_BITS  # q: the fixed-point resolution of the pair (x̄ units)
@@ -73,11 +88,14 @@ class HeunState:
     xhat: Tensor
     fhat: Tensor
     sigma: float
+    path: tuple[float, ...] = field(default=())  # the σ's of the solve that led here, `sigma` last
 
     def tensors(self) -> dict[str, Tensor]:
         """The state as named tensors (for a latent file); `from_tensors` inverts it exactly."""
         return {"xbar": self.xbar, "xhat": self.xhat, "fhat": self.fhat,
-                "sigma": torch.tensor(self.sigma, dtype=torch.float64)}
+                "sigma": torch.tensor(self.sigma, dtype=torch.float64),
+                # one row per sample, so the state slices and concatenates along the batch like the pair
+                "path": torch.tensor(self.path or (self.sigma,), dtype=torch.float64).expand(self.xbar.shape[0], -1)}
 
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor]) -> HeunState:
@@ -89,7 +107,15 @@ class HeunState:
         if not (t["xbar"].shape == t["xhat"].shape == t["fhat"].shape):
             raise ValueError(f"state: xbar, xhat, fhat shapes differ: {tuple(t['xbar'].shape)}, "
                              f"{tuple(t['xhat'].shape)}, {tuple(t['fhat'].shape)}")
-        return cls(t["xbar"], t["xhat"], t["fhat"], float(t["sigma"]))
+        path = ()
+        if "path" in t:
+            rows = t["path"].reshape(-1, t["path"].shape[-1]) if t["path"].ndim else t["path"].reshape(1, 1)
+            if not (rows == rows[:1]).all():
+                raise ValueError("state: the recorded σ paths of the samples differ (altered?)")
+            path = tuple(float(v) for v in rows[0])
+        if path and path[-1] != float(t["sigma"]):
+            raise ValueError("state: the recorded σ path does not end at the state's σ (altered?)")
+        return cls(t["xbar"], t["xhat"], t["fhat"], float(t["sigma"]), path)
 
 
 def _check(state: HeunState, x: Tensor, sigma: float) -> None:
@@ -110,6 +136,23 @@ def _check(state: HeunState, x: Tensor, sigma: float) -> None:
                          "x̄ beyond rounding); pass the state made with them, or none for an ordinary solve")
 
 
+def parasitic(state: HeunState) -> float:
+    """|x̄ − x̂|_∞ of the pair (x̄ units): the parasitic mode, small (O(h²)) on a stable solve."""
+    return float(from_fixed(state.xbar - state.xhat, torch.float64).abs().max())
+
+
+def _next_path(state: HeunState, sigma: float, sigma_next: float) -> tuple[float, ...]:
+    """The σ path after a step: a step that turns back must retrace the path's previous σ exactly."""
+    path = state.path or (sigma,)
+    if len(path) >= 2 and (sigma_next - sigma) * (path[-1] - path[-2]) < 0:
+        if not math.isclose(sigma_next, path[-2], rel_tol=1e-12, abs_tol=1e-300):
+            raise ValueError(f"state: the state was made on a grid whose previous σ is {path[-2]!r}, this grid steps "
+                             f"to {sigma_next!r}; decode on the grid the state was made on (flipped), or without "
+                             "the state")
+        return path[:-1]
+    return (*path, sigma_next)
+
+
 def reversible_heun_step(field: DDIMField, x: Tensor, sigma: Tensor, sigma_next: Tensor,
                          state: HeunState | None) -> tuple[Tensor, HeunState]:
     """One reversible Heun step of Eq. 12 in x̄, σ → σ_next (either direction), in exact fixed point.
@@ -119,9 +162,10 @@ def reversible_heun_step(field: DDIMField, x: Tensor, sigma: Tensor, sigma_next:
     if state is None:
         xbar = to_fixed(x)
         xf = from_fixed(xbar, dtype).to(x.device)
-        state = HeunState(xbar, xbar.clone(), field(sigma, xf), float(sigma))
+        state = HeunState(xbar, xbar.clone(), field(sigma, xf), float(sigma), (float(sigma),))
     else:
         _check(state, x, float(sigma))
+    path = _next_path(state, float(sigma), float(sigma_next))
     h2 = (sigma_next - sigma) / 2  # exact halving; σ − σ' = −(σ' − σ) exactly, so the reverse step is exact
     half = to_fixed(h2 * state.fhat.to(dtype))  # round(h/2·f̂ / q)
     xhat = 2 * state.xbar - state.xhat + 2 * half
@@ -130,7 +174,15 @@ def reversible_heun_step(field: DDIMField, x: Tensor, sigma: Tensor, sigma_next:
     if max(xbar.abs().max(), xhat.abs().max()) >= _LIMIT:
         raise FloatingPointError(f"reversible_heun: |x̄| exceeds the fixed-point range ±2**{60 - QUANTUM_BITS}; "
                                  "the model or step size is unstable")
-    return from_fixed(xbar, dtype).to(x.device), HeunState(xbar, xhat, fhat, float(sigma_next))
+    new = HeunState(xbar, xhat, fhat, float(sigma_next), path)
+    if float(sigma_next) == 0.0 or len(path) == 1:  # the end of a solve (decoding to 0, or retraced to its start)
+        d, size = parasitic(new), float(from_fixed(xbar, torch.float64).abs().max())
+        if d > max(1.0, size):
+            warnings.warn(f"reversible_heun: unstable on this model and grid: the parasitic mode |x̄ − x̂| reached "
+                          f"{d:.3g} (|x̄| ≤ {size:.3g}) at σ = {float(sigma_next):.4g}; the result is not a solution of "
+                          "Eq. 12 (decode with the encode's state, or use another method)", RuntimeWarning,
+                          stacklevel=2)
+    return from_fixed(xbar, dtype).to(x.device), new
 
 
 register(Method("reversible_heun", order=2, stages=1, step=reversible_heun_step, reversible=True, extra_calls=1,

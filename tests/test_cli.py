@@ -105,7 +105,7 @@ def test_interpolate_calls_the_api_with_the_encode_state(digits, tmp_path, capsy
     save_images(x, tmp_path, names=["a", "b"])
     strip = tmp_path / "s.png"
     rc, msg, _ = _run(capsys, "interpolate", tmp_path / "a.png", tmp_path / "b.png", "--method", "rk4", "--steps", 3,
-                      "--frames", 3, "--scale", 1, "--out", strip, "--quiet")
+                      "--plain", "--frames", 3, "--scale", 1, "--out", strip, "--quiet")
     assert rc == 0, msg
     g = grids.named("uniform", digits.schedule, 3)
     enc = probflow.encode(digits, x, g, "rk4")

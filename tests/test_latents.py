@@ -106,16 +106,135 @@ def test_corrupt_missing_and_foreign_files_are_clear_errors(tmp_path):
     save_file({"w": torch.ones(3)}, str(foreign))
     with pytest.raises(ValueError, match="not a probflow latent file"):
         load_latents(foreign)
-    lied = tmp_path / "lied.safetensors"
-    save_file({"latents": torch.ones(2, 4), "sigmas": g}, str(lied), metadata={"format": FORMAT, "shape": "[3, 4]"})
-    with pytest.raises(ValueError, match="disagree"):
-        load_latents(lied)
-    garbled = tmp_path / "garbled.safetensors"
-    save_file({"latents": torch.ones(2, 4), "sigmas": g}, str(garbled), metadata={"format": FORMAT, "shape": "x"})
-    with pytest.raises(ValueError, match="metadata 'shape' is 'x', expected a JSON list"):
-        load_latents(garbled)
-    up = tmp_path / "up.safetensors"
-    save_file({"latents": torch.ones(2, 4), "sigmas": g.flip(0)}, str(up), metadata={"format": FORMAT,
-                                                                                     "shape": "[2, 4]"})
-    with pytest.raises(ValueError, match="decreasing"):
-        load_latents(up)
+
+
+def _tampered(tmp_path, good, meta_changes=None, tensor_changes=None, rehash=True):
+    """A copy of the file `good` with metadata fields replaced and tensors changed (content hash recomputed
+    unless `rehash` is False, so each field's own check is what refuses it)."""
+    from safetensors import safe_open
+
+    from probflow.io.latents import _content_sha256
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()["probflow"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for k, fn in (tensor_changes or {}).items():
+        tensors[k] = fn(tensors[k])
+    if rehash:
+        meta["content_sha256"] = _content_sha256(tensors)
+    for k, v in (meta_changes or {}).items():
+        if v is None:
+            meta.pop(k)
+        else:
+            meta[k] = v
+    out = tmp_path / "t.safetensors"
+    save_file(tensors, str(out), metadata={"probflow": json.dumps(meta)})
+    return out
+
+
+def _interior_sigma(t):
+    t = t.clone()
+    t[2] *= 1.01
+    return t
+
+
+def _last_sigma(t):
+    t = t.clone()
+    t[-1] = 1e-3
+    return t
+
+
+def _up(t):
+    return t.flip(0)
+
+
+# (metadata changes, tensor changes, rehash, expected message fragment): every field checked on load
+TAMPER = [
+    ({"data_range": "[0, 0]"}, None, True, "'data_range'"),
+    ({"data_range": "[1, -1]"}, None, True, "'data_range'"),
+    ({"data_range": "[0, "}, None, True, "'data_range' is '\\[0, ', not valid JSON"),
+    ({"invert": '"true"'}, None, True, "'invert' is '\"true\"', expected true or false"),
+    ({"method": None}, None, True, "lacks the field"),
+    ({"method": "nope"}, None, True, "'method' is 'nope', not a registered solver"),
+    ({"rtol": "-1"}, None, True, "'rtol'"),
+    ({"nfe": "ten"}, None, True, "'nfe' is 'ten', expected an integer"),
+    ({"steps": "7"}, None, True, "'steps'"),
+    ({"shape": "x"}, None, True, "'shape' is 'x', not valid JSON"),
+    ({"shape": "[3, 4]"}, None, True, "'shape'"),
+    ({"dtype": "float32"}, None, True, "'dtype'"),
+    ({"sources": "[1]"}, None, True, "'sources'"),
+    ({"env_threads": "0"}, None, True, "'env_threads'"),
+    ({"model_fingerprint": "abc"}, None, True, "'model_fingerprint'"),
+    (None, {"sigmas": _up}, True, "strictly decreasing"),
+    (None, {"sigmas": _interior_sigma}, False, "content_sha256"),
+    (None, {"state.xhat": lambda t: t * 2}, False, "content_sha256"),
+]
+
+
+@pytest.mark.parametrize("meta,tensors,rehash,fragment", TAMPER)
+def test_tampered_files_are_refused_naming_the_field(tmp_path, meta, tensors, rehash, fragment):
+    model = _net(0)
+    g = grids.ddim(model.schedule, 6)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    enc = probflow.encode(model, x, g, "reversible_heun")
+    good = save_latents(tmp_path / "z.safetensors", enc.x, g, model, method="reversible_heun", nfe=enc.nfe,
+                        state=enc.state.tensors(), grid="uniform", extra={"invert": "false"})
+    load_latents(good)
+    with pytest.raises(ValueError, match=fragment):
+        load_latents(_tampered(tmp_path, good, meta, tensors, rehash))
+
+
+@pytest.mark.parametrize("change", [_interior_sigma, _last_sigma])
+def test_grid_must_be_the_one_its_name_recomputes(tmp_path, change):
+    model = _net(0)
+    g = grids.ddim(model.schedule, 6)
+    good = save_latents(tmp_path / "z.safetensors", torch.zeros(1, 1, 8, 8), g, model, method="euler", nfe=6,
+                        grid="uniform")
+    check_compatible(load_latents(good), model)
+    lf = load_latents(_tampered(tmp_path, good, tensor_changes={"sigmas": change}))
+    with pytest.raises(ValueError, match="stored grid 'sigmas' is not the uniform grid of 6 steps"):
+        check_compatible(lf, model)
+
+
+def test_files_are_byte_reproducible(tmp_path):
+    g = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    blobs = set()
+    for i in range(4):
+        p = save_latents(tmp_path / f"z{i}.safetensors", torch.ones(2, 4), g, GM, method="euler", nfe=2,
+                         sources=["a.png", "b.png"], extra={"invert": "false", "zeta": "1", "alpha": "2"})
+        blobs.add(p.read_bytes())
+    assert len(blobs) == 1
+
+
+def test_environment_is_recorded_and_differences_are_listed(tmp_path):
+    from probflow.io.latents import environment, environment_differences
+
+    g = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    p = save_latents(tmp_path / "z.safetensors", torch.ones(1, 4), g, GM, method="euler", nfe=1)
+    lf = load_latents(p)
+    for k, v in environment().items():
+        assert lf.meta[k] == v
+    assert environment_differences(lf) == []
+    n = torch.get_num_threads()
+    torch.set_num_threads(n + 1)
+    try:
+        assert environment_differences(lf) == [f"threads {n} → {n + 1}"]
+    finally:
+        torch.set_num_threads(n)
+    assert "device cpu → meta" in environment_differences(lf, "meta")
+
+
+def test_state_refuses_another_grid():
+    model = GaussianMixture.random(4, 3, seed=2)
+    x = torch.rand(2, 4, dtype=torch.float64)
+    g = grids.ddim(schedules.linear(), 6)
+    enc = probflow.encode(model, x, g, "reversible_heun")
+    g2 = g.clone()
+    g2[3] *= 1.01
+    with pytest.raises(ValueError, match="state: the state was made on a grid"):
+        probflow.decode(model, enc.x, g2, "reversible_heun", state=enc.state)
+    with pytest.raises(ValueError, match="state: the state was made on a grid"):
+        probflow.decode(model, enc.x, grids.ddim(schedules.linear(), 5), "reversible_heun", state=enc.state)
+    st = HeunState.from_tensors(enc.state.tensors())  # the path survives a file
+    back = probflow.decode(model, enc.x, g, "reversible_heun", state=st)
+    assert torch.equal(back.x, to_fixed(x).double() * 2.0**-42) or float((back.x - x).abs().max()) < 1e-12

@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -178,7 +179,14 @@ def solve(args: argparse.Namespace, model, fn: Callable, x: Tensor, sigmas: Tens
     with tqdm(total=total, desc=f"{what} ({method.name})", unit="NFE", file=sys.stderr,
               disable=True if getattr(args, "quiet", False) else None, leave=False) as bar:
         field = DDIMField(_Progress(_Finite(model), bar), model_dtype=getattr(model, "model_dtype", None))
-        return guarded(fn, method)(field, x, sigmas=sigmas, method=method, rtol=args.rtol, atol=args.atol, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            out = guarded(fn, method)(field, x, sigmas=sigmas, method=method, rtol=args.rtol, atol=args.atol, **kw)
+    for w in caught:  # an unstable solve is refused, not written (probflow.reversible: stability limits)
+        if issubclass(w.category, RuntimeWarning) and "unstable" in str(w.message):
+            raise ValueError(f"--method: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
 
 
 class _Finite:

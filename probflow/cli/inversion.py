@@ -1,7 +1,12 @@
-"""`probflow encode`, `decode`, `interpolate`: images ↔ latents through `probflow.encode/decode/interpolate`.
+"""`probflow encode`, `decode`, `interpolate`: images ↔ latents through `probflow.encode/decode/interpolate`
+and `probflow.inversion.encode_exact`.
 
-Latent files (`probflow.io.latents`) carry their provenance; decode reads the method, grid and state from
-the file unless told otherwise.
+Default: the latent is made exact for an ordinary decoder, euler (DDIM) with 20 steps on the
+`quadratic_open` grid (quadratic in t, ending at the table's smallest σ, where inverting the last step is
+well-conditioned), in the network's own dtype: one tensor, and `decode` with that decoder returns the images
+to round-off. `--plain` gives the method's ordinary explicit encode; a reversible method (reversible_heun)
+gives its pair latent, an adaptive one the ODE's latent. Latent files (`probflow.io.latents`) carry their
+provenance and environment; decode reads method, grid, dtype and state from the file.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import json
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from probflow.cli.common import (
+    GRID_NAMES,
     add_solver_arguments,
     apply_runtime,
     check_solver_args,
@@ -26,7 +33,59 @@ from probflow.cli.common import (
 )
 from probflow.distributed import on_rank0
 from probflow.io.atomic import check_writable
-from probflow.solvers import get_method
+from probflow.solvers import Method, get_method
+
+DEFAULT_METHOD, DEFAULT_STEPS, EXACT_GRID = "euler", 20, "quadratic_open"
+
+
+def _add_encode_mode(p: argparse.ArgumentParser, chunked: bool = True) -> None:
+    add_solver_arguments(p, DEFAULT_METHOD, DEFAULT_STEPS, chunked=chunked)
+    p.add_argument("--plain", action="store_true", help="the method's ordinary explicit encode instead of the latent "
+                   "made exact for it (not a round trip)")
+    for a in p._actions:
+        if a.dest == "grid":
+            a.help = f"{a.help.split(';')[0]}; default {EXACT_GRID} for exact latents, else uniform"
+
+
+def _mode(args: argparse.Namespace, method: Method) -> str:
+    """'exact' (encode_exact for the method), 'pair' (reversible), 'plain' (explicit or adaptive encode)."""
+    if method.reversible:
+        return "pair"
+    if method.adaptive or args.plain or getattr(args, "eta", None) is not None:
+        return "plain"
+    return "exact"
+
+
+def _encode(args: argparse.Namespace, model, x0: Tensor, method: Method, rt=None):
+    """(Solution, grid, grid name, mode): the latent of `x0` for the arguments' method and mode, chunk by chunk
+    over torchrun's ranks when `rt` is given (None on ranks other than 0)."""
+    import probflow
+    from probflow.inversion import encode_exact
+
+    mode = _mode(args, method)
+    if args.grid is None and mode == "exact":
+        args.grid = EXACT_GRID
+    name = args.grid or ("sigma_uniform" if method.uniform_steps else "uniform")
+    sig = grid(args, model, method)
+    def run(fn, x, what):
+        if rt is None:
+            return solve(args, model, fn, x, sig, method, what)
+        return run_chunks(args, rt, model, fn, len(x), lambda a, b: x[a:b], sig, lambda a, b: method, what)
+
+    if mode != "exact":
+        return run(probflow.encode, x0, "encode"), sig, name, mode
+    md = getattr(model, "model_dtype", None)
+    x0 = x0.to(md) if md is not None and md.is_floating_point else x0  # exact to the network's own precision
+
+    def exact(field, x, sigmas, method, rtol, atol, state=None):
+        return encode_exact(field, x, sigmas, method)
+
+    try:
+        sol = run(exact, x0, "encode (exact)")
+    except ValueError as e:
+        msg = str(e).removeprefix("method: ")
+        raise ValueError(f"--method: {msg}; pass --plain for the ordinary encode") from None
+    return sol, sig, name, mode
 
 
 def add_encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,12 +93,12 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="latent file to write (.safetensors)")
     p.add_argument("--invert", action="store_true", help="use 255 − pixel (dark digits on a light background); "
                    "decode inverts back")
-    add_solver_arguments(p, "reversible_heun", 50)
+    _add_encode_mode(p)
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    """Images x_0 → latents x_T up the flipped grid of Eq. 12 (`probflow.encode`), with provenance."""
-    import probflow
+    """Images x_0 → latents x_T: by default exact for the decoder (`encode_exact`), else `probflow.encode`;
+    written with provenance and environment."""
     from probflow.io.latents import save_latents
 
     check_solver_args(args)
@@ -48,19 +107,24 @@ def run_encode(args: argparse.Namespace) -> int:
     model = load_image_model(args.model, args.device)
     x0 = load_inputs(args, model, args.images, "IMAGE")
     method = solver_method(args)
-    sig = grid(args, model, method)
-    sol = run_chunks(args, rt, model, probflow.encode, len(x0), lambda a, b: x0[a:b], sig, lambda a, b: method,
-                     "encode")
+    sol, sig, name, mode = _encode(args, model, x0, method, rt)
     if rt.world.rank != 0:  # the other ranks meet rank 0's write, then stop
         return on_rank0(lambda: None, w=rt.world) or 0
     state = sol.state.tensors() if hasattr(sol.state, "tensors") else None
     extra = {"invert": json.dumps(bool(args.invert)), **({"precision": str(rt.precision)} if rt.precision else {})}
-    on_rank0(lambda: save_latents(args.out, sol.x.cpu(), sig, model, method=args.method, nfe=sol.nfe, rtol=args.rtol,
+    on_rank0(lambda: save_latents(args.out, sol.x.cpu(), sig, model, method=method.name, nfe=sol.nfe, rtol=args.rtol,
                                   atol=args.atol, state=state, sources=[Path(p).name for p in args.images],
+                                  grid=name if name in GRID_NAMES else "",
+                                  exact_for=method.name if mode == "exact" else "", device=args.device,
                                   data_range=getattr(model, "data_range", (-1.0, 1.0)), force=args.force,
                                   extra=extra), w=rt.world)
-    print(f"wrote {args.out}: {len(args.images)} latent(s) of shape {tuple(sol.x.shape[1:])}, {args.method}, "
-          f"NFE {sol.nfe}{', with its reversible state' if state else ''}")
+    what = {"exact": f"exact for the {method.name} decoder (verified round trip |Δx| ≤ "
+                     f"{sol.info['roundtrip_max_abs']:.1e})" if sol.info else f"exact for the {method.name} decoder "
+                     "(verified)",
+            "pair": "with its reversible state (exact on this environment only)",
+            "plain": "ordinary encode, not an exact round trip"}[mode]
+    print(f"wrote {args.out}: {len(args.images)} latent(s) of shape {tuple(sol.x.shape[1:])}, {method.name} on the "
+          f"{name} grid ({len(sig) - 1} steps), NFE {sol.nfe}, {what}")
     return 0
 
 
@@ -88,22 +152,45 @@ def _decode_grid(args: argparse.Namespace, lf, model, same_method: bool):
     return lf.sigmas
 
 
+def _exactness(args: argparse.Namespace, lf, model, method: Method, sig, state) -> str:
+    """What the decode can promise, with loud warnings where the file's environment differs."""
+    from probflow.io.latents import environment_differences
+
+    same = args.method == lf.meta["method"] and sig is lf.sigmas
+    exact_for = lf.meta.get("exact_for", "")
+    if not ((state is not None) or (exact_for and same and exact_for == args.method)):
+        return ""
+    diff = environment_differences(lf, args.device, model)
+    if state is None and not diff:
+        return ", exact inverse (round-off)"
+    if state is None:
+        say(f"note: decoding on another environment than the encode ({'; '.join(diff)}): {exact_for} is an ordinary "
+            "stable decoder, so expect agreement to about the network's precision, not bit for bit")
+        return ", ordinary decode of an exact latent (environment differs)"
+    if diff:
+        say(f"WARNING: NOT EXACT: this reversible latent was made on another environment ({'; '.join(diff)}); "
+            "reversible_heun's retrace amplifies any change in ε (a relative 1e-7 moves pixels by whole grey "
+            "levels), so the images can differ from the encoded ones. Re-encode here, or use an exact latent "
+            "(`probflow encode` without --method reversible_heun)")
+        return ", reversible retrace on another environment: NOT exact"
+    return ", exact inverse (reversible pair, same environment)"
+
+
 def run_decode(args: argparse.Namespace) -> int:
-    """Latents x_T → images x_0 down Eq. 12 (`probflow.decode`); the exact inverse of encode for a reversible
-    method on its own grid and state."""
+    """Latents x_T → images x_0 down Eq. 12 (`probflow.decode`) with the method, grid, dtype and state the
+    file records; "exact" is printed only when the file's exactness conditions hold here."""
     import probflow
     from probflow.io.images import save_images
     from probflow.io.latents import check_compatible, load_latents
     from probflow.reversible import HeunState
 
-    lf = load_latents(args.latents, "latents")
+    lf = load_latents(args.latents, "latents")  # every field validated, naming the field
     meta = lf.meta
     same_method = args.method in (None, meta["method"])
     args.method = args.method or meta["method"]
     for k in ("rtol", "atol"):
-        if getattr(args, k) is None:
-            v = meta.get(k, "None")
-            setattr(args, k, float(v) if v not in ("None", "") else 1e-6)
+        if getattr(args, k) is None:  # from the file (validated there), not a flag the user passed
+            setattr(args, k, float(meta[k]) if meta[k] not in ("None", "") else 1e-6)
     check_solver_args(args)
     rt = apply_runtime(args)
     model = load_image_model(args.model, args.device)
@@ -128,15 +215,15 @@ def run_decode(args: argparse.Namespace) -> int:
         names = None
     folder = Path(args.out)
     on_rank0(lambda: _check_out_folder(args, folder, names, len(lf.latents)), w=rt.world)
+    claim = _exactness(args, lf, model, method, sig, state) if rt.world.rank == 0 else ""
     sol = run_chunks(args, rt, model, probflow.decode, len(lf.latents), lambda a, b: lf.latents[a:b], sig,
                      lambda a, b: method, "decode", state=state)
-    lo, hi = json.loads(meta.get("data_range", "[-1, 1]"))
+    lo, hi = json.loads(meta["data_range"])
     if rt.world.rank != 0:  # the other ranks meet rank 0's write, then stop
         return on_rank0(lambda: None, w=rt.world) or 0
     x = (lo + hi) - sol.x if json.loads(meta.get("invert", "false")) else sol.x  # back to the inputs' polarity
     paths = on_rank0(lambda: save_images(x.cpu(), folder, args.force, names=names, data_range=(lo, hi)), w=rt.world)
-    print(f"wrote {len(paths)} image(s) to {folder}/ ({args.method}, NFE {sol.nfe}"
-          f"{', exact inverse' if state is not None else ''})")
+    print(f"wrote {len(paths)} image(s) to {folder}/ ({args.method}, NFE {sol.nfe}{claim})")
     return 0
 
 
@@ -158,12 +245,14 @@ def add_interpolate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invert", action="store_true", help="use 255 − pixel (dark digits on a light background)")
     p.add_argument("--scale", type=int, default=None,
                    help="enlarge each frame by pixel repetition (default: to at least 32 px; 1 keeps pixels exact)")
-    add_solver_arguments(p, "reversible_heun", 50, chunked=False)
+    _add_encode_mode(p, chunked=False)
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
-    """Encode A and B (`probflow.encode`), mix their latents at `frames` weights and decode every frame
-    (`probflow.interpolate`, with the encode's state: a reversible method reproduces A and B exactly)."""
+    """Encode A and B (by default exact for the decoder), mix their latents at `frames` weights and decode
+    every frame with `probflow.interpolate`: the end frames are A and B to round-off, the inner frames ordinary
+    decodes of the mixed latents (a reversible method passes its state for the ends; its stateless inner
+    frames are refused where it is unstable)."""
     import probflow
     from probflow.io.images import save_grid
 
@@ -179,17 +268,18 @@ def run_interpolate(args: argparse.Namespace) -> int:
     if rt.precision is not None:
         model, x0 = rt.precision.cast_model(model), rt.precision.state_tensor(x0)
     method = solver_method(args)
-    sig = grid(args, model, method)
-    enc = solve(args, model, probflow.encode, x0, sig, method, "encode")
+    enc, sig, name, mode = _encode(args, model, x0, method)
 
     def mix_and_decode(field, x, **kw):  # slerp/lerp per latent over all its pixels (B = 1)
         return probflow.interpolate(field, x[:1], x[1:], frames=args.frames, kind=args.kind, **kw)
 
-    state = enc.state if method.backend == "probflow" else None
+    state = enc.state if mode == "pair" else None
     sol = solve(args, model, mix_and_decode, enc.x, sig, method, "decode", state=state)
     frames = sol.x.reshape(args.frames, *x0.shape[1:])
     lo, hi = getattr(model, "data_range", (-1.0, 1.0))
     frames = (lo + hi) - frames if args.invert else frames  # back to the inputs' polarity
-    save_grid(frames.cpu(), args.out, nrow=args.frames, force=args.force, scale=args.scale, data_range=(lo, hi))
-    print(f"wrote {args.out}: {args.frames} frames ({args.kind}), {args.method}, NFE {enc.nfe + sol.nfe}")
+    save_grid(frames.cpu().double(), args.out, nrow=args.frames, force=args.force, scale=args.scale,
+              data_range=(lo, hi))
+    print(f"wrote {args.out}: {args.frames} frames ({args.kind}), {method.name} on the {name} grid, "
+          f"{'exact' if mode == 'exact' else mode} latents, NFE {enc.nfe + sol.nfe}")
     return 0

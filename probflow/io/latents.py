@@ -2,18 +2,28 @@
 in safetensors, with the provenance needed to decode them again.
 
 Tensors: `latents` (B, *S), `sigmas` (the decreasing sampling grid, float64) and, for a reversible method,
-its final state as `state.<name>` (reversible_heun's fixed-point pair). Metadata (all strings): the
-format tag, probflow's version, the model (name and sha256 `fingerprint` of its weights), the schedule
-(name, T, σ_max and a sha256 of its ᾱ table), the method, rtol/atol, NFE, steps, dtype, the data range
-and the source images' names. `check_compatible` refuses to decode with another model or schedule
-unless `force`. Files are written atomically and never overwrite an existing file unless `force`.
+its final state as `state.<name>` (reversible_heun's fixed-point pair). Metadata: one safetensors metadata
+key, "probflow", holding a JSON object with sorted keys (so the same content gives the same bytes), every
+value a string: the format tag, probflow's version, the model (name and sha256 `fingerprint` of its weights),
+the schedule (name, T, σ_max and a sha256 of its ᾱ table), the method, the grid's name, rtol/atol, NFE,
+steps, dtype, shape, the data range, the source images' names, `exact_for` (the decoder an exact latent is
+exact for, else ""), the environment its exactness depends on (`env_torch`, `env_device`, `env_threads`,
+`env_deterministic`, `env_model_dtype`; the batch is `shape` and `sources`) and `content_sha256`, a sha256
+over every tensor (a stored state or grid that was altered is refused).
+
+`load_latents` validates every field's type and range and names the field it refuses. `check_compatible`
+refuses another model or schedule unless `force`, and a grid that differs from the one its name and step
+count recompute. `environment_differences` lists what differs from the decoding machine. Files are written
+atomically and never overwrite an existing file unless `force`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +35,7 @@ from probflow.io.atomic import atomic_write
 from probflow.version import __version__
 
 __all__ = ["FORMAT", "LatentFile", "model_identity", "schedule_identity", "save_latents", "load_latents",
-           "check_compatible"]
+           "check_compatible", "environment", "environment_differences"]
 
 FORMAT = "probflow-latents/1"
 
@@ -69,6 +79,38 @@ class LatentFile:
         return json.loads(self.meta.get("sources", "[]"))
 
 
+def environment(device: str | torch.device = "cpu", model: Any = None) -> dict[str, str]:
+    """What a bit-exact decode depends on besides the file: torch's version, the device type, the thread
+    count, the deterministic-algorithms setting and the dtype the network computes in."""
+    md = getattr(model, "model_dtype", None)
+    return {"env_torch": torch.__version__, "env_device": torch.device(device).type,
+            "env_threads": str(torch.get_num_threads()),
+            "env_deterministic": json.dumps(bool(torch.are_deterministic_algorithms_enabled())),
+            "env_model_dtype": "" if md is None else str(md).replace("torch.", "")}
+
+
+def environment_differences(lf: LatentFile, device: str | torch.device = "cpu", model: Any = None) -> list[str]:
+    """The recorded environment entries that differ here ("threads 2 → 1", …); [] when all match."""
+    here = environment(device, model)
+    out = []
+    for k, v in here.items():
+        if k in lf.meta and lf.meta[k] != v:
+            out.append(f"{k[4:]} {lf.meta[k]} → {v}")
+    missing = [k for k in here if k not in lf.meta]
+    if missing:
+        out.append(f"not recorded: {', '.join(k[4:] for k in missing)}")
+    return out
+
+
+def _content_sha256(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{str(t.dtype)}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_latents(
     path: str | os.PathLike,
     latents: Tensor,
@@ -82,33 +124,129 @@ def save_latents(
     state: dict[str, Tensor] | None = None,
     sources: list[str] | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
+    grid: str = "",
+    exact_for: str = "",
+    device: str | torch.device = "cpu",
     extra: dict[str, str] | None = None,
     force: bool = False,
 ) -> Path:
     """Write `latents` with their provenance to a safetensors file at `path` (atomic; refuses to overwrite
-    unless `force`). `sigmas` is the decreasing sampling grid they were encoded on; `extra` adds metadata
-    strings (e.g. the CLI's "invert")."""
+    unless `force`). `sigmas` is the decreasing sampling grid they were encoded on and `grid` its name
+    (`probflow.grids.named`; "" when it has none); `exact_for` the decoder an exact latent is exact for;
+    `extra` adds metadata strings (e.g. the CLI's "invert", a JSON boolean)."""
     from safetensors.torch import save_file
-
 
     if not isinstance(latents, Tensor) or not latents.is_floating_point() or latents.ndim < 2:
         raise ValueError(f"latents: expected a floating-point batch (B, ...), got "
                          f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
-    meta = {"format": FORMAT, "probflow_version": __version__, **model_identity(model),
-            "method": str(method), "rtol": repr(rtol), "atol": repr(atol), "nfe": str(int(nfe)),
-            "steps": str(len(sigmas) - 1), "dtype": str(latents.dtype).replace("torch.", ""),
-            "shape": json.dumps(list(latents.shape)), "data_range": json.dumps(list(data_range)),
-            "sources": json.dumps(list(sources or [])), **{str(k): str(v) for k, v in (extra or {}).items()}}
     tensors = {"latents": latents.detach().cpu().contiguous(),
                "sigmas": sigmas.detach().cpu().to(torch.float64).contiguous()}
     for k, v in (state or {}).items():
         tensors[f"state.{k}"] = v.detach().cpu().contiguous()
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), force, name="--out")
+    meta = {"format": FORMAT, "probflow_version": __version__, **model_identity(model),
+            "method": str(method), "grid": str(grid), "exact_for": str(exact_for), "rtol": repr(rtol),
+            "atol": repr(atol), "nfe": str(int(nfe)), "steps": str(len(sigmas) - 1),
+            "dtype": str(latents.dtype).replace("torch.", ""), "shape": json.dumps(list(latents.shape)),
+            "data_range": json.dumps([float(v) for v in data_range]), "sources": json.dumps(list(sources or [])),
+            **environment(device, model), **{str(k): str(v) for k, v in (extra or {}).items()},
+            "content_sha256": _content_sha256(tensors)}
+    _validate(meta, tensors["latents"], tensors["sigmas"], "latents")  # never write what load would refuse
+    header = {"probflow": json.dumps(meta, sort_keys=True, ensure_ascii=True)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), force, name="--out")
+
+
+def _json_field(meta: dict[str, str], key: str, where: str, kind: str):
+    try:
+        return json.loads(meta[key])
+    except (json.JSONDecodeError, TypeError):
+        raise ValueError(f"{where}: metadata field {key!r} is {meta[key]!r}, not valid JSON (expected {kind})") \
+            from None
+
+
+def _number(meta: dict[str, str], key: str, where: str, *, integer: bool = False, positive: bool = False,
+            optional: bool = False) -> float | None:
+    v = meta[key]
+    if optional and v in ("None", ""):
+        return None
+    try:
+        x = int(v) if integer else float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: metadata field {key!r} is {v!r}, expected "
+                         f"{'an integer' if integer else 'a number'}") from None
+    if not math.isfinite(x) or x < 0 or (positive and x <= 0):
+        sign = "positive" if positive else "non-negative"
+        raise ValueError(f"{where}: metadata field {key!r} is {v!r}, expected a {sign} finite number")
+    return x
+
+
+_REQUIRED = ("format", "probflow_version", "model", "model_fingerprint", "method", "rtol", "atol", "nfe", "steps",
+             "dtype", "shape", "data_range", "sources")
+
+
+def _validate(meta: dict[str, str], lat: Tensor, sig: Tensor, where: str) -> None:
+    """Every metadata field's type and range, and its agreement with the tensors; ValueError naming the field."""
+    from probflow.solvers import get_method
+
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"{where}: metadata lacks the field(s) {missing} (the file is damaged or was not written "
+                         "by probflow)")
+    bad = [k for k, v in meta.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"{where}: metadata field {bad[0]!r} is not a string")
+    try:
+        get_method(meta["method"])
+    except ValueError:
+        raise ValueError(f"{where}: metadata field 'method' is {meta['method']!r}, not a registered solver") from None
+    if meta.get("exact_for"):
+        try:
+            get_method(meta["exact_for"])
+        except ValueError:
+            raise ValueError(f"{where}: metadata field 'exact_for' is {meta['exact_for']!r}, not a registered "
+                             "solver") from None
+    for k in ("rtol", "atol"):
+        _number(meta, k, where, positive=True, optional=True)
+    _number(meta, "nfe", where, integer=True)
+    if _number(meta, "steps", where, integer=True) != len(sig) - 1:
+        raise ValueError(f"{where}: metadata field 'steps' is {meta['steps']!r} but the stored grid has "
+                         f"{len(sig) - 1} steps")
+    if "schedule_T" in meta:
+        _number(meta, "schedule_T", where, integer=True, positive=True)
+        _number(meta, "sigma_max", where, positive=True)
+    for k in ("model_fingerprint", "schedule_sha256", "content_sha256"):
+        if k in meta and not re.fullmatch(r"[0-9a-f]{64}", meta[k]):
+            raise ValueError(f"{where}: metadata field {k!r} is {meta[k]!r}, expected a sha256 hex digest")
+    if meta["dtype"] != str(lat.dtype).replace("torch.", ""):
+        raise ValueError(f"{where}: metadata field 'dtype' is {meta['dtype']!r} but the latents are "
+                         f"{str(lat.dtype).replace('torch.', '')}")
+    shape = _json_field(meta, "shape", where, "a list of integers")
+    if shape != list(lat.shape):
+        raise ValueError(f"{where}: metadata field 'shape' is {meta['shape']} but the latents have shape "
+                         f"{list(lat.shape)}")
+    dr = _json_field(meta, "data_range", where, "[low, high]")
+    if (not isinstance(dr, list) or len(dr) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            and math.isfinite(v) for v in dr) or not dr[0] < dr[1]):
+        raise ValueError(f"{where}: metadata field 'data_range' is {meta['data_range']}, expected [low, high] with "
+                         "finite low < high")
+    src = _json_field(meta, "sources", where, "a list of file names")
+    if not isinstance(src, list) or not all(isinstance(v, str) for v in src):
+        raise ValueError(f"{where}: metadata field 'sources' is {meta['sources']}, expected a list of file names")
+    for k in ("invert", "env_deterministic"):
+        if k in meta and not isinstance(_json_field(meta, k, where, "true or false"), bool):
+            raise ValueError(f"{where}: metadata field {k!r} is {meta[k]!r}, expected true or false")
+    if "env_threads" in meta:
+        _number(meta, "env_threads", where, integer=True, positive=True)
+    if sig.ndim != 1 or len(sig) < 2 or not torch.isfinite(sig).all() or (sig < 0).any() \
+            or not (sig[1:] < sig[:-1]).all():
+        raise ValueError(f"{where}: the stored grid 'sigmas' is not a strictly decreasing, finite, non-negative 1-D "
+                         "σ grid")
+    if not torch.isfinite(lat).all():
+        raise ValueError(f"{where}: latents contain NaN or Inf")
 
 
 def load_latents(path: str | os.PathLike, name: str = "latents") -> LatentFile:
-    """Read a latent file written by `save_latents`; a missing, corrupt or foreign file raises an error
-    naming the argument `name` and the path."""
+    """Read a latent file written by `save_latents` and validate it; a missing, corrupt, altered or foreign
+    file raises an error naming the argument `name`, the path and the field."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -116,30 +254,32 @@ def load_latents(path: str | os.PathLike, name: str = "latents") -> LatentFile:
         raise FileNotFoundError(f"{name}: {path}: no such latent file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+            raw = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise ValueError(f"{name}: {path} is not a readable safetensors file ({e})") from None
+    where = f"{name}: {path}"
+    if "probflow" in raw:
+        try:
+            meta = json.loads(raw["probflow"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: metadata field 'probflow' is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: metadata field 'probflow' is not a JSON object")
+    else:
+        meta = raw  # files written before the metadata was one sorted JSON object
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{name}: {path} is not a probflow latent file (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(f"{where} is not a probflow latent file (format {meta.get('format')!r}, expected {FORMAT!r})")
     for k in ("latents", "sigmas"):
         if k not in tensors:
-            raise ValueError(f"{name}: {path} lacks the tensor {k!r}")
+            raise ValueError(f"{where} lacks the tensor {k!r}")
+    if "content_sha256" in meta and _content_sha256(tensors) != meta["content_sha256"]:
+        raise ValueError(f"{where}: the tensors do not match the metadata field 'content_sha256' (latents, grid or "
+                         "state were altered after encoding)")
     lat, sig = tensors.pop("latents"), tensors.pop("sigmas")
-    try:
-        shape = json.loads(meta.get("shape", "null"))
-    except json.JSONDecodeError:
-        shape = None
-    if not isinstance(shape, list):
-        raise ValueError(f"{name}: {path}: metadata 'shape' is {meta.get('shape')!r}, expected a JSON list of "
-                         f"integers (the file is damaged or was not written by probflow)")
-    if shape != list(lat.shape):
-        raise ValueError(f"{name}: {path}: latents of shape {list(lat.shape)} disagree with the metadata's {shape}")
-    if sig.ndim != 1 or len(sig) < 2 or not (sig[1:] < sig[:-1]).all():
-        raise ValueError(f"{name}: {path}: the stored grid is not a decreasing 1-D σ grid")
-    if not torch.isfinite(lat).all():
-        raise ValueError(f"{name}: {path}: latents contain NaN or Inf")
+    if sig.dtype != torch.float64:
+        raise ValueError(f"{where}: the stored grid 'sigmas' is {sig.dtype}, expected float64")
+    _validate(meta, lat, sig, where)
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
     return LatentFile(lat, sig, meta, state)
 
@@ -160,4 +300,24 @@ def check_compatible(lf: LatentFile, model: Any, force: bool = False, name: str 
                         f"vs {here['schedule_sha256'][:12]}…)")
     if problems and not force:
         raise ValueError(f"{name}: made with {'; '.join(problems)}; pass --force (force=True) to decode anyway")
+    _check_grid(lf, model, name)
     return problems
+
+
+def _check_grid(lf: LatentFile, model: Any, name: str) -> None:
+    """The stored grid must be the one its recorded name and step count give on the model's schedule."""
+    from probflow.grids import NAMED, named
+    from probflow.solvers import get_method
+
+    g, steps, sch = lf.meta.get("grid", ""), len(lf.sigmas) - 1, getattr(model, "schedule", None)
+    if sch is None:
+        return
+    if get_method(lf.meta["method"]).adaptive and not lf.meta.get("exact_for"):
+        expect = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    elif g in NAMED:
+        expect = named(g, sch, steps)
+    else:
+        return  # a grid with no name (calibrated, custom): only its shape and order are checked
+    if not torch.equal(expect.to(torch.float64), lf.sigmas):
+        raise ValueError(f"{name}: the stored grid 'sigmas' is not the {g or 'adaptive [σ_max, 0]'} grid of {steps} "
+                         f"steps that the metadata names (altered?)")
