@@ -1,4 +1,4 @@
-"""Round-trip inversion table (issue 6): per-dimension MSE of decode(encode(x_0)) vs NFE, and the distance of
+"""Round-trip inversion table: per-dimension MSE of decode(encode(x_0)) vs NFE, and the distance of
 each encoded latent from the exact ODE latent, on held-out digits and on a Gaussian mixture.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inversion.py [--model digits|FOLDER] [--n 16] [--force]
@@ -72,7 +72,7 @@ REF_TOL = 1e-9  # DOP853's rtol = atol per sample for the exact ODE latent of th
 REF_STRIDE = 1  # digits: rk4 on every REF_STRIDE-th σ_t of the table
 REF_NOTES: dict[str, str] = {}
 TARGETS = ("reversible: ≤ 1e-24 (float64), ≤ 1e-10 (float32) at 10 steps; high-order: ≤ 1e-6 at ≤ 20 NFE, ≤ 1e-8 at "
-           "≤ 50; exact latents (issue 13): round trip from x_T alone ≤ 1e-24 (float64), ≤ 1e-12 (float32) at 10, 20 "
+           "≤ 50; exact latents: round trip from x_T alone ≤ 1e-24 (float64), ≤ 1e-12 (float32) at 10, 20 "
            "and 50 steps, encoder NFE ≤ 4× the decoder's at 20 steps on digits, ≤ 1e-24 through diffusers' "
            "DDIMScheduler, ε perturbed by a relative 1e-7 moves x_0 by ≤ ~10× that")
 
@@ -432,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exact_notes(rows: list[dict]) -> list[str]:
-    """Issue 13's targets, from the encode_exact rows."""
-    lines = ["## Exact latents (issue 13): targets, as measured", ""]
+    """The exact-latent targets, from the encode_exact rows."""
+    lines = ["## Exact latents: targets, as measured", ""]
     for case in ("mixture", "digits"):
         ex = [r for r in rows if r["case"] == case and r.get("exact")]
         for dt, lim in (("float64", 1e-24), ("float32", 1e-12)):

@@ -46,6 +46,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from probflow.integrate import MaxStepsError
+
 __all__ = ["World", "RankFailed", "world", "joined", "finish", "chunk_bounds", "map_chunks", "map_cells", "on_rank0",
            "default_threads", "set_threads", "concat_solutions", "slice_state", "cat_batch"]
 
@@ -188,7 +190,8 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-_USER_ERRORS = (ValueError, OSError, OverflowError, FloatingPointError)  # what the CLI reports as bad input
+# what the CLI reports as bad input (or a bound the user set: --max-steps)
+_USER_ERRORS = (ValueError, OSError, OverflowError, FloatingPointError, MaxStepsError)
 
 
 def _error_text(e: BaseException) -> str:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from probflow.field import DDIMField, EpsModel, as_field
 from probflow.grids import check_grid
-from probflow.integrate import Solution, check_state, integrate, scale_in, scale_out
+from probflow.integrate import MAX_STEPS, Solution, check_state, integrate, scale_in, scale_out
 from probflow.precision import Precision
 from probflow.solvers import Method
 
@@ -30,14 +30,15 @@ def _decreasing(sigmas: Tensor) -> Tensor:
     return sigmas
 
 
-def _flow(model, x, sigmas, method, rtol, atol, trajectory, state, options, precision=None) -> Solution:
+def _flow(model, x, sigmas, method, rtol, atol, trajectory, state, options, precision=None,
+          max_steps=MAX_STEPS) -> Solution:
     x = check_state(x, "x")
     if precision is not None:  # the model in its dtype, the state in its own (probflow.precision)
         p = Precision.parse(precision).check_device(x.device)
         model, x = p.field(model), p.state_tensor(x)
     model = as_field(model)
     sol = integrate(model, scale_in(x, sigmas[0]), sigmas, method, rtol=rtol, atol=atol,
-                    trajectory=trajectory, state=state, options=options)
+                    trajectory=trajectory, state=state, options=options, max_steps=max_steps)
     sol.x = scale_out(sol.x, sigmas[-1])
     if sol.trajectory is not None:
         scale = torch.rsqrt(1 + sol.sigmas**2).reshape(-1, *([1] * x.ndim))
@@ -57,6 +58,7 @@ def sample(
     state: Any = None,
     options: dict | None = None,
     precision: Precision | str | None = None,
+    max_steps: int | None = MAX_STEPS,
 ) -> Solution:
     """x_T → x_0: integrate Eq. 12 down the decreasing grid `sigmas` (σ_max … 0) from `noise` = x_T.
 
@@ -64,8 +66,10 @@ def sample(
     Returns a Solution whose `x` (and `trajectory`, if asked) are in x; `method="euler"` is DDIM.
     `precision` (e.g. "model=bfloat16,state=float32", `probflow.precision`) sets the model's and the
     state's dtypes; default: the noise's dtype for the state, the model's own dtype for the model.
+    `max_steps`: adaptive methods stop with `MaxStepsError` (naming the σ reached) after this many steps.
     """
-    return _flow(model, noise, _decreasing(sigmas), method, rtol, atol, trajectory, state, options, precision)
+    return _flow(model, noise, _decreasing(sigmas), method, rtol, atol, trajectory, state, options, precision,
+                 max_steps)
 
 
 def decode(
@@ -80,11 +84,12 @@ def decode(
     state: Any = None,
     options: dict | None = None,
     precision: Precision | str | None = None,
+    max_steps: int | None = MAX_STEPS,
 ) -> Solution:
     """Latents x_T → images x_0: `sample` from given latents (pass an encode's `state` to invert a
     reversible method exactly)."""
     return sample(model, latents, sigmas, method, rtol=rtol, atol=atol, trajectory=trajectory, state=state,
-                  options=options, precision=precision)
+                  options=options, precision=precision, max_steps=max_steps)
 
 
 def encode(
@@ -99,6 +104,7 @@ def encode(
     state: Any = None,
     options: dict | None = None,
     precision: Precision | str | None = None,
+    max_steps: int | None = MAX_STEPS,
 ) -> Solution:
     """x_0 → x_T: integrate Eq. 12 *up* the flipped sampling grid; the latent is x_T = x̄(σ_max)/sqrt(1+σ_max²).
 
@@ -106,7 +112,7 @@ def encode(
     (MATH.md §3). The Solution's `state` lets a reversible method decode exactly.
     """
     up = _decreasing(sigmas).flip(0)
-    return _flow(model, x0, up, method, rtol, atol, trajectory, state, options, precision)
+    return _flow(model, x0, up, method, rtol, atol, trajectory, state, options, precision, max_steps)
 
 
 def lerp(z0: Tensor, z1: Tensor, w: Tensor) -> Tensor:
@@ -165,6 +171,7 @@ def interpolate(
     trajectory: bool = False,
     state: Any = None,
     options: dict | None = None,
+    max_steps: int | None = MAX_STEPS,
 ) -> Solution:
     """Mix two batches of latents (B, *S) at `frames` weights from 0 to 1 (or the given `weights`) by slerp or
     lerp, and decode every frame down `sigmas` with `method`. Returns a Solution with x of shape
@@ -184,7 +191,7 @@ def interpolate(
         raise ValueError(f"kind: expected 'slerp' or 'lerp', got {kind!r}")
     z = mix[kind](z0, z1, weights)
     n, b = z.shape[0], z0.shape[0]
-    kw = {"rtol": rtol, "atol": atol, "trajectory": trajectory, "options": options}
+    kw = {"rtol": rtol, "atol": atol, "trajectory": trajectory, "options": options, "max_steps": max_steps}
     if state is None:
         sol = decode(model, z.reshape(-1, *z0.shape[1:]), sigmas, method, **kw)
     else:

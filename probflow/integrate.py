@@ -22,7 +22,7 @@ from probflow.solvers import Method, get_method
 __all__ = ["Solution", "integrate", "check_state", "scale_in", "scale_out", "MaxStepsError", "SIGMA_FLOOR",
            "MAX_STEPS"]
 
-# Adaptive solves (issue 17): torchdiffeq's controllers work in u = log σ above SIGMA_FLOOR and in σ below it;
+# Adaptive solves: torchdiffeq's controllers work in u = log σ above SIGMA_FLOOR and in σ below it;
 # every adaptive solve stops with MaxStepsError after MAX_STEPS attempted steps unless told otherwise.
 SIGMA_FLOOR = 1e-3
 MAX_STEPS = 100_000
@@ -93,7 +93,7 @@ def integrate(
     variable: the time variable of torchdiffeq's adaptive methods. "log_sigma" (default): u = log σ, with
     dx̄/du = σ ε (Eq. 12 times dσ/du), down to σ_floor; the interval [σ_floor, 0] in σ itself, where Eq. 12 is
     regular and the interval is short (see `_odeint_split`). "sigma": σ throughout (the σ-controller is badly
-    scaled on σ_max … 0 and stops early at loose tolerances, issue 17).
+    scaled on σ_max … 0 and stops early at loose tolerances).
     max_steps: adaptive solves stop with `MaxStepsError` (naming the σ reached) after this many attempted
     steps (rejected ones included; None: no limit). progress: adaptive solves only; True draws a progress line
     on stderr, a callable gets (σ, nfe) after every accepted step.

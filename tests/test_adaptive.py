@@ -151,3 +151,12 @@ def test_heldout_quick_run_gives_finite_ratios():
     r = ho.run_problem(s, nfe=(10,), methods=("unipc",), grids=("logsnr",), peers=("unipc",))
     rat = ho.ratios([r], 10, ("unipc", "logsnr"))
     assert len(rat) == 1 and 0 < rat[0] < math.inf
+
+
+def test_bench_runs_the_held_out_family_as_a_suite(tmp_path, capsys):
+    from probflow.cli import main
+
+    assert main(["bench", "--suites", "heldout", "--quick", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    text = (tmp_path / "b" / "RESULTS.md").read_text()
+    assert "## Held-out family and adaptive solving" in text and "Ratio to the best peer" in text
+    assert "### Ratio to the best peer, held-out set" in text  # the section's headings sit one level down

@@ -113,3 +113,17 @@ def test_interpolate_calls_the_api_with_the_encode_state(digits, tmp_path, capsy
     pix = _px(strip)
     for k in range(3):
         assert np.array_equal(pix[2:10, 2 + 10 * k:10 + 10 * k], to_uint8(api[k, 0])[..., 0])
+
+
+def test_max_steps_bounds_adaptive_solves_in_the_api_and_the_cli(tmp_path, capsys):
+    from probflow.integrate import MaxStepsError
+
+    gm = models.default_mixture()
+    g = torch.tensor([80.0, 0.0], dtype=torch.float64)
+    with pytest.raises(MaxStepsError, match="stopped at σ = "):
+        probflow.sample(gm, probflow.noise(4, (2,), 0), g, "dopri5", rtol=1e-8, atol=1e-8, max_steps=3)
+    assert probflow.sample(gm, probflow.noise(4, (2,), 0), g, "dopri5", max_steps=10_000).nfe > 0
+    rc, _, err = _run(capsys, "sample", "--n", 2, "--method", "dopri5", "--max-steps", 4, "--out", tmp_path / "a.png",
+                      "--quiet")
+    assert rc == 2 and "max_steps" in err and "stopped at σ" in err and not (tmp_path / "a.png").exists()
+    assert _run(capsys, "sample", "--n", 2, "--max-steps", 0, "--out", tmp_path / "a.png")[0] == 2

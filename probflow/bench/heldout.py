@@ -2,7 +2,7 @@
 
 Every design choice (the recommended solver + grid per NFE, the `tuned` grid parameters, the adaptive
 method's settings) is made on TUNING_SEEDS; HELDOUT_SEEDS are used only for reporting. The split is fixed
-here, once (issue 17):
+here, once:
 
     TUNING_SEEDS  = 100 … 109   (10 problems)
     HELDOUT_SEEDS = 200 … 219   (20 problems)
@@ -49,6 +49,7 @@ from torch import Tensor
 from probflow import calibrate as _calibrate
 from probflow import grids as _grids
 from probflow.bench import peers as _peers
+from probflow.bench.heldout_report import build as _build
 from probflow.bench.heldout_report import report as _report
 from probflow.field import DDIMField
 from probflow.flows import noise
@@ -69,7 +70,7 @@ PEERS = ("dpmpp_2m", "dpmpp_3m", "unipc", "heun_d", "lms_d")
 KINDS = ("isotropic", "diagonal", "rotated")
 REF_TOL, CHECK_TOL = 1e-10, 1e-8
 
-# The `tuned` grid (item 3 of issue 17): σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_end^{1/ρ} − σ_max^{1/ρ}))^ρ, i < N, then 0,
+# The `tuned` grid: σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_end^{1/ρ} − σ_max^{1/ρ}))^ρ, i < N, then 0,
 # with σ_end = end·σ_0 of the table and ρ = inf meaning log-uniform; (ρ, end) per NFE fitted on TUNING_SEEDS
 # by `tune` for each method (median over the tuning problems of log RMSE) — copied from the output of
 # `python -m probflow.bench.heldout --tune`.
@@ -407,6 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"tuning took {time.perf_counter() - t0:.0f} s")
         return 0
     return _report(a, sys.modules[__name__])
+
+
+def section(quick: bool = False, samples: int = 8) -> str:
+    """The held-out study as markdown (`probflow bench --suites heldout`; quick: 2 + 2 problems, no adaptive
+    study, no calibration)."""
+    a = argparse.Namespace(quick=quick, samples=samples, tuning=len(TUNING_SEEDS), heldout=len(HELDOUT_SEEDS),
+                           cache=None, no_calibrated=quick, out=None, force=False)
+    return _build(a, sys.modules[__name__])
 
 
 # ------------------------------------------------------------------------------------------------ report

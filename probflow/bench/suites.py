@@ -150,12 +150,22 @@ def _overhead(ctx: Context) -> None:
         peers=("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3") if ctx.peers else ())
 
 
+def _heldout(ctx: Context) -> None:
+    from probflow.bench import heldout
+
+    ctx.say("held-out family: tuning set, then held-out problems …")
+    text = "\n".join("#" + line if line.startswith("#") else line  # its headings one level down
+                     for line in heldout.section(quick=ctx.cfg is QUICK).splitlines())
+    ctx.results["sections"].append({"title": "Held-out family and adaptive solving", "markdown": text})
+
+
 SUITES: dict[str, Callable[[Context], None]] = {
     "mixture2": lambda ctx: _mixture(ctx, 2, "mixture2", ctx.cfg.n2),
     "mixture64": lambda ctx: _mixture(ctx, 64, "mixture64", ctx.cfg.n64),
     "digits": lambda ctx: _network_or_model(ctx, ctx.digits_model or "digits", "digits"),
     "model": lambda ctx: _network_or_model(ctx, ctx.model, f"model {ctx.model}"),
     "overhead": _overhead,
+    "heldout": _heldout,
 }
 DEFAULT_SUITES = ("mixture2", "mixture64", "digits", "overhead")
 

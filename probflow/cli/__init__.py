@@ -17,6 +17,7 @@ import threading
 
 from probflow.cli.common import add_runtime_arguments
 from probflow.distributed import RankFailed, finish, joined, set_threads
+from probflow.integrate import MaxStepsError
 from probflow.version import __version__
 
 # name: (module, one-line help)
@@ -86,7 +87,7 @@ def _run(argv: list[str] | None = None) -> int:
         if getattr(args, "runtime_threads", False):
             set_threads(args.threads)
         return int(run(args) or 0)
-    except (ValueError, OSError, OverflowError, FloatingPointError) as e:
+    except (ValueError, OSError, OverflowError, FloatingPointError, MaxStepsError) as e:
         print(f"probflow {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except RankFailed as e:  # torchrun: a rank failed; every rank exits with its message, nothing was written

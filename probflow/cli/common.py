@@ -17,6 +17,7 @@ from torch import Tensor
 
 from probflow.field import DDIMField
 from probflow.grids import NAMED
+from probflow.integrate import MAX_STEPS
 from probflow.solvers import Method, get_method
 
 # Names the CLI accepts for methods besides the registry's (DDIM is Euler on Eq. 12, MATH.md §3).
@@ -76,6 +77,8 @@ def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: 
                    f"default {steps}")
     p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (adaptive methods); default 1e-6")
     p.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance (adaptive methods); default 1e-6")
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="adaptive methods: stop with an error naming the "
+                   f"σ reached after this many steps (default {MAX_STEPS})")
     if stochastic:
         g = p.add_mutually_exclusive_group()
         g.add_argument("--eta", type=float, default=None,
@@ -121,6 +124,8 @@ def check_solver_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{k}: expected a positive number, got {v!r}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps: expected a positive integer, got {args.steps}")
+    if getattr(args, "max_steps", 1) < 1:
+        raise ValueError(f"--max-steps: expected a positive integer, got {args.max_steps}")
     check_limits(args)
     try:
         torch.empty(0, device=args.device)
@@ -176,6 +181,8 @@ def solve(args: argparse.Namespace, model, fn: Callable, x: Tensor, sigmas: Tens
     from tqdm import tqdm
 
     total = None if method.adaptive else (len(sigmas) - 1) * method.stages
+    if method.adaptive and getattr(args, "max_steps", None) is not None:
+        kw.setdefault("max_steps", args.max_steps)
     with tqdm(total=total, desc=f"{what} ({method.name})", unit="NFE", file=sys.stderr,
               disable=True if getattr(args, "quiet", False) else None, leave=False) as bar:
         field = DDIMField(_Progress(_Finite(model), bar), model_dtype=getattr(model, "model_dtype", None))
