@@ -57,6 +57,8 @@ UNSUPPORTED_PREFIXES: dict[str, str] = {
     "ddim_eta=": "stochastic DDIM is not the ODE flow; (L1) needs the deterministic Eq. 12 (and it steps down only)",
     "reverse_sde_gamma=": "the reverse SDE is not the ODE flow; (L1) needs the deterministic Eq. 12 (and it steps "
                           "down only)",
+    "adaptive_exp": "it integrates downwards only (generation; its σ = 0 landing has no upward twin); the likelihood "
+                    "integrates from σ = 0 up — use dopri5 or a fixed-grid method",
 }
 
 _PROBE_STREAM, _DEQUANT_STREAM = 1, 2  # stream tags: probes and dequantisation noise never share a stream

@@ -98,7 +98,13 @@ def test_probes_depend_on_the_sample_not_on_the_batch(mix2):
     torch.testing.assert_close(probes(2, 2, 5, seed=1, first=2), p[:, 2:])
 
 
-@pytest.mark.parametrize("method", [n for n in method_names() if n != "scipy_dop853"])
+def test_downward_only_methods_are_refused_with_the_reason(mix2):
+    m, x0 = mix2
+    with pytest.raises(ValueError, match="adaptive_exp.*downwards only"):
+        likelihood(m, x0[:2], SIGMA_MAX, "adaptive_exp")
+
+
+@pytest.mark.parametrize("method", [n for n in method_names() if n not in ("scipy_dop853", "adaptive_exp")])
 def test_every_registered_method_carries_the_augmented_state(method, mix2):
     """Each method's log-density error falls as the grid is refined (fixed) or the tolerance tightened."""
     m, x0 = mix2
