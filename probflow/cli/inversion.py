@@ -32,7 +32,7 @@ from probflow.cli.common import (
     solver_method,
 )
 from probflow.distributed import on_rank0
-from probflow.io.atomic import check_writable
+from probflow.io.atomic import check_writable, check_writable_folder
 from probflow.solvers import Method, get_method
 
 DEFAULT_METHOD, DEFAULT_STEPS, EXACT_GRID = "euler", 20, "quadratic_open"
@@ -104,7 +104,7 @@ def run_encode(args: argparse.Namespace) -> int:
     check_solver_args(args)
     rt = apply_runtime(args)
     on_rank0(lambda: check_writable(args.out, args.force, "--out"), w=rt.world)
-    model = load_image_model(args.model, args.device)
+    model = load_image_model(args.model, args.device, limits=not args.no_limits)
     x0 = load_inputs(args, model, args.images, "IMAGE")
     method = solver_method(args)
     sol, sig, name, mode = _encode(args, model, x0, method, rt)
@@ -193,7 +193,12 @@ def run_decode(args: argparse.Namespace) -> int:
             setattr(args, k, float(meta[k]) if meta[k] not in ("None", "") else 1e-6)
     check_solver_args(args)
     rt = apply_runtime(args)
-    model = load_image_model(args.model, args.device)
+    names = [Path(s).stem + ".png" for s in lf.sources] if len(lf.sources) == len(lf.latents) else None
+    if names is not None and len(set(names)) != len(names):
+        names = None
+    folder = Path(args.out)
+    on_rank0(lambda: check_writable_folder(folder, args.force, "--out"), w=rt.world)  # before any work
+    model = load_image_model(args.model, args.device, limits=not args.no_limits)
     for msg in check_compatible(lf, model, args.force, "latents"):
         say(f"warning: decoding latents made with {msg} (--force)")
     if tuple(lf.latents.shape[1:]) != tuple(model.sample_shape):
@@ -210,11 +215,6 @@ def run_decode(args: argparse.Namespace) -> int:
         state = HeunState.from_tensors(lf.state)
     elif method.reversible:
         say(f"note: {args.method} without the encode's own state and grid is an ordinary solve, not an exact inverse")
-    names = [Path(s).stem + ".png" for s in lf.sources] if len(lf.sources) == len(lf.latents) else None
-    if names is not None and len(set(names)) != len(names):
-        names = None
-    folder = Path(args.out)
-    on_rank0(lambda: _check_out_folder(args, folder, names, len(lf.latents)), w=rt.world)
     claim = _exactness(args, lf, model, method, sig, state) if rt.world.rank == 0 else ""
     sol = run_chunks(args, rt, model, probflow.decode, len(lf.latents), lambda a, b: lf.latents[a:b], sig,
                      lambda a, b: method, "decode", state=state)
@@ -225,15 +225,6 @@ def run_decode(args: argparse.Namespace) -> int:
     paths = on_rank0(lambda: save_images(x.cpu(), folder, args.force, names=names, data_range=(lo, hi)), w=rt.world)
     print(f"wrote {len(paths)} image(s) to {folder}/ ({args.method}, NFE {sol.nfe}{claim})")
     return 0
-
-
-def _check_out_folder(args: argparse.Namespace, folder: Path, names: list[str] | None, n: int) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"--out: {folder} exists and is not a folder")
-    targets = [folder / n for n in (names or [f"{i:04d}.png" for i in range(n)])]
-    clash = [str(t) for t in targets if t.exists()]
-    if clash and not args.force:
-        raise FileExistsError(f"--out: {', '.join(clash[:3])} exist(s); pass --force to overwrite")
 
 
 def add_interpolate_arguments(p: argparse.ArgumentParser) -> None:
@@ -263,7 +254,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
         raise ValueError(f"--scale: expected a positive integer, got {args.scale}")
     check_writable(args.out, args.force, "--out")
     rt = apply_runtime(args, spread=False)  # threads and precision (two images: not spread over ranks)
-    model = load_image_model(args.model, args.device)
+    model = load_image_model(args.model, args.device, limits=not args.no_limits)
     x0 = torch.cat([load_inputs(args, model, [args.a], "A"), load_inputs(args, model, [args.b], "B")])
     if rt.precision is not None:
         model, x0 = rt.precision.cast_model(model), rt.precision.state_tensor(x0)
