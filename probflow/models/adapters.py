@@ -243,14 +243,15 @@ class _DiffusersUNet(nn.Module):
         return self.unet(x, t).sample
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; a one-line ValueError naming `what` and the file otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{what}: {path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{what}: {path} does not hold a JSON object")
+        raise ValueError(f"{what}: {path} does not hold a JSON object (got {type(cfg).__name__})")
     return cfg
 
 
@@ -303,7 +304,7 @@ def from_diffusers(
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
     if not (unet_dir / "config.json").is_file():
         raise ValueError(f"folder: no config.json in {root} or {root / 'unet'} (diffusers save_pretrained layout)")
-    config = _read_json(unet_dir / "config.json", "config")
+    config = read_json_object(unet_dir / "config.json", "config")
     cls = config.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
         raise ValueError(f"config: only UNet2DModel checkpoints are supported, {unet_dir / 'config.json'} is {cls!r}")
@@ -312,7 +313,7 @@ def from_diffusers(
     sched_cfg: dict = {}
     for p in (root / "scheduler" / "scheduler_config.json", unet_dir / "scheduler_config.json"):
         if p.is_file():
-            sched_cfg = _read_json(p, "scheduler config")
+            sched_cfg = read_json_object(p, "scheduler config")
             break
     else:
         if schedule is None:

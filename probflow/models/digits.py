@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from probflow.models.adapters import MAX_PARAMETERS, DiscreteTimeModel, check_state_dict, count_parameters
+from probflow.models.adapters import (
+    MAX_PARAMETERS,
+    DiscreteTimeModel,
+    check_state_dict,
+    count_parameters,
+    read_json_object,
+)
 from probflow.models.unet import UNet
 from probflow.schedules import Schedule, linear
 
@@ -39,13 +45,7 @@ def as_model(net: UNet, name: str = "digits", card: dict | None = None) -> Discr
 
 
 def _read_card(cpath: Path) -> dict:
-    try:
-        with open(cpath, encoding="utf-8") as f:
-            card = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"card: {cpath} is not valid JSON: {e}") from None
-    if not isinstance(card, dict):
-        raise ValueError(f"card: {cpath} does not hold a JSON object (got {type(card).__name__})")
+    card = read_json_object(cpath, "card")
     if not isinstance(card.get("fingerprint", ""), (str, type(None))):
         raise ValueError(f"card: {cpath}: fingerprint: expected a sha256 hex string")
     return card
