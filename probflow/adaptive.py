@@ -97,7 +97,7 @@ def _make_state(settings: dict) -> AdaptiveState:
         raise ValueError(f"options: adaptive_exp takes {sorted(known - {'rtol', 'atol', 'monitor'})}, "
                          f"got unknown {sorted(unknown)}")
     order = settings.get("order", 3)
-    if order not in (1, 2, 3):
+    if order not in (1, 2, 3, 4):
         raise ValueError(f"options['order']: expected a predictor order 1, 2 or 3, got {order!r}")
     h = float(settings.get("first_step", 0.1))
     fb = float(settings.get("finish_below", 0.1))

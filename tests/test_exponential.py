@@ -237,6 +237,58 @@ def test_calibrated_builder_caches_per_step_count():
     assert torch.equal(g1, b(sch, 4)) and len(g1) == 5 and b.__name__ == "calibrated_dpmpp_2m"
 
 
+def _dop853_x0(model, xbar: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """x̄(0) of Eq. 12 per sample with scipy's solve_ivp directly (not probflow.integrate): an independent reference."""
+    from scipy.integrate import solve_ivp
+
+    out = []
+    for row in xbar:
+        def rhs(s, y):
+            sig = torch.tensor(s, dtype=torch.float64)
+            xb = torch.from_numpy(y).unsqueeze(0)
+            return model(xb / math.sqrt(1.0 + s * s), sig).squeeze(0).numpy()
+
+        sol = solve_ivp(rhs, (sigma_max, 0.0), row.numpy(), method="DOP853", rtol=1e-11, atol=1e-11)
+        out.append(torch.from_numpy(sol.y[:, -1]))
+    return torch.stack(out)
+
+
+def test_calibrated_select_picks_the_candidate_with_the_lowest_independent_validation_error():
+    """The choice equals a brute-force one: every candidate's grid (`calibrated` with the same inputs) evaluated
+    on the validation batch against scipy's DOP853 called directly; the reported errors match it."""
+    gm = GaussianMixture.random(6, 3, seed=5, std_range=(0.05, 0.3))
+    smax, smin = 80.0, 0.03
+    cal, val = probflow.noise(4, (6,), seed=21), probflow.noise(5, (6,), seed=22)
+    methods = ("dpmpp_2m", "unipc", "euler")
+    sel = calibrate.calibrated_select(gm, cal, val, smax, smin, 5, methods, max_evals=12)
+    xbar = cal.double() * math.sqrt(1 + smax**2)
+    ref_cal = probflow.integrate(gm, xbar, torch.tensor([smax, 0.0], dtype=torch.float64), "scipy_dop853",
+                                 rtol=1e-10, atol=1e-10, options={"group": 4}).x
+    xv = val.double() * math.sqrt(1 + smax**2)
+    ref_val = _dop853_x0(gm, xv, smax)
+    errs = {}
+    for m in methods:
+        g = calibrate.calibrated(gm, cal, smax, smin, 5, m, max_evals=12, reference=ref_cal)
+        torch.testing.assert_close(sel.grids[m], g, rtol=1e-9, atol=0.0)
+        errs[m] = (probflow.integrate(gm, xv, g, m).x - ref_val).pow(2).mean().sqrt().item()
+        assert sel.val_rmse[m] == pytest.approx(errs[m], rel=1e-6), m
+    assert len({round(math.log(e), 1) for e in errs.values()}) == 3  # the candidates really differ
+    assert sel.method == min(errs, key=errs.get) and torch.equal(sel.grid, sel.grids[sel.method])
+    assert sel.method != "euler"  # a first-order method on 5 steps loses to the exponential ones
+
+
+def test_calibrated_select_bad_input():
+    x = probflow.noise(2, (8,), seed=1)
+    with pytest.raises(ValueError, match="methods"):
+        calibrate.calibrated_select(SMOOTH, x, x, 80.0, 0.02, 4, ("unipc", "heun2"))
+    with pytest.raises(ValueError, match="methods"):
+        calibrate.calibrated_select(SMOOTH, x, x, 80.0, 0.02, 4, ("unipc", "unipc"))
+    with pytest.raises(ValueError, match="x_val"):
+        calibrate.calibrated_select(SMOOTH, x, probflow.noise(2, (4,), seed=1), 80.0, 0.02, 4)
+    with pytest.raises(ValueError, match="x_val"):
+        calibrate.calibrated_select(SMOOTH, x, [1.0], 80.0, 0.02, 4)
+
+
 def test_dpmpp_2s_matches_diffusers_singlestep_heun_in_float64():
     """diffusers DPMSolverSinglestepScheduler(dpmsolver++, order 2, solver_type="heun") takes its
     intermediate stage at the next *grid* point; on a grid whose odd points are the λ-midpoints of ours,

@@ -440,24 +440,34 @@ def calibrated_study(setups: list[Setup], nfe=(10, 20), method: str = "unipc_3",
     return rows
 
 
-CALIBRATED_METHODS = {10: "unipc", 20: "unipc_3", 50: "unipc_3"}  # unipc_3 diverged at NFE 10 on tuning problems
+CALIBRATED_NFE = (10, 20, 50)
+# the previous recipe's fixed method per NFE (from the tuning problems), reported beside the selection
+CALIBRATED_FIXED = {10: "unipc", 20: "unipc_3", 50: "unipc_3"}
 
 
-def calibrated_all(seeds, n_samples: int, methods=CALIBRATED_METHODS, n_cal: int = 16,
-                   max_evals: int = 100) -> list[dict]:
-    """The calibrated grid (`probflow.calibrate.calibrated`, `n_cal` samples of the model's own calibration noise,
-    seed + 7, never the evaluation noise) per problem and NFE, evaluated like every other configuration;
-    rows {problem, nfe, method, rmse, cal_nfe (model calls spent calibrating, on n_cal samples)}."""
+def calibrated_all(seeds, n_samples: int, nfe=CALIBRATED_NFE, methods=_calibrate.SELECT_METHODS, n_cal: int = 16,
+                   n_val: int = 16, max_evals: int = 100) -> list[dict]:
+    """Per problem and NFE: `probflow.calibrate.calibrated_select` (a grid calibrated for each of `methods` on
+    `n_cal` samples of the model's own calibration noise, seed + 7; the method chosen on `n_val` validation
+    samples, seed + 8; never the evaluation noise), evaluated like every other configuration. Rows {problem,
+    nfe, method (the choice), rmse, cal_nfe (model calls spent calibrating and choosing, on batches of n_cal /
+    n_val samples), val (validation RMSE per candidate), cand_rmse (evaluation RMSE per candidate, for the
+    fixed-method comparison only)}."""
     rows = []
     for s in _setups(seeds, n_samples):
-        cal_z = noise(n_cal, (s.problem.dim,), s.problem.seed + 7)
-        for n, method in methods.items():
-            f = DDIMField(s.problem.model)
-            g = _calibrate.calibrated(f, cal_z, s.schedule.sigma_max, 3.0 * s.schedule.sigma_min, steps_for(method, n),
-                                  method, max_evals=max_evals)
-            rows.append({"problem": s.problem.seed, "nfe": n, "method": method, "cal_nfe": f.nfe,
-                         "rmse": rmse(integrate(s.problem.model, s.xbar, g, method).x, s.reference)})
-        _say(f"  calibrated {s.problem.describe()}")
+        p = s.problem
+        cal_z, val_z = noise(n_cal, (p.dim,), p.seed + 7), noise(n_val, (p.dim,), p.seed + 8)
+        for n in nfe:
+            f = DDIMField(p.model)
+            steps = {steps_for(m, n) for m in methods}
+            if len(steps) != 1:
+                raise ValueError(f"methods: expected equal steps at NFE {n}, got {methods!r}")
+            sel = _calibrate.calibrated_select(f, cal_z, val_z, s.schedule.sigma_max, 3.0 * s.schedule.sigma_min,
+                                               steps.pop(), methods, max_evals=max_evals)
+            cand = {m: rmse(integrate(p.model, s.xbar, g, m).x, s.reference) for m, g in sel.grids.items()}
+            rows.append({"problem": p.seed, "nfe": n, "method": sel.method, "cal_nfe": f.nfe, "val": sel.val_rmse,
+                         "rmse": cand[sel.method], "cand_rmse": cand})
+        _say(f"  calibrated {p.describe()}: {[(r['nfe'], r['method']) for r in rows[-len(nfe):]]}")
     return rows
 
 
