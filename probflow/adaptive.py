@@ -39,8 +39,12 @@ extrapolation's estimate, so with a safety factor of 10) the 3-node value is ret
 after finitely many steps.
 
 Settings come as the first state (integrate passes {"rtol", "atol", "monitor", **options}); options:
-`order` (predictor order p, 1…3, default 3: a 3(4) pair), `first_step` (λ, default 0.1), `finish_below`
-(σ, default 0.1).
+`order` (predictor order p, 1…4, default 3: a 3(4) pair), `first_step` (λ, default 0.1), `finish_below`
+(σ, default 0.1). Order 4 (a 4(5) pair) needed 30–40 % fewer NFE at rtol = atol = 1e-7 and 1e-8 than order 3
+(median over the tuning problems of probflow.bench.heldout), 0–15 % fewer at 1e-3 … 1e-5, and ends further below
+its tolerance (achieved RMSE 0.095–0.7 × tol against 0.18–1.4 × for order 3; 0.012 × at 1e-4 on a single sharp
+Gaussian, where order 3 gives 0.29 ×); at the DPM-Solver recipe's errors its NFE ratio to the recipe was about
+the same (worst 0.66 against 0.69), so 3 stays the default.
 Generation only (decreasing grids, σ_max > 0); the grid's interior points are landed on exactly.
 """
 
@@ -98,7 +102,7 @@ def _make_state(settings: dict) -> AdaptiveState:
                          f"got unknown {sorted(unknown)}")
     order = settings.get("order", 3)
     if order not in (1, 2, 3, 4):
-        raise ValueError(f"options['order']: expected a predictor order 1, 2 or 3, got {order!r}")
+        raise ValueError(f"options['order']: expected a predictor order 1, 2, 3 or 4, got {order!r}")
     h = float(settings.get("first_step", 0.1))
     fb = float(settings.get("finish_below", 0.1))
     if not (h > 0 and fb > 0):
