@@ -71,7 +71,8 @@ def test_order_4_pair_keeps_its_tolerance_and_is_cheaper_at_tight_tolerance():
     gm = GaussianMixture.random(6, 4, seed=3, std_range=(0.03, 0.3))
     x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * SIGMA_MAX
     ref = probflow.integrate(gm, x, ENDS, "scipy_dop853", rtol=1e-12, atol=1e-12, options={"group": 4}).x
-    sol = {p: probflow.integrate(gm, x, ENDS, "adaptive_exp", rtol=1e-8, atol=1e-8, options={"order": p}) for p in (3, 4)}
+    sol = {p: probflow.integrate(gm, x, ENDS, "adaptive_exp", rtol=1e-8, atol=1e-8, options={"order": p})
+           for p in (3, 4)}
     assert _rmse(sol[4].x, ref) < 1e-7 and _rmse(sol[3].x, ref) < 1e-7
     assert sol[4].nfe < 0.8 * sol[3].nfe, (sol[3].nfe, sol[4].nfe)
     with pytest.raises(ValueError, match="order"):
@@ -179,3 +180,20 @@ def test_bench_runs_the_held_out_family_as_a_suite(tmp_path, capsys):
     text = (tmp_path / "b" / "RESULTS.md").read_text()
     assert "## Held-out family and adaptive solving" in text and "Ratio to the best peer" in text
     assert "### Ratio to the best peer, held-out set" in text  # the section's headings sit one level down
+
+
+def test_heldout_calibrated_phase_reports_the_validation_choice_on_evaluation_noise():
+    """`calibrated_all` (the held-out report's calibrated phase): the chosen method is the one with the smallest
+    validation RMSE, and its row's RMSE is that method's grid on the evaluation noise (recomputed here)."""
+    ho = _bench("heldout")
+    from probflow import calibrate
+
+    (row,) = ho.calibrated_all([102], 2, nfe=(10,), n_cal=2, n_val=3, max_evals=3)
+    assert row["method"] == min(row["val"], key=row["val"].get) and set(row["val"]) == set(calibrate.SELECT_METHODS)
+    assert row["rmse"] == row["cand_rmse"][row["method"]] and row["cal_nfe"] > 2 * 10 * 3
+    s = ho.setup(ho.make_problem(102), 2)
+    cal = probflow.noise(2, (s.problem.dim,), 102 + 7)
+    g = calibrate.calibrated(s.problem.model, cal, s.schedule.sigma_max, 3.0 * s.schedule.sigma_min, 10,
+                             row["method"], max_evals=3)
+    assert row["rmse"] == pytest.approx(ho.rmse(probflow.integrate(s.problem.model, s.xbar, g, row["method"]).x,
+                                                s.reference), rel=1e-6)
