@@ -29,9 +29,10 @@ per model at NFE 10/20/50 (`calibrated_all`: `probflow.calibrate.calibrated_sele
 of unipc and unipc_3 on the model's calibration noise, seed + 7, the method chosen on its validation noise,
 seed + 8) on every held-out problem; the adaptive study of `probflow.bench.adaptive` on the first 3 held-out
 problems.
-Sizes (defaults): 8 samples per problem; about 12 min of CPU on one thread in all (≈ 28 min wall on a
-shared, loaded 2-core machine). Phases are cached with `--cache PATH` so that a run can resume; a phase's
-cache key names its recipe ("tuning", "heldout", "adaptive_o4", "calibrated_select"), so a cache written before
+Sizes (defaults): 8 samples per problem; ≈ 26 min wall on one thread of a shared, loaded 2-core machine
+(tuning 4.3, held-out 9.1, adaptive 1.3, calibrated 11.5 min). Phases are cached with `--cache PATH` so
+that a run can resume; a phase's cache key names its recipe ("tuning", "heldout", "adaptive_o4",
+"calibrated_select"), so a cache written before
 a recipe changed is recomputed for that phase, not reused (rename the key when a phase's computation changes).
 
 Run: `python -m probflow.bench.heldout --out benchmarks/HELDOUT.md` (until probflow/bench/ is a package:
