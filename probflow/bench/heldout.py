@@ -32,8 +32,8 @@ problems.
 Sizes (defaults): 8 samples per problem; ≈ 26 min wall on one thread of a shared, loaded 2-core machine
 (tuning 4.3, held-out 9.1, adaptive 1.3, calibrated 11.5 min). Phases are cached with `--cache PATH` so
 that a run can resume; a phase's cache key names its recipe ("tuning", "heldout", "adaptive_o4",
-"calibrated_select"), so a cache written before
-a recipe changed is recomputed for that phase, not reused (rename the key when a phase's computation changes).
+"calibrated_select"), so a cache written before a recipe changed is recomputed for that phase, not reused
+(rename the key when a phase's computation changes).
 
 Run: `python -m probflow.bench.heldout --out benchmarks/HELDOUT.md` (until probflow/bench/ is a package:
 `python probflow/bench/heldout.py --out …`); `--tune` refits the `tuned` grid on the tuning set.
