@@ -59,7 +59,7 @@ from probflow.integrate import integrate
 from probflow.io.atomic import atomic_write, check_writable
 
 __all__ = ["RECOMMENDED", "CAL_METHODS", "SEED", "CAL_SEED", "recommended_grid", "fit_rows", "bootstrap_fd",
-           "interval", "quality", "markdown", "section", "main"]
+           "interval", "quality", "markdown", "QUICK", "section", "main"]
 
 # The README's recommendation per NFE ("Recommendation, from the held-out numbers"): method and grid name.
 RECOMMENDED = {10: ("unipc", "log_snr_tuned"), 20: ("unipc_3", "tuned")}
@@ -364,15 +364,22 @@ def quality(model=None, nfe=(10, 20), n: int = 1024, seed: int = SEED, *, screen
     return out
 
 
-def section(quick: bool = False) -> str:
-    """The study as a markdown section for `probflow bench --suites digits_quality` (quick: 64 samples, NFE 10,
-    DDIM and UniPC peers, 200 resamples, no calibration)."""
-    kw = dict(nfe=(10,), n=64, screen=16, finalists=1, resamples=200, ref_tol=1e-3, check_tol=1e-2, cal_samples=0,
-              peers=("ddim", "unipc")) if quick else {}
-    return markdown(quality(**kw), heading="###")
+# The quick variant (tests, `probflow bench --quick --suites digits_quality`): 64 samples, NFE 10, DDIM and UniPC
+# peers, 200 resamples, a loose reference, no calibration.
+QUICK = {"nfe": (10,), "n": 64, "screen": 16, "finalists": 1, "resamples": 200, "ref_tol": 1e-3, "check_tol": 1e-2,
+         "cal_samples": 0, "peers": ("ddim", "unipc")}
+
+
+def section(quick: bool = False, progress: bool = True) -> str:
+    """The study as a markdown section for `probflow bench --suites digits_quality` (quick: `QUICK`)."""
+    return markdown(quality(**(QUICK if quick else {}), progress=progress), heading="###")
 
 
 # ------------------------------------------------------------------------------------------------ command
+
+
+_CLI_NAMES = {"n": "--samples", "nfe": "--nfe", "screen": "--screen", "finalists": "--finalists",
+              "resamples": "--resamples", "cal_samples": "--cal-samples"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -420,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         for path, name in ((a.out, "--out"), (jpath, "--json")):
             check_writable(path, a.force, name)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
-        p.error(str(e).replace("n: ", "--samples: ", 1) if str(e).startswith("n: ") else str(e))
+        msg, _, rest = str(e).partition(": ")
+        p.error(f"{_CLI_NAMES.get(msg, msg)}: {rest}")
     res = quality(nfe=nfe, n=a.samples, seed=a.seed, screen=a.screen, finalists=a.finalists, resamples=a.resamples,
                   cal_samples=a.cal_samples)
     cmd = "python -m probflow.bench.digits_quality " + " ".join(sys.argv[1:] if argv is None else argv)
