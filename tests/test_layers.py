@@ -15,7 +15,8 @@ LAYERS = {
     2: ["probflow.solvers", "probflow.exponential", "probflow.reversible", "probflow.adaptive", "probflow.integrate"],
     3: ["probflow", "probflow.flows", "probflow.sde", "probflow.calibrate", "probflow.likelihood",
         "probflow.inversion"],
-    4: ["probflow.digits", "probflow.io", "probflow.demo", "probflow.distributed", "probflow.bench"],
+    4: ["probflow.digits", "probflow.io", "probflow.demo", "probflow.distributed", "probflow.bench",
+        "probflow.bench.digits_quality", "probflow.bench.digits_quality_report"],
     5: ["probflow.cli", "probflow.__main__"],
 }
 

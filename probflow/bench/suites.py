@@ -159,6 +159,14 @@ def _heldout(ctx: Context) -> None:
     ctx.results["sections"].append({"title": "Held-out family and adaptive solving", "markdown": text})
 
 
+def _digits_quality(ctx: Context) -> None:
+    from probflow.bench import digits_quality
+
+    ctx.say("digits quality: Fréchet distance with a bootstrap interval, recommended solvers against diffusers …")
+    text = digits_quality.section(quick=ctx.cfg is QUICK, progress=ctx.progress)
+    ctx.results["sections"].append({"title": "Digits sample quality", "markdown": text})
+
+
 SUITES: dict[str, Callable[[Context], None]] = {
     "mixture2": lambda ctx: _mixture(ctx, 2, "mixture2", ctx.cfg.n2),
     "mixture64": lambda ctx: _mixture(ctx, 64, "mixture64", ctx.cfg.n64),
@@ -166,6 +174,7 @@ SUITES: dict[str, Callable[[Context], None]] = {
     "model": lambda ctx: _network_or_model(ctx, ctx.model, f"model {ctx.model}"),
     "overhead": _overhead,
     "heldout": _heldout,
+    "digits_quality": _digits_quality,
 }
 DEFAULT_SUITES = ("mixture2", "mixture64", "digits", "overhead")
 
