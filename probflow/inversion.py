@@ -43,6 +43,7 @@ from torch import Tensor
 from probflow.field import DDIMField, EpsModel, as_field
 from probflow.flows import _decreasing
 from probflow.integrate import Solution, check_state, integrate, scale_in, scale_out
+from probflow.newton import newton_solve
 from probflow.solvers import Method, get_method
 
 __all__ = ["InversionError", "encode_exact", "exact_methods"]
@@ -221,6 +222,7 @@ def encode_exact(
     trajectory: bool = False,
     verify: bool = True,
     verify_tol: float | None = None,
+    dense_max: int = 4096,
 ) -> Solution:
     """x_0 → x_T such that `probflow.decode(model, x_T, sigmas, method)` returns x_0 to round-off.
 
@@ -245,9 +247,7 @@ def encode_exact(
     if not (tol > 0):
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
     if _is_multistep(m):
-        raise ValueError(f"method: {m.name!r} is a multistep method (its steps share a history); encode_exact inverts "
-                         f"single-step decoders only ({', '.join(_single_step())}): the trajectory-level solve for "
-                         "multistep histories is not implemented")
+        return _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, dense_max)
     nfe0 = field.nfe
     x_end = scale_in(x0, sigmas[-1])
     xbar_T, traj, iters, res, bounds = _backward(field, m, x_end, sigmas, tol, max_iter, memory)
@@ -274,3 +274,51 @@ def encode_exact(
             "nfe_solve": nfe_solve, "nfe_verify": nfe_verify,
             "roundtrip_max_abs": None if err is None else err / float(torch.sqrt(1 + sigmas[-1] ** 2))}
     return Solution(xT, field.nfe - nfe0, up, out_traj, None, m.name, info)
+
+
+def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, dense_max) -> Solution:
+    """Multistep decoders (X2): Newton on x_T alone for decode(x_T) = x_0 (probflow.newton), from the method's
+    own explicit encode on the flipped grid; every residual is the ordinary decode (`probflow.decode`'s path)."""
+    s0, sn = sigmas[0], sigmas[-1]
+
+    def decode_x(z: Tensor) -> Tensor:  # exactly probflow.decode: x → x̄ at σ_0, integrate, x̄ → x at σ_N
+        return scale_out(integrate(field, scale_in(z, s0), sigmas, m).x, sn)
+
+    nfe0 = field.nfe
+    z0 = scale_out(integrate(field, scale_in(x0, sn), sigmas.flip(0), m).x, s0)  # warm start: explicit encode
+    warm = field.nfe - nfe0
+    with torch.no_grad():
+        r0 = decode_x(z0) - x0
+    n_dec = field.nfe - nfe0 - warm
+    bound = _ulp_tol(x0, tol).double().cpu()
+    md_eps = _model_eps(field, x0.dtype)  # a lower-precision network bounds what the decode can resolve
+    stall = 256 * bound + 64 * len(sigmas) * md_eps * _maxabs(x0).double().cpu()  # stalled at round-off
+    verify_bound = torch.maximum(_ulp_tol(x0, verify_tol).double().cpu(), stall)
+    nt = newton_solve(decode_x, x0, z0, bound, stall, max_iter=max_iter, dense_max=dense_max, r0=r0)
+    d = nt.dim
+    per_sample = warm + n_dec * (nt.evals + d * nt.jacobians)  # every model call, the Jacobians' tangents included
+    if not bool(nt.done.all()):
+        j = int(torch.argmax(nt.res / stall))
+        raise InversionError(
+            f"encode_exact: the {m.name} trajectory solve (Newton on x_T, σ = {float(s0):.6g} → {float(sn):.6g}, "
+            f"{len(sigmas) - 1} steps) did not converge in {max_iter} iterations: residual {float(nt.res[j]):.3e} > "
+            f"tolerance {float(stall[j]):.3e} (sample {j}); the latent would not be exact")
+    z = nt.z
+    err = float(nt.res.max())
+    nfe_verify = 0
+    if verify:  # the ordinary decoder on the whole batch, as the user will run it
+        n1 = field.nfe
+        with torch.no_grad():
+            e = _maxabs(decode_x(z) - x0).double().cpu()
+        nfe_verify = field.nfe - n1
+        err = float(e.max())
+        if not bool((e <= verify_bound).all()):
+            raise InversionError(f"encode_exact: the {m.name} decoder from the solved latent misses x_0 by {err:.3e} "
+                                 f"> {float(verify_bound.max()):.3e} (is the model deterministic?); the latent would not be "
+                                 "exact")
+    info = {"decoder": m.name, "solve": "trajectory", "iterations": [int(nt.iterations.max())],
+            "newton_iterations": nt.iterations.tolist(), "jacobians": nt.jacobians.tolist(), "jacobian": nt.how,
+            "residuals": [float(nt.res.max())], "tolerances": [float(stall.max())], "history": nt.history,
+            "nfe_solve": int(per_sample.max()), "nfe_solve_per_sample": per_sample.tolist(), "nfe_warm": warm,
+            "nfe_verify": nfe_verify, "roundtrip_max_abs": err}
+    return Solution(z, int(per_sample.max()) + nfe_verify, sigmas.flip(0), None, None, m.name, info)
