@@ -26,13 +26,30 @@ or a failed verification, raises `InversionError` naming σ and the residual: ne
 `Solution.info` holds the per-step iteration counts and residuals, the NFE of solve and verification and the
 verified round-trip error.
 
-Limits (measured, benchmarks/INVERSION.md): multistep methods (dpmpp_2m/3m, unipc, unipc_3), whose steps share
-a history, are refused (a trajectory-level solve did not converge reliably and is not shipped). The step into
-σ = 0 inverts the denoiser itself (Euler: x_0 = D(y, σ_{N−1})); on the digits network D is nearly singular
-there (eigenvalues of ∂D/∂x̄ from −0.23 to 1.18, smallest singular value ~1e−3 at σ = 0.17), the solve
-stalls and raises rather than return an inexact latent; grids that end at the table's smallest σ
-(`grids.NAMED["quadratic_open"]`) avoid that step. Large steps on sharp models can fail the same way (Euler
-with 10 trailing steps on some 64-D mixtures, at σ 0.72 → 0.34); it raises, never returns an inexact latent.
+Multistep decoders (dpmpp_2m/3m, unipc, unipc_3) share a history between steps, so inverting one step needs
+the earlier steps' denoiser values: a backward sweep with lagged history amounts to inverting the denoiser D
+itself and stagnated (~5e-3). They are solved at the trajectory level instead, as a shooting problem on x_T
+alone,
+
+    F(x_T) = decode(x_T) − x_0 = 0,                                                                   (X2)
+
+where decode is the ordinary decoder (`probflow.decode`'s path through `integrate`), by Newton's method per
+sample (`probflow.newton`): warm start from the method's own explicit encode on the flipped grid; a dense
+per-sample Jacobian of the whole decoder from D forward-mode tangents (finite differences when the model does
+not carry tangents), kept up to date by Broyden's rank-one updates; backtracking; a fresh Jacobian only where a
+step fails twice. Every residual is a decode, so the solution is verified by construction (and once more on the
+whole batch). NFE is reported per sample with the Jacobian's D tangents counted as D decodes: the trajectory
+solve costs about (D + iterations) decodes, so it suits small states (D ≤ `dense_max`, default 4096).
+
+Limits (measured, benchmarks/INVERSION.md). The step into σ = 0 inverts the denoiser itself (Euler:
+x_0 = D(y, σ_{N−1})); on the digits network D is nearly singular there (eigenvalues of ∂D/∂x̄ from −0.23 to
+1.18, smallest singular value ~1e−3 at σ = 0.17), the solve stalls and raises rather than return an inexact
+latent; grids that end at the table's smallest σ (`grids.NAMED["quadratic_open"]`) avoid that step. Large steps
+on sharp models can fail the same way (Euler with 10 trailing steps on some 64-D mixtures, at σ 0.72 → 0.34).
+A multistep decoder with large steps need not reach every x_0 near its warm start: on a 16-D mixture
+(std 0.1–0.5) dpmpp_3m on the 10-step quadratic grid and dpmpp_2m/3m/unipc on the 10-step DDIM trailing and
+Karras grids leave samples whose Newton solve stalls (continuation from the warm start meets a fold, where the
+Jacobian is singular); it raises, never returns an inexact latent.
 """
 
 from __future__ import annotations
@@ -226,6 +243,11 @@ def encode_exact(
 ) -> Solution:
     """x_0 → x_T such that `probflow.decode(model, x_T, sigmas, method)` returns x_0 to round-off.
 
+    Single-step methods: per-step solves (X1); multistep methods: the trajectory-level Newton solve (X2), whose
+    `info` has `solve` = "trajectory", `newton_iterations` and `jacobians` per sample, `nfe_solve_per_sample`
+    (warm start + decodes + D tangent decodes per Jacobian), `history` (largest open residual per iteration);
+    max_iter then bounds the Newton iterations and dense_max the state size of its dense Jacobians.
+
     sigmas: the decreasing sampling grid the decoder will use. method: a fixed-grid registered method
     (`exact_methods()`). tol: per-step residual bound relative to max(1, |x̄|_∞) (default 2 ulp of x0's
     dtype; a step stalled at round-off is accepted up to 256× that). max_iter: iterations per step solve;
@@ -247,7 +269,7 @@ def encode_exact(
     if not (tol > 0):
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
     if _is_multistep(m):
-        return _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, dense_max)
+        return _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, dense_max, trajectory)
     nfe0 = field.nfe
     x_end = scale_in(x0, sigmas[-1])
     xbar_T, traj, iters, res, bounds = _backward(field, m, x_end, sigmas, tol, max_iter, memory)
@@ -276,7 +298,7 @@ def encode_exact(
     return Solution(xT, field.nfe - nfe0, up, out_traj, None, m.name, info)
 
 
-def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, dense_max) -> Solution:
+def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, dense_max, trajectory) -> Solution:
     """Multistep decoders (X2): Newton on x_T alone for decode(x_T) = x_0 (probflow.newton), from the method's
     own explicit encode on the flipped grid; every residual is the ordinary decode (`probflow.decode`'s path)."""
     s0, sn = sigmas[0], sigmas[-1]
@@ -321,4 +343,9 @@ def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, 
             "residuals": [float(nt.res.max())], "tolerances": [float(stall.max())], "history": nt.history,
             "nfe_solve": int(per_sample.max()), "nfe_solve_per_sample": per_sample.tolist(), "nfe_warm": warm,
             "nfe_verify": nfe_verify, "roundtrip_max_abs": err}
-    return Solution(z, int(per_sample.max()) + nfe_verify, sigmas.flip(0), None, None, m.name, info)
+    traj = None
+    if trajectory:  # the decoder's own path from the latent (one more decode, not counted in nfe), σ increasing
+        with torch.no_grad():
+            path = integrate(field, scale_in(z, s0), sigmas, m, trajectory=True).trajectory
+        traj = (path * torch.rsqrt(1 + sigmas**2).reshape(-1, *([1] * x0.ndim))).flip(0)
+    return Solution(z, int(per_sample.max()) + nfe_verify, sigmas.flip(0), traj, None, m.name, info)
