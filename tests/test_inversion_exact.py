@@ -142,6 +142,20 @@ def test_refuses_methods_it_cannot_invert(mixture, method):
         encode_exact(gm, x0, grids.ddim(SCH, 10), method)
 
 
+def test_single_step_newton_fallback_where_the_fixed_point_fails():
+    """Euler, 10 trailing steps, a sharp 64-D mixture: the fixed point fails at σ 0.72 → 0.34 for this sample;
+    the per-step Newton fallback finishes it exactly (without it, dense_max=0, the solve raises)."""
+    gm = GaussianMixture.random(64, 8, seed=3, std_range=(0.1, 0.5))
+    x0 = gm.sample(8, generator=torch.Generator().manual_seed(0))[:1]
+    g = grids.ddim(SCH, 10)
+    enc = encode_exact(gm, x0, g, "euler")
+    fb = enc.info["newton_fallbacks"]
+    assert fb and fb[0]["converged"] and fb[0]["tangent_nfe"] == 64 * fb[0]["jacobians"]
+    assert _mse(probflow.decode(gm, enc.x, g, "euler").x, x0) <= 1e-24
+    with pytest.raises(InversionError, match="σ = 0.719279 → 0.338828"):
+        encode_exact(gm, x0, g, "euler", dense_max=0)
+
+
 # ------------------------------------------------- multistep decoders: the trajectory-level (shooting) solve
 
 MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3"]
