@@ -229,6 +229,40 @@ def test_multistep_non_convergence_raises(small_mixture):
         encode_exact(gm, x0, grids.named("logsnr", SCH, 10), "dpmpp_2m", max_iter=1)
 
 
+def test_dpmpp_2m_latent_decodes_through_diffusers_dpm_solver(small_mixture):
+    """Interoperability: diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, solver_type "heun", no
+    lower-order final step, ending at σ_0 = final_sigmas_type "sigma_min", float64 tables, custom integer
+    timesteps log-SNR spaced) maps the latent made exact for probflow's dpmpp_2m back to x_0, to the float32
+    round-off of its step (it upcasts the state to float32); probflow's decoder to float64 round-off."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from probflow.bench.peers import _betas
+
+    gm, x0 = small_mixture
+    ts = [int(round(float(SCH.t(s)))) for s in grids.log_uniform(SCH.sigma_max, 2 * SCH.sigma_min, 9)[:-1]]
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=SCH.T, trained_betas=_betas(SCH), algorithm_type="dpmsolver++",
+                                      solver_order=2, solver_type="heun", lower_order_final=False, euler_at_final=False,
+                                      final_sigmas_type="sigma_min", thresholding=False, prediction_type="epsilon")
+    ab = SCH.alpha_bar.clone()
+    sch.alphas_cumprod, sch.alpha_t, sch.sigma_t = ab, ab.sqrt(), (1 - ab).sqrt()
+    sch.lambda_t = torch.log(sch.alpha_t) - torch.log(sch.sigma_t)
+    g = torch.tensor([float(SCH.sigmas[t]) for t in ts] + [float(SCH.sigmas[0])], dtype=torch.float64)
+
+    def through_diffusers(z):
+        sch.set_timesteps(timesteps=ts)
+        assert torch.allclose(sch.sigmas.double(), g, rtol=1e-6, atol=0)
+        sch.sigmas = g.clone()
+        x = z.clone()
+        for t in sch.timesteps:
+            x = sch.step(gm(x, SCH.sigmas[int(t)]), t, x).prev_sample
+        return x
+
+    enc = encode_exact(gm, x0, g, "dpmpp_2m")
+    assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-24
+    assert _mse(through_diffusers(enc.x), x0) <= 1e-13
+    assert _mse(through_diffusers(probflow.encode(gm, x0, g, "dpmpp_2m").x), x0) > 1e-8  # the plain encode is not
+
+
 def test_newton_finite_difference_jacobian_matches_forward_ad(small_mixture):
     from probflow.newton import jacobian
 
