@@ -502,8 +502,8 @@ def exact_notes(rows: list[dict]) -> list[str]:
             if "failed" not in r and r["setting"].endswith(" 20 steps") and case == "digits":
                 solo, ratio = r["nfe_solve"] / r["nfe_decode"], r["nfe_encode"] / r["nfe_decode"]
                 lines.append(f"- digits, {r['method']} {r['setting']} ({r['dtype']}): encoder NFE {r['nfe_solve']} "
-                             f"(+{r['nfe_verify']} verification) = {solo:.1f}× solve only, {ratio:.1f}× solve + verify, "
-                             f"the decoder's {r['nfe_decode']} ({'meets' if solo <= 4 else 'MISSES'} ≤ 4× solve only); "
+                             f"(+{r['nfe_verify']} verification) = {solo:.1f}× solve only, {ratio:.1f}× solve + "
+                             f"verify, the decoder's {r['nfe_decode']} ({'meets' if solo <= 4 else 'MISSES'} ≤ 4× solve only); "
                              f"worst (iterations, where): {r['iterations_worst_first']}")
     return lines + [""]
 

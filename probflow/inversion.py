@@ -367,8 +367,8 @@ def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, 
         err = float(e.max())
         if not bool((e <= verify_bound).all()):
             raise InversionError(f"encode_exact: the {m.name} decoder from the solved latent misses x_0 by {err:.3e} "
-                                 f"> {float(verify_bound.max()):.3e} (is the model deterministic?); the latent would not be "
-                                 "exact")
+                                 f"> {float(verify_bound.max()):.3e} (is the model deterministic?); the latent would "
+                                 "not be exact")
     info = {"decoder": m.name, "solve": "trajectory", "iterations": [int(nt.iterations.max())],
             "newton_iterations": nt.iterations.tolist(), "jacobians": nt.jacobians.tolist(), "jacobian": nt.how,
             "residuals": [float(nt.res.max())], "tolerances": [float(stall.max())], "history": nt.history,

@@ -240,9 +240,10 @@ def test_dpmpp_2m_latent_decodes_through_diffusers_dpm_solver(small_mixture):
 
     gm, x0 = small_mixture
     ts = [int(round(float(SCH.t(s)))) for s in grids.log_uniform(SCH.sigma_max, 2 * SCH.sigma_min, 9)[:-1]]
-    sch = DPMSolverMultistepScheduler(num_train_timesteps=SCH.T, trained_betas=_betas(SCH), algorithm_type="dpmsolver++",
-                                      solver_order=2, solver_type="heun", lower_order_final=False, euler_at_final=False,
-                                      final_sigmas_type="sigma_min", thresholding=False, prediction_type="epsilon")
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=SCH.T, trained_betas=_betas(SCH),
+                                      algorithm_type="dpmsolver++", solver_order=2, solver_type="heun",
+                                      lower_order_final=False, euler_at_final=False, final_sigmas_type="sigma_min",
+                                      thresholding=False, prediction_type="epsilon")
     ab = SCH.alpha_bar.clone()
     sch.alphas_cumprod, sch.alpha_t, sch.sigma_t = ab, ab.sqrt(), (1 - ab).sqrt()
     sch.lambda_t = torch.log(sch.alpha_t) - torch.log(sch.sigma_t)
