@@ -503,8 +503,8 @@ def exact_notes(rows: list[dict]) -> list[str]:
                 solo, ratio = r["nfe_solve"] / r["nfe_decode"], r["nfe_encode"] / r["nfe_decode"]
                 lines.append(f"- digits, {r['method']} {r['setting']} ({r['dtype']}): encoder NFE {r['nfe_solve']} "
                              f"(+{r['nfe_verify']} verification) = {solo:.1f}× solve only, {ratio:.1f}× solve + "
-                             f"verify, the decoder's {r['nfe_decode']} ({'meets' if solo <= 4 else 'MISSES'} ≤ 4× solve only); "
-                             f"worst (iterations, where): {r['iterations_worst_first']}")
+                             f"verify, the decoder's {r['nfe_decode']} ({'meets' if solo <= 4 else 'MISSES'} ≤ 4× "
+                             f"solve only); worst (iterations, where): {r['iterations_worst_first']}")
     return lines + [""]
 
 
