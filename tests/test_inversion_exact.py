@@ -402,3 +402,26 @@ def test_sample_with_stateless_reversible_heun_is_refused_on_digits(tmp_path, ca
     rc = main(["sample", "--method", "reversible_heun", "--steps", "20", "--n", "4", "--out", str(tmp_path / "s.png"),
                "--quiet"])
     assert rc == 2 and "unstable" in capsys.readouterr().err and not (tmp_path / "s.png").exists()
+
+
+def test_cli_encode_exact_for_a_multistep_decoder(digits_env, tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    from probflow.cli import main
+
+    _, d, _ = digits_env
+    z = tmp_path / "z.safetensors"
+    assert main(["encode", str(d / "d122.png"), "--method", "dpmpp_2m", "--steps", "6", "--out", str(z),
+                 "--quiet"]) == 0
+    assert "exact for the dpmpp_2m decoder" in capsys.readouterr().out
+    with safe_open(str(z), framework="pt") as f:
+        meta = json.loads(f.metadata()["probflow"])
+        assert set(f.keys()) == {"latents", "sigmas"}
+    assert meta["exact_for"] == "dpmpp_2m" and meta["method"] == "dpmpp_2m"
+    assert main(["decode", str(z), "--out", str(tmp_path / "dec"), "--quiet"]) == 0  # nothing but the file
+    assert "exact inverse" in capsys.readouterr().out
+    assert (tmp_path / "dec" / "d122.png").read_bytes() == (d / "d122.png").read_bytes()
+    assert main(["decode", str(z), "--method", "unipc", "--out", str(tmp_path / "other"), "--quiet"]) == 0
+    assert "exact inverse" not in capsys.readouterr().out  # another decoder makes no claim
