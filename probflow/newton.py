@@ -16,9 +16,12 @@ date by Broyden's rank-one updates from the residuals Newton evaluates anyway (n
 Jacobian is built only for a sample whose step failed twice. Dense is limited to D ≤ `dense_max` (memory
 B·D², cost D decodes); larger states are refused with a ValueError naming D.
 
-Iteration: δ = −J⁻¹ r; a sample takes z + t·δ when its residual norm falls (t = 1, then ¼, 1/16 after
+Every residual is evaluated on the whole batch, converged samples included (so a network whose float32
+rounding depends on the batch is solved for the batch it will be decoded in; the Jacobians' tangent calls
+are per open sample). Iteration: δ = −J⁻¹ r; a sample takes z + t·δ when its residual norm falls (t = 1, then ¼, 1/16 after
 rejections); done when |r|_∞ ≤ bound, or when both the full and the quarter step were rejected while
-|r|_∞ ≤ stall_bound (stalled at round-off).
+|r|_∞ ≤ stall_bound (stalled at round-off) and the Jacobian is fresh (else a fresh one first; a Broyden-updated
+Jacobian stalled a float32 digits solve at 119× the bound, a fresh one went on to 2.8×).
 """
 
 from __future__ import annotations
@@ -106,9 +109,10 @@ def _solve(j: Tensor, r: Tensor) -> Tensor:
 
 def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bound: Tensor, stall_bound: Tensor, *,
                  max_iter: int = 30, dense_max: int = 4096, chunk: int = 1024, r0: Tensor | None = None,
-                 jac: Tensor | None = None) -> NewtonResult:
+                 jac: Tensor | None = None, max_jacobians: int = 4) -> NewtonResult:
     """Solve fn(z) = target per sample from z0 (module docstring). bound, stall_bound: per-sample tensors (B,)
-    of the accepted |residual|_∞ (converged; stalled at round-off). r0: fn(z0) − target when already known."""
+    of the accepted |residual|_∞ (converged; stalled at round-off). r0: fn(z0) − target when already known.
+    max_jacobians: Jacobians built per sample before a stall above 8× the bound is accepted."""
     b, d = z0.shape[0], z0[0].numel()
     if d > dense_max:
         raise ValueError(f"z: the Newton solve builds dense per-sample Jacobians and is limited to {dense_max} numbers "
@@ -135,6 +139,7 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
             jacs[open_] += 1
     iters = torch.zeros(b, dtype=torch.long)
     fails = torch.zeros(b, dtype=torch.long)
+    fresh_j = jacs > 0  # the Jacobian was built at the current iterate
     step = torch.ones(b, dtype=torch.float64)
     history: list[float] = []
     for _ in range(max_iter):
@@ -143,9 +148,11 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
         open_ = ~done
         dz = _solve(jac[open_], r[open_]) * step[open_, None].to(r.device)
         zt = z[open_] + dz.to(z.dtype).reshape(z[open_].shape)
-        with torch.no_grad():
-            rt = _flat(fn(zt) - target[open_]).double()
-        evals[open_] += 1
+        zfull = z.clone()
+        zfull[open_] = zt
+        with torch.no_grad():  # the whole batch, as it will be decoded (a network's rounding can depend on it)
+            rt = _flat(fn(zfull) - target).double()[open_]
+        evals += 1
         iters[open_] += 1
         rest, nt = rt.abs().amax(1).cpu(), rt.norm(dim=1).cpu()
         ok = (nt < norm[open_]) | (rest <= bound[open_])
@@ -163,8 +170,12 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
             res[acc], norm[acc] = rest[ok], nt[ok]
             step[acc], fails[acc] = 1.0, 0
         fails[rej] += 1
-        # stalled at round-off: the full step and the quarter step both rejected, below the stall bound
-        done = done | (res <= bound) | ((fails >= 2) & (res <= stall_bound))
+        fresh_j[acc] = False
+        # stalled at round-off: the full step and the quarter step both rejected, below the stall bound, with a
+        # Jacobian built at this iterate (a Broyden-updated one can be what stalls), or within 8× the bound, or
+        # after max_jacobians
+        settled = fresh_j | (res <= 8 * bound) | (jacs >= max_jacobians)
+        done = done | (res <= bound) | ((fails >= 2) & (res <= stall_bound) & settled)
         rej = rej[~done[rej]]
         step[rej] = step[rej] / 4
         fresh = rej[fails[rej] >= 2]
@@ -173,6 +184,7 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
             how = how2 if how == "given" else how
             jac[fresh] = j.double()
             jacs[fresh] += 1
+            fresh_j[fresh] = True
             step[fresh], fails[fresh] = 1.0, 0
         history.append(float(res[open_].max()))
     return NewtonResult(z=z, res=res, done=done, iterations=iters, jacobians=jacs, evals=evals, how=how,
