@@ -17,8 +17,8 @@ Jacobian is built only for a sample whose step failed twice. Dense is limited to
 B·D², cost D decodes); larger states are refused with a ValueError naming D.
 
 Every residual is evaluated on the whole batch, converged samples included (so a network whose float32
-rounding depends on the batch is solved for the batch it will be decoded in; the Jacobians' tangent calls
-are per open sample). Iteration: δ = −J⁻¹ r; a sample takes z + t·δ when its residual norm falls (t = 1, then ¼, 1/16 after
+rounding depends on the batch is solved for the batch it will be decoded in; the Jacobians' tangent calls are
+per open sample). Iteration: δ = −J⁻¹ r; a sample takes z + t·δ when its residual norm falls (t = 1, then ¼, 1/16 after
 rejections); done when |r|_∞ ≤ bound, or when both the full and the quarter step were rejected while
 |r|_∞ ≤ stall_bound (stalled at round-off) and the Jacobian is fresh (else a fresh one first; a Broyden-updated
 Jacobian stalled a float32 digits solve at 119× the bound, a fresh one went on to 2.8×).
