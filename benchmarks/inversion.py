@@ -15,6 +15,13 @@ Peer: diffusers' DDIM inversion convention, driven as its inversion pipelines dr
 up (trailing spacing, the model called at the *target* timestep of each upward step with the current sample),
 DDIMScheduler down; float64 ᾱ table, clip_sample=False, set_alpha_to_one=True.
 
+Exact latents (`probflow.inversion.encode_exact`): every decoder it inverts (euler, heun2, dpmpp_2m, dpmpp_3m,
+unipc, unipc_3) × 10/20/50 steps × float64/float32 on both cases; float64 digits rows run the network in
+float64. `--exact-only` runs only those tables (with the ODE latent they are measured against, the diffusers
+interoperability and the robustness tables); `--exact-n`, `--exact-steps`, `--exact-dtypes`, `--exact-methods`
+select a subset (the multistep rows build a dense Jacobian from 64 forward-mode tangents per sample: on the digits
+network the float64 ones dominate the run time).
+
 Writes benchmarks/INVERSION.md and benchmarks/inversion.json (atomically; --force to replace them).
 """
 
