@@ -15,6 +15,13 @@ Peer: diffusers' DDIM inversion convention, driven as its inversion pipelines dr
 up (trailing spacing, the model called at the *target* timestep of each upward step with the current sample),
 DDIMScheduler down; float64 ᾱ table, clip_sample=False, set_alpha_to_one=True.
 
+Exact latents (`probflow.inversion.encode_exact`): every decoder it inverts (euler, heun2, dpmpp_2m, dpmpp_3m,
+unipc, unipc_3) × 10/20/50 steps × float64/float32 on both cases; float64 digits rows run the network in
+float64. `--exact-only` runs only those tables (with the ODE latent they are measured against, the diffusers
+interoperability and the robustness tables); `--exact-n`, `--exact-steps`, `--exact-dtypes`, `--exact-methods`
+select a subset (the multistep rows build a dense Jacobian from 64 forward-mode tangents per sample: on the digits
+network the float64 ones dominate the run time).
+
 Writes benchmarks/INVERSION.md and benchmarks/inversion.json (atomically; --force to replace them).
 """
 
@@ -117,8 +124,11 @@ def _row(case, label, method, setting, nfe_up, nfe_down, x0, back, z, exact, sca
             "seconds": round(seconds, 2)}
 
 
-def run_case(case: str, model, x0: torch.Tensor, scale: float, model_dtype, log) -> list[dict]:
-    """Every solver's round trip on (model, x0); `scale` converts the MSE to the reported pixel scale."""
+def run_case(case: str, model, x0: torch.Tensor, scale: float, model_dtype, log, exact_only: bool = False,
+             exact_n: int | None = None) -> list[dict]:
+    """Every solver's round trip on (model, x0); `scale` converts the MSE to the reported pixel scale.
+    exact_only: only the encode_exact rows (and the ODE latent they are measured against), on the first
+    exact_n samples."""
     sch = model.schedule
     n = x0.shape[0]
     t0 = time.time()
@@ -149,6 +159,9 @@ def run_case(case: str, model, x0: torch.Tensor, scale: float, model_dtype, log)
     REF_NOTES[case] = ref_note
     log(f"[{case}] exact ODE latent: {ref_note}; {time.time() - t0:.1f}s")
     rows = []
+    if exact_only:
+        k = exact_n or n
+        return exact_rows(case, model, x0[:k], scale, model_dtype, exact[:k], log)
 
     def one(label, method, setting, grid, dtype=torch.float64, **kw):
         if method not in METHODS:
@@ -182,57 +195,86 @@ def run_case(case: str, model, x0: torch.Tensor, scale: float, model_dtype, log)
         for tol in tols:
             one(method, method, f"tol={tol:g}", torch.tensor(ode[::-1], dtype=torch.float64), rtol=tol, atol=tol)
     one("reversible_heun", "reversible_heun", "ddim, 10 steps", grids.ddim(sch, 10), dtype=torch.float32)
-    rows += exact_rows(case, model, x0, scale, model_dtype, exact, log)
+    k = exact_n or n
+    rows += exact_rows(case, model, x0[:k], scale, model_dtype, exact[:k], log)
     return rows
 
 
-# encode_exact runs: (decoder, grid name, steps, state dtype). On the mixture the DDIM trailing grid ("uniform");
-# on the digits network the state runs in the network's float32 and the grid is quadratic_open (the step into
-# σ = 0 inverts the learned denoiser itself, which is nearly singular there: those runs are reported as failures).
-EXACT = {"mixture": [(m, "uniform", s, dt) for m in ("euler", "heun2") for s in (10, 20, 50)
+# encode_exact runs: (decoder, grid name, steps, dtype): every decoder encode_exact inverts, 10/20/50 steps, float64
+# and float32. On the mixture the DDIM trailing grid ("uniform") for the single-step decoders and the log-SNR grid
+# ("logsnr") for the multistep ones (on trailing grids with 10 steps some samples have no exact multistep latent,
+# probflow.inversion); on the digits network the grid is quadratic_open (the step into σ = 0 inverts the learned
+# denoiser itself, which is nearly singular there: the two uniform rows show that failure), and float64 runs the
+# network itself in float64 (probflow.precision, model=float64,state=float64); float32 runs it in float32.
+SINGLE, MULTI = ("euler", "heun2"), ("dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3")
+EXACT = {"mixture": [(m, "uniform" if m in SINGLE else "logsnr", s, dt) for m in SINGLE + MULTI for s in (10, 20, 50)
                      for dt in (torch.float64, torch.float32)],
-         "digits": [("euler", "quadratic_open", s, torch.float32) for s in (10, 20, 50)]
-         + [("heun2", "quadratic_open", 10, torch.float32), ("euler", "uniform", 20, torch.float32),
-            ("euler", "uniform", 20, torch.float64)]}
+         "digits": [(m, "quadratic_open", s, dt) for m in SINGLE + MULTI for s in (10, 20, 50)
+                    for dt in (torch.float32, torch.float64)]
+         + [("euler", "uniform", 20, torch.float32), ("euler", "uniform", 20, torch.float64)]}
+
+
+def _exact_field(model, model_dtype, dtype):
+    """The field of an exact run: a discrete-time network in float64 for float64 runs (its own dtype otherwise)."""
+    from probflow.models.adapters import DiscreteTimeModel
+    from probflow.precision import Precision
+
+    if isinstance(model, DiscreteTimeModel) and dtype == torch.float64:
+        return Precision(torch.float64, torch.float64).field(model)
+    return DDIMField(model, model_dtype)
+
+
+def _iterations(info: dict) -> tuple[list, float, str]:
+    """(worst three (count, where), mean, kind) of a solve's iterations: per step, or Newton on the trajectory."""
+    if info.get("solve") == "trajectory":
+        k = info["newton_iterations"]
+        worst = sorted(((c, f"sample {j}") for j, c in enumerate(k)), reverse=True)[:3]
+        return worst, sum(k) / len(k), f"Newton on x_T, Jacobians {max(info['jacobians'])}"
+    it = info["iterations"]
+    fb = info.get("newton_fallbacks") or []
+    kind = "per step" + (f"; Newton fallback at steps {[f['step'] for f in fb]}" if fb else "")
+    return sorted(((k, f"step {i}") for i, k in enumerate(it)), reverse=True)[:3], sum(it) / len(it), kind
 
 
 def exact_rows(case, model, x0, scale, model_dtype, exact, log) -> list[dict]:
     """encode_exact for each (decoder, grid, steps, dtype): round trip through the ordinary decoder, NFE
-    (solve + verification), iterations per step (worst first), the latent's distance to the exact ODE latent
-    and the decoder's own error from that ODE latent on the same grid."""
+    (solve + verification; per sample, Jacobian tangents counted), iterations (per step worst first, or Newton's on
+    the trajectory), the latent's distance to the exact ODE latent and the decoder's own error from that ODE
+    latent on the same grid."""
     from probflow.inversion import InversionError, encode_exact
 
     rows = []
     for method, gname, steps, dtype in EXACT.get(case, []):
         g = grids.named(gname, model.schedule, steps)
         t1 = time.time()
-        f_up = DDIMField(model, model_dtype)
+        f_up = _exact_field(model, model_dtype, dtype)
+        setting = f"{gname}, {steps} steps"
         try:
             enc = encode_exact(f_up, x0.to(dtype), g, method)
         except InversionError as e:
-            rows.append({"case": case, "exact": True, "method": method, "setting": f"{gname}, {steps} steps",
+            rows.append({"case": case, "exact": True, "method": method, "setting": setting,
                          "dtype": str(dtype)[6:], "failed": str(e)[:200], "seconds": round(time.time() - t1, 1)})
             log(f"[{case}] exact {method} {gname} {steps} {dtype}: FAILED {str(e)[:160]}")
             continue
         wall = time.time() - t1
-        f_down = DDIMField(model, model_dtype)
+        f_down = _exact_field(model, model_dtype, dtype)
         t2 = time.time()
         back = probflow.decode(f_down, enc.x, g, method)
         wall_dec = time.time() - t2
-        from_ode = probflow.decode(DDIMField(model, model_dtype), exact.to(dtype), g, method).x
-        it = enc.info["iterations"]
-        r = {"case": case, "exact": True, "method": method, "setting": f"{gname}, {steps} steps",
+        from_ode = probflow.decode(_exact_field(model, model_dtype, dtype), exact.to(dtype), g, method).x
+        worst, mean, kind = _iterations(enc.info)
+        r = {"case": case, "exact": True, "method": method, "setting": setting,
              "dtype": str(dtype)[6:], "nfe_encode": enc.nfe, "nfe_solve": enc.info["nfe_solve"],
-             "nfe_verify": enc.info["nfe_verify"], "nfe_decode": f_down.nfe,
+             "nfe_verify": enc.info["nfe_verify"], "nfe_decode": f_down.nfe, "solve": kind,
              "roundtrip_mse": float(((back.x.double() - x0.double()) ** 2).mean()) * scale,
              "latent_mse_vs_ode": float(((enc.x.double() - exact) ** 2).mean()),
              "decoder_mse_from_ode_latent": float(((from_ode.double() - x0.double()) ** 2).mean()) * scale,
-             "iterations_worst_first": sorted(((k, i) for i, k in enumerate(it)), reverse=True)[:3],
-             "iterations_mean": sum(it) / len(it), "seconds": round(wall, 2), "decode_seconds": round(wall_dec, 2)}
+             "iterations_worst_first": worst, "iterations_mean": mean, "seconds": round(wall, 2),
+             "decode_seconds": round(wall_dec, 2)}
         rows.append(r)
-        log(f"[{case}] exact {method:6s} {gname:>14s} {steps:3d} {r['dtype']}  NFE {r['nfe_solve']}+{r['nfe_verify']} "
+        log(f"[{case}] exact {method:8s} {gname:>14s} {steps:3d} {r['dtype']}  NFE {r['nfe_solve']}+{r['nfe_verify']} "
             f"(decode {r['nfe_decode']})  round trip {r['roundtrip_mse']:.1e}  latent vs ODE "
-            f"{r['latent_mse_vs_ode']:.1e}  worst iters {r['iterations_worst_first']}  {wall:.1f}s")
+            f"{r['latent_mse_vs_ode']:.1e}  worst iters {worst} ({kind})  {wall:.1f}s")
     return rows
 
 
@@ -330,20 +372,24 @@ def exact_table(rows: list[dict], case: str) -> list[str]:
         return []
     out = [f"### {case}: latents exact for an ordinary decoder (`probflow.inversion.encode_exact`)", "",
            "x_T from x_0 alone, decoded by the ordinary decoder (`probflow.decode`, same grid and method). NFE "
-           "encode = solve + verification decode; iterations = per-step solve iterations, worst three (count, step "
-           "index from σ_max); the last column is the decoder's own error when started from the exact ODE latent.", "",
+           "encode = solve + verification decode, per sample, every model call counted (a Jacobian's D forward-mode "
+           "tangents count as D decodes); iterations: single-step decoders, per-step solve iterations, worst three "
+           "(count, step index from σ_max); multistep decoders, Newton iterations on x_T per sample, worst three; the "
+           "last column is the decoder's own error when started from the exact ODE latent.", "",
            "| decoder | grid | dtype | NFE encode (solve + verify) | NFE decode | round-trip MSE | worst iterations "
-           "(count, step) | mean iterations | encode wall s | latent MSE vs ODE | decoder MSE from the ODE latent |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "(count, where) | mean iterations | solve | encode wall s | latent MSE vs ODE | decoder MSE from the ODE "
+           "latent |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ex:
         if "failed" in r:
             out.append(f"| {r['method']} | {r['setting']} | {r['dtype']} | — | — | **no latent**: {r['failed']} | | | "
-                       f"{r['seconds']} | | |")
+                       f"| {r['seconds']} | | |")
             continue
-        worst = ", ".join(f"{k} (step {i})" for k, i in r["iterations_worst_first"])
+        worst = ", ".join(f"{k} ({i})" for k, i in r["iterations_worst_first"])
         out.append(f"| {r['method']} | {r['setting']} | {r['dtype']} | {r['nfe_solve']} + {r['nfe_verify']} | "
                    f"{r['nfe_decode']} | {_fmt(r['roundtrip_mse'])} | {worst} | {r['iterations_mean']:.1f} | "
-                   f"{r['seconds']} | {_fmt(r['latent_mse_vs_ode'])} | {_fmt(r['decoder_mse_from_ode_latent'])} |")
+                   f"{r.get('solve', '')} | {r['seconds']} | {_fmt(r['latent_mse_vs_ode'])} | "
+                   f"{_fmt(r['decoder_mse_from_ode_latent'])} |")
     return out + [""]
 
 
@@ -359,7 +405,7 @@ def markdown(rows: list[dict], info: dict) -> str:
            "round-trip MSE per dimension (digits on the [0, 1] pixel scale, as the DDIM paper's Table 2; "
            "mixture in its own units); latent MSE per dimension against the exact ODE latent (reference per "
            "case below). dtype: the state's (x, x̄) dtype; the "
-           "digits network always runs in float32; "
+           "digits network runs in float32 (in float64 for the float64 exact-latent rows, probflow.precision); "
            "reversible_heun keeps its pair in 64-bit fixed point whatever the dtype (probflow/reversible.py).", "",
            "Reference (the DDIM paper, Table 2, CIFAR-10, [0, 1] scale, DDIM inversion round trip): 0.014 at 10 "
            "steps each way, 6.5e-3 at 20, 2.3e-3 at 50, ≈1e-4 only at 500–1000.", "",
@@ -386,7 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace existing INVERSION.md / inversion.json")
     ap.add_argument("--cases", default="digits,mixture", help="comma-separated subset of digits,mixture")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--exact-only", action="store_true", help="only the exact-latent tables (encode_exact rows, "
+                    "interoperability, robustness)")
+    ap.add_argument("--exact-n", type=int, default=None, help="samples for the encode_exact rows (default --n)")
+    ap.add_argument("--exact-steps", default="10,20,50", help="step counts of the encode_exact rows")
+    ap.add_argument("--exact-dtypes", default="float64,float32", help="dtypes of the encode_exact rows")
+    ap.add_argument("--exact-methods", default=",".join(SINGLE + MULTI), help="decoders of the encode_exact rows")
     args = ap.parse_args(argv)
+    keep_steps = {int(v) for v in args.exact_steps.split(",")}
+    keep_dt = {getattr(torch, v.strip()) for v in args.exact_dtypes.split(",")}
+    keep_m = {v.strip() for v in args.exact_methods.split(",")}
+    for c in EXACT:
+        EXACT[c] = [e for e in EXACT[c] if e[0] in keep_m and e[2] in keep_steps and e[3] in keep_dt]
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     md_path, js_path = out / "INVERSION.md", out / "inversion.json"
@@ -407,8 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c.strip() for c in args.cases.split(",")]
     if not set(cases) <= {"digits", "mixture"}:
         raise SystemExit(f"--cases: expected a subset of digits,mixture, got {args.cases!r}")
-    rows = run_case("digits", model, x_test, 0.25, torch.float32, log) if "digits" in cases else []
-    rows += run_case("mixture", gm, xg, 1.0, None, log) if "mixture" in cases else []
+    kw = {"exact_only": args.exact_only, "exact_n": args.exact_n}
+    rows = run_case("digits", model, x_test, 0.25, torch.float32, log, **kw) if "digits" in cases else []
+    rows += run_case("mixture", gm, xg, 1.0, None, log, **kw) if "mixture" in cases else []
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.time() - t0,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "model": {"name": model.name, "fingerprint": model.fingerprint},
@@ -449,11 +507,11 @@ def exact_notes(rows: list[dict]) -> list[str]:
                              f"{r['failed'][:120]}…")
         for r in ex:
             if "failed" not in r and r["setting"].endswith(" 20 steps") and case == "digits":
-                ratio = r["nfe_encode"] / r["nfe_decode"]
-                lines.append(f"- digits, {r['method']} {r['setting']}: encoder NFE {r['nfe_solve']} "
-                             f"(+{r['nfe_verify']} verification) = {ratio:.1f}× the decoder's {r['nfe_decode']} "
-                             f"({'meets' if ratio <= 4 else 'MISSES'} ≤ 4×); worst steps (iterations, step): "
-                             f"{r['iterations_worst_first']}")
+                solo, ratio = r["nfe_solve"] / r["nfe_decode"], r["nfe_encode"] / r["nfe_decode"]
+                lines.append(f"- digits, {r['method']} {r['setting']} ({r['dtype']}): encoder NFE {r['nfe_solve']} "
+                             f"(+{r['nfe_verify']} verification) = {solo:.1f}× solve only, {ratio:.1f}× solve + "
+                             f"verify, the decoder's {r['nfe_decode']} ({'meets' if solo <= 4 else 'MISSES'} ≤ 4× "
+                             f"solve only); worst (iterations, where): {r['iterations_worst_first']}")
     return lines + [""]
 
 

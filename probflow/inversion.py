@@ -20,19 +20,42 @@ that diverges restarts from its best iterate with a smaller step. A sample's ste
 round-off below 256× that; a network running in a lower precision than the state raises that failure bound
 by 16·eps(model dtype)·|Φ_i(y_0) − y_0|_∞ (the increment it computes).
 
+A sample whose fixed-point solve of a step fails (stalls or diverges above the failure bound) is handed to
+Newton's method on that step alone (`probflow.newton`: dense Jacobian of Φ_i from D forward-mode tangents,
+backtracking), from its best iterate; only if that fails too does the solve raise. Measured: digits,
+heun2 on 10 quadratic_open steps, held-out test image 1 at σ 1.22 → 0.75 (float32); Euler on 10 trailing
+steps of sharp 64-D mixtures at σ 0.72 → 0.34.
+
 Every solve ends with a verification: the decoder runs from the stored latent x_T through `integrate`
 (`probflow.decode`'s path) and must return x_0 within verify_tol·max(1, |x_0|_∞). A step that does not converge,
 or a failed verification, raises `InversionError` naming σ and the residual: never a silently inexact latent.
 `Solution.info` holds the per-step iteration counts and residuals, the NFE of solve and verification and the
 verified round-trip error.
 
-Limits (measured, benchmarks/INVERSION.md): multistep methods (dpmpp_2m/3m, unipc, unipc_3), whose steps share
-a history, are refused (a trajectory-level solve did not converge reliably and is not shipped). The step into
-σ = 0 inverts the denoiser itself (Euler: x_0 = D(y, σ_{N−1})); on the digits network D is nearly singular
-there (eigenvalues of ∂D/∂x̄ from −0.23 to 1.18, smallest singular value ~1e−3 at σ = 0.17), the solve
-stalls and raises rather than return an inexact latent; grids that end at the table's smallest σ
-(`grids.NAMED["quadratic_open"]`) avoid that step. Large steps on sharp models can fail the same way (Euler
-with 10 trailing steps on some 64-D mixtures, at σ 0.72 → 0.34); it raises, never returns an inexact latent.
+Multistep decoders (dpmpp_2m/3m, unipc, unipc_3) share a history between steps, so inverting one step needs
+the earlier steps' denoiser values: a backward sweep with lagged history amounts to inverting the denoiser D
+itself and stagnated (~5e-3). They are solved at the trajectory level instead, as a shooting problem on x_T
+alone,
+
+    F(x_T) = decode(x_T) − x_0 = 0,                                                                   (X2)
+
+where decode is the ordinary decoder (`probflow.decode`'s path through `integrate`), by Newton's method per
+sample (`probflow.newton`): warm start from the method's own explicit encode on the flipped grid; a dense
+per-sample Jacobian of the whole decoder from D forward-mode tangents (finite differences when the model does
+not carry tangents), kept up to date by Broyden's rank-one updates; backtracking; a fresh Jacobian only where a
+step fails twice. Every residual is a decode, so the solution is verified by construction (and once more on the
+whole batch). NFE is reported per sample with the Jacobian's D tangents counted as D decodes: the trajectory
+solve costs about (D + iterations) decodes, so it suits small states (D ≤ `dense_max`, default 4096).
+
+Limits (measured, benchmarks/INVERSION.md). The step into σ = 0 inverts the denoiser itself (Euler:
+x_0 = D(y, σ_{N−1})); on the digits network D is nearly singular there (eigenvalues of ∂D/∂x̄ from −0.23 to
+1.18, smallest singular value ~1e−3 at σ = 0.17), the solve stalls and raises rather than return an inexact
+latent; grids that end at the table's smallest σ (`grids.NAMED["quadratic_open"]`) avoid that step. Large steps
+on sharp models can fail the same way (Euler with 10 trailing steps on some 64-D mixtures, at σ 0.72 → 0.34).
+A multistep decoder with large steps need not reach every x_0 near its warm start: on a 16-D mixture
+(std 0.1–0.5) dpmpp_3m on the 10-step quadratic grid and dpmpp_2m/3m/unipc on the 10-step DDIM trailing and
+Karras grids leave samples whose Newton solve stalls (continuation from the warm start meets a fold, where the
+Jacobian is singular); it raises, never returns an inexact latent.
 """
 
 from __future__ import annotations
@@ -43,6 +66,7 @@ from torch import Tensor
 from probflow.field import DDIMField, EpsModel, as_field
 from probflow.flows import _decreasing
 from probflow.integrate import Solution, check_state, integrate, scale_in, scale_out
+from probflow.newton import newton_solve
 from probflow.solvers import Method, get_method
 
 __all__ = ["InversionError", "encode_exact", "exact_methods"]
@@ -188,16 +212,22 @@ def _guess(targets: dict[int, Tensor], sigmas: Tensor, i: int) -> Tensor:
     return targets[i + 1] + w * (targets[i + 1] - targets[i + 2])
 
 
-def _backward(field, m, x_end, sigmas, tol, max_iter, memory):
+def _backward(field, m, x_end, sigmas, tol, max_iter, memory, dense_max=4096):
     """One backward pass of (X1) from x̄_N = x_end. Returns (x̄_0, trajectory x̄_0 … x̄_N, per-step
-    iterations, residuals, bounds), per-step lists indexed by decoder step i (σ_0 first)."""
+    iterations, residuals, bounds, Newton fallbacks), per-step lists indexed by decoder step i (σ_0 first)."""
     n = len(sigmas) - 1
     targets = {n: x_end}
     iters, res, bounds = [0] * n, [0.0] * n, [0.0] * n
+    fallbacks: list[dict] = []
     for i in range(n - 1, -1, -1):
         y, k, r, b = _solve_step(field, m, targets[i + 1], _guess(targets, sigmas, i), sigmas[i], sigmas[i + 1],
                                  tol, max_iter, memory, floor_eps=_model_eps(field, x_end.dtype))
         bad = r > b
+        if bad.any() and y[0].numel() <= dense_max:  # the fixed point stalled or diverged: Newton on those samples
+            y, r, fb = _newton_step(field, m, targets[i + 1], y, r, b, bad, sigmas[i], sigmas[i + 1], tol, max_iter)
+            fallbacks.append({"step": i, **fb})
+            k += fb["iterations"]
+            bad = r > b
         if bad.any():
             j = int(torch.argmax(r / b))
             raise InversionError(
@@ -206,7 +236,45 @@ def _backward(field, m, x_end, sigmas, tol, max_iter, memory):
                 f"{float(b[j]):.3e} (sample {j}); the latent would not be exact")
         targets[i] = y
         iters[i], res[i], bounds[i] = k, float(r.max()), float(b.max())
-    return targets[0], [targets[i] for i in range(n + 1)], iters, res, bounds
+    return targets[0], [targets[i] for i in range(n + 1)], iters, res, bounds, fallbacks
+
+
+def _newton_step(field, m, target, y, r, b, bad, s, s_next, tol, max_iter):
+    """The per-step fallback: Newton (probflow.newton, dense Jacobian of the step) for the samples whose
+    fixed-point solve failed, from their best iterate, evaluated on the whole batch; the others are untouched.
+    Returns (y, r, record) with the record's `tangent_nfe`: model calls of the Jacobians' tangents per sample
+    (D per stage)."""
+    inf = torch.full_like(r, float("inf"))  # the other samples count as converged: never moved, still evaluated
+    nt = newton_solve(lambda v: _step(field, m, v, s, s_next), target, y,
+                      torch.where(bad, _ulp_tol(target, tol).double().cpu(), inf), b, max_iter=max_iter)
+    better = bad & (nt.res < r)
+    y = torch.where(_bmask(better, y), nt.z, y)
+    r = torch.where(better, nt.res, r)
+    return y, r, {"samples": bad.nonzero()[:, 0].tolist(), "iterations": int(nt.iterations.max()),
+                  "jacobians": int(nt.jacobians.max()), "tangent_nfe": int(nt.jacobians.max()) * nt.dim * m.stages,
+                  "converged": bool(nt.done.all()), "residual": float(nt.res[bad].max()), "history": nt.history}
+
+
+def _polish(field, m, x0, sigmas, xT, miss, tol, max_iter):
+    """Shooting (X2) from the per-step latent for the samples whose verified round trip has an RMS error
+    above 8·max(tol, 2 eps(float32)): a chain
+    that expands can amplify each step's round-off (digits, heun2, 10 steps, held-out image 1: 276× the bound);
+    Newton on x_T (probflow.newton, whole batch evaluated, the others untouched) brings it to round-off of the
+    decode itself. Returns (x_T, record) with `tangent_nfe` per polished sample."""
+    s0, sn = sigmas[0], sigmas[-1]
+
+    def decode_x(z: Tensor) -> Tensor:
+        return scale_out(integrate(field, scale_in(z, s0), sigmas, m).x, sn)
+
+    bound = _ulp_tol(x0, tol).double().cpu()
+    stall = 256 * bound + 64 * len(sigmas) * _model_eps(field, x0.dtype) * _maxabs(x0).double().cpu()
+    nt = newton_solve(decode_x, x0, xT, torch.where(miss, bound, torch.full_like(bound, float("inf"))), stall,
+                      max_iter=max_iter)
+    z = torch.where(_bmask(miss, xT), nt.z, xT)
+    n_dec = (len(sigmas) - 1) * m.stages
+    return z, {"samples": miss.nonzero()[:, 0].tolist(), "iterations": int(nt.iterations.max()),
+               "jacobians": int(nt.jacobians.max()), "tangent_nfe": int(nt.jacobians.max()) * nt.dim * n_dec,
+               "residual": float(nt.res[miss].max())}
 
 
 def encode_exact(
@@ -221,8 +289,20 @@ def encode_exact(
     trajectory: bool = False,
     verify: bool = True,
     verify_tol: float | None = None,
+    dense_max: int = 4096,
+    polish: bool = True,
 ) -> Solution:
     """x_0 → x_T such that `probflow.decode(model, x_T, sigmas, method)` returns x_0 to round-off.
+
+    Single-step methods: per-step solves (X1); multistep methods: the trajectory-level Newton solve (X2), whose
+    `info` has `solve` = "trajectory", `newton_iterations` and `jacobians` per sample, `nfe_solve_per_sample`
+    (warm start + decodes + D tangent decodes per Jacobian), `history` (largest open residual per iteration);
+    max_iter then bounds the Newton iterations and dense_max the state size of its dense Jacobians. A single
+    step whose fixed-point solve fails falls back to Newton on that step for the failing samples (dense_max
+    bounds it too; `info["newton_fallbacks"]`: step, samples, iterations, Jacobians, tangent NFE per sample). A
+    sample whose verified round trip has an RMS error above 8·max(tol, 2·eps(float32))·max(1, |x_0|_∞) (per-image
+    MSE ~1e-12 on the [0, 1] scale; float64 chains stay far below it) is polished by the trajectory solve (X2) from
+    its latent (`info["shooting"]`, same fields; None when not needed; polish=False skips it).
 
     sigmas: the decreasing sampling grid the decoder will use. method: a fixed-grid registered method
     (`exact_methods()`). tol: per-step residual bound relative to max(1, |x̄|_∞) (default 2 ulp of x0's
@@ -245,25 +325,34 @@ def encode_exact(
     if not (tol > 0):
         raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
     if _is_multistep(m):
-        raise ValueError(f"method: {m.name!r} is a multistep method (its steps share a history); encode_exact inverts "
-                         f"single-step decoders only ({', '.join(_single_step())}): the trajectory-level solve for "
-                         "multistep histories is not implemented")
+        return _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, dense_max, trajectory)
     nfe0 = field.nfe
     x_end = scale_in(x0, sigmas[-1])
-    xbar_T, traj, iters, res, bounds = _backward(field, m, x_end, sigmas, tol, max_iter, memory)
-    nfe_solve = field.nfe - nfe0
-    err = None
+    xbar_T, traj, iters, res, bounds, fallbacks = _backward(field, m, x_end, sigmas, tol, max_iter, memory, dense_max)
+    tangents = sum(f["tangent_nfe"] for f in fallbacks)  # the field counts a batched tangent call once
+    nfe_solve = field.nfe - nfe0 + tangents
+    err, polish_, polish = None, polish, None
     if verify:  # the ordinary decoder from the stored latent (in x, as decode reads it) must give x_0 back
         xbar_T = scale_in(scale_out(xbar_T, sigmas[0]), sigmas[0])
         back = integrate(field, xbar_T, sigmas, m).x
         e = _maxabs(back - x_end).double().cpu()
+        rms = (back - x_end).double().reshape(len(x0), -1).pow(2).mean(1).sqrt().cpu()
+        floor = 8 * max(tol, 2 * torch.finfo(torch.float32).eps)  # float32: per-image MSE ≈ 1e-12 on [0, 1]
+        miss = rms > _ulp_tol(x_end, floor).double().cpu()
+        if polish_ and bool(miss.any()) and x0[0].numel() <= dense_max:  # the chain amplified round-off: (X2)
+            n1 = field.nfe
+            xT_new, polish = _polish(field, m, x0, sigmas, scale_out(xbar_T, sigmas[0]), miss, tol, max_iter)
+            nfe_solve += field.nfe - n1 + polish["tangent_nfe"]
+            tangents += polish["tangent_nfe"]
+            xbar_T = scale_in(xT_new, sigmas[0])
+            e = _maxabs(integrate(field, xbar_T, sigmas, m).x - x_end).double().cpu()
         bound = _ulp_tol(x_end, verify_tol).double().cpu()
         err = float(e.max())
         if not bool((e <= bound).all()):
             raise InversionError(f"encode_exact: the {m.name} decoder from the solved latent misses x_0 by {err:.3e} "
                                  f"> {float(bound.max()):.3e} (is the model deterministic?); the latent would not be "
                                  "exact")
-    nfe_verify = field.nfe - nfe0 - nfe_solve
+    nfe_verify = field.nfe - nfe0 - nfe_solve + tangents
     up = sigmas.flip(0)
     xT = scale_out(xbar_T, sigmas[0])
     out_traj = None
@@ -271,6 +360,59 @@ def encode_exact(
         scale = torch.rsqrt(1 + up**2).reshape(-1, *([1] * x0.ndim))
         out_traj = torch.stack(traj[::-1]) * scale
     info = {"decoder": m.name, "iterations": iters, "residuals": res, "tolerances": bounds,
-            "nfe_solve": nfe_solve, "nfe_verify": nfe_verify,
+            "nfe_solve": nfe_solve, "nfe_verify": nfe_verify, "newton_fallbacks": fallbacks, "shooting": polish,
             "roundtrip_max_abs": None if err is None else err / float(torch.sqrt(1 + sigmas[-1] ** 2))}
-    return Solution(xT, field.nfe - nfe0, up, out_traj, None, m.name, info)
+    return Solution(xT, nfe_solve + nfe_verify, up, out_traj, None, m.name, info)
+
+
+def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, dense_max, trajectory) -> Solution:
+    """Multistep decoders (X2): Newton on x_T alone for decode(x_T) = x_0 (probflow.newton), from the method's
+    own explicit encode on the flipped grid; every residual is the ordinary decode (`probflow.decode`'s path)."""
+    s0, sn = sigmas[0], sigmas[-1]
+
+    def decode_x(z: Tensor) -> Tensor:  # exactly probflow.decode: x → x̄ at σ_0, integrate, x̄ → x at σ_N
+        return scale_out(integrate(field, scale_in(z, s0), sigmas, m).x, sn)
+
+    nfe0 = field.nfe
+    z0 = scale_out(integrate(field, scale_in(x0, sn), sigmas.flip(0), m).x, s0)  # warm start: explicit encode
+    warm = field.nfe - nfe0
+    with torch.no_grad():
+        r0 = decode_x(z0) - x0
+    n_dec = field.nfe - nfe0 - warm
+    bound = _ulp_tol(x0, tol).double().cpu()
+    md_eps = _model_eps(field, x0.dtype)  # a lower-precision network bounds what the decode can resolve
+    stall = 256 * bound + 64 * len(sigmas) * md_eps * _maxabs(x0).double().cpu()  # stalled at round-off
+    verify_bound = torch.maximum(_ulp_tol(x0, verify_tol).double().cpu(), stall)
+    nt = newton_solve(decode_x, x0, z0, bound, stall, max_iter=max_iter, dense_max=dense_max, r0=r0)
+    d = nt.dim
+    per_sample = warm + n_dec * (nt.evals + d * nt.jacobians)  # every model call, the Jacobians' tangents included
+    if not bool(nt.done.all()):
+        j = int(torch.argmax(nt.res / stall))
+        raise InversionError(
+            f"encode_exact: the {m.name} trajectory solve (Newton on x_T, σ = {float(s0):.6g} → {float(sn):.6g}, "
+            f"{len(sigmas) - 1} steps) did not converge in {max_iter} iterations: residual {float(nt.res[j]):.3e} > "
+            f"tolerance {float(stall[j]):.3e} (sample {j}); the latent would not be exact")
+    z = nt.z
+    err = float(nt.res.max())
+    nfe_verify = 0
+    if verify:  # the ordinary decoder on the whole batch, as the user will run it
+        n1 = field.nfe
+        with torch.no_grad():
+            e = _maxabs(decode_x(z) - x0).double().cpu()
+        nfe_verify = field.nfe - n1
+        err = float(e.max())
+        if not bool((e <= verify_bound).all()):
+            raise InversionError(f"encode_exact: the {m.name} decoder from the solved latent misses x_0 by {err:.3e} "
+                                 f"> {float(verify_bound.max()):.3e} (is the model deterministic?); the latent would "
+                                 "not be exact")
+    info = {"decoder": m.name, "solve": "trajectory", "iterations": [int(nt.iterations.max())],
+            "newton_iterations": nt.iterations.tolist(), "jacobians": nt.jacobians.tolist(), "jacobian": nt.how,
+            "residuals": [float(nt.res.max())], "tolerances": [float(stall.max())], "history": nt.history,
+            "nfe_solve": int(per_sample.max()), "nfe_solve_per_sample": per_sample.tolist(), "nfe_warm": warm,
+            "nfe_verify": nfe_verify, "roundtrip_max_abs": err}
+    traj = None
+    if trajectory:  # the decoder's own path from the latent (one more decode, not counted in nfe), σ increasing
+        with torch.no_grad():
+            path = integrate(field, scale_in(z, s0), sigmas, m, trajectory=True).trajectory
+        traj = (path * torch.rsqrt(1 + sigmas**2).reshape(-1, *([1] * x0.ndim))).flip(0)
+    return Solution(z, int(per_sample.max()) + nfe_verify, sigmas.flip(0), traj, None, m.name, info)

@@ -135,11 +135,171 @@ def test_non_convergence_raises_with_sigma_and_residual(mixture):
         encode_exact(gm, x0, grids.ddim(SCH, 10), "euler", max_iter=1)
 
 
-@pytest.mark.parametrize("method", ["dpmpp_2m", "unipc", "reversible_heun", "dopri5"])
+@pytest.mark.parametrize("method", ["reversible_heun", "dopri5"])
 def test_refuses_methods_it_cannot_invert(mixture, method):
     gm, x0 = mixture
     with pytest.raises(ValueError, match="method"):
         encode_exact(gm, x0, grids.ddim(SCH, 10), method)
+
+
+def test_single_step_newton_fallback_where_the_fixed_point_fails():
+    """Euler, 10 trailing steps, a sharp 64-D mixture: the fixed point fails at σ 0.72 → 0.34 for this sample;
+    the per-step Newton fallback finishes it exactly (without it, dense_max=0, the solve raises)."""
+    gm = GaussianMixture.random(64, 8, seed=3, std_range=(0.1, 0.5))
+    x0 = gm.sample(8, generator=torch.Generator().manual_seed(0))[:1]
+    g = grids.ddim(SCH, 10)
+    enc = encode_exact(gm, x0, g, "euler")
+    fb = enc.info["newton_fallbacks"]
+    assert fb and fb[0]["converged"] and fb[0]["tangent_nfe"] == 64 * fb[0]["jacobians"]
+    assert _mse(probflow.decode(gm, enc.x, g, "euler").x, x0) <= 1e-24
+    with pytest.raises(InversionError, match="σ = 0.719279 → 0.338828"):
+        encode_exact(gm, x0, g, "euler", dense_max=0)
+
+
+def test_amplifying_chain_is_polished_by_the_trajectory_solve():
+    """float32, Euler, 10 trailing steps, a sharp 64-D mixture: the per-step latent of sample 0 decodes with an
+    RMS error well above float32 round-off (the chain amplifies each step's rounding); the trajectory solve from
+    that latent lowers it, and leaves the sample that did not need it alone."""
+    gm = GaussianMixture.random(64, 8, seed=3, std_range=(0.1, 0.5))
+    x0 = gm.sample(8, generator=torch.Generator().manual_seed(0))[[0, 1]].float()
+    g = grids.ddim(SCH, 10)
+
+    def rms(z):
+        return ((probflow.decode(gm, z, g, "euler").x.double() - x0.double()) ** 2).mean(1).sqrt()
+
+    raw = encode_exact(gm, x0, g, "euler", polish=False)
+    enc = encode_exact(gm, x0, g, "euler")
+    assert raw.info["shooting"] is None and enc.info["shooting"]["samples"] == [0]
+    assert float(rms(enc.x)[0]) < 0.5 * float(rms(raw.x)[0])
+    assert torch.equal(enc.x[1], raw.x[1])
+    assert enc.info["nfe_solve"] >= raw.info["nfe_solve"] + 64 * 10  # the Jacobian's tangents are counted
+
+
+# ------------------------------------------------- multistep decoders: the trajectory-level (shooting) solve
+
+MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3"]
+# log-SNR grids (the exponential integrators' own): at 10 steps on grids with larger steps some samples have no
+# exact latent near the warm start (dpmpp_3m, quadratic grid: continuation meets a fold), and the solve raises
+
+
+@pytest.fixture(scope="module")
+def small_mixture():
+    gm = GaussianMixture.random(16, 8, seed=13, std_range=(0.1, 0.5))  # not the benchmark's, nor the tuning seed
+    return gm, gm.sample(3, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("method", MULTISTEP)
+def test_multistep_round_trip_float64(small_mixture, method, steps):
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, steps)
+    enc = encode_exact(gm, x0, g, method)
+    assert _mse(probflow.decode(gm, enc.x, g, method).x, x0) <= 1e-24  # the ordinary decoder, x_T alone
+    info = enc.info
+    assert info["solve"] == "trajectory" and info["decoder"] == method
+    assert enc.nfe == info["nfe_solve"] + info["nfe_verify"] and info["nfe_solve"] > 16 * steps  # tangents counted
+    plain = probflow.encode(gm, x0, g, method)  # the method's explicit encode (the warm start) is not exact
+    assert _mse(probflow.decode(gm, plain.x, g, method).x, x0) > 1e-10
+
+
+@pytest.mark.parametrize("method", ["dpmpp_2m", "unipc_3"])
+def test_multistep_round_trip_float32(small_mixture, method):
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, 10)
+    enc = encode_exact(gm, x0.float(), g, method)
+    assert enc.x.dtype == torch.float32
+    assert _mse(probflow.decode(gm, enc.x, g, method).x, x0) <= 1e-12
+
+
+def test_multistep_negative_control_and_no_hidden_state(small_mixture):
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, 10)
+    z = encode_exact(gm, x0, g, "dpmpp_2m").x
+    assert _mse(probflow.decode(gm, z, g, "unipc").x, x0) > 1e-10  # exact for dpmpp_2m only
+    assert _mse(probflow.decode(gm, z, g, "dpmpp_3m").x, x0) > 1e-10
+    bad = z.clone()
+    bad[0, 3] += 1e-3
+    assert _mse(probflow.decode(gm, bad, g, "dpmpp_2m").x[0], x0[0]) > 1e-14
+
+
+def test_multistep_sample_does_not_depend_on_the_batch(small_mixture):
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, 10)
+    together = encode_exact(gm, x0, g, "unipc")
+    alone = encode_exact(gm, x0[1:2], g, "unipc")
+    # the same latent to round-off (batched model calls may round differently, which can change the iteration at
+    # which round-off is reached, not the solution)
+    assert torch.allclose(together.x[1:2], alone.x, rtol=0, atol=1e-12 * float(alone.x.abs().max()))
+    assert _mse(probflow.decode(gm, alone.x, g, "unipc").x, x0[1:2]) <= 1e-24
+
+
+def test_multistep_any_batch_shape():
+    model = _gauss_eps(0.3)
+    x0 = torch.randn(2, 1, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = grids.named("logsnr", SCH, 10)
+    enc = encode_exact(model, x0, g, "dpmpp_3m")
+    assert enc.x.shape == x0.shape
+    assert _mse(probflow.decode(model, enc.x, g, "dpmpp_3m").x, x0) <= 1e-24
+
+
+def test_multistep_non_convergence_raises(small_mixture):
+    gm, x0 = small_mixture
+    with pytest.raises(InversionError, match=r"σ = .*residual"):
+        encode_exact(gm, x0, grids.named("logsnr", SCH, 10), "dpmpp_2m", max_iter=1)
+
+
+def test_dpmpp_2m_latent_decodes_through_diffusers_dpm_solver(small_mixture):
+    """Interoperability: diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, solver_type "heun", no
+    lower-order final step, ending at σ_0 = final_sigmas_type "sigma_min", float64 tables, custom integer
+    timesteps log-SNR spaced) maps the latent made exact for probflow's dpmpp_2m back to x_0, to the float32
+    round-off of its step (it upcasts the state to float32); probflow's decoder to float64 round-off."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from probflow.bench.peers import _betas
+
+    gm, x0 = small_mixture
+    ts = [int(round(float(SCH.t(s)))) for s in grids.log_uniform(SCH.sigma_max, 2 * SCH.sigma_min, 9)[:-1]]
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=SCH.T, trained_betas=_betas(SCH),
+                                      algorithm_type="dpmsolver++", solver_order=2, solver_type="heun",
+                                      lower_order_final=False, euler_at_final=False, final_sigmas_type="sigma_min",
+                                      thresholding=False, prediction_type="epsilon")
+    ab = SCH.alpha_bar.clone()
+    sch.alphas_cumprod, sch.alpha_t, sch.sigma_t = ab, ab.sqrt(), (1 - ab).sqrt()
+    sch.lambda_t = torch.log(sch.alpha_t) - torch.log(sch.sigma_t)
+    g = torch.tensor([float(SCH.sigmas[t]) for t in ts] + [float(SCH.sigmas[0])], dtype=torch.float64)
+
+    def through_diffusers(z):
+        sch.set_timesteps(timesteps=ts)
+        assert torch.allclose(sch.sigmas.double(), g, rtol=1e-6, atol=0)
+        sch.sigmas = g.clone()
+        x = z.clone()
+        for t in sch.timesteps:
+            x = sch.step(gm(x, SCH.sigmas[int(t)]), t, x).prev_sample
+        return x
+
+    enc = encode_exact(gm, x0, g, "dpmpp_2m")
+    assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-24
+    assert _mse(through_diffusers(enc.x), x0) <= 1e-13
+    assert _mse(through_diffusers(probflow.encode(gm, x0, g, "dpmpp_2m").x), x0) > 1e-8  # the plain encode is not
+
+
+def test_newton_finite_difference_jacobian_matches_forward_ad(small_mixture):
+    from probflow.newton import jacobian
+
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, 5)
+
+    def dec(z):
+        return probflow.decode(gm, z, g, "dpmpp_2m").x
+
+    class _NoTangents:  # the same decoder through a model that drops forward-mode tangents
+        def __call__(self, x, sigma):
+            return gm(torch.autograd.forward_ad.unpack_dual(x).primal, sigma)
+
+    j_ad, how_ad = jacobian(dec, x0[:2])
+    j_fd, how_fd = jacobian(lambda z: probflow.decode(_NoTangents(), z, g, "dpmpp_2m").x, x0[:2])
+    assert (how_ad, how_fd) == ("ad", "fd")
+    assert float((j_ad - j_fd).abs().max()) <= 1e-7 * float(j_ad.abs().max())
 
 
 def test_trajectory_is_the_decoders_path(mixture):
@@ -261,3 +421,26 @@ def test_sample_with_stateless_reversible_heun_is_refused_on_digits(tmp_path, ca
     rc = main(["sample", "--method", "reversible_heun", "--steps", "20", "--n", "4", "--out", str(tmp_path / "s.png"),
                "--quiet"])
     assert rc == 2 and "unstable" in capsys.readouterr().err and not (tmp_path / "s.png").exists()
+
+
+def test_cli_encode_exact_for_a_multistep_decoder(digits_env, tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    from probflow.cli import main
+
+    _, d, _ = digits_env
+    z = tmp_path / "z.safetensors"
+    assert main(["encode", str(d / "d122.png"), "--method", "dpmpp_2m", "--steps", "6", "--out", str(z),
+                 "--quiet"]) == 0
+    assert "exact for the dpmpp_2m decoder" in capsys.readouterr().out
+    with safe_open(str(z), framework="pt") as f:
+        meta = json.loads(f.metadata()["probflow"])
+        assert set(f.keys()) == {"latents", "sigmas"}
+    assert meta["exact_for"] == "dpmpp_2m" and meta["method"] == "dpmpp_2m"
+    assert main(["decode", str(z), "--out", str(tmp_path / "dec"), "--quiet"]) == 0  # nothing but the file
+    assert "exact inverse" in capsys.readouterr().out
+    assert (tmp_path / "dec" / "d122.png").read_bytes() == (d / "d122.png").read_bytes()
+    assert main(["decode", str(z), "--method", "unipc", "--out", str(tmp_path / "other"), "--quiet"]) == 0
+    assert "exact inverse" not in capsys.readouterr().out  # another decoder makes no claim

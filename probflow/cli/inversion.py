@@ -4,8 +4,11 @@ and `probflow.inversion.encode_exact`.
 Default: the latent is made exact for an ordinary decoder, euler (DDIM) with 20 steps on the
 `quadratic_open` grid (quadratic in t, ending at the table's smallest σ, where inverting the last step is
 well-conditioned), in the network's own dtype: one tensor, and `decode` with that decoder returns the images
-to round-off. `--plain` gives the method's ordinary explicit encode; a reversible method (reversible_heun)
-gives its pair latent, an adaptive one the ODE's latent. Latent files (`probflow.io.latents`) carry their
+to round-off. Any fixed-grid decoder can be named instead (`--method heun2`, `--method dpmpp_2m`, `dpmpp_3m`,
+`unipc`, `unipc_3`): the latent is then exact for that decoder (multistep decoders by a trajectory-level
+Newton solve, whose dense Jacobian costs about 64 decodes per 8×8 image). `--plain` gives the method's
+ordinary explicit encode; a reversible method (reversible_heun) gives its pair latent, an adaptive one the
+ODE's latent. Latent files (`probflow.io.latents`) carry their
 provenance and environment; decode reads method, grid, dtype and state from the file.
 """
 
