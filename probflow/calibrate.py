@@ -110,41 +110,6 @@ def _density_grid(sigma0: float, sigma1: float, log_density, n: int) -> Tensor:
     return s
 
 
-OBJECTIVES = ("final", "path", "mixed")
-
-
-class _PathReference:
-    """x̄(σ) of a batch along Eq. 12, from a `scipy_dop853` solve at rtol = atol = `tol` reported on `points`
-    log-uniform σ from σ_max to `sigma_lo`, with the field at each (dx̄/du = σ ε, u = log σ), so that x̄ at any σ in
-    between is a cubic Hermite interpolant in u (error O(Δu⁴), Δu = log(σ_max/σ_lo)/(points − 1))."""
-
-    def __init__(self, field, xbar: Tensor, sigma_max: float, sigma_lo: float, tol: float, points: int = 97):
-        s = log_uniform(sigma_max, sigma_lo, points, final_zero=False).double()
-        traj = integrate(field, xbar, torch.cat([s, s.new_zeros(1)]), "scipy_dop853", rtol=tol, atol=tol,
-                         trajectory=True, options={"group": len(xbar)}).trajectory
-        self.x = traj
-        self.u = torch.log(s)
-        with torch.no_grad():
-            self.du = torch.stack([s[i] * field(s[i], traj[i]) for i in range(points)])
-
-    def at(self, sigma: float) -> Tensor:
-        u = math.log(sigma)
-        i = int(torch.searchsorted(-self.u, torch.tensor(-u, dtype=torch.float64)).clamp(1, len(self.u) - 1)) - 1
-        u0, u1 = float(self.u[i]), float(self.u[i + 1])
-        h = u1 - u0
-        t = (u - u0) / h
-        h00, h10, h01, h11 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t, -2 * t**3 + 3 * t**2, t**3 - t**2
-        return h00 * self.x[i] + h10 * h * self.du[i] + h01 * self.x[i + 1] + h11 * h * self.du[i + 1]
-
-    def deviation(self, sigmas: Tensor, states: Tensor) -> Tensor:
-        """Per sample: max over the points of the mean squared deviation from the reference, in x = x̄/√(1+σ²)."""
-        out = torch.zeros(states.shape[1], dtype=torch.float64)
-        for s, xs in zip(sigmas.tolist(), states, strict=True):
-            d = (xs.double() - self.at(s)).pow(2).flatten(1).mean(1) / (1.0 + s * s)
-            out = torch.maximum(out, d)
-        return out
-
-
 def calibrated(
     model,
     x: Tensor,
@@ -157,7 +122,6 @@ def calibrated(
     max_evals: int = 400,
     ref_tol: float = 1e-10,
     reference: Tensor | None = None,
-    objective: str = "final",
 ) -> Tensor:
     """A grid optimised for `method` on a small calibration batch: min over grids of the RMSE at σ = 0.
 
@@ -181,22 +145,17 @@ def calibrated(
         raise ValueError(f"max_evals: expected a positive integer, got {max_evals!r}")
     if not isinstance(x, Tensor) or x.ndim < 1 or not x.is_floating_point():
         raise ValueError("x: expected a floating-point calibration batch (B, ...) in the model's variable")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     if steps < 2:
         return log_uniform(sigma_max, sigma_min, steps)
     field = as_field(model)
     xbar = x.double() * math.sqrt(1.0 + sigma_max**2)
-    lo, hi = math.log(sigma_min) - math.log(10.0), min(math.log(sigma_min) + math.log(10.0), math.log(sigma_max) - 1)
-    path = _PathReference(field, xbar, sigma_max, math.exp(lo), ref_tol) if objective != "final" else None
-    if path is not None and reference is None:
-        reference = path.x[-1]
     if reference is None:
         ends = torch.tensor([sigma_max, 0.0], dtype=torch.float64)
         reference = integrate(field, xbar, ends, "scipy_dop853", rtol=ref_tol, atol=ref_tol,
                               options={"group": len(xbar)}).x
     elif reference.shape != xbar.shape:
         raise ValueError(f"reference: expected shape {tuple(xbar.shape)}, got {tuple(reference.shape)}")
+    lo, hi = math.log(sigma_min) - math.log(10.0), min(math.log(sigma_min) + math.log(10.0), math.log(sigma_max) - 1)
 
     def grid(theta) -> Tensor:
         log_end = float(np.clip(theta[0], lo, hi))
@@ -204,18 +163,11 @@ def calibrated(
         return torch.cat([s, s.new_zeros(1)])
 
     def loss(theta) -> float:
-        g = grid(theta)
         try:
-            sol = integrate(field, xbar, g, method, trajectory=path is not None)
+            out = integrate(field, xbar, grid(theta), method).x
         except (FloatingPointError, ValueError):
             return math.inf
-        final = (sol.x - reference).pow(2).flatten(1).mean(1)  # per sample
-        if path is None:
-            return math.log(float(final.mean()) + 1e-300)
-        worst = torch.maximum(path.deviation(g[1:-1], sol.trajectory[1:-1]), final)
-        if objective == "path":
-            return math.log(float(worst.mean()) + 1e-300)
-        return 0.5 * (math.log(float(final.mean()) + 1e-300) + math.log(float(worst.mean()) + 1e-300))
+        return math.log(float((out - reference).pow(2).mean()) + 1e-300)
 
     theta0 = np.concatenate([[math.log(sigma_min)], np.zeros(bins)])
     simplex = np.vstack([theta0] + [theta0 + 0.5 * np.eye(bins + 1)[i] for i in range(bins + 1)])
@@ -258,7 +210,6 @@ def calibrated_select(
     *,
     max_evals: int = 100,
     ref_tol: float = 1e-10,
-    objective: str = "final",
 ) -> Selection:
     """Per model: a grid `calibrated` for each of `methods` on the calibration batch `x`, then the method whose
     grid has the smallest RMSE of x̄(0) on a *separate* validation batch `x_val` (both in the model's
@@ -289,8 +240,7 @@ def calibrated_select(
     scores: dict[str, float] = {}
     found: dict[str, Tensor] = {}
     for m in methods:
-        found[m] = calibrated(field, x, sigma_max, sigma_min, steps, m, max_evals=max_evals, reference=ref_cal,
-                              objective=objective)
+        found[m] = calibrated(field, x, sigma_max, sigma_min, steps, m, max_evals=max_evals, reference=ref_cal)
         try:
             err = float((integrate(field, xv, found[m], m).x - ref_val).pow(2).mean().sqrt())
         except (FloatingPointError, ValueError):
