@@ -36,7 +36,8 @@ that a run can resume; a phase's cache key names its recipe ("tuning", "heldout"
 (rename the key when a phase's computation changes).
 
 Run: `python -m probflow.bench.heldout --out benchmarks/HELDOUT.md` (until probflow/bench/ is a package:
-`python probflow/bench/heldout.py --out …`); `--tune` refits the `tuned` grid on the tuning set.
+`python probflow/bench/heldout.py --out …`); `--tune` refits the `tuned` grid on the tuning set; `--outliers N`
+prints `outlier_study` (NFE 10, tuning set, N fresh samples per problem).
 """
 
 from __future__ import annotations
