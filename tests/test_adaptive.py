@@ -197,3 +197,25 @@ def test_heldout_calibrated_phase_reports_the_validation_choice_on_evaluation_no
                              row["method"], max_evals=3)
     assert row["rmse"] == pytest.approx(ho.rmse(probflow.integrate(s.problem.model, s.xbar, g, row["method"]).x,
                                                 s.reference), rel=1e-6)
+
+
+def test_flip_summary_counts_by_hand():
+    """flip_summary on two made-up problems whose counts are worked out by hand (block of 2, flip 0.1)."""
+    from probflow.bench.heldout_report import flip_summary
+
+    rows = [
+        # ours: sample 1 off; peers: A has sample 1 off too, B none. Blocks [0,1], [2,3].
+        {"problem": 1, "method": "unipc", "flip": 0.1, "err": torch.tensor([0.01, 0.5, 0.01, 0.01]),
+         "peers": {"A": torch.tensor([0.02, 0.4, 0.02, 0.02]), "B": torch.tensor([0.02, 0.02, 0.02, 0.02])}},
+        # ours never off, worse than the peer in block [2,3] only (0.05 vs 0.02).
+        {"problem": 2, "method": "unipc_3", "flip": 0.1, "err": torch.tensor([0.01, 0.01, 0.05, 0.05]),
+         "peers": {"A": torch.tensor([0.02, 0.02, 0.02, 0.02])}},
+    ]
+    text = flip_summary(rows, block=2)
+    # problem 1: block [0,1] worse than its best peer (B) and contains our off sample; block [2,3] better.
+    assert "| 1 | unipc | 1 (1/2) | 0 |" in text
+    assert "| 1/2 | 1 |" in text
+    # problem 2: no sample off, one block worse, none containing an off sample.
+    assert "| 2 | unipc_3 | 0 (—) | 0 |" in text
+    assert "Total: ours 1/8 samples off, the best peer configuration (per problem) 0/8; 2/4 blocks of 2 worse" in text
+    assert "1 of them containing" in text
