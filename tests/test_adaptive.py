@@ -201,7 +201,7 @@ def test_heldout_calibrated_phase_reports_the_validation_choice_on_evaluation_no
 
 def test_flip_summary_counts_by_hand():
     """flip_summary on two made-up problems whose counts are worked out by hand (block of 2, flip 0.1)."""
-    from probflow.bench.heldout_report import flip_summary
+    from probflow.bench.heldout_outliers import flip_summary
 
     rows = [
         # ours: sample 1 off; peers: A has sample 1 off too, B none. Blocks [0,1], [2,3].

@@ -17,7 +17,8 @@ LAYERS = {
     3: ["probflow", "probflow.flows", "probflow.sde", "probflow.calibrate", "probflow.likelihood",
         "probflow.inversion"],
     4: ["probflow.digits", "probflow.io", "probflow.demo", "probflow.distributed", "probflow.bench",
-        "probflow.bench.digits_quality", "probflow.bench.digits_quality_report"],
+        "probflow.bench.digits_quality", "probflow.bench.digits_quality_report",
+        "probflow.bench.heldout_outliers"],
     5: ["probflow.cli", "probflow.__main__"],
 }
 

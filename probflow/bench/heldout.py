@@ -36,8 +36,8 @@ that a run can resume; a phase's cache key names its recipe ("tuning", "heldout"
 (rename the key when a phase's computation changes).
 
 Run: `python -m probflow.bench.heldout --out benchmarks/HELDOUT.md` (until probflow/bench/ is a package:
-`python probflow/bench/heldout.py --out …`); `--tune` refits the `tuned` grid on the tuning set; `--outliers N`
-prints `outlier_study` (NFE 10, tuning set, N fresh samples per problem).
+`python probflow/bench/heldout.py --out …`); `--tune` refits the `tuned` grid on the tuning set; the
+study of samples that end in another mode is `probflow.bench.heldout_outliers`.
 """
 
 from __future__ import annotations
@@ -400,18 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="pickle the finished phases here and resume from it (a long run can resume)")
     p.add_argument("--no-calibrated", action="store_true", help="skip the calibrated grid on every held-out problem")
     p.add_argument("--quick", action="store_true", help="2 + 2 problems, 4 samples, NFE 10 and 20, no adaptive")
-    p.add_argument("--outliers", type=int, metavar="N",
-                   help="only print the outlier study at NFE 10 on the tuning set, N fresh samples per problem")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.samples < 1 or a.tuning < 1 or a.heldout < 1:
         raise SystemExit("--samples, --tuning, --heldout: expected positive integers")
-    if a.outliers is not None:
-        if a.outliers < 8 or a.outliers % 8:
-            raise SystemExit(f"--outliers: expected a positive multiple of 8 samples, got {a.outliers}")
-        from probflow.bench.heldout_report import flip_summary
-        print(flip_summary(outlier_study(TUNING_SEEDS[:a.tuning], n=a.outliers)))
-        return 0
     if a.tune:
         t0 = time.perf_counter()
         fitted = tune(_setups(TUNING_SEEDS[:a.tuning], a.samples))
@@ -482,35 +474,6 @@ def calibrated_all(seeds, n_samples: int, nfe=CALIBRATED_NFE, methods=_calibrate
             rows.append({"problem": p.seed, "nfe": n, "method": sel.method, "cal_nfe": f.nfe, "val": sel.val_rmse,
                          "rmse": cand[sel.method], "cand_rmse": cand})
         _say(f"  calibrated {p.describe()}: {[(r['nfe'], r['method']) for r in rows[-len(nfe):]]}")
-    return rows
-
-
-def outlier_study(seeds=TUNING_SEEDS, nfe: int = 10, n: int = 192, flip: float = 0.1) -> list[dict]:
-    """What makes a few samples end far off at `nfe` (tuning problems only): per problem, `calibrated_select` as in
-    `calibrated_all`, every peer configuration and the chosen grid on `n` fresh samples (seed + 11, neither the
-    calibration, validation nor evaluation noise). Rows {problem, err (ours, per sample), peers {config: per-sample
-    error}, method}; a sample with error > `flip` (`flip_summary`) has gone to another mode."""
-    rows = []
-    sch = linear()
-    for p in family(seeds):
-        z = noise(n, (p.dim,), p.seed + 11)
-        xb = z * math.sqrt(1.0 + sch.sigma_max**2)
-        ends = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
-        ref = integrate(p.model, xb, ends, "scipy_dop853", rtol=REF_TOL, atol=REF_TOL, options={"group": n}).x
-        sel = _calibrate.calibrated_select(p.model, noise(16, (p.dim,), p.seed + 7), noise(16, (p.dim,), p.seed + 8),
-                                           sch.sigma_max, 3.0 * sch.sigma_min, steps_for("unipc", nfe))
-        per = (integrate(p.model, xb, sel.grid, sel.method).x - ref).pow(2).flatten(1).mean(1).sqrt()
-        peers = {}
-        for name in PEERS:
-            for g in _peers.peer_grids(name):
-                try:
-                    r = _peers.run_peer(name, p.model, z, sch, _peers.steps_for_nfe(name, nfe), g)
-                except (FloatingPointError, RuntimeError, ValueError):
-                    continue
-                if r.nfe <= nfe:
-                    peers[(name, g)] = (r.x.double() - ref).pow(2).flatten(1).mean(1).sqrt()
-        rows.append({"problem": p.seed, "method": sel.method, "err": per, "peers": peers, "flip": flip})
-        _say(f"  outliers {p.describe()}: {int((per > flip).sum())} of {n} samples beyond {flip}")
     return rows
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["report", "flip_summary"]
+__all__ = ["report"]
 
 ho = None  # the family module (probflow.bench.heldout), set by `report`
 
@@ -241,33 +241,3 @@ def _markdown(a, nfe, n_samples, tun_meta, held_meta, tun, held, chosen, cal, ad
               "Held-out set, per problem at the chosen configuration:", "",
               *_problem_table(held, held_meta, chosen, nfe), ""]
     return "\n".join(lines)
-
-
-def flip_summary(rows: list[dict], block: int = 8) -> str:
-    """`outlier_study` as markdown: per problem, our samples beyond the flip threshold, how many peer configurations
-    send the same sample off too, and blocks of `block` samples (the benchmark's evaluation size) where ours is
-    worse than the best peer chosen per block (as the benchmark chooses it, per problem on its own samples)."""
-    out = ["| problem | method | our samples off (peer configs also off, each) | best peer on all: its samples off "
-           "| ratio on all | blocks > 1.0× | of them with one of our samples off | worst block |",
-           "|---|---|---|---|---|---|---|---|"]
-    tot = [0, 0, 0, 0, 0]
-    for r in rows:
-        e, f = r["err"], r["flip"]
-        pk = torch.stack(list(r["peers"].values()))
-        best = int(pk.pow(2).mean(1).argmin())
-        off = (e > f).nonzero().flatten().tolist()
-        also = ", ".join(f"{int((pk[:, i] > f).sum())}/{len(pk)}" for i in off) or "—"
-        blocks = [(float(e[i:i + block].pow(2).mean().sqrt() / pk[:, i:i + block].pow(2).mean(1).min().sqrt()),
-                   bool((e[i:i + block] > f).any())) for i in range(0, len(e) - block + 1, block)]
-        bad = [b for b in blocks if b[0] > 1.0]
-        ratio = float(e.pow(2).mean().sqrt() / pk[best].pow(2).mean().sqrt())
-        out.append(f"| {r['problem']} | {r['method']} | {len(off)} ({also}) | {int((pk[best] > f).sum())} | "
-                   f"{_fmt(ratio)} | {len(bad)}/{len(blocks)} | {sum(b[1] for b in bad)} | "
-                   f"{_fmt(max(b[0] for b in blocks))} |")
-        for k, v in enumerate((len(off), int((pk[best] > f).sum()), len(bad), sum(b[1] for b in bad), len(blocks))):
-            tot[k] += v
-    n = sum(len(r["err"]) for r in rows)
-    out += ["", f"Total: ours {tot[0]}/{n} samples off, the best peer configuration (per problem) {tot[1]}/{n}; "
-            f"{tot[2]}/{tot[4]} blocks of {block} worse than the per-block best peer, {tot[3]} of them containing "
-            "one of our samples that went off."]
-    return "\n".join(out)
