@@ -391,11 +391,14 @@ def test_a_nan_eps_at_run_time_names_the_model_and_sigma():
 # ---------------------------------------------------------------- real signals on a real process
 
 SCRIPT = textwrap.dedent("""
-    import pathlib, sys, time
+    import pathlib, signal, sys, time
     from PIL import Image
     import probflow.cli.common as common
     from probflow.cli import main
 
+    # Ctrl-C as a terminal delivers it: a child of a background job inherits SIGINT ignored (POSIX shells ignore
+    # it for `&` jobs), and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mark = pathlib.Path(sys.argv[1])
     save, call = Image.Image.save, common._Progress.__call__
     saved = []
