@@ -255,19 +255,31 @@ def _newton_step(field, m, target, y, r, b, bad, s, s_next, tol, max_iter):
                   "converged": bool(nt.done.all()), "residual": float(nt.res[bad].max()), "history": nt.history}
 
 
+def _decoder_x(field: DDIMField, m: Method, sigmas: Tensor):
+    """x_T ↦ x_0 exactly as probflow.decode: x → x̄ at σ_0, integrate, x̄ → x at σ_N (the residual of (X2))."""
+    s0, sn = sigmas[0], sigmas[-1]
+
+    def decode_x(z: Tensor) -> Tensor:
+        return scale_out(integrate(field, scale_in(z, s0), sigmas, m).x, sn)
+
+    return decode_x
+
+
+def _stall_bound(field: DDIMField, x0: Tensor, sigmas: Tensor, bound: Tensor) -> Tensor:
+    """Per sample: where a shooting solve (X2) counts as stalled at round-off — 256× its bound, plus what a
+    lower-precision network can resolve through len(sigmas) steps."""
+    return 256 * bound + 64 * len(sigmas) * _model_eps(field, x0.dtype) * _maxabs(x0).double().cpu()
+
+
 def _polish(field, m, x0, sigmas, xT, miss, tol, max_iter):
     """Shooting (X2) from the per-step latent for the samples whose verified round trip has an RMS error
     above 8·max(tol, 2 eps(float32)): a chain
     that expands can amplify each step's round-off (digits, heun2, 10 steps, held-out image 1: 276× the bound);
     Newton on x_T (probflow.newton, whole batch evaluated, the others untouched) brings it to round-off of the
     decode itself. Returns (x_T, record) with `tangent_nfe` per polished sample."""
-    s0, sn = sigmas[0], sigmas[-1]
-
-    def decode_x(z: Tensor) -> Tensor:
-        return scale_out(integrate(field, scale_in(z, s0), sigmas, m).x, sn)
-
+    decode_x = _decoder_x(field, m, sigmas)
     bound = _ulp_tol(x0, tol).double().cpu()
-    stall = 256 * bound + 64 * len(sigmas) * _model_eps(field, x0.dtype) * _maxabs(x0).double().cpu()
+    stall = _stall_bound(field, x0, sigmas, bound)
     nt = newton_solve(decode_x, x0, xT, torch.where(miss, bound, torch.full_like(bound, float("inf"))), stall,
                       max_iter=max_iter)
     z = torch.where(_bmask(miss, xT), nt.z, xT)
@@ -369,10 +381,7 @@ def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, 
     """Multistep decoders (X2): Newton on x_T alone for decode(x_T) = x_0 (probflow.newton), from the method's
     own explicit encode on the flipped grid; every residual is the ordinary decode (`probflow.decode`'s path)."""
     s0, sn = sigmas[0], sigmas[-1]
-
-    def decode_x(z: Tensor) -> Tensor:  # exactly probflow.decode: x → x̄ at σ_0, integrate, x̄ → x at σ_N
-        return scale_out(integrate(field, scale_in(z, s0), sigmas, m).x, sn)
-
+    decode_x = _decoder_x(field, m, sigmas)
     nfe0 = field.nfe
     z0 = scale_out(integrate(field, scale_in(x0, sn), sigmas.flip(0), m).x, s0)  # warm start: explicit encode
     warm = field.nfe - nfe0
@@ -380,8 +389,7 @@ def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, 
         r0 = decode_x(z0) - x0
     n_dec = field.nfe - nfe0 - warm
     bound = _ulp_tol(x0, tol).double().cpu()
-    md_eps = _model_eps(field, x0.dtype)  # a lower-precision network bounds what the decode can resolve
-    stall = 256 * bound + 64 * len(sigmas) * md_eps * _maxabs(x0).double().cpu()  # stalled at round-off
+    stall = _stall_bound(field, x0, sigmas, bound)
     verify_bound = torch.maximum(_ulp_tol(x0, verify_tol).double().cpu(), stall)
     nt = newton_solve(decode_x, x0, z0, bound, stall, max_iter=max_iter, dense_max=dense_max, r0=r0)
     d = nt.dim
