@@ -18,10 +18,12 @@ B·D², cost D decodes); larger states are refused with a ValueError naming D.
 
 Every residual is evaluated on the whole batch, converged samples included (so a network whose float32
 rounding depends on the batch is solved for the batch it will be decoded in; the Jacobians' tangent calls are
-per open sample). Iteration: δ = −J⁻¹ r; a sample takes z + t·δ when its residual norm falls (t = 1, then ¼, 1/16 after
-rejections); done when |r|_∞ ≤ bound, or when both the full and the quarter step were rejected while
-|r|_∞ ≤ stall_bound (stalled at round-off) and the Jacobian is fresh (else a fresh one first; a Broyden-updated
-Jacobian stalled a float32 digits solve at 119× the bound, a fresh one went on to 2.8×).
+per open sample). Iteration: δ = −J⁻¹ r; a sample takes z + t·δ when its residual norm falls (t = 1, then ¼;
+a Broyden-updated Jacobian rejected twice is rebuilt at the iterate, a fresh one backtracks on, to 4⁻⁷); done
+when |r|_∞ ≤ bound, or when both the full and the quarter step were rejected while |r|_∞ ≤ stall_bound
+(stalled at round-off) and the Jacobian is fresh (else a fresh one first; a Broyden-updated Jacobian stalled a
+float32 digits solve at 119× the bound, a fresh one went on to 2.8×). A sample above the stall bound is given
+up (returned not done) when no step down to 4⁻⁷ lowers its residual, or after 2·max_jacobians Jacobians.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 __all__ = ["jacobian", "newton_solve", "NewtonResult"]
+
+_MAX_HALVINGS = 8  # backtracking from a fresh Jacobian: t = 1, 1/4, …, 4⁻⁷, then the sample is stuck
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -142,6 +146,7 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
     fresh_j = jacs > 0  # the Jacobian was built at the current iterate
     step = torch.ones(b, dtype=torch.float64)
     history: list[float] = []
+    stuck_all = torch.zeros(b, dtype=torch.bool)
     for _ in range(max_iter):
         if bool(done.all()):
             break
@@ -176,10 +181,19 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
         # after max_jacobians
         settled = fresh_j | (res <= 8 * bound) | (jacs >= max_jacobians)
         done = done | (res <= bound) | ((fails >= 2) & (res <= stall_bound) & settled)
+        # stuck: a direction from a fresh Jacobian is a descent direction of |r|², so shorter steps lower the
+        # residual unless round-off rules; none did down to 4⁻⁷ — or the sample needed 2·max_jacobians Jacobians
+        # (each accepted step a short one: Newton crawls, as on digits image 1 with 50 dpmpp_2m steps, where the
+        # decoder's Jacobian spans singular values 0.004 … 33 and curves within 3e-3 of the iterate)
+        stuck = ~done & (res > stall_bound) & ((fresh_j & (fails >= _MAX_HALVINGS)) | (jacs > 2 * max_jacobians))
+        stuck_all |= stuck
+        done = done | stuck
         rej = rej[~done[rej]]
         step[rej] = step[rej] / 4
-        fresh = rej[fails[rej] >= 2]
-        if len(fresh):  # twice rejected: a new Jacobian at the current iterate, full steps again
+        # a Broyden-updated Jacobian rejected twice: a new one at the current iterate, full steps again (a fresh
+        # one at the same iterate would give the same direction: those samples keep backtracking instead)
+        fresh = rej[(fails[rej] >= 2) & ~fresh_j[rej]]
+        if len(fresh):
             j, how2 = jacobian(fn, z[fresh], chunk)
             how = how2 if how == "given" else how
             jac[fresh] = j.double()
@@ -187,5 +201,5 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
             fresh_j[fresh] = True
             step[fresh], fails[fresh] = 1.0, 0
         history.append(float(res[open_].max()))
-    return NewtonResult(z=z, res=res, done=done, iterations=iters, jacobians=jacs, evals=evals, how=how,
+    return NewtonResult(z=z, res=res, done=done & ~stuck_all, iterations=iters, jacobians=jacs, evals=evals, how=how,
                         history=history, dim=d)
