@@ -398,7 +398,8 @@ def _encode_trajectory(field, m, x0, sigmas, tol, verify_tol, max_iter, verify, 
         j = int(torch.argmax(nt.res / stall))
         raise InversionError(
             f"encode_exact: the {m.name} trajectory solve (Newton on x_T, σ = {float(s0):.6g} → {float(sn):.6g}, "
-            f"{len(sigmas) - 1} steps) did not converge in {max_iter} iterations: residual {float(nt.res[j]):.3e} > "
+            f"{len(sigmas) - 1} steps) did not converge ({int(nt.iterations[j])} Newton iterations, "
+            f"{int(nt.jacobians[j])} Jacobians, at most {max_iter}): residual {float(nt.res[j]):.3e} > "
             f"tolerance {float(stall[j]):.3e} (sample {j}); the latent would not be exact")
     z = nt.z
     err = float(nt.res.max())
