@@ -22,7 +22,7 @@ by 16·eps(model dtype)·|Φ_i(y_0) − y_0|_∞ (the increment it computes).
 
 A sample whose fixed-point solve of a step fails (stalls or diverges above the failure bound) is handed to
 Newton's method on that step alone (`probflow.newton`: dense Jacobian of Φ_i from D forward-mode tangents,
-backtracking), from its best iterate; only if that fails too does the solve raise. Measured: digits,
+Levenberg–Marquardt damping), from its best iterate; only if that fails too does the solve raise. Measured: digits,
 heun2 on 10 quadratic_open steps, held-out test image 1 at σ 1.22 → 0.75 (float32); Euler on 10 trailing
 steps of sharp 64-D mixtures at σ 0.72 → 0.34.
 
@@ -42,9 +42,10 @@ alone,
 where decode is the ordinary decoder (`probflow.decode`'s path through `integrate`), by Newton's method per
 sample (`probflow.newton`): warm start from the method's own explicit encode on the flipped grid; a dense
 per-sample Jacobian of the whole decoder from D forward-mode tangents (finite differences when the model does
-not carry tangents), kept up to date by Broyden's rank-one updates; backtracking; a fresh Jacobian only where a
-step fails twice. Every residual is a decode, so the solution is verified by construction (and once more on the
-whole batch). NFE is reported per sample with the Jacobian's D tangents counted as D decodes: the trajectory
+not carry tangents), kept up to date by Broyden's rank-one updates; Levenberg–Marquardt damping after a
+rejected step; a fresh Jacobian only where damped steps keep failing. Every residual is a decode, so the solution is
+verified by construction (and once more on the whole batch). NFE is reported per sample with the Jacobian's
+D tangents counted as D decodes: the trajectory
 solve costs about (D + iterations) decodes, so it suits small states (D ≤ `dense_max`, default 4096).
 
 Limits (measured, benchmarks/INVERSION.md). The step into σ = 0 inverts the denoiser itself (Euler:
