@@ -219,3 +219,22 @@ def test_flip_summary_counts_by_hand():
     assert "| 2 | unipc_3 | 0 (—) | 0 |" in text
     assert "Total: ours 1/8 samples off, the best peer configuration (per problem) 0/8; 2/4 blocks of 2 worse" in text
     assert "1 of them containing" in text
+
+
+def test_nfe_ratio_to_the_recipe_counts_points_only_its_deep_end_reaches():
+    """The recipe's NFE at an error is that of its cheaper end that reaches the error; an end that cannot
+    reach it must not drop the point (a plain min() with nan first did). Hand-made sweeps, ratios by hand."""
+    from probflow.bench.adaptive import tolerance_tables
+
+    def row(solver, tol, nfe, err):
+        return {"problem": 1, "solver": solver, "tol": tol, "nfe": nfe, "rmse": err, "ddim_rmse": 1.0}
+
+    rows = [row("dpm23", 1e-2, 50, 1e-3), row("dpm23", 1e-3, 100, 5e-4),  # saturates at 5e-4
+            row("dpm23_deep", 1e-2, 60, 1e-3), row("dpm23_deep", 1e-3, 120, 1e-5),
+            row("adaptive_exp", 1e-2, 20, 1e-3), row("adaptive_exp", 1e-3, 40, 1e-5)]
+    md = tolerance_tables(rows, solvers=("adaptive_exp", "dpm23", "dpm23_deep"))
+    line = next(v for v in md.splitlines() if v.startswith("| adaptive_exp |") and "NFE" not in v)
+    # points: dpm23 at 1e-3 (20/50) and 5e-4 (NFE 20·2^(log(2)/log(100)) vs 100 → dpm23's envelope 100),
+    # dpm23_deep at 1e-3 (20/50: dpm23 is cheaper) and at 1e-5 (40/120, dpm23 cannot reach it)
+    assert line.endswith("| 4 |"), line
+    assert "| 0.4 |" in line  # worst: 20/50 = 0.4
