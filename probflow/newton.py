@@ -116,7 +116,8 @@ def _solve(j: Tensor, r: Tensor, mu: Tensor) -> Tensor:
     if bool(lm.any()):
         jl = jd[lm]
         a = jl.transpose(1, 2) @ jl
-        damp = (mu[lm].double().to(a.device) * a.diagonal(dim1=1, dim2=2).amax(1))[:, None, None]
+        scale = a.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(torch.float64).tiny)  # J = 0: δ = 0
+        damp = (mu[lm].double().to(a.device) * scale)[:, None, None]
         eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
         out[lm] = -torch.linalg.solve(a + damp * eye, jl.transpose(1, 2) @ rd[lm])[..., 0]
     return out
