@@ -54,9 +54,9 @@ x_0 = D(y, σ_{N−1})); on the digits network D is nearly singular there (eigen
 latent; grids that end at the table's smallest σ (`grids.NAMED["quadratic_open"]`) avoid that step. Large steps
 on sharp models can fail the same way (Euler with 10 trailing steps on some 64-D mixtures, at σ 0.72 → 0.34).
 A multistep decoder with large steps need not reach every x_0 near its warm start: on a 16-D mixture
-(std 0.1–0.5) dpmpp_3m on the 10-step quadratic grid and dpmpp_2m/3m/unipc on the 10-step DDIM trailing and
-Karras grids leave samples whose Newton solve stalls (continuation from the warm start meets a fold, where the
-Jacobian is singular); it raises, never returns an inexact latent.
+(seed 13, std 0.1–0.5, 3 samples) dpmpp_3m on the 10-step quadratic and Karras grids and all four multistep
+decoders on the 10-step DDIM trailing grid leave samples whose damped Newton solve gives up (continuation from
+the warm start meets a fold, where the Jacobian is singular); it raises, never returns an inexact latent.
 """
 
 from __future__ import annotations
