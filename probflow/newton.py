@@ -113,11 +113,14 @@ def _solve(j: Tensor, r: Tensor, mu: Tensor) -> Tensor:
     """δ per sample, in float64: Newton's −J⁻¹ r where mu = 0 (least squares where J is singular), else the
     Levenberg–Marquardt step −(JᵀJ + mu·max diag(JᵀJ)·I)⁻¹ Jᵀ r."""
     jd, rd = j.double(), r.double()[..., None]
-    try:
-        out = -torch.linalg.solve(jd, rd)[..., 0]
-    except RuntimeError:
-        out = -torch.linalg.lstsq(jd, rd).solution[..., 0]
+    out = torch.zeros_like(rd[..., 0])
     lm = mu > 0
+    nw = ~lm  # only the undamped samples: a singular J elsewhere must not send them to least squares
+    if bool(nw.any()):
+        try:
+            out[nw] = -torch.linalg.solve(jd[nw], rd[nw])[..., 0]
+        except RuntimeError:
+            out[nw] = -torch.linalg.lstsq(jd[nw], rd[nw]).solution[..., 0]
     if bool(lm.any()):
         jl = jd[lm]
         a = jl.transpose(1, 2) @ jl
