@@ -26,7 +26,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/probflow bench
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check probflow tests benchmarks
+	$(VENV)/bin/ruff check probflow tests benchmarks notebooks
 
 clean:
 	rm -rf $(VENV)
