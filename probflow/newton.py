@@ -13,8 +13,9 @@ than matrix-free GMRES: on the digits network the Jacobian of a 20-step decoder 
 0.009 … 1.4 (condition ~150, measured), so unpreconditioned GMRES needs close to D Krylov vectors (one
 decode each) for every Newton step, while the dense Jacobian costs D tangents once and is then kept up to
 date by Broyden's rank-one updates from the residuals Newton evaluates anyway (no model calls). A fresh
-Jacobian is built only for a sample whose damped steps keep failing. Dense is limited to D ≤ `dense_max` (memory
-B·D², cost D decodes); larger states are refused with a ValueError naming D.
+Jacobian is built only for a sample whose damped steps keep failing, or whose accepted steps crawl (8 in a row
+that do not halve |r|₂: a Broyden-updated Jacobian can lose the fast directions and creep).
+Dense is limited to D ≤ `dense_max` (memory B·D², cost D decodes); larger states are refused with a ValueError naming D.
 
 Every residual is evaluated on the whole batch, converged samples included (so a network whose float32
 rounding depends on the batch is solved for the batch it will be decoded in; the Jacobians' tangent calls are
@@ -44,6 +45,7 @@ from torch import Tensor
 __all__ = ["jacobian", "newton_solve", "NewtonResult"]
 
 _MAX_REJECTIONS = 16  # from a fresh Jacobian: Newton, then damping μ = 1e-6 … 8¹⁴·1e-6 ≈ 4e6; then the sample is stuck
+_MAX_SLOW = 8  # accepted steps in a row that do not halve |r|₂ before a Broyden-updated Jacobian is rebuilt
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -172,6 +174,7 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
     fails = torch.zeros(b, dtype=torch.long)
     fresh_j = jacs > 0  # the Jacobian was built at the current iterate
     mu = torch.zeros(b, dtype=torch.float64)  # Levenberg–Marquardt damping per sample (0: the Newton step)
+    slow = torch.zeros(b, dtype=torch.long)  # accepted steps in a row that did not halve |r|₂
     history: list[float] = []
     stuck_all = torch.zeros(b, dtype=torch.bool)
     for _ in range(max_iter):
@@ -191,6 +194,7 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
         idx = open_.nonzero()[:, 0]
         acc, rej = idx[ok], idx[~ok]
         if len(acc):
+            slow[acc] = torch.where(nt[ok] <= norm[acc] / 2, 0, slow[acc] + 1)
             jac[acc] = _broyden(jac[acc], zt[ok].reshape(len(acc), -1).double() - _flat(z[acc]).double(),
                                 rt[ok] - r[acc])
             z[acc] = zt[ok]
@@ -217,13 +221,17 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
         # a Jacobian): a new one at the current iterate, the Newton step again (a fresh one at the same iterate
         # would give the same steps: those samples are damped further instead)
         fresh = rej[(mu[rej] > 1e-2) & ~fresh_j[rej]]
+        # a Broyden-updated Jacobian whose accepted steps crawl (digits, 50 unipc_3 steps, float64: 100 accepted
+        # steps on one Jacobian ended at 2.4e-6) is rebuilt too
+        crawl = (~done & ~fresh_j & (slow >= _MAX_SLOW) & (res > stall_bound)).nonzero()[:, 0]
+        fresh = torch.unique(torch.cat([fresh, crawl]))
         if len(fresh):
             j, how2 = jacobian(fn, z[fresh], chunk)
             how = how2 if how == "given" else how
             jac[fresh] = j.double()
             jacs[fresh] += 1
             fresh_j[fresh] = True
-            mu[fresh], fails[fresh] = 0.0, 0
+            mu[fresh], fails[fresh], slow[fresh] = 0.0, 0, 0
         history.append(float(res[open_].max()))
     return NewtonResult(z=z, res=res, done=done & ~stuck_all, iterations=iters, jacobians=jacs, evals=evals, how=how,
                         history=history, dim=d)
