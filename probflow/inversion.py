@@ -43,7 +43,8 @@ where decode is the ordinary decoder (`probflow.decode`'s path through `integrat
 sample (`probflow.newton`): warm start from the method's own explicit encode on the flipped grid; a dense
 per-sample Jacobian of the whole decoder from D forward-mode tangents (finite differences when the model does
 not carry tangents), kept up to date by Broyden's rank-one updates; Levenberg–Marquardt damping after a
-rejected step; a fresh Jacobian only where damped steps keep failing. Every residual is a decode, so the solution is
+rejected step; a fresh Jacobian only where damped steps keep failing or accepted steps crawl.
+Every residual is a decode, so the solution is
 verified by construction (and once more on the whole batch). NFE is reported per sample with the Jacobian's
 D tangents counted as D decodes: the trajectory
 solve costs about (D + iterations) decodes, so it suits small states (D ≤ `dense_max`, default 4096).
@@ -57,8 +58,11 @@ A multistep decoder with large steps need not reach every x_0 near its warm star
 (seed 13, std 0.1–0.5, 3 samples) dpmpp_3m on the 10-step quadratic and Karras grids and all four multistep
 decoders on the 10-step DDIM trailing grid leave samples whose damped Newton solve gives up (continuation from
 the warm start meets a fold, where the Jacobian is singular); it raises, never returns an inexact latent.
-A solve can also stall on a Broyden-updated Jacobian: unipc_3 on 50 quadratic_open steps, the digits network in
-float64, held-out images, stopped at a residual of 2.4e-6 after 100 iterations with one Jacobian, and raised.
+In float32 a latent is exact to the resolution of the float32 decoder, not beyond: where the decoder expands
+round-off (heun2 on 10 quadratic_open steps of the digits network; dpmpp_2m and unipc on 10 log-SNR steps of
+a sharp 64-D mixture), the float32 decode of the solved latent differs from its float64 decode by more than it
+differs from x_0, and a one-ulp change of x_T moves the decode by 1e-5–4e-5 max-abs; the solve stops there
+(stall bound) and `info["roundtrip_max_abs"]` reports the round trip reached.
 """
 
 from __future__ import annotations

@@ -140,6 +140,18 @@ def _broyden(j: Tensor, dz: Tensor, dr: Tensor) -> Tensor:
     return j + u[..., None] * dz[:, None, :] / den[:, None, None]
 
 
+def _rebuild(fn, z: Tensor, idx: Tensor, chunk: int, jac: Tensor, jacs: Tensor, fresh_j: Tensor,
+             reset: tuple[Tensor, ...]) -> str:
+    """A fresh Jacobian at the current iterate of samples idx (in place); their damping and counters restart."""
+    j, how = jacobian(fn, z[idx], chunk)
+    jac[idx] = j.double()
+    jacs[idx] += 1
+    fresh_j[idx] = True
+    for t in reset:
+        t[idx] = 0
+    return how
+
+
 def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bound: Tensor, stall_bound: Tensor, *,
                  max_iter: int = 30, dense_max: int = 4096, chunk: int = 1024, r0: Tensor | None = None,
                  jac: Tensor | None = None, max_jacobians: int = 4) -> NewtonResult:
@@ -163,16 +175,13 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
     done = res <= bound
     jacs = torch.zeros(b, dtype=torch.long)
     how = "given"
+    fresh_j = torch.zeros(b, dtype=torch.bool)  # the Jacobian was built at the current iterate
     if jac is None:
-        open_ = ~done
         jac = torch.zeros(b, d, d, dtype=torch.float64, device=z.device)
-        if bool(open_.any()):
-            j, how = jacobian(fn, z[open_], chunk)
-            jac[open_] = j.double()
-            jacs[open_] += 1
+        if not bool(done.all()):
+            how = _rebuild(fn, z, (~done).nonzero()[:, 0], chunk, jac, jacs, fresh_j, ())
     iters = torch.zeros(b, dtype=torch.long)
     fails = torch.zeros(b, dtype=torch.long)
-    fresh_j = jacs > 0  # the Jacobian was built at the current iterate
     mu = torch.zeros(b, dtype=torch.float64)  # Levenberg–Marquardt damping per sample (0: the Newton step)
     slow = torch.zeros(b, dtype=torch.long)  # accepted steps in a row that did not halve |r|₂
     history: list[float] = []
@@ -226,12 +235,8 @@ def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bou
         crawl = (~done & ~fresh_j & (slow >= _MAX_SLOW) & (res > stall_bound)).nonzero()[:, 0]
         fresh = torch.unique(torch.cat([fresh, crawl]))
         if len(fresh):
-            j, how2 = jacobian(fn, z[fresh], chunk)
+            how2 = _rebuild(fn, z, fresh, chunk, jac, jacs, fresh_j, (mu, fails, slow))
             how = how2 if how == "given" else how
-            jac[fresh] = j.double()
-            jacs[fresh] += 1
-            fresh_j[fresh] = True
-            mu[fresh], fails[fresh], slow[fresh] = 0.0, 0, 0
         history.append(float(res[open_].max()))
     return NewtonResult(z=z, res=res, done=done & ~stuck_all, iterations=iters, jacobians=jacs, evals=evals, how=how,
                         history=history, dim=d)
