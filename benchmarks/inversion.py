@@ -479,8 +479,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     md_path, js_path = out / "INVERSION.md", out / "inversion.json"
+    cases = [c.strip() for c in args.cases.split(",")]
+    if not set(cases) <= {"digits", "mixture"}:
+        ap.exit(2, f"inversion.py: --cases: expected a subset of digits,mixture, got {args.cases!r}\n")
     for p in (md_path, js_path):
-        check_writable(p, args.force, "--out")
+        try:
+            check_writable(p, args.force, "--out")
+        except (OSError, ValueError) as e:
+            ap.exit(2, f"inversion.py: {e}\n")
     from probflow import digits
     from probflow.cli.common import load_image_model
 
@@ -493,9 +499,6 @@ def main(argv: list[str] | None = None) -> int:
     gm = GaussianMixture.random(64, 8, seed=1, std_range=(0.1, 0.5))
     xg = gm.sample(args.n, generator=torch.Generator().manual_seed(0))
     gm.schedule = model.schedule  # the mixture on the same σ table (linear, T = 1000)
-    cases = [c.strip() for c in args.cases.split(",")]
-    if not set(cases) <= {"digits", "mixture"}:
-        raise SystemExit(f"--cases: expected a subset of digits,mixture, got {args.cases!r}")
     kw = {"exact_only": args.exact_only, "exact_n": args.exact_n}
     rows = run_case("digits", model, x_test, 0.25, torch.float32, log, **kw) if "digits" in cases else []
     rows += run_case("mixture", gm, xg, 1.0, None, log, **kw) if "mixture" in cases else []

@@ -403,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.samples < 1 or a.tuning < 1 or a.heldout < 1:
-        raise SystemExit("--samples, --tuning, --heldout: expected positive integers")
+        p.exit(2, "probflow.bench.heldout: --samples, --tuning, --heldout: expected positive integers\n")
+    if a.out:  # before the study runs, not after
+        from probflow.io.atomic import check_writable
+
+        try:
+            check_writable(a.out, a.force, "--out")
+        except (OSError, ValueError) as e:
+            p.exit(2, f"probflow.bench.heldout: {e}\n")
     if a.tune:
         t0 = time.perf_counter()
         fitted = tune(_setups(TUNING_SEEDS[:a.tuning], a.samples))
