@@ -60,9 +60,10 @@ decoders on the 10-step DDIM trailing grid leave samples whose damped Newton sol
 the warm start meets a fold, where the Jacobian is singular); it raises, never returns an inexact latent.
 In float32 a latent is exact to the resolution of the float32 decoder, not beyond: where the decoder expands
 round-off (heun2 on 10 quadratic_open steps of the digits network; dpmpp_2m and unipc on 10 log-SNR steps of
-a sharp 64-D mixture), the float32 decode of the solved latent differs from its float64 decode by more than it
-differs from x_0, and a one-ulp change of x_T moves the decode by 1e-5–4e-5 max-abs; the solve stops there
-(stall bound) and `info["roundtrip_max_abs"]` reports the round trip reached.
+a sharp 64-D mixture), a one-ulp change of x_T moves the float32 decode by 1e-5–4e-5 max-abs, as much as the
+round trip left, and the float32 decode of the latent differs from its float64 decode by an MSE of the same order
+(0.1–20× the round trip's); the solve stops there (stall bound) and `info["roundtrip_max_abs"]` reports the round
+trip reached.
 """
 
 from __future__ import annotations
