@@ -263,7 +263,7 @@ def exact_rows(case, model, x0, scale, model_dtype, exact, log) -> list[dict]:
         wall_dec = time.time() - t2
         own = None
         if dtype != torch.float64:  # the float32 decoder's own round-off at this latent: the same latent decoded
-            # in float64 (a digits network run in float64); no float32 latent is expected to beat it
+            # in float64 (a digits network run in float64)
             b64 = probflow.decode(_exact_field(model, model_dtype, torch.float64), enc.x.double(), g.double(),
                                   method).x
             own = float(((back.x.double() - b64) ** 2).mean()) * scale
@@ -404,7 +404,8 @@ def exact_table(rows: list[dict], case: str) -> list[str]:
            "latent MSE that error implies, J⁻¹e with J the decoder's Jacobian at the exact latent (the linearised "
            "pull-back: it equals the latent MSE vs ODE where the decoder is linear between the two latents). "
            "Float32 rows: the decoder's own round-off is the MSE between the float32 decode of the latent and its "
-           "float64 decode (the digits network run in float64), the floor no float32 latent is expected to beat.",
+           "float64 decode (the digits network run in float64): the scale of the float32 decoder's own error at "
+           "that latent.",
            "",
            "| decoder | grid | dtype | NFE encode (solve + verify) | NFE decode | round-trip MSE | float32 decoder's "
            "own round-off (MSE) | worst iterations "
