@@ -215,7 +215,8 @@ def adaptive_step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Ten
 
 
 ADAPTIVE_METHODS = (
-    register(Method("adaptive_exp", 4, adaptive=True, step=adaptive_step,
+    register(Method("adaptive_exp", 4, adaptive=True, step=adaptive_step, directions=frozenset({"down"}),
+                    augmented=False,
                     description="adaptive exponential predictor–corrector in λ (order 3(4), 1 NFE per step, "
                                 "PI controller), closed jump to σ = 0 by extrapolation in σ²")),
 )

@@ -333,17 +333,17 @@ def unipc_step(order: int):
 
 
 _METHODS = [
-    Method("dpmpp_2m", 2, 1, step=multistep_step(2),
+    Method("dpmpp_2m", 2, 1, step=multistep_step(2), multistep=True,
            description="DPM-Solver++(2M), exponential integrator in λ, data prediction; last step (E3)"),
-    Method("dpmpp_3m", 3, 1, step=multistep_step(3), extra_calls=1,
+    Method("dpmpp_3m", 3, 1, step=multistep_step(3), extra_calls=1, multistep=True,
            description="exponential multistep of order 3 (exact quadratic integral), 2S first step; last (E3)"),
     Method("dpmpp_2s", 2, 2, step=singlestep_step(2),
            description="DPM-Solver++(2S), singlestep, stage at r = 1/2; last step to 0: midpoint in σ"),
     Method("dpmpp_3s", 3, 3, step=singlestep_step(3),
            description="DPM-Solver++(3S), singlestep, stages r = 1/3, 2/3; last step to 0: Heun-3 in σ"),
-    Method("unipc", 3, 1, step=unipc_step(2),
+    Method("unipc", 3, 1, step=unipc_step(2), multistep=True,
            description="UniPC-2 (bh2): UniP-2 predictor + UniC corrector, multistep; last step (E3)"),
-    Method("unipc_3", 3, 1, step=unipc_step(3),
+    Method("unipc_3", 3, 1, step=unipc_step(3), multistep=True,
            description="UniPC-3 (bh2): UniP-3 predictor + UniC corrector (order 4 inside, 3 from its cold start)"),
 ]
 

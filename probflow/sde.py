@@ -163,7 +163,8 @@ def stochastic_ddim(eta: float, seed: int = 0, indices: Sequence[int] | None = N
     `state` instead to continue a solve. Any subsequence of timesteps works: each step converts σ → ᾱ itself.
     """
     eta = _check_knob(eta, "eta")
-    return Method(f"ddim_eta={eta:g}", order=1, stages=1,
+    return Method(f"ddim_eta={eta:g}", order=1, stages=1, stochastic=True, directions=frozenset({"down"}),
+                  augmented=False,
                   step=partial(ddim_eta_step, eta=eta, seed=seed, indices=indices),
                   description="stochastic DDIM, Eq. 11 with σ_{s,t}(η) (MATH.md §4); η = 0 is euler")
 
@@ -176,6 +177,7 @@ def reverse_sde(gamma: float, seed: int = 0, indices: Sequence[int] | None = Non
     γ sqrt(2 σ_{N−1}²): use a grid whose last nonzero σ is small.
     """
     gamma = _check_knob(gamma, "gamma")
-    return Method(f"reverse_sde_gamma={gamma:g}", order=1, stages=1,
+    return Method(f"reverse_sde_gamma={gamma:g}", order=1, stages=1, stochastic=True,
+                  directions=frozenset({"down"}), augmented=False,
                   step=partial(reverse_sde_step, gamma=gamma, seed=seed, indices=indices),
                   description="reverse-time SDE family in σ (MATH.md §4) by Euler–Maruyama; weak order 1")

@@ -44,6 +44,11 @@ class Method:
         (dpmpp_3m: one for its start; torchdiffeq's explicit Adams: its Runge–Kutta start-up); the benchmark
         chooses steps = round((NFE − extra_calls) / stages) so that the counted NFE meets a target.
     stochastic: the method draws noise (no deterministic order of convergence to measure against the ODE).
+    multistep: a step's state carries a history of earlier model values into the next step (DPM-Solver++ 2M/3M,
+        UniPC): one step cannot be inverted on its own (`probflow.inversion` solves the whole trajectory).
+    directions: the directions of σ it can integrate, a subset of {"down", "up"} (generation; encoding and the
+        likelihood integrate upwards).
+    augmented: it can integrate an augmented state (x̄ and a scalar accumulator per sample, `probflow.likelihood`).
     """
 
     name: str
@@ -58,10 +63,21 @@ class Method:
     default_options: dict = field(default_factory=dict)
     extra_calls: int = 0
     stochastic: bool = False
+    multistep: bool = False
+    directions: frozenset[str] = frozenset({"down", "up"})
+    augmented: bool = True
 
     def __post_init__(self) -> None:
         if self.backend == "probflow" and self.step is None:
             raise ValueError(f"method {self.name!r}: a probflow method needs a step function")
+        if not self.directions or not set(self.directions) <= {"down", "up"}:
+            raise ValueError(f"method {self.name!r}: directions must be a non-empty subset of {{'down', 'up'}}, "
+                             f"got {set(self.directions)}")
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        """Steps of a fixed-grid solve whose counted NFE (stages × steps + extra_calls) comes closest to `nfe`,
+        at least 1: the one rule for turning an NFE budget into steps."""
+        return max(1, int(round((nfe - self.extra_calls) / max(1, self.stages))))
 
 
 METHODS: dict[str, Method] = {}
