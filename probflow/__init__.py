@@ -13,11 +13,6 @@ from probflow.flows import decode, encode, interpolate, lerp, noise, sample, sle
 from probflow.integrate import Solution, integrate
 from probflow.version import __version__
 
-from probflow import exponential  # noqa: F401  # isort: skip  (registers its solvers)
-from probflow import reversible  # noqa: F401  # isort: skip  (registers reversible_heun)
-from probflow import adaptive  # noqa: F401  # isort: skip  (registers adaptive_exp)
-
-
 __all__ = [
     "__version__",
     "DDIMField",

@@ -59,9 +59,9 @@ from torch import Tensor
 
 from probflow.exponential import exp_weights, zero_weights
 from probflow.field import DDIMField
-from probflow.solvers import Method, register
+from probflow.method import Method
 
-__all__ = ["AdaptiveState", "adaptive_step", "error_norm", "ADAPTIVE_METHODS"]
+__all__ = ["AdaptiveState", "adaptive_step", "error_norm", "DECLARED"]
 
 _SAFETY, _ALPHA, _BETA, _MIN_RATIO, _MAX_RATIO = 0.9, 0.7, 0.4, 0.2, 5.0
 # The jump to σ = 0 is an extrapolation: accepted at a tenth of the tolerance. On tuning problems 100, 104 at
@@ -214,9 +214,9 @@ def adaptive_step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Ten
             return xbar, st
 
 
-ADAPTIVE_METHODS = (
-    register(Method("adaptive_exp", 4, adaptive=True, step=adaptive_step, directions=frozenset({"down"}),
-                    augmented=False,
-                    description="adaptive exponential predictor–corrector in λ (order 3(4), 1 NFE per step, "
-                                "PI controller), closed jump to σ = 0 by extrapolation in σ²")),
+# Declared here, registered by `probflow.solvers` (the one place that builds the registry).
+DECLARED = (
+    Method("adaptive_exp", 4, adaptive=True, step=adaptive_step, directions=frozenset({"down"}), augmented=False,
+           description="adaptive exponential predictor–corrector in λ (order 3(4), 1 NFE per step, "
+                       "PI controller), closed jump to σ = 0 by extrapolation in σ²"),
 )

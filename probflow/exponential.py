@@ -63,7 +63,7 @@ import numpy as np
 from torch import Tensor
 
 from probflow.field import DDIMField
-from probflow.solvers import Method, register
+from probflow.method import Method
 
 __all__ = [
     "ExpState",
@@ -72,6 +72,7 @@ __all__ = [
     "multistep_step",
     "singlestep_step",
     "unipc_step",
+    "DECLARED",
     "METHOD_NAMES",
 ]
 
@@ -332,7 +333,8 @@ def unipc_step(order: int):
     return step
 
 
-_METHODS = [
+# Declared here, registered by `probflow.solvers` (the one place that builds the registry).
+DECLARED = (
     Method("dpmpp_2m", 2, 1, step=multistep_step(2), multistep=True,
            description="DPM-Solver++(2M), exponential integrator in λ, data prediction; last step (E3)"),
     Method("dpmpp_3m", 3, 1, step=multistep_step(3), extra_calls=1, multistep=True,
@@ -345,9 +347,6 @@ _METHODS = [
            description="UniPC-2 (bh2): UniP-2 predictor + UniC corrector, multistep; last step (E3)"),
     Method("unipc_3", 3, 1, step=unipc_step(3), multistep=True,
            description="UniPC-3 (bh2): UniP-3 predictor + UniC corrector (order 4 inside, 3 from its cold start)"),
-]
+)
 
-METHOD_NAMES = tuple(m.name for m in _METHODS)
-
-for _m in _METHODS:
-    register(_m)
+METHOD_NAMES = tuple(m.name for m in DECLARED)

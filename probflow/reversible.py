@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from probflow.field import DDIMField
-from probflow.solvers import Method, register
+from probflow.method import Method
 
 __all__ = ["HeunState", "QUANTUM", "reversible_heun_step", "to_fixed", "from_fixed", "parasitic"]
 
@@ -185,6 +185,7 @@ def reversible_heun_step(field: DDIMField, x: Tensor, sigma: Tensor, sigma_next:
     return from_fixed(xbar, dtype).to(x.device), new
 
 
-register(Method("reversible_heun", order=2, stages=1, step=reversible_heun_step, reversible=True, extra_calls=1,
+# Declared here, registered by `probflow.solvers` (the one place that builds the registry).
+DECLARED = (Method("reversible_heun", order=2, stages=1, step=reversible_heun_step, reversible=True, extra_calls=1,
                 description="reversible Heun (Kidger et al. 2021) in exact fixed point: pair state, 1 NFE/step, "
-                            "decode(encode(x)) = x to 1e-13 on the flipped grid, any dtype and step count"))
+                            "decode(encode(x)) = x to 1e-13 on the flipped grid, any dtype and step count"),)

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1] / "probflow"
 LAYERS = {
     0: ["probflow.version", "probflow.schedules", "probflow.grids"],
     1: ["probflow.field", "probflow.models", "probflow.precision"],
-    2: ["probflow.solvers", "probflow.exponential", "probflow.reversible", "probflow.adaptive", "probflow.integrate",
-        "probflow.newton"],
+    2: ["probflow.method", "probflow.solvers", "probflow.exponential", "probflow.reversible", "probflow.adaptive",
+        "probflow.integrate", "probflow.newton"],
     3: ["probflow", "probflow.flows", "probflow.sde", "probflow.calibrate", "probflow.likelihood",
         "probflow.inversion"],
     4: ["probflow.digits", "probflow.io", "probflow.demo", "probflow.distributed", "probflow.bench",
