@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("cmd", [
     ["benchmarks/inversion.py", "--out", "/nonexistent-folder/x"],
     ["benchmarks/inversion.py", "--cases", "digits,cats"],
-    ["-m", "probflow.bench.heldout", "--out", "/nonexistent-folder/a.md", "--quick"],
-    ["-m", "probflow.bench.heldout", "--samples", "0"],
+    ["benchmarks/heldout.py", "--out", "/nonexistent-folder/a.md", "--quick"],
+    ["benchmarks/heldout.py", "--samples", "0"],
 ])
 def test_bad_arguments_exit_2_with_one_line(cmd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -16,9 +16,7 @@ LAYERS = {
         "probflow.integrate", "probflow.newton"],
     3: ["probflow", "probflow.flows", "probflow.sde", "probflow.calibrate", "probflow.likelihood",
         "probflow.inversion"],
-    4: ["probflow.digits", "probflow.io", "probflow.demo", "probflow.distributed", "probflow.bench",
-        "probflow.bench.digits_quality", "probflow.bench.digits_quality_report",
-        "probflow.bench.heldout_outliers"],
+    4: ["probflow.digits", "probflow.io", "probflow.demo", "probflow.distributed", "probflow.bench"],
     5: ["probflow.cli", "probflow.__main__"],
 }
 

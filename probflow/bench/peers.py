@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from probflow.grids import karras, log_uniform
+from probflow.method import steps_for_nfe as _steps_for_nfe
 from probflow.schedules import Schedule
 
 __all__ = ["PEERS", "PeerSpec", "PeerResult", "available", "peer_grids", "peer_names", "make_scheduler",
@@ -65,16 +66,21 @@ _REL_MATCH = 1e-5  # a float32 σ and the float64 value it rounds agree far bett
 
 @dataclass(frozen=True)
 class PeerSpec:
-    """A diffusers scheduler as a peer: its class, its config, the variable it keeps ("x" or "xbar"),
-    model calls per step (as a function of steps), and the grids it supports (`karras`: whether it takes
-    `use_karras_sigmas` and `use_exponential_sigmas`)."""
+    """A diffusers scheduler as a peer: its class, its config, the variable it keeps ("x" or "xbar"), the grids
+    it supports (`karras`: whether it takes `use_karras_sigmas` and `use_exponential_sigmas`), and its model calls
+    for n steps, stages·n + extra_calls (declared as a `probflow.solvers.Method` declares them)."""
 
     cls: str
     config: dict
     variable: str
     karras: bool
     description: str
-    nfe: Callable[[int], int] = lambda n: n
+    stages: int = 1
+    extra_calls: int = 0
+
+    def nfe(self, steps: int) -> int:
+        """Model calls of a run of `steps` steps."""
+        return self.stages * steps + self.extra_calls
 
 
 _DDPM = {"timestep_spacing": "trailing", "prediction_type": "epsilon"}
@@ -101,7 +107,7 @@ PEERS: dict[str, PeerSpec] = {
     "euler_d": PeerSpec("EulerDiscreteScheduler", {**_DDPM, "final_sigmas_type": "zero"}, "xbar", True,
                         "diffusers EulerDiscreteScheduler"),
     "heun_d": PeerSpec("HeunDiscreteScheduler", {**_DDPM, "clip_sample": False}, "xbar", True,
-                       "diffusers HeunDiscreteScheduler (last step Euler into σ = 0)", lambda n: 2 * n - 1),
+                       "diffusers HeunDiscreteScheduler (last step Euler into σ = 0)", stages=2, extra_calls=-1),
     "lms_d": PeerSpec("LMSDiscreteScheduler", _DDPM, "xbar", True, "diffusers LMSDiscreteScheduler (order 4)"),
 }
 
@@ -164,9 +170,10 @@ def last_sigma_before_zero(name: str, schedule: Schedule, steps: int, grid: str)
 
 
 def steps_for_nfe(name: str, nfe: int) -> int:
-    """The step count whose model calls come closest to `nfe` (Heun: 2n − 1 calls)."""
+    """The step count whose model calls come closest to `nfe`, the fewer on a tie (Heun: 2n − 1 calls): the rule
+    of probflow's own methods, `probflow.method.steps_for_nfe`."""
     spec = _spec(name)
-    return min(range(1, max(nfe, 1) + 1), key=lambda n: (abs(spec.nfe(n) - nfe), n))
+    return _steps_for_nfe(nfe, spec.stages, spec.extra_calls)
 
 
 def _spec(name: str) -> PeerSpec:

@@ -56,8 +56,9 @@ def adaptive_methods() -> list[str]:
 
 
 def steps_for(method: Method, nfe: int) -> int:
-    """Steps whose counted NFE (stages × steps + extra_calls) comes closest to `nfe` without a step below 1."""
-    return max(1, int(round((nfe - method.extra_calls) / max(1, method.stages))))
+    """Steps whose counted NFE (stages × steps + extra_calls) comes closest to `nfe`: `Method.steps_for_nfe`, the
+    one rule (kept here under its old name for notebooks)."""
+    return method.steps_for_nfe(nfe)
 
 
 def _errors(x: Tensor, ref: Tensor) -> dict:

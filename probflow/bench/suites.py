@@ -4,7 +4,9 @@ cost estimate for model workloads before they run.
 Suites: "mixture2" and "mixture64" (sharp Gaussian mixtures with exact ε, DOP853 reference at 1e-12), "digits"
 (the shipped digits network), "model" (any `--model SPEC`, see `workloads.load_model_spec`) and "overhead" (time
 per step beyond the model). `SUITES` maps a suite's name to its runner `run(ctx) -> None`, which adds its workload
-(or section) to ctx.results; further suites register here.
+(or a markdown section, ctx.results["sections"]) to ctx.results; further suites register here. The one-off
+studies that produced committed numbers (the held-out family's recommendations, digits sample quality) are
+scripts in `benchmarks/`, not suites.
 """
 
 from __future__ import annotations
@@ -150,31 +152,12 @@ def _overhead(ctx: Context) -> None:
         peers=("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3") if ctx.peers else ())
 
 
-def _heldout(ctx: Context) -> None:
-    from probflow.bench import heldout
-
-    ctx.say("held-out family: tuning set, then held-out problems …")
-    text = "\n".join("#" + line if line.startswith("#") else line  # its headings one level down
-                     for line in heldout.section(quick=ctx.cfg is QUICK).splitlines())
-    ctx.results["sections"].append({"title": "Held-out family and adaptive solving", "markdown": text})
-
-
-def _digits_quality(ctx: Context) -> None:
-    from probflow.bench import digits_quality
-
-    ctx.say("digits quality: Fréchet distance with a bootstrap interval, recommended solvers against diffusers …")
-    text = digits_quality.section(quick=ctx.cfg is QUICK, progress=ctx.progress)
-    ctx.results["sections"].append({"title": "Digits sample quality", "markdown": text})
-
-
 SUITES: dict[str, Callable[[Context], None]] = {
     "mixture2": lambda ctx: _mixture(ctx, 2, "mixture2", ctx.cfg.n2),
     "mixture64": lambda ctx: _mixture(ctx, 64, "mixture64", ctx.cfg.n64),
     "digits": lambda ctx: _network_or_model(ctx, ctx.digits_model or "digits", "digits"),
     "model": lambda ctx: _network_or_model(ctx, ctx.model, f"model {ctx.model}"),
     "overhead": _overhead,
-    "heldout": _heldout,
-    "digits_quality": _digits_quality,
 }
 DEFAULT_SUITES = ("mixture2", "mixture64", "digits", "overhead")
 

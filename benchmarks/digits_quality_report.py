@@ -1,4 +1,4 @@
-"""The markdown report of `probflow.bench.digits_quality` (its `quality` result → DIGITS.md)."""
+"""The markdown report of `digits_quality.py` (its `quality` result → DIGITS.md)."""
 
 from __future__ import annotations
 

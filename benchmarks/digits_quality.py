@@ -3,7 +3,7 @@
 For each NFE (default 10 and 20), from one shared noise batch `probflow.noise(n, (1, 8, 8), seed)`:
 
 - probflow's recommended solver as the README states it (`RECOMMENDED`: NFE 10 `unipc` on `log_snr_tuned`,
-  NFE 20 `unipc_3` on log-SNR uniform to 2σ_0 = `heldout.tuned_grid`), chosen on the Gaussian-mixture tuning
+  NFE 20 `unipc_3` on log-SNR uniform to 2σ_0 = `heldout_study.tuned_grid`), chosen on the Gaussian-mixture tuning
   set, never on digits; and, as a second row, the same method on a per-model calibrated grid
   (`probflow.calibrate.calibrated`, fitted on `cal_samples` samples of separate calibration noise, seed
   `CAL_SEED`, never the evaluation noise);
@@ -27,8 +27,8 @@ n samples. "Best peer" by Fréchet distance = the finalist with the smallest dis
 the evaluation samples themselves: that favours the peers (conservative for probflow). `screen >= n` runs
 everything on all n.
 
-Run: `python -m probflow.bench.digits_quality --out benchmarks/DIGITS.md [--force] [--samples N]` (writes the
-numbers as JSON beside it); `probflow bench --suites digits_quality` adds the quick variant as a section.
+Run: `python benchmarks/digits_quality.py --out benchmarks/DIGITS.md [--force] [--samples N]` (writes the
+numbers as JSON beside it; the report names its command). `QUICK` is the tests' small variant.
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ import sys
 import time
 from pathlib import Path
 
+import heldout_study
 import numpy as np
 import torch
+from digits_quality_report import key as _rkey
+from digits_quality_report import markdown
 from torch import Tensor
 
 from probflow import calibrate as _calibrate
 from probflow import grids as _grids
-from probflow.bench import heldout as _heldout
 from probflow.bench import peers as _peers
-from probflow.bench.digits_quality_report import key as _rkey
-from probflow.bench.digits_quality_report import markdown
 from probflow.bench.reference import reference as _reference
 from probflow.digits import metrics as _metrics
 from probflow.digits.data import load_split
@@ -59,7 +59,7 @@ from probflow.integrate import integrate
 from probflow.io.atomic import atomic_write, check_writable
 
 __all__ = ["RECOMMENDED", "CAL_METHODS", "SEED", "CAL_SEED", "recommended_grid", "fit_rows", "bootstrap_fd",
-           "interval", "quality", "markdown", "QUICK", "section", "main"]
+           "interval", "quality", "markdown", "QUICK", "main"]
 
 # The README's recommendation per NFE ("Recommendation, from the held-out numbers"): method and grid name.
 RECOMMENDED = {10: ("unipc", "log_snr_tuned"), 20: ("unipc_3", "tuned")}
@@ -130,11 +130,11 @@ def _rmse_ratio_interval(e_a: np.ndarray, e_b: np.ndarray, resamples: int, seed:
 
 
 def recommended_grid(schedule, method: str, grid: str, nfe: int) -> Tensor:
-    """The σ grid of a recommended (method, grid name) at `nfe`: "tuned" is `heldout.tuned_grid` (at NFE 20 for
+    """The σ grid of a recommended (method, grid name) at `nfe`: "tuned" is `heldout_study.tuned_grid` (at NFE 20 for
     unipc_3: log-SNR uniform from σ_max to 2σ_0), other names are `probflow.grids.NAMED`."""
-    steps = _heldout.steps_for(method, nfe)
+    steps = heldout_study.steps_for(method, nfe)
     if grid == "tuned":
-        return _heldout.tuned_grid(schedule, steps, method, nfe)
+        return heldout_study.tuned_grid(schedule, steps, method, nfe)
     return _grids.named(grid, schedule, steps)
 
 
@@ -185,8 +185,8 @@ def _calibrated_grids(c: _Ctx, nfes, n_cal: int, ref_tol: float, max_evals: int,
     for n in nfes:
         m = CAL_METHODS[n]
         f, t0 = c.field(), time.perf_counter()
-        g = _calibrate.calibrated(f, zc, c.schedule.sigma_max, 3.0 * c.schedule.sigma_min, _heldout.steps_for(m, n),
-                                  m, max_evals=max_evals, reference=ref)
+        g = _calibrate.calibrated(f, zc, c.schedule.sigma_max, 3.0 * c.schedule.sigma_min,
+                                  heldout_study.steps_for(m, n), m, max_evals=max_evals, reference=ref)
         out["grids"][n], out["nfe"][n], out["wall_s"][n] = g, f.nfe, time.perf_counter() - t0
         say(f"calibrated grid for {m} at NFE {n}: {f.nfe} batch calls on {n_cal} samples, "
             f"{out['wall_s'][n]:.0f} s")
@@ -365,15 +365,10 @@ def quality(model=None, nfe=(10, 20), n: int = 1024, seed: int = SEED, *, screen
     return out
 
 
-# The quick variant (tests, `probflow bench --quick --suites digits_quality`): 64 samples, NFE 10, DDIM and UniPC
-# peers, 200 resamples, a loose reference, no calibration.
+# The quick variant (tests): 64 samples, NFE 10, DDIM and UniPC peers, 200 resamples, a loose reference, no
+# calibration.
 QUICK = {"nfe": (10,), "n": 64, "screen": 16, "finalists": 1, "resamples": 200, "ref_tol": 1e-3, "check_tol": 1e-2,
          "cal_samples": 0, "peers": ("ddim", "unipc")}
-
-
-def section(quick: bool = False, progress: bool = True) -> str:
-    """The study as a markdown section for `probflow bench --suites digits_quality` (quick: `QUICK`)."""
-    return markdown(quality(**(QUICK if quick else {}), progress=progress), heading="###")
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -405,7 +400,7 @@ def _to_json(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="probflow.bench.digits_quality", description=__doc__.split("\n")[0])
+    p = _Parser(prog="benchmarks/digits_quality.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="the markdown report (written atomically)")
     p.add_argument("--json", default=None, help="the numbers as JSON (default: digits_quality.json beside --out)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -432,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{_CLI_NAMES.get(msg, msg)}: {rest}")
     res = quality(nfe=nfe, n=a.samples, seed=a.seed, screen=a.screen, finalists=a.finalists, resamples=a.resamples,
                   cal_samples=a.cal_samples)
-    cmd = "python -m probflow.bench.digits_quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python benchmarks/digits_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(res, cmd)
     atomic_write(jpath, lambda tmp: Path(tmp).write_text(_to_json(res), encoding="utf-8"), a.force, "--json")
     atomic_write(a.out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), a.force, "--out")

@@ -20,7 +20,8 @@ of RMS((x_higher − x_lower)/δ); accept if E ≤ 1 (x ← x_higher, x_prev ←
 as the recipe's `denoise_to_zero`, x_0 = (x − σ_t ε)/α_t at σ_end (one more NFE). One generosity: ε at the start of
 a step is kept across rejections (counted once).
 
-The study (`tolerance_study`): on problems of the held-out family (`probflow.bench.heldout`), for rtol = atol =
+The study (`tolerance_study`, run by `python benchmarks/heldout.py`, reported in HELDOUT.md): on problems of the
+held-out family (`probflow.bench.heldout`), for rtol = atol =
 1e-2 … 1e-8: achieved RMSE of x_0 against DOP853 at 1e-12, NFE, for torchdiffeq's dopri5 in log σ (integrate's
 default) and in σ, probflow's `adaptive_exp` (its default 3(4) pair, and the 4(5) pair `adaptive_exp_o4`),
 and the recipe (pair 23; ending at σ_0 and at 1e-3), and DDIM

@@ -8,7 +8,7 @@ validation nor evaluation noise), for `calibrate.calibrated_select` and every pe
 `flip_summary` counts those samples, how many peer configurations send the same sample off too, and the blocks
 of 8 samples (the benchmark's evaluation size) where ours is worse than the best peer chosen per block.
 
-`python -m probflow.bench.heldout_outliers --samples 192` prints the table (about 2.5 min on one thread).
+`python benchmarks/heldout_outliers.py --samples 192` prints the table.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import math
 import sys
 
 import torch
+from heldout_study import PEERS, say, steps_for
 
 from probflow import calibrate as _calibrate
 from probflow.bench import peers as _peers
-from probflow.bench.heldout import PEERS, REF_TOL, TUNING_SEEDS, _say, family, steps_for
+from probflow.bench.heldout import REF_TOL, TUNING_SEEDS, family
 from probflow.flows import noise
 from probflow.integrate import integrate
 from probflow.schedules import linear
@@ -58,7 +59,7 @@ def outlier_study(seeds=TUNING_SEEDS, nfe: int = 10, n: int = 192, flip: float =
                 if r.nfe <= nfe:
                     peers[(name, g)] = (r.x.double() - ref).pow(2).flatten(1).mean(1).sqrt()
         rows.append({"problem": p.seed, "method": sel.method, "err": per, "peers": peers, "flip": flip})
-        _say(f"  outliers {p.describe()}: {int((per > flip).sum())} of {n} samples beyond {flip}")
+        say(f"  outliers {p.describe()}: {int((per > flip).sum())} of {n} samples beyond {flip}")
     return rows
 
 
@@ -93,7 +94,7 @@ def flip_summary(rows: list[dict], block: int = 8) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m probflow.bench.heldout_outliers", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="benchmarks/heldout_outliers.py", description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=192, help="fresh samples per tuning problem, a multiple of 8")
     p.add_argument("--tuning", type=int, default=len(TUNING_SEEDS), help="first N tuning problems")
     a = p.parse_args(argv)
