@@ -109,6 +109,10 @@ def integrate(
         if ((d - d.mean()).abs() > 1e-6 * d.abs().mean()).any():
             raise ValueError(f"sigmas: method {m.name!r} assumes equal steps in σ; got a non-uniform grid "
                              "(use e.g. torch.linspace, or a method without this restriction)")
+    up = bool(sigmas[-1] > sigmas[0])
+    if ("up" if up else "down") not in m.directions:
+        raise ValueError(f"sigmas: method {m.name!r} integrates {' and '.join(sorted(m.directions))}wards only (its "
+                         f"declared directions); got an {'increasing' if up else 'decreasing'} grid")
     if state is not None and m.backend != "probflow":
         raise ValueError(f"state: {m.name} ({m.backend}) keeps no solver state; state applies to probflow's own "
                          "step methods")

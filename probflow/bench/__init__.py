@@ -1,13 +1,14 @@
 """Solver comparison against exact ground truth and against diffusers (`probflow bench`).
 
 Every solver integrates Eq. 12, dx̄/dσ = ε(x̄/sqrt(1+σ²), σ), *down* from σ_max (t = T−1) to σ = 0 from the same
-x_T; at σ = 0, x̄ = x = x_0, which is compared with a reference x_0 from the same noise (MATH.md §7).
+x_T; at σ = 0, x̄ = x = x_0, which is compared with a reference x_0 from the same noise (docs/MATH.md §7).
 
 Modules: `grids` (grids by name), `workloads` (a model, its noise and reference; models by spec), `reference`
 (the tight adaptive reference and its check against a looser one), `runner` (one row per solve; best per NFE;
 convergence order), `peers` (diffusers' schedulers driven as pipelines drive them), `overhead` (time per step
-beyond the model), `suites` (the sizes and suites of a run), `report` (RESULTS.md) and `plots`; the command's
-arguments and run are in `probflow.cli.bench`.
+beyond the model), `suites` (the sizes and suites of a run), `report` (RESULTS.md), `plots` and `heldout` (a
+seeded problem family split into tuning and held-out problems); the command's arguments and run are in
+`probflow.cli.bench`. The studies run on this harness are scripts in `benchmarks/`.
 
 Helper API for notebooks and other benchmarks, re-exported here: `mixture_workload`, `model_workload`,
 `run_workload`, `run_mixture_suite`, `error_vs_nfe`, `convergence_order`, `best_per_nfe`, `solver_overhead`;
