@@ -2,7 +2,7 @@
 
 Samples the same noise with DDIM (Euler on the trailing DDIM grid of the DDPM linear schedule) at several
 step counts, with rk4, and with dopri5 at several tolerances; measures each x_0 against the DOP853
-reference (MATH.md §7); prints a table (method, NFE, error) and writes a PNG (trajectories, error vs NFE).
+reference (docs/MATH.md §7); prints a table (method, NFE, error) and writes a PNG (trajectories, error vs NFE).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Exponential integrators of Eq. 12 in λ = −log σ, data-prediction form (DPM-Solver++, UniPC families).
 
-Variables (MATH.md §1–2): the state is x̄, the field gives ε, and the denoiser is D = x̄ − σ ε (x̂_0).
+Variables (docs/MATH.md §1–2): the state is x̄, the field gives ε, and the denoiser is D = x̄ − σ ε (x̂_0).
 In x̄, Eq. 12 reads dx̄/dσ = (x̄ − D)/σ. With y = x̄/σ = x̄ e^{λ} this is dy/dλ = e^{λ} D, so over a step
 from σ to σ_next (h = λ_next − λ = log(σ/σ_next)) the exact solution is
 
@@ -14,7 +14,7 @@ Only D is approximated. If D(λ + u) ≈ P(u) = Σ_m c_m u^m, then with I_m(h) =
 and x̄_next = e^{−h} x̄ + Σ_m c_m I_m. When P interpolates D at nodes u_j, this is a weighted sum
 x̄_next = e^{−h} x̄ + Σ_j w_j D_j with w = V^{−T} I (V_jm = u_j^m, the Vandermonde matrix): the
 "exponential quadrature" weights, computed once per step on scalars. Order 1 (P = D_0) gives
-x̄_next = x̄ − (σ − σ_next) ε: DDIM (MATH.md §3), so DDIM is the first member of this family.
+x̄_next = x̄ − (σ − σ_next) ε: DDIM (docs/MATH.md §3), so DDIM is the first member of this family.
 
 Methods (all probflow step functions `step(field, x̄, σ, σ_next, state) -> (x̄_next, state)`):
 

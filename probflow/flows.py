@@ -1,7 +1,7 @@
 """Sample, decode, encode and interpolate: Eq. 12 integrated along a grid, in the model's variable x.
 
 Every function here converts x → x̄ = x·sqrt(1+σ²) at the first σ of the grid, calls the one
-`integrate`, and converts back at the last σ (MATH.md §1–2). `sigmas` is always the *sampling* grid
+`integrate`, and converts back at the last σ (docs/MATH.md §1–2). `sigmas` is always the *sampling* grid
 (decreasing); encode runs the same grid flipped ("inverse = forward with the ends swapped"), so
 decode(encode(x, g), g) is a round trip on one grid.
 """
@@ -109,7 +109,7 @@ def encode(
     """x_0 → x_T: integrate Eq. 12 *up* the flipped sampling grid; the latent is x_T = x̄(σ_max)/sqrt(1+σ_max²).
 
     With `method="euler"` this is DDIM inversion with ε evaluated at the start of each upward step
-    (MATH.md §3). The Solution's `state` lets a reversible method decode exactly.
+    (docs/MATH.md §3). The Solution's `state` lets a reversible method decode exactly.
     """
     up = _decreasing(sigmas).flip(0)
     return _flow(model, x0, up, method, rtol, atol, trajectory, state, options, precision, max_steps)

@@ -1,6 +1,6 @@
 """The one integrate path: Eq. 12 from the first to the last σ of a grid, by any registered method.
 
-Sampling, encoding, benchmarks and the reference all come through `integrate`; it works in x̄ (MATH.md
+Sampling, encoding, benchmarks and the reference all come through `integrate`; it works in x̄ (docs/MATH.md
 §1); `probflow.flows` converts to and from the model's variable x.
 """
 
@@ -328,7 +328,7 @@ def _solve_scipy(field: DDIMField, xbar: Tensor, sigmas: Tensor, rtol: float, at
 
 
 def scale_in(x: Tensor, sigma: Tensor | float) -> Tensor:
-    """x → x̄ = x·sqrt(1 + σ²) (MATH.md §1)."""
+    """x → x̄ = x·sqrt(1 + σ²) (docs/MATH.md §1)."""
     return x * math.sqrt(1.0 + float(sigma) ** 2)
 
 

@@ -2,7 +2,7 @@
 
 reversible_heun (Kidger et al. 2021, "Efficient and accurate gradients for neural SDEs") carries a *pair*
 of states at each σ, x̄ and its partner x̂, with f̂ = f(σ, x̂), f(σ, x̄) = ε(x̄/sqrt(1+σ²), σ) the field of
-Eq. 12 (MATH.md §2). A step from σ to σ' = σ + h (h of either sign) costs one model call:
+Eq. 12 (docs/MATH.md §2). A step from σ to σ' = σ + h (h of either sign) costs one model call:
 
     x̂' = 2 x̄ − x̂ + h f̂,        f̂' = f(σ', x̂'),        x̄' = x̄ + h/2 (f̂ + f̂')
 
@@ -32,7 +32,7 @@ benchmarks/INVERSION.md); decoding x̄_N without the state (partner initialised 
 order-2 solve from that latent, not an exact inverse.
 
 Stability limits. Exactness needs the pair; stability needs the parasitic mode d = x̄ − x̂ to stay small. Its
-step map grows it by about |z| + sqrt(1 + z²) per step, z = h·∂f/∂x̄ ≈ h/σ on Eq. 12 (MATH.md §2), so on
+step map grows it by about |z| + sqrt(1 + z²) per step, z = h·∂f/∂x̄ ≈ h/σ on Eq. 12 (docs/MATH.md §2), so on
 DDIM's trailing grids (|h|/σ from 0.4 to 1 per step) it grows by 1.5–2.4× per step unless the field damps
 it. Started without the state (x̂ = x̄) it is excited by the first step and, on the shipped digits network,
 diverges: `sample` with 10/20/50 trailing steps ends with |x̄ − x̂| up to 83/61/44 and x_0 up to ±17/±11/±10

@@ -1,7 +1,7 @@
 """Stochastic samplers run through the one integrate path: DDIM with η (Eq. 11) and the reverse-SDE family.
 
 Both are probflow step functions `step(field, x̄, σ, σ_next, state) -> (x̄_next, state)` on a *decreasing*
-σ grid, in x̄ (MATH.md §1, §4). Their noise source is the explicit `state`: a `SampleNoise` holding one
+σ grid, in x̄ (docs/MATH.md §1, §4). Their noise source is the explicit `state`: a `SampleNoise` holding one
 generator per sample, seeded by (seed, sample index), so a sample's path does not depend on the batch size
 or on its position in the batch. Every step draws exactly one z ~ N(0, I) per sample (also where the noise
 coefficient is 0), so step k uses the same z for every η or γ: the knobs are coupled, and turning them to 0
@@ -113,7 +113,7 @@ def _check_knob(value: float, name: str) -> float:
 
 
 def ddim_eta_scales(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
-    """Eq. 11's two coefficients in x̄ for a step σ = σ_t → σ_next = σ_s < σ (MATH.md §4).
+    """Eq. 11's two coefficients in x̄ for a step σ = σ_t → σ_next = σ_s < σ (docs/MATH.md §4).
 
     With ᾱ = 1/(1 + σ²), σ_{s,t}(η)/sqrt(ᾱ_s) = η σ_s sqrt(1 − σ_s²/σ_t²) =: c and
     sqrt(1 − ᾱ_s − σ_{s,t}²)/sqrt(ᾱ_s) = σ_s sqrt(1 − η²(1 − σ_s²/σ_t²)) =: d, so that Eq. 11 divided by
@@ -125,7 +125,7 @@ def ddim_eta_scales(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tens
 
 def ddim_eta_step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Tensor, state: SampleNoise | None,
                   *, eta: float, seed: int = 0, indices: Sequence[int] | None = None):
-    """One step of stochastic DDIM (Eq. 11 with σ_{s,t}(η), MATH.md §4) in x̄, σ decreasing:
+    """One step of stochastic DDIM (Eq. 11 with σ_{s,t}(η), docs/MATH.md §4) in x̄, σ decreasing:
 
         x̂_0 = x̄_t − σ_t ε̂,     x̄_s = x̂_0 + σ_s sqrt(1 − η²(1 − σ_s²/σ_t²)) ε̂ + η σ_s sqrt(1 − σ_s²/σ_t²) z
 
@@ -142,7 +142,7 @@ def ddim_eta_step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Ten
 
 def reverse_sde_step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Tensor, state: SampleNoise | None,
                      *, gamma: float, seed: int = 0, indices: Sequence[int] | None = None):
-    """One Euler–Maruyama step of the reverse-time family (MATH.md §4) in x̄, σ decreasing (h = σ_s − σ_t < 0):
+    """One Euler–Maruyama step of the reverse-time family (docs/MATH.md §4) in x̄, σ decreasing (h = σ_s − σ_t < 0):
 
         dx̄ = (1 + γ²) ε(x̄/sqrt(1+σ²), σ) dσ + γ sqrt(2σ) dw̄   →   x̄_s = x̄_t + (1 + γ²) ε̂ h + γ sqrt(2σ_t |h|) z
 
@@ -166,7 +166,7 @@ def stochastic_ddim(eta: float, seed: int = 0, indices: Sequence[int] | None = N
     return Method(f"ddim_eta={eta:g}", order=1, stages=1, stochastic=True, directions=frozenset({"down"}),
                   augmented=False,
                   step=partial(ddim_eta_step, eta=eta, seed=seed, indices=indices),
-                  description="stochastic DDIM, Eq. 11 with σ_{s,t}(η) (MATH.md §4); η = 0 is euler")
+                  description="stochastic DDIM, Eq. 11 with σ_{s,t}(η) (docs/MATH.md §4); η = 0 is euler")
 
 
 def reverse_sde(gamma: float, seed: int = 0, indices: Sequence[int] | None = None) -> Method:
@@ -180,4 +180,4 @@ def reverse_sde(gamma: float, seed: int = 0, indices: Sequence[int] | None = Non
     return Method(f"reverse_sde_gamma={gamma:g}", order=1, stages=1, stochastic=True,
                   directions=frozenset({"down"}), augmented=False,
                   step=partial(reverse_sde_step, gamma=gamma, seed=seed, indices=indices),
-                  description="reverse-time SDE family in σ (MATH.md §4) by Euler–Maruyama; weak order 1")
+                  description="reverse-time SDE family in σ (docs/MATH.md §4) by Euler–Maruyama; weak order 1")

@@ -1,4 +1,4 @@
-"""DDIM (Eq. 11, σ_{s,t} = 0) and Euler on Eq. 12 agree to rounding on the same grid (MATH.md §3)."""
+"""DDIM (Eq. 11, σ_{s,t} = 0) and Euler on Eq. 12 agree to rounding on the same grid (docs/MATH.md §3)."""
 
 import math
 
@@ -46,7 +46,7 @@ def test_diffusers_ddim_scheduler_equals_probflow_euler(mixture, steps):
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
         set_alpha_to_one=True, timestep_spacing="trailing", prediction_type="epsilon",
     )
-    sched.alphas_cumprod = SCH.alpha_bar.clone()  # diffusers builds it in float32 (MATH.md §6)
+    sched.alphas_cumprod = SCH.alpha_bar.clone()  # diffusers builds it in float32 (docs/MATH.md §6)
     sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
     sched.set_timesteps(steps)
     x_T = probflow.noise(16, (mixture.dim,), seed=4)

@@ -84,7 +84,7 @@ def test_nfe_per_grid(method, nfe):
 
 
 def test_first_order_weights_are_ddim():
-    """(E1) with D constant is the DDIM/Euler step x̄ − (σ − σ_next) ε (MATH.md §3), and into 0 it is D."""
+    """(E1) with D constant is the DDIM/Euler step x̄ − (σ − σ_next) ε (docs/MATH.md §3), and into 0 it is D."""
     x = probflow.noise(4, (8,), seed=4) * 3.0
     s, sn = torch.tensor(3.0, dtype=torch.float64), torch.tensor(1.2, dtype=torch.float64)
     f = probflow.DDIMField(SMOOTH)

@@ -1,4 +1,4 @@
-"""The analytic models are exact: ε* = −sqrt(1−ᾱ) ∇_x log p_t(x) (MATH.md §2), checked by autograd."""
+"""The analytic models are exact: ε* = −sqrt(1−ᾱ) ∇_x log p_t(x) (docs/MATH.md §2), checked by autograd."""
 
 import math
 

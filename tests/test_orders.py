@@ -1,5 +1,5 @@
 """Every registered fixed-grid method converges at the order it declares (`Method.order`), measured against DOP853
-at 1e-12 on a smooth Gaussian mixture (MATH.md §7). The methods come from the registry, so a method registered
+at 1e-12 on a smooth Gaussian mixture (docs/MATH.md §7). The methods come from the registry, so a method registered
 later is order-tested by itself; a deliberately mis-declared method is the negative control."""
 
 import math

@@ -1,5 +1,5 @@
 """diffusers' schedulers as peers (probflow.bench.peers): the driver is checked against probflow and against the
-exact flow, so that a benchmark against them compares methods, not conventions (MATH.md §3, §6)."""
+exact flow, so that a benchmark against them compares methods, not conventions (docs/MATH.md §3, §6)."""
 
 import math
 
@@ -25,7 +25,7 @@ def setup():
 
 @pytest.mark.parametrize("steps", [10, 25])
 def test_ddim_peer_equals_probflow_euler_on_the_trailing_grid(setup, steps):
-    # DDIM (Eq. 11, diffusers' own code) and Euler on Eq. 12 are the same map on the same σ grid (MATH.md §3);
+    # DDIM (Eq. 11, diffusers' own code) and Euler on Eq. 12 are the same map on the same σ grid (docs/MATH.md §3);
     # with the float64 table swapped in, the only difference is rounding.
     sch, model, z = setup
     r = peers.run_peer("ddim", model, z, sch, steps)
@@ -36,7 +36,7 @@ def test_ddim_peer_equals_probflow_euler_on_the_trailing_grid(setup, steps):
 
 
 def test_ddim_peer_flags_the_misstep_when_steps_do_not_divide_T(setup):
-    # trailing timesteps of 7 steps are not T//7 apart: DDIMScheduler moves to t − T//7 instead (MATH.md §6)
+    # trailing timesteps of 7 steps are not T//7 apart: DDIMScheduler moves to t − T//7 instead (docs/MATH.md §6)
     sch, model, z = setup
     r = peers.run_peer("ddim", model, z, sch, 7)
     assert r.notes and "missteps" in r.notes[0]

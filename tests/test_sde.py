@@ -1,4 +1,4 @@
-"""Stochastic DDIM (η) and the reverse-SDE family (γ): the SDE → ODE limit (MATH.md §4).
+"""Stochastic DDIM (η) and the reverse-SDE family (γ): the SDE → ODE limit (docs/MATH.md §4).
 
 References: Euler on Eq. 12 (torchdiffeq's euler), an independent DDPM ancestral sampler written here in x
 from β_t, and exact samples of the Gaussian mixture and of its σ-marginals. Distributions are compared by
@@ -124,7 +124,7 @@ def test_eta_one_on_consecutive_steps_is_ddpm_ancestral_sampling(betas):
 
 def ddim_eq11(model, x_T: torch.Tensor, t_seq: torch.Tensor, alpha_bar: torch.Tensor, eta: float,
               noise: sde.SampleNoise) -> torch.Tensor:
-    """DDIM's Eq. 11 in x on a timestep subsequence, with σ_{s,t}(η) as in the paper (MATH.md §4), then a
+    """DDIM's Eq. 11 in x on a timestep subsequence, with σ_{s,t}(η) as in the paper (docs/MATH.md §4), then a
     last step to ᾱ = 1; one z per step."""
     ab = [alpha_bar[t] for t in t_seq] + [torch.ones((), dtype=torch.float64)]
     x = x_T

@@ -8,7 +8,7 @@ A pipeline's loop is, for t in `scheduler.timesteps`:
 start σ_max (t = T−1, `timestep_spacing="trailing"`) and the same end (σ = 0) as probflow's solvers, so the
 returned x_0 is comparable to `probflow.sample(...)` on the same noise. NFE = model calls.
 
-State variable. DDIM, DPM-Solver++ and UniPC keep x (the model's variable, MATH.md §1) and take x_T as is.
+State variable. DDIM, DPM-Solver++ and UniPC keep x (the model's variable, docs/MATH.md §1) and take x_T as is.
 Euler, Heun and LMS keep x̄ = x·sqrt(1 + σ²) (they divide by sqrt(σ² + 1) in `scale_model_input`); at σ = 0
 both are x_0.
 
@@ -22,7 +22,7 @@ same holds for `use_exponential_sigmas` (grid "exponential": σ log-uniform from
 uniform, = `probflow.grids.log_uniform`), which DPM-Solver++, UniPC, Euler, Heun and LMS support and DDIM
 does not; "karras_sigma"/"exponential_sigma" select `model_sigma="scheduler"`.
 
-Traps handled here (MATH.md §6):
+Traps handled here (docs/MATH.md §6):
 1. float32 tables: every scheduler builds ᾱ, σ in float32 (σ_max off in the 7th digit). Before
    `set_timesteps` its `alphas_cumprod` is replaced by the float64 table, and after it every σ of the grid is
    replaced by the float64 value it rounds (a table σ_t, or the float64 Karras grid), checked to 1e-5
@@ -270,7 +270,7 @@ def run_peer(
     notes: list[str] = []
     if name == "ddim" and schedule.T % steps:
         notes.append(f"missteps: T = {schedule.T} is not a multiple of {steps}; DDIMScheduler steps to t − T//n, "
-                     "not to the next trailing timestep (MATH.md §6)")
+                     "not to the next trailing timestep (docs/MATH.md §6)")
     sig64 = sched.sigmas if hasattr(sched, "sigmas") else None
     x = noise
     if spec.variable == "xbar":  # trap 3: x̄_T = x_T·sqrt(1 + σ_max²), not σ_max·z

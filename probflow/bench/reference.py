@@ -1,6 +1,6 @@
 """The benchmark's reference x_0: a tight adaptive solve of Eq. 12 from σ_max to 0, checked against a looser one.
 
-Every error in the benchmark is measured against x_0 = this solve from the same x_T (MATH.md §7). The check
+Every error in the benchmark is measured against x_0 = this solve from the same x_T (docs/MATH.md §7). The check
 solve at a looser tolerance bounds how far the reference itself may be from the exact flow: its max |Δx_0| and
 RMS difference are recorded beside the reference, so a reader sees whether the reference is tight enough for the
 errors it is used to measure (it must be far below them).

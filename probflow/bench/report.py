@@ -15,7 +15,7 @@ from probflow.schedules import linear
 __all__ = ["markdown", "headline_rows", "HEADLINE_WORKLOAD", "fmt", "label"]
 
 HEADLINE_WORKLOAD = "mixture D=64"
-DDIM = ("euler", "uniform")  # DDIM = Euler on the trailing uniform grid (MATH.md §3)
+DDIM = ("euler", "uniform")  # DDIM = Euler on the trailing uniform grid (docs/MATH.md §3)
 
 
 def fmt(v: float | None, spec: str = ".2e") -> str:

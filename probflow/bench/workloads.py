@@ -1,7 +1,7 @@
 """Benchmark workloads: a model, its noise x_T and the reference x_0 from it (`reference.reference`).
 
 Every solver starts from the same x_T at σ_max (t = T−1 of the model's schedule), x̄_T = x_T·sqrt(1 + σ_max²),
-and integrates Eq. 12 down to σ = 0, where x̄ = x = x_0 (MATH.md §1, §7).
+and integrates Eq. 12 down to σ = 0, where x̄ = x = x_0 (docs/MATH.md §1, §7).
 
 Models by spec (`load_model_spec`): "mixture2d" (the built-in 2-D mixture, exact ε), "digits" (the shipped
 digits ε-UNet), a local folder (a diffusers `save_pretrained` folder, or a digits checkpoint folder with

@@ -1,7 +1,7 @@
 """ε-models: the protocol, analytic models with exact ε, discrete-time networks, and loading by name.
 
 The protocol (`probflow.field.EpsModel`): `model(x, sigma) -> eps` with x a batch (B, …) in the model's own
-variable x = x̄/sqrt(1+σ²) and sigma a 0-d tensor (MATH.md §1–2). Analytic models (`analytic`) give ground
+variable x = x̄/sqrt(1+σ²) and sigma a 0-d tensor (docs/MATH.md §1–2). Analytic models (`analytic`) give ground
 truth; `adapters` turns a DDPM network `net(x, t)` into an ε-model over σ and loads diffusers folders;
 `unet` is the compact ε-UNet; `digits` loads the shipped digits checkpoint. Training lives above, in
 `probflow.digits`.

@@ -5,7 +5,7 @@ variable, a batch (B, *S) flattened to (B, D) inside. With the σ-marginal p_σ(
 
     ε*(x, σ) = −σ ∇_x̄ log p_σ(x̄) = (x̄ − D(x̄; σ))/σ,        x̄ = x·sqrt(1+σ²)
 
-which equals −sqrt(1−ᾱ) ∇_x log p_t(x) (MATH.md §2). Densities are of x̄ at noise level σ.
+which equals −sqrt(1−ᾱ) ∇_x log p_t(x) (docs/MATH.md §2). Densities are of x̄ at noise level σ.
 """
 
 from __future__ import annotations

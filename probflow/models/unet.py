@@ -1,10 +1,10 @@
 """A compact ε-UNet in plain torch for small images (8×8 digits, generally H, W divisible by 2^levels).
 
-    ε_θ(x_t, t):  x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε  (the model's variable x, MATH.md §1)
+    ε_θ(x_t, t):  x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε  (the model's variable x, docs/MATH.md §1)
 
 t is a *continuous* timestep (float, shape (B,)) on the DDPM table's scale 0 … T−1, embedded with
 sinusoids, so the network can be asked for ε between table entries: `probflow.models.adapters.DiscreteTimeModel`
-maps σ → t(σ) (MATH.md §5) and turns it into an ε-model over σ.
+maps σ → t(σ) (docs/MATH.md §5) and turns it into an ε-model over σ.
 
 Architecture: conv in; per resolution `blocks` residual blocks (GroupNorm, SiLU, 3×3 conv, additive
 time embedding); stride-2 conv down; a middle pair of residual blocks; nearest-neighbour up + conv, with
@@ -24,7 +24,7 @@ __all__ = ["UNet", "timestep_embedding"]
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of a float timestep: [cos(t·ω_k), sin(t·ω_k)], ω_k = max_period^(−k/(dim/2)).
 
-    t: shape (B,), any real value (the continuous t of MATH.md §5); returns (B, dim) in t's dtype.
+    t: shape (B,), any real value (the continuous t of docs/MATH.md §5); returns (B, dim) in t's dtype.
     """
     half = dim // 2
     k = torch.arange(half, dtype=t.dtype, device=t.device)
