@@ -26,9 +26,8 @@ value (p = 1 predictor, p = 2 corrector); p grows to `order` as the history fill
 
 Reaching σ = 0 (λ = +∞). (E1) has the limit x̄(0) = D(x̄(0), 0); x̄ and D are smooth in s = σ² along the
 solution (probflow.exponential, (E3)), so x̄(0) ≈ Σ_j ℓ_j(0) D_j, the Lagrange extrapolation in s through the
-last history values. Once σ_n ≤ `finish_below` (default 0.1: a tenth of the scale of normalised data; on
-tuning problem 106 at rtol = atol = 1e-2 a jump from σ = 0.98 ended 7e-2 off, worse than DDIM at the same NFE,
-while every jump that kept its tolerance on the tuning problems started below σ = 0.06) and D has
+last history values. Once σ_n ≤ `finish_below` (default 0.1: a tenth of the scale of normalised data; a jump
+from σ ≈ 1 can miss its tolerance by far, benchmarks/DESIGN.md) and D has
 entered its smooth-in-σ² regime (per sample, |ΔD|/Δλ decays by at least e^{−h} over the last two steps; it
 decays like e^{−2h} once σ is below the data's scale, while above it D still moves towards D(0), so an
 extrapolation from there would be blind to the structure still ahead), every accepted point tries this jump
@@ -40,11 +39,10 @@ after finitely many steps.
 
 Settings come as the first state (integrate passes {"rtol", "atol", "monitor", **options}); options:
 `order` (predictor order p, 1…4, default 3: a 3(4) pair), `first_step` (λ, default 0.1), `finish_below`
-(σ, default 0.1). Order 4 (a 4(5) pair) needed 30–40 % fewer NFE at rtol = atol = 1e-7 and 1e-8 than order 3
-(median over the tuning problems of probflow.bench.heldout), 0–15 % fewer at 1e-3 … 1e-5, and ends further below
-its tolerance (achieved RMSE 0.095–0.7 × tol against 0.18–1.4 × for order 3; 0.012 × at 1e-4 on a single sharp
-Gaussian, where order 3 gives 0.29 ×); at the DPM-Solver recipe's errors its NFE ratio to the recipe was about
-the same (worst 0.66 against 0.69), so 3 stays the default.
+(σ, default 0.1). Order 4 (a 4(5) pair) needs fewer model calls at tight tolerances and ends further below its
+tolerance; 3 stays the default because it keeps closer to the tolerance asked for and was no cheaper at the errors
+of DPM-Solver's adaptive recipe (the measurements: benchmarks/DESIGN.md and benchmarks/HELDOUT.md). The
+mathematics: docs/MATH.md §10.
 Generation only (decreasing grids, σ_max > 0); the grid's interior points are landed on exactly.
 """
 
@@ -64,9 +62,8 @@ from probflow.method import Method
 __all__ = ["AdaptiveState", "adaptive_step", "error_norm", "DECLARED"]
 
 _SAFETY, _ALPHA, _BETA, _MIN_RATIO, _MAX_RATIO = 0.9, 0.7, 0.4, 0.2, 5.0
-# The jump to σ = 0 is an extrapolation: accepted at a tenth of the tolerance. On tuning problems 100, 104 at
-# rtol = atol = 1e-2, accepting at 1 jumped from σ ≈ 0.8 and ended 6× the tolerance off (worse than DDIM at the
-# same NFE); at 0.1 it jumps from σ ≈ 0.03 for 5 more NFE, with 0.25–0.55× the tolerance.
+# The jump to σ = 0 is an extrapolation: accepted at a tenth of the tolerance (accepting at 1 jumped too early
+# and missed the tolerance on tuning problems; benchmarks/DESIGN.md).
 _JUMP_SAFETY = 0.1
 _MAX_H = 3.0  # at most a factor e³ ≈ 20 in σ per step: a flat stretch of D must not launch λ towards +∞
 

@@ -10,19 +10,16 @@ It is symmetric: the same step with h → −h maps (x̄', x̂', f̂') back to (
 grid from the encode's final pair retraces it with no bookkeeping. x̄ is a second-order approximation of the
 ODE solution; x̂ is an auxiliary (leapfrog-like) point.
 
-Exact arithmetic. In floating point the subtraction that undoes a step is not exact, and the method's
-parasitic mode (x̄ − x̂ oscillating; its step map has determinant −1, so one eigenvalue grows by
-|z| + sqrt(1 + z²), z = h ∂f/∂x̄ ≈ h/σ, while the other shrinks) amplifies the rounding errors: measured on a
-64-D Gaussian mixture at 10 DDIM steps each way, the round trip's per-dimension MSE was 4e-24 in float64 and
-1e-6 in float32 (a McCallum–Foster reversible RK on Heun's increment, λ = 0.999, 4 model calls per step, was
-worse: 2.6e-23 and 7e-6, with a latent only ~1.4× closer to the ODE's; neither float
-versions). So the pair is held in 64-bit fixed point, x̄ = X·q with X an int64 tensor and q = 2**-42
-(|x̄| < 2**18, enough for σ_max·|x| on the cosine table's σ_max ≈ 2e4), and every increment h/2·f is
-rounded to a multiple of q *before* it is added. Rounding is odd (round(−a) = −round(a)) and σ − σ' is
-exactly −(σ' − σ), so the reverse step subtracts bit for bit what the forward step added: the round trip
-returns the input rounded to q (|error| ≤ q/2 ≈ 1.1e-13, MSE ≈ q²/12 ≈ 4e-27) whatever the dtype
-(float64 or float32; the model runs in its own dtype and sees x̄ = X·q cast to it) and the step count. It
-relies on the model being deterministic: the same inputs (batch, σ, dtype, threads) give the same ε.
+Exact arithmetic. In floating point the subtraction that undoes a step is not exact, and the method's parasitic mode
+(x̄ − x̂ oscillating; its step map has determinant −1, so one eigenvalue grows by |z| + sqrt(1 + z²), z = h ∂f/∂x̄ ≈
+h/σ, while the other shrinks) amplifies the rounding errors (in float32 the floating-point round trip is far from
+exact; a McCallum–Foster reversible Runge–Kutta did no better; the measurements: benchmarks/DESIGN.md). So the pair
+is held in 64-bit fixed point, x̄ = X·q with X an int64 tensor and q = 2**-42 (|x̄| < 2**18, enough for σ_max·|x| on
+the cosine table's σ_max ≈ 2e4), and every increment h/2·f is rounded to a multiple of q *before* it is added.
+Rounding is odd (round(−a) = −round(a)) and σ − σ' is exactly −(σ' − σ), so the reverse step subtracts bit for bit
+what the forward step added: the round trip returns the input rounded to q (|error| ≤ q/2 ≈ 1.1e-13, MSE ≈ q²/12 ≈
+4e-27) whatever the dtype (float64 or float32; the model runs in its own dtype and sees x̄ = X·q cast to it) and the
+step count. It relies on the model being deterministic: the same inputs (batch, σ, dtype, threads) give the same ε.
 
 What the latent is: the pair. `Solution.x` is x̄_N/sqrt(1+σ_max²), the usual latent in x, and
 `Solution.state` (a `HeunState`) holds X_N, X̂_N and f̂_N; decoding exactly needs the state
@@ -31,19 +28,17 @@ the ODE from x_0, so its distance from the exact ODE latent falls like h² (meas
 benchmarks/INVERSION.md); decoding x̄_N without the state (partner initialised to x̄_N) is an ordinary
 order-2 solve from that latent, not an exact inverse.
 
-Stability limits. Exactness needs the pair; stability needs the parasitic mode d = x̄ − x̂ to stay small. Its
-step map grows it by about |z| + sqrt(1 + z²) per step, z = h·∂f/∂x̄ ≈ h/σ on Eq. 12 (docs/MATH.md §2), so on
-DDIM's trailing grids (|h|/σ from 0.4 to 1 per step) it grows by 1.5–2.4× per step unless the field damps
-it. Started without the state (x̂ = x̄) it is excited by the first step and, on the shipped digits network,
-diverges: `sample` with 10/20/50 trailing steps ends with |x̄ − x̂| up to 83/61/44 and x_0 up to ±17/±11/±10
-for data in [−1, 1] (Euler from the same noise: ±1.4). On the 64-D Gaussian mixture it stays bounded (|x̄ − x̂|
-≤ 2.0 at 10 steps, 0.13 at 50). `parasitic(state)` measures it; a solve whose final |x̄ − x̂|_∞ exceeds
-max(1, |x̄|_∞) warns (RuntimeWarning) that it is unstable and its result not a solution of Eq. 12 — the CLI
-refuses such a result. With the state, decoding retraces the encode exactly, but the retrace amplifies any
-difference in ε (another thread count, BLAS or device) like the parasitic mode: a relative 1e−7 change of ε
-moved x_0 by ~1e−2 on digits (measured; tests/test_reversible.py), so a latent's exactness holds only on the
-environment it was made on (the latent file records it). The state also records the σ path it was made on
-(`HeunState.path`); retracing it on another grid raises.
+Stability limits. Exactness needs the pair; stability needs the parasitic mode d = x̄ − x̂ to stay small. Its step
+map grows it by about |z| + sqrt(1 + z²) per step, z = h·∂f/∂x̄ ≈ h/σ on Eq. 12 (docs/MATH.md §2), so on DDIM's
+trailing grids (|h|/σ from 0.4 to 1 per step) it grows by 1.5–2.4× per step unless the field damps it. Started
+without the state (x̂ = x̄) it is excited by the first step and, on the shipped digits network, diverges at 10–50
+trailing steps, while on sharp Gaussian mixtures it stays bounded (benchmarks/DESIGN.md). `parasitic(state)`
+measures it; a solve whose final |x̄ − x̂|_∞ exceeds max(1, |x̄|_∞) warns (RuntimeWarning) that it is unstable and
+its result not a solution of Eq. 12 — the CLI refuses such a result. With the state, decoding retraces the encode
+exactly, but the retrace amplifies any difference in ε (another thread count, BLAS or device) like the parasitic
+mode: a relative 1e−7 change of ε moves x_0 visibly on digits (tests/test_reversible.py), so a latent's exactness
+holds only on the environment it was made on (the latent file records it). The state also records the σ path it was
+made on (`HeunState.path`); retracing it on another grid raises.
 """
 
 from __future__ import annotations
