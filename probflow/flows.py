@@ -8,7 +8,7 @@ decode(encode(x, g), g) is a round trip on one grid.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Unpack
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from probflow.field import DDIMField, EpsModel, as_field
 from probflow.grids import check_grid
-from probflow.integrate import MAX_STEPS, Solution, check_state, integrate, scale_in, scale_out
+from probflow.integrate import Solution, SolveOptions, check_state, integrate, scale_in, scale_out
 from probflow.precision import Precision
 from probflow.solvers import Method
 
@@ -30,15 +30,14 @@ def _decreasing(sigmas: Tensor) -> Tensor:
     return sigmas
 
 
-def _flow(model, x, sigmas, method, rtol, atol, trajectory, state, options, precision=None,
-          max_steps=MAX_STEPS) -> Solution:
+def _flow(model: EpsModel | DDIMField, x: Tensor, sigmas: Tensor, method: str | Method,
+          precision: Precision | str | None, solve: SolveOptions) -> Solution:
     x = check_state(x, "x")
     if precision is not None:  # the model in its dtype, the state in its own (probflow.precision)
         p = Precision.parse(precision).check_device(x.device)
         model, x = p.field(model), p.state_tensor(x)
     model = as_field(model)
-    sol = integrate(model, scale_in(x, sigmas[0]), sigmas, method, rtol=rtol, atol=atol,
-                    trajectory=trajectory, state=state, options=options, max_steps=max_steps)
+    sol = integrate(model, scale_in(x, sigmas[0]), sigmas, method, **solve)
     sol.x = scale_out(sol.x, sigmas[-1])
     if sol.trajectory is not None:
         scale = torch.rsqrt(1 + sol.sigmas**2).reshape(-1, *([1] * x.ndim))
@@ -52,13 +51,8 @@ def sample(
     sigmas: Tensor,
     method: str | Method = "euler",
     *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    trajectory: bool = False,
-    state: Any = None,
-    options: dict | None = None,
     precision: Precision | str | None = None,
-    max_steps: int | None = MAX_STEPS,
+    **solve: Unpack[SolveOptions],
 ) -> Solution:
     """x_T → x_0: integrate Eq. 12 down the decreasing grid `sigmas` (σ_max … 0) from `noise` = x_T.
 
@@ -66,10 +60,10 @@ def sample(
     Returns a Solution whose `x` (and `trajectory`, if asked) are in x; `method="euler"` is DDIM.
     `precision` (e.g. "model=bfloat16,state=float32", `probflow.precision`) sets the model's and the
     state's dtypes; default: the noise's dtype for the state, the model's own dtype for the model.
-    `max_steps`: adaptive methods stop with `MaxStepsError` (naming the σ reached) after this many steps.
+    `solve`: `integrate`'s keywords, passed through (`control` or rtol/atol/max_steps, trajectory, state,
+    options, variable, progress; `probflow.integrate.SolveOptions`).
     """
-    return _flow(model, noise, _decreasing(sigmas), method, rtol, atol, trajectory, state, options, precision,
-                 max_steps)
+    return _flow(model, noise, _decreasing(sigmas), method, precision, solve)
 
 
 def decode(
@@ -78,18 +72,12 @@ def decode(
     sigmas: Tensor,
     method: str | Method = "euler",
     *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    trajectory: bool = False,
-    state: Any = None,
-    options: dict | None = None,
     precision: Precision | str | None = None,
-    max_steps: int | None = MAX_STEPS,
+    **solve: Unpack[SolveOptions],
 ) -> Solution:
     """Latents x_T → images x_0: `sample` from given latents (pass an encode's `state` to invert a
     reversible method exactly)."""
-    return sample(model, latents, sigmas, method, rtol=rtol, atol=atol, trajectory=trajectory, state=state,
-                  options=options, precision=precision, max_steps=max_steps)
+    return _flow(model, latents, _decreasing(sigmas), method, precision, solve)
 
 
 def encode(
@@ -98,21 +86,15 @@ def encode(
     sigmas: Tensor,
     method: str | Method = "euler",
     *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    trajectory: bool = False,
-    state: Any = None,
-    options: dict | None = None,
     precision: Precision | str | None = None,
-    max_steps: int | None = MAX_STEPS,
+    **solve: Unpack[SolveOptions],
 ) -> Solution:
     """x_0 → x_T: integrate Eq. 12 *up* the flipped sampling grid; the latent is x_T = x̄(σ_max)/sqrt(1+σ_max²).
 
     With `method="euler"` this is DDIM inversion with ε evaluated at the start of each upward step
-    (docs/MATH.md §3). The Solution's `state` lets a reversible method decode exactly.
+    (docs/MATH.md §3). The Solution's `state` lets a reversible method decode exactly. `solve`: as in `sample`.
     """
-    up = _decreasing(sigmas).flip(0)
-    return _flow(model, x0, up, method, rtol, atol, trajectory, state, options, precision, max_steps)
+    return _flow(model, x0, _decreasing(sigmas).flip(0), method, precision, solve)
 
 
 def lerp(z0: Tensor, z1: Tensor, w: Tensor) -> Tensor:
@@ -166,12 +148,7 @@ def interpolate(
     frames: int = 8,
     kind: str = "slerp",
     weights: Tensor | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    trajectory: bool = False,
-    state: Any = None,
-    options: dict | None = None,
-    max_steps: int | None = MAX_STEPS,
+    **solve: Unpack[SolveOptions],
 ) -> Solution:
     """Mix two batches of latents (B, *S) at `frames` weights from 0 to 1 (or the given `weights`) by slerp or
     lerp, and decode every frame down `sigmas` with `method`. Returns a Solution with x of shape
@@ -180,7 +157,7 @@ def interpolate(
     state: the solver state of the stacked latents [z0; z1] as `encode(model, torch.cat([x0, x1]), …)`
     returned it (a reversible method's partner); the end frames (weights 0 and 1, required first and last)
     are then decoded with it — exactly x0 and x1 for a reversible method — and the inner frames, new latents
-    with no state of their own, by an ordinary solve.
+    with no state of their own, by an ordinary solve. The other keywords of `solve` are `decode`'s.
     """
     if weights is None:
         if not isinstance(frames, int) or frames < 2:
@@ -191,7 +168,9 @@ def interpolate(
         raise ValueError(f"kind: expected 'slerp' or 'lerp', got {kind!r}")
     z = mix[kind](z0, z1, weights)
     n, b = z.shape[0], z0.shape[0]
-    kw = {"rtol": rtol, "atol": atol, "trajectory": trajectory, "options": options, "max_steps": max_steps}
+    state = solve.pop("state", None)
+    trajectory = bool(solve.get("trajectory", False))
+    kw = solve
     if state is None:
         sol = decode(model, z.reshape(-1, *z0.shape[1:]), sigmas, method, **kw)
     else:

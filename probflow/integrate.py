@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -19,8 +19,8 @@ from probflow.field import DDIMField, EpsModel, as_field
 from probflow.grids import check_grid
 from probflow.solvers import Method, get_method
 
-__all__ = ["Solution", "integrate", "check_state", "scale_in", "scale_out", "MaxStepsError", "SIGMA_FLOOR",
-           "MAX_STEPS"]
+__all__ = ["Solution", "Control", "SolveOptions", "integrate", "check_state", "scale_in", "scale_out",
+           "MaxStepsError", "SIGMA_FLOOR", "MAX_STEPS"]
 
 # Adaptive solves: torchdiffeq's controllers work in u = log σ above SIGMA_FLOOR and in σ below it;
 # every adaptive solve stops with MaxStepsError after MAX_STEPS attempted steps unless told otherwise.
@@ -52,6 +52,75 @@ class Solution:
     info: dict | None = None
 
 
+Progress = Callable[[float, int], None]
+Norm = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Control:
+    """Step-size control of the adaptive methods, validated once, when it is made (fixed-grid methods ignore it).
+
+    rtol, atol: each sample's local error is held below atol + rtol·|x̄| (positive numbers). max_steps: the solve
+    stops with `MaxStepsError`, naming the σ it reached, after this many steps (None: no limit). norm: the error
+    norm of torchdiffeq's controllers, a callable on the scaled error (default: the largest per-sample RMS, so one
+    hard sample is not averaged away). Per backend:
+
+    - torchdiffeq (dopri5, …): rtol, atol, norm; max_steps counts attempted steps (rejected ones included).
+    - scipy_dop853: rtol, atol (divided by sqrt(n) for a group of n numbers solved jointly, so each sample keeps
+      its bound); max_steps counts accepted steps (scipy does not expose rejected ones); its norm is scipy's RMS,
+      so `norm` is refused.
+    - probflow's adaptive methods (adaptive_exp): rtol, atol, max_steps (attempted steps); their norm is their
+      own per-sample maximum (docs/MATH.md (A2)), so `norm` is refused.
+    """
+
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    max_steps: int | None = MAX_STEPS
+    norm: Norm | None = None
+
+    def __post_init__(self) -> None:
+        def ok(v: Any) -> bool:
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 and math.isfinite(v)
+
+        if not (ok(self.rtol) and ok(self.atol)):
+            raise ValueError(f"rtol, atol: expected positive tolerances, got {self.rtol!r}, {self.atol!r}")
+        m = self.max_steps
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_steps: expected a positive integer or None, got {m!r}")
+        if self.norm is not None and not callable(self.norm):
+            raise TypeError(f"norm: expected a callable on the scaled error or None, got {type(self.norm).__name__}")
+
+
+class SolveOptions(TypedDict, total=False):
+    """The keywords `integrate` takes besides the model, state, grid and method; `probflow.flows` passes them
+    through unchanged (`**solve`), so they are written once, here and in `integrate`."""
+
+    control: Control
+    rtol: float
+    atol: float
+    max_steps: int | None
+    trajectory: bool
+    state: Any
+    options: dict | None
+    variable: str
+    progress: bool | Progress | None
+
+
+_UNSET: Any = object()  # a keyword not passed (so that it cannot silently disagree with `control`)
+
+
+def _control(control: Control | None, rtol: Any, atol: Any, max_steps: Any) -> Control:
+    """The step-size control of a solve: `control`, or one made from the rtol/atol/max_steps keywords."""
+    given = {k: v for k, v in (("rtol", rtol), ("atol", atol), ("max_steps", max_steps)) if v is not _UNSET}
+    if control is None:
+        return Control(**given)
+    if not isinstance(control, Control):
+        raise TypeError(f"control: expected a probflow.integrate.Control, got {type(control).__name__}")
+    if given:
+        raise ValueError(f"control: pass {', '.join(given)} in `control` or as keywords, not both")
+    return control
+
+
 def check_state(x: Tensor, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -70,40 +139,58 @@ def integrate(
     sigmas: Tensor,
     method: str | Method = "euler",
     *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    control: Control | None = None,
+    rtol: float = _UNSET,
+    atol: float = _UNSET,
+    max_steps: int | None = _UNSET,
     trajectory: bool = False,
     state: Any = None,
     options: dict | None = None,
     variable: str = "log_sigma",
-    max_steps: int | None = MAX_STEPS,
-    progress: bool | Callable[[float, int], None] | None = None,
+    progress: bool | Progress | None = None,
 ) -> Solution:
     """Integrate dx̄/dσ = ε(x̄/sqrt(1+σ²), σ) (Eq. 12) along `sigmas`, in x̄, with `method`.
 
-    method: a registered name (`probflow.solvers.method_names()`) or a `Method` object (e.g. a stochastic
-    step built with its own noise source, which should not live in the global registry).
-    sigmas: strictly monotone grid; decreasing generates, increasing encodes. Fixed-grid methods step
-    exactly on it; adaptive ones report at its points. rtol/atol: adaptive methods only. state: a
-    probflow method's state to start from (e.g. the final state of an encode, to decode exactly).
-    options: passed to torchdiffeq's solver (e.g. `first_step`); for scipy_dop853, `group` (samples
-    solved jointly, tolerances scaled so each sample keeps its bound); for torchdiffeq's adaptive methods,
-    `sigma_floor` (default `SIGMA_FLOOR`) ends the log σ part (see `variable`); probflow's adaptive methods
-    take theirs (probflow.adaptive).
-    variable: the time variable of torchdiffeq's adaptive methods. "log_sigma" (default): u = log σ, with
-    dx̄/du = σ ε (Eq. 12 times dσ/du), down to σ_floor; the interval [σ_floor, 0] in σ itself, where Eq. 12 is
-    regular and the interval is short (see `_odeint_split`). "sigma": σ throughout (the σ-controller is badly
-    scaled on σ_max … 0 and stops early at loose tolerances).
-    max_steps: adaptive solves stop with `MaxStepsError` (naming the σ reached) after this many attempted
-    steps (rejected ones included; None: no limit). progress: adaptive solves only; True draws a progress line
-    on stderr, a callable gets (σ, nfe) after every accepted step.
+    The parts of a solve, each typed and checked once here:
+
+    - the solver: `method`, a registered name (`probflow.solvers.method_names()`) or a `Method` object (e.g. a
+      stochastic step built with its own noise source, which should not live in the global registry); `sigmas`,
+      a strictly monotone grid, decreasing to generate, increasing to encode, in a direction the method declares.
+      Fixed-grid methods step exactly on it; adaptive ones report at its points. `state`: a probflow method's
+      state to start from (e.g. the final state of an encode, to decode exactly). `options`: backend settings
+      (torchdiffeq's solver options such as `first_step`; for scipy_dop853, `group`, the samples solved jointly;
+      for torchdiffeq's adaptive methods, `sigma_floor` (default `SIGMA_FLOOR`, see `variable`); probflow's
+      adaptive methods take theirs, `probflow.adaptive`). `variable`: the time variable of torchdiffeq's adaptive
+      methods, "log_sigma" (default: u = log σ down to σ_floor, then σ on [σ_floor, 0], `_odeint_split`) or
+      "sigma" (σ throughout; its controller is badly scaled on σ_max … 0 and stops early at loose tolerances).
+    - step-size control (adaptive methods): `control`, a `Control` (rtol, atol, max_steps, norm, documented per
+      backend there), or the keywords rtol, atol (default 1e-5) and max_steps (default `MAX_STEPS`), not both.
+    - what to save: the state at the last σ always; with `trajectory`, the state at every grid point.
+    - progress (adaptive solves): True draws a line on stderr, a callable gets (σ, nfe) after every accepted step.
     """
     field = as_field(model)
     m: Method = method if isinstance(method, Method) else get_method(method)
+    ctl = _control(control, rtol, atol, max_steps)
     xbar = check_state(xbar, "x")
     sigmas = check_grid(sigmas).to(dtype=xbar.dtype, device=xbar.device)
-    if m.adaptive and not (rtol > 0 and atol > 0):
-        raise ValueError(f"rtol, atol: expected positive tolerances for {method}, got {rtol}, {atol}")
+    _check_method(m, sigmas, state, ctl)
+    if variable not in ("log_sigma", "sigma"):
+        raise ValueError(f"variable: expected 'log_sigma' or 'sigma', got {variable!r}")
+    options = {**m.default_options, **(options or {})}
+    nfe0 = field.nfe
+    monitor = _Monitor(m.name, field, sigmas, ctl.max_steps, progress) if m.adaptive else None
+    try:
+        x_end, traj, state = _run(m, field, xbar, sigmas, ctl, options, variable, monitor, state, trajectory)
+    finally:
+        if monitor is not None:
+            monitor.close()
+    if not torch.isfinite(x_end).all():
+        raise FloatingPointError(f"integrate: the {m.name} solve produced NaN or Inf (model or step size unstable)")
+    return Solution(x_end, field.nfe - nfe0, sigmas, traj, state, m.name)
+
+
+def _check_method(m: Method, sigmas: Tensor, state: Any, ctl: Control) -> None:
+    """What the method declares against the grid, the state and the control (docs/MATH.md §14)."""
     if m.uniform_steps:
         d = sigmas.diff()
         if ((d - d.mean()).abs() > 1e-6 * d.abs().mean()).any():
@@ -116,35 +203,32 @@ def integrate(
     if state is not None and m.backend != "probflow":
         raise ValueError(f"state: {m.name} ({m.backend}) keeps no solver state; state applies to probflow's own "
                          "step methods")
-    if variable not in ("log_sigma", "sigma"):
-        raise ValueError(f"variable: expected 'log_sigma' or 'sigma', got {variable!r}")
-    if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 1):
-        raise ValueError(f"max_steps: expected a positive integer or None, got {max_steps!r}")
-    options = {**m.default_options, **(options or {})}
-    nfe0 = field.nfe
-    monitor = _Monitor(m.name, field, sigmas, max_steps, progress) if m.adaptive else None
+    if ctl.norm is not None and m.adaptive and m.backend != "torchdiffeq":
+        raise ValueError(f"control: {m.name} uses its own error norm (see probflow.integrate.Control); norm applies "
+                         "to torchdiffeq's adaptive methods")
+
+
+def _run(m: Method, field: DDIMField, xbar: Tensor, sigmas: Tensor, ctl: Control, options: dict, variable: str,
+         monitor: _Monitor | None, state: Any, keep: bool) -> tuple[Tensor, Tensor | None, Any]:
+    """The solve on the method's backend: (x at the last σ, the trajectory if `keep`, the final state)."""
     if m.backend == "torchdiffeq":
         floor = float(options.pop("sigma_floor", SIGMA_FLOOR))
         if m.adaptive and not floor > 0:
             raise ValueError(f"options['sigma_floor']: expected a positive σ, got {floor}")
+        if m.adaptive and ctl.norm is not None:
+            options = {"norm": ctl.norm, **options}
         with torch.no_grad():
             if m.adaptive and variable == "log_sigma":
-                traj = _odeint_split(field, xbar, sigmas, m.name, rtol, atol, options, floor, monitor)
+                traj = _odeint_split(field, xbar, sigmas, m.name, ctl.rtol, ctl.atol, options, floor, monitor)
             else:
-                traj = _odeint(field, xbar, sigmas, m.name, rtol, atol, options, monitor, log=False)
-        x_end, traj = traj[-1], (traj if trajectory else None)
-    elif m.backend == "scipy":
-        traj = _solve_scipy(field, xbar, sigmas, rtol, atol, **options)
-        x_end, traj = traj[-1], (traj if trajectory else None)
-    else:
-        if m.adaptive and state is None:  # probflow's adaptive methods take their settings as the first state
-            state = {"rtol": rtol, "atol": atol, "monitor": monitor, **options}
-        x_end, traj, state = _step_loop(m, field, xbar, sigmas, state, trajectory)
-    if monitor is not None:
-        monitor.close()
-    if not torch.isfinite(x_end).all():
-        raise FloatingPointError(f"integrate: the {m.name} solve produced NaN or Inf (model or step size unstable)")
-    return Solution(x_end, field.nfe - nfe0, sigmas, traj, state, m.name)
+                traj = _odeint(field, xbar, sigmas, m.name, ctl.rtol, ctl.atol, options, monitor, log=False)
+        return traj[-1], (traj if keep else None), None
+    if m.backend == "scipy":
+        traj = _solve_scipy(field, xbar, sigmas, ctl.rtol, ctl.atol, monitor, **options)
+        return traj[-1], (traj if keep else None), None
+    if m.adaptive and state is None:  # probflow's adaptive methods take their settings as the first state
+        state = {"rtol": ctl.rtol, "atol": ctl.atol, "monitor": monitor, **options}
+    return _step_loop(m, field, xbar, sigmas, state, keep)
 
 
 class MaxStepsError(RuntimeError):
@@ -295,15 +379,15 @@ def _step_loop(m: Method, field: DDIMField, x: Tensor, sigmas: Tensor, state: An
 
 
 def _solve_scipy(field: DDIMField, xbar: Tensor, sigmas: Tensor, rtol: float, atol: float,
-                 group: int = 1) -> Tensor:
-    """DOP853 (scipy.integrate.solve_ivp) in float64, `group` samples at a time (default one).
+                 monitor: _Monitor | None = None, group: int = 1) -> Tensor:
+    """DOP853 (scipy.integrate) in float64, `group` samples at a time (default one).
 
     scipy's error norm is an RMS over the whole state, so a jointly solved group of n numbers could average
     one hard sample's error away; with group > 1 the tolerances are divided by sqrt(n), which bounds every
     component's local error as a solve of that sample alone would.
     """
-    from scipy.integrate import solve_ivp
-
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"options['group']: expected a positive number of samples, got {group!r}")
     s = sigmas.detach().cpu().double().numpy()
     x64 = xbar.detach().cpu().double()
     shape = x64.shape[1:]
@@ -319,12 +403,43 @@ def _solve_scipy(field: DDIMField, xbar: Tensor, sigmas: Tensor, rtol: float, at
     with torch.no_grad():
         for b in range(0, x64.shape[0], group):
             xb = x64[b:b + group]
-            sol = solve_ivp(f, (s[0], s[-1]), xb.reshape(-1).numpy(), method="DOP853", t_eval=s,
-                            rtol=rtol, atol=atol)
-            if not sol.success:
-                raise FloatingPointError(f"scipy_dop853: samples {b}… failed: {sol.message}")
-            out[:, b:b + group] = torch.from_numpy(sol.y.T.copy()).view(len(s), *xb.shape)
+            if monitor is not None:  # max_steps bounds each independent solve
+                monitor.steps = 0
+            try:
+                ys = _dop853(f, s, xb.reshape(-1).numpy(), rtol, atol, monitor)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"scipy_dop853: samples {b}… failed: {e}") from None
+            out[:, b:b + group] = torch.from_numpy(ys).view(len(s), *xb.shape)
     return out.to(dtype=xbar.dtype, device=xbar.device)
+
+
+def _dop853(f: Callable, s: np.ndarray, y0: np.ndarray, rtol: float, atol: float,
+            monitor: _Monitor | None) -> np.ndarray:
+    """`scipy.integrate.solve_ivp(f, (s[0], s[-1]), y0, "DOP853", t_eval=s)`'s loop, step by step, so that the
+    monitor counts its steps (max_steps) and reports them (progress); values at `s` from each step's dense output,
+    as solve_ivp computes them. Returns (len(s), len(y0))."""
+    from scipy.integrate import DOP853
+
+    solver = DOP853(f, float(s[0]), y0, float(s[-1]), rtol=rtol, atol=atol)
+    sign = 1.0 if s[-1] > s[0] else -1.0
+    ys, k = [], 0
+    while k < len(s):
+        if monitor is not None:
+            monitor.step(float(solver.t))
+        if solver.status != "running":
+            raise FloatingPointError(f"the solver stopped at σ = {solver.t:.6g} ({solver.status})")
+        message = solver.step()
+        if solver.status == "failed":
+            raise FloatingPointError(message)
+        end = k
+        while end < len(s) and sign * (s[end] - solver.t) <= 0:  # the points this step reached (its end included)
+            end += 1
+        if end > k:
+            ys.append(solver.dense_output()(s[k:end]).T)
+            k = end
+        if monitor is not None:
+            monitor.accept(float(solver.t))
+    return np.concatenate(ys)
 
 
 def scale_in(x: Tensor, sigma: Tensor | float) -> Tensor:

@@ -107,7 +107,7 @@ def test_adaptive_exp_loose_tolerance_does_not_stop_early():
     assert e < 1e-1
 
 
-@pytest.mark.parametrize("method", ["adaptive_exp", "dopri5"])
+@pytest.mark.parametrize("method", ["adaptive_exp", "dopri5", "scipy_dop853"])
 def test_max_steps_stops_the_solve_and_names_sigma(method):
     x = _start()
     with pytest.raises(MaxStepsError, match=r"max_steps: .* stopped at σ = ") as info:
