@@ -45,15 +45,8 @@ def _flow(model: EpsModel | DDIMField, x: Tensor, sigmas: Tensor, method: str | 
     return sol
 
 
-def sample(
-    model: EpsModel | DDIMField,
-    noise: Tensor,
-    sigmas: Tensor,
-    method: str | Method = "euler",
-    *,
-    precision: Precision | str | None = None,
-    **solve: Unpack[SolveOptions],
-) -> Solution:
+def sample(model: EpsModel | DDIMField, noise: Tensor, sigmas: Tensor, method: str | Method = "euler", *,
+           precision: Precision | str | None = None, **solve: Unpack[SolveOptions]) -> Solution:
     """x_T → x_0: integrate Eq. 12 down the decreasing grid `sigmas` (σ_max … 0) from `noise` = x_T.
 
     `noise` is in the model's variable x (a standard normal draw for σ_max large), shape (B, *S).
@@ -66,29 +59,15 @@ def sample(
     return _flow(model, noise, _decreasing(sigmas), method, precision, solve)
 
 
-def decode(
-    model: EpsModel | DDIMField,
-    latents: Tensor,
-    sigmas: Tensor,
-    method: str | Method = "euler",
-    *,
-    precision: Precision | str | None = None,
-    **solve: Unpack[SolveOptions],
-) -> Solution:
+def decode(model: EpsModel | DDIMField, latents: Tensor, sigmas: Tensor, method: str | Method = "euler", *,
+           precision: Precision | str | None = None, **solve: Unpack[SolveOptions]) -> Solution:
     """Latents x_T → images x_0: `sample` from given latents (pass an encode's `state` to invert a
     reversible method exactly)."""
     return _flow(model, latents, _decreasing(sigmas), method, precision, solve)
 
 
-def encode(
-    model: EpsModel | DDIMField,
-    x0: Tensor,
-    sigmas: Tensor,
-    method: str | Method = "euler",
-    *,
-    precision: Precision | str | None = None,
-    **solve: Unpack[SolveOptions],
-) -> Solution:
+def encode(model: EpsModel | DDIMField, x0: Tensor, sigmas: Tensor, method: str | Method = "euler", *,
+           precision: Precision | str | None = None, **solve: Unpack[SolveOptions]) -> Solution:
     """x_0 → x_T: integrate Eq. 12 *up* the flipped sampling grid; the latent is x_T = x̄(σ_max)/sqrt(1+σ_max²).
 
     With `method="euler"` this is DDIM inversion with ε evaluated at the start of each upward step

@@ -133,22 +133,11 @@ def check_state(x: Tensor, name: str = "x") -> Tensor:
     return x
 
 
-def integrate(
-    model: EpsModel | DDIMField,
-    xbar: Tensor,
-    sigmas: Tensor,
-    method: str | Method = "euler",
-    *,
-    control: Control | None = None,
-    rtol: float = _UNSET,
-    atol: float = _UNSET,
-    max_steps: int | None = _UNSET,
-    trajectory: bool = False,
-    state: Any = None,
-    options: dict | None = None,
-    variable: str = "log_sigma",
-    progress: bool | Progress | None = None,
-) -> Solution:
+def integrate(model: EpsModel | DDIMField, xbar: Tensor, sigmas: Tensor, method: str | Method = "euler", *,
+              control: Control | None = None, rtol: float = _UNSET, atol: float = _UNSET,
+              max_steps: int | None = _UNSET, trajectory: bool = False, state: Any = None,
+              options: dict | None = None, variable: str = "log_sigma",
+              progress: bool | Progress | None = None) -> Solution:
     """Integrate dx̄/dσ = ε(x̄/sqrt(1+σ²), σ) (Eq. 12) along `sigmas`, in x̄, with `method`.
 
     The parts of a solve, each typed and checked once here:
