@@ -20,14 +20,18 @@ from probflow.integrate import Solution, SolveOptions, check_state, integrate, s
 from probflow.precision import Precision
 from probflow.solvers import Method
 
-__all__ = ["sample", "decode", "encode", "interpolate", "slerp", "lerp", "noise"]
+__all__ = ["sample", "decode", "encode", "interpolate", "slerp", "lerp", "noise", "sampling_grid"]
 
 
-def _decreasing(sigmas: Tensor) -> Tensor:
+def sampling_grid(sigmas: Tensor) -> Tensor:
+    """`sigmas` checked as a sampling grid (`grids.check_grid`, and decreasing: σ_max … 0); encoders flip it."""
     sigmas = check_grid(sigmas)
     if sigmas[0] < sigmas[-1]:
         raise ValueError("sigmas: expected the decreasing sampling grid (σ_max … 0); encode flips it itself")
     return sigmas
+
+
+_decreasing = sampling_grid  # the old name, until probflow.inversion imports the public one
 
 
 def _flow(model: EpsModel | DDIMField, x: Tensor, sigmas: Tensor, method: str | Method,
@@ -56,14 +60,14 @@ def sample(model: EpsModel | DDIMField, noise: Tensor, sigmas: Tensor, method: s
     `solve`: `integrate`'s keywords, passed through (`control` or rtol/atol/max_steps, trajectory, state,
     options, variable, progress; `probflow.integrate.SolveOptions`).
     """
-    return _flow(model, noise, _decreasing(sigmas), method, precision, solve)
+    return _flow(model, noise, sampling_grid(sigmas), method, precision, solve)
 
 
 def decode(model: EpsModel | DDIMField, latents: Tensor, sigmas: Tensor, method: str | Method = "euler", *,
            precision: Precision | str | None = None, **solve: Unpack[SolveOptions]) -> Solution:
     """Latents x_T → images x_0: `sample` from given latents (pass an encode's `state` to invert a
     reversible method exactly)."""
-    return _flow(model, latents, _decreasing(sigmas), method, precision, solve)
+    return _flow(model, latents, sampling_grid(sigmas), method, precision, solve)
 
 
 def encode(model: EpsModel | DDIMField, x0: Tensor, sigmas: Tensor, method: str | Method = "euler", *,
@@ -73,7 +77,7 @@ def encode(model: EpsModel | DDIMField, x0: Tensor, sigmas: Tensor, method: str 
     With `method="euler"` this is DDIM inversion with ε evaluated at the start of each upward step
     (docs/MATH.md §3). The Solution's `state` lets a reversible method decode exactly. `solve`: as in `sample`.
     """
-    return _flow(model, x0, _decreasing(sigmas).flip(0), method, precision, solve)
+    return _flow(model, x0, sampling_grid(sigmas).flip(0), method, precision, solve)
 
 
 def lerp(z0: Tensor, z1: Tensor, w: Tensor) -> Tensor:
