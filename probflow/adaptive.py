@@ -37,7 +37,8 @@ extrapolation's estimate, so with a safety factor of 10) the 3-node value is ret
 σ = 0), else the method keeps stepping in λ, where Π s_j shrinks geometrically, so the jump is accepted
 after finitely many steps.
 
-Settings come as the first state (integrate passes {"rtol", "atol", "monitor", **options}); options:
+Settings come as the first state, which integrate makes by `start_state` (the method's `start`) from the step-size
+control, its monitor and the options; options:
 `order` (predictor order p, 1…4, default 3: a 3(4) pair), `first_step` (λ, default 0.1), `finish_below`
 (σ, default 0.1). Order 4 (a 4(5) pair) needs fewer model calls at tight tolerances and ends further below its
 tolerance; 3 stays the default because it keeps closer to the tolerance asked for and was no cheaper at the errors
@@ -59,7 +60,7 @@ from probflow.exponential import exp_weights, zero_weights
 from probflow.field import DDIMField
 from probflow.method import Method
 
-__all__ = ["AdaptiveState", "adaptive_step", "error_norm", "DECLARED"]
+__all__ = ["AdaptiveState", "adaptive_step", "start_state", "error_norm", "DECLARED"]
 
 _SAFETY, _ALPHA, _BETA, _MIN_RATIO, _MAX_RATIO = 0.9, 0.7, 0.4, 0.2, 5.0
 # The jump to σ = 0 is an extrapolation: accepted at a tenth of the tolerance (accepting at 1 jumped too early
@@ -105,6 +106,11 @@ def _make_state(settings: dict) -> AdaptiveState:
     if not (h > 0 and fb > 0):
         raise ValueError(f"options: first_step and finish_below must be positive, got {h}, {fb}")
     return AdaptiveState(float(settings["rtol"]), float(settings["atol"]), order, h, fb, settings.get("monitor"))
+
+
+def start_state(rtol: float, atol: float, monitor: Any, options: dict) -> AdaptiveState:
+    """The first state of a solve (`Method.start`): the tolerances, integrate's monitor and the options, checked."""
+    return _make_state({**options, "rtol": rtol, "atol": atol, "monitor": monitor})
 
 
 def error_norm(diff: Tensor, x0: Tensor, x1: Tensor, rtol: float, atol: float, sigma: float = 0.0) -> float:
@@ -213,7 +219,8 @@ def adaptive_step(field: DDIMField, xbar: Tensor, sigma: Tensor, sigma_next: Ten
 
 # Declared here, registered by `probflow.solvers` (the one place that builds the registry).
 DECLARED = (
-    Method("adaptive_exp", 4, adaptive=True, step=adaptive_step, directions=frozenset({"down"}), augmented=False,
+    Method("adaptive_exp", 4, adaptive=True, step=adaptive_step, start=start_state, directions=frozenset({"down"}),
+           augmented=False,
            description="adaptive exponential predictor–corrector in λ (order 3(4), 1 NFE per step, "
                        "PI controller), closed jump to σ = 0 by extrapolation in σ²"),
 )

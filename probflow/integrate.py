@@ -215,8 +215,9 @@ def _run(m: Method, field: DDIMField, xbar: Tensor, sigmas: Tensor, ctl: Control
     if m.backend == "scipy":
         traj = _solve_scipy(field, xbar, sigmas, ctl.rtol, ctl.atol, monitor, **options)
         return traj[-1], (traj if keep else None), None
-    if m.adaptive and state is None:  # probflow's adaptive methods take their settings as the first state
-        state = {"rtol": ctl.rtol, "atol": ctl.atol, "monitor": monitor, **options}
+    if m.adaptive and state is None:  # probflow's adaptive methods start from their settings (Method.start)
+        state = (m.start(ctl.rtol, ctl.atol, monitor, options) if m.start is not None
+                 else {"rtol": ctl.rtol, "atol": ctl.atol, "monitor": monitor, **options})
     return _step_loop(m, field, xbar, sigmas, state, keep)
 
 

@@ -24,9 +24,11 @@ from torch import Tensor
 
 from probflow.field import DDIMField
 
-__all__ = ["Method", "Step", "steps_for_nfe"]
+__all__ = ["Method", "Step", "Start", "steps_for_nfe"]
 
 Step = Callable[[DDIMField, Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]
+# start(rtol, atol, monitor, options) -> the first state of an adaptive probflow method (checked before any step)
+Start = Callable[[float, float, Any, dict], Any]
 
 
 def steps_for_nfe(nfe: int, stages: int = 1, extra_calls: int = 0) -> int:
@@ -64,6 +66,9 @@ class Method:
     directions: the directions of σ it can integrate, a subset of {"down", "up"} (generation; encoding and the
         likelihood integrate upwards).
     augmented: it can integrate an augmented state (x̄ and a scalar accumulator per sample, `probflow.likelihood`).
+    start: for an adaptive probflow method, its first state from the step-size control and the backend options,
+        `start(rtol, atol, monitor, options)` (`monitor.step(σ)` before each attempted step, for max_steps;
+        `monitor.accept(σ)` after each accepted one, for progress); without it the step gets these as a dict.
     """
 
     name: str
@@ -81,6 +86,7 @@ class Method:
     multistep: bool = False
     directions: frozenset[str] = frozenset({"down", "up"})
     augmented: bool = True
+    start: Start | None = None
 
     def __post_init__(self) -> None:
         if self.backend == "probflow" and self.step is None:
