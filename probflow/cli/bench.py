@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from probflow import distributed as dist
-from probflow.cli.request import bounded, check_threads
 from probflow.bench import peers as _peers
 from probflow.bench.grids import CALIBRATED, DEFAULT_GRIDS, UNIFORM_STEP_GRID, grid_sigmas
 from probflow.bench.plots import HEADLINE, plot_headline, plot_workload, write_text
@@ -38,6 +37,7 @@ from probflow.bench.suites import (
     versions,
 )
 from probflow.bench.workloads import load_model_spec
+from probflow.cli.request import bounded, check_threads
 from probflow.schedules import linear
 from probflow.solvers import METHODS
 

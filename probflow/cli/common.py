@@ -52,7 +52,8 @@ def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: 
     if stochastic:
         g = p.add_mutually_exclusive_group()
         g.add_argument("--eta", type=float, default=None, help="stochastic DDIM (Eq. 11 with σ_{s,t}(η); η = 1 is "
-                       "DDPM's ancestral sampler) on the grid; it is the method (only --method ddim/euler goes with it)")
+                       "DDPM's ancestral sampler) on the grid; it is the method (only --method ddim/euler goes "
+                       "with it)")
         g.add_argument("--gamma", type=float, default=None, help="reverse-SDE family by Euler–Maruyama (γ = 1 the "
                        "reverse SDE, γ = 0 Eq. 12); it is the method (only --method ddim/euler goes with it)")
     p.add_argument("--device", default="cpu", help="torch device for the model and the state: cpu (default), cuda, "
@@ -203,8 +204,9 @@ def solve(run: Run, s: Solver, model, fn: Callable, n: int, inputs: Tensor | Cal
           dtype: torch.dtype = torch.float64):
     """`fn` (probflow.sample/encode/decode, or one of their signature) on n samples, chunk by chunk over the
     ranks (`probflow.distributed.solve_chunks`; --chunk samples each, world `w`), in `precision` (default
-    `precision_of` with the state in `dtype`, the inputs' own), with a progress bar, NaN/Inf ε refused with its σ, and a solver's internal failure or an
-    unstable solve turned into a one-line error. Returns the Solution on rank 0, None on the others."""
+    `precision_of` with the state in `dtype`, the inputs' own), with a progress bar, NaN/Inf ε refused with its
+    σ, and a solver's internal failure or an unstable solve turned into a one-line error. Returns the Solution
+    on rank 0, None on the others."""
     from tqdm import tqdm
 
     from probflow import distributed as dist

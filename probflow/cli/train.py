@@ -17,7 +17,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     p.add_argument("--eval-samples", type=int, default=2000,
                    help="samples per solver for the card's metrics (0: skip the evaluation); default 2000")
-    
+
 
 def check_out_folder(out: str, force: bool) -> None:
     """Before training: --out is a folder (or can be made), writable, without the two files unless --force."""
