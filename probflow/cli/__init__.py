@@ -58,7 +58,9 @@ def integer(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="probflow", description="DDIM as Euler on the σ-ODE (Eq. 12).")
+    parser = _Parser(prog="probflow", description="DDIM as Euler on the σ-ODE (Eq. 12).",
+                     epilog="probflow launch [torchrun options] COMMAND …: COMMAND over torchrun's ranks (Ctrl-C: one "
+                            "line, exit 130)")
     parser.add_argument("--version", action="version", version=f"probflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
@@ -87,7 +89,13 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command (see `_run`), with SIGTERM handled like Ctrl-C while it runs."""
+    """Run one command (see `_run`), with SIGTERM handled like Ctrl-C while it runs. `probflow launch
+    [torchrun options] COMMAND …` runs COMMAND over torchrun's ranks (`probflow.cli.launch`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:
+        from probflow.cli.launch import main as launch
+
+        return launch(argv[1:])
     if threading.current_thread() is not threading.main_thread():
         return _run(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)

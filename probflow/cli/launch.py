@@ -1,4 +1,5 @@
-"""`python -m probflow.cli.launch [torchrun options] COMMAND [options]`: torchrun for probflow's commands.
+"""`probflow launch [torchrun options] COMMAND [options]` (or `python -m probflow.cli.launch …`): torchrun
+for probflow's commands.
 
 The same as `torchrun [torchrun options] -m probflow COMMAND [options]` (probflow.distributed: the ranks'
 outputs do not depend on their number), except how it ends: Ctrl-C prints one line and exits with 130

@@ -91,7 +91,7 @@ def check_device(spec: str) -> str:
 
 def check_out_file(out: str, flag: str = "--out") -> Path:
     """A file name for an output (its folder and --force are checked by `probflow.io.atomic` before work)."""
-    if not out or out.endswith(("/", os.sep)) or Path(out).name in ("", ".", ".."):
+    if not out or out.endswith(("/", os.sep)) or os.path.basename(out) in ("", ".", ".."):
         raise ValueError(f"{flag}: {out!r} names a folder; expected a file name (e.g. {out.rstrip('/') or '.'}"
                          "/out.png)")
     return Path(out)
