@@ -313,7 +313,8 @@ CASES = [
          lambda e, t: ["likelihood", e["imgs"][0], "--model", e["model"], "--probes", "1e9"],
          "--probes: 1000000000 is above the bound of 1000"),
     Case("cli-threads-1e5", "`sample --threads 100000`",
-         lambda e, t: _sample(e, "--threads", "100000", "--out", t / "s.png"), "--threads: 100000 is above the bound of"),
+         lambda e, t: _sample(e, "--threads", "100000", "--out", t / "s.png"),
+         "--threads: 100000 is above the bound of"),
     Case("cli-device-meta", "`sample --device meta`", lambda e, t: _sample(e, "--device", "meta", "--out", t / "s.png"),
          "--device: 'meta' cannot run a model"),
     Case("cli-device-no-cuda", "`sample --device cuda:99` (no such CUDA device)",
@@ -411,20 +412,19 @@ def test_force_replaces_a_folder_as_a_whole_and_survives_an_interrupt_between_re
 
 
 def test_a_nan_eps_at_run_time_names_the_model_and_sigma():
-    from probflow.cli.common import _Finite, guarded
-    from probflow.solvers import get_method
+    from probflow.cli.common import check_finite, guarded
 
     def model(x, sigma):
         return x * float("nan") if float(sigma) < 1 else x
 
     with pytest.raises(ValueError, match=r"--model: the network returned NaN or Inf for ε at σ = 0\.5"):
-        _Finite(model)(torch.ones(1, 2), torch.tensor(0.5))
+        check_finite(model(torch.ones(1, 2), torch.tensor(0.5)), torch.tensor(0.5))
 
     def underflow(*a, **k):
         raise AssertionError("underflow in dt nan")
 
     with pytest.raises(ValueError, match="--method dopri5: the solver failed .underflow in dt"):
-        guarded(underflow, get_method("dopri5"))()
+        guarded(underflow, "dopri5")()
 
 
 # ---------------------------------------------------------------- real signals on a real process

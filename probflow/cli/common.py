@@ -218,22 +218,35 @@ def solve(run: Run, s: Solver, model, fn: Callable, n: int, inputs: Tensor | Cal
     kw = {"max_steps": s.max_steps} if s.method.adaptive else {}
     with tqdm(total=total, desc=f"{what} ({name})", unit="NFE", file=sys.stderr, leave=False,
               disable=True if (run.quiet or w.rank != 0) else None) as bar:
-        def watch(eps: Tensor, sigma: Tensor) -> None:
-            if not torch.isfinite(eps).all():
-                raise ValueError(f"--model: the network returned NaN or Inf for ε at σ = {float(sigma):.6g} "
-                                 "(broken weights or an input out of its range)")
-            bar.update(1)
-
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             sol = guarded(dist.solve_chunks, name)(
                 fn, model, n, inputs, sigmas, method, chunk=run.chunk, state=state,
-                precision=precision or precision_of(run, model, dtype), hook=watch, w=w, rtol=s.rtol, atol=s.atol, **kw)
+                precision=precision or precision_of(run, model, dtype), hook=_Progress(bar), w=w, rtol=s.rtol, atol=s.atol, **kw)
     for c in caught:  # an unstable solve is refused, not written (probflow.reversible: stability limits)
         if issubclass(c.category, RuntimeWarning) and "unstable" in str(c.message):
             raise ValueError(f"--method: {c.message}")
         warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
     return sol
+
+
+def check_finite(eps: Tensor, sigma: Tensor) -> None:
+    """Refuse a NaN/Inf ε (broken weights, an input out of the network's range) with the σ where it appeared."""
+    if not torch.isfinite(eps).all():
+        raise ValueError(f"--model: the network returned NaN or Inf for ε at σ = {float(sigma):.6g} "
+                         "(broken weights or an input out of its range)")
+
+
+class _Progress:
+    """What the solve does after every model evaluation (`solve_chunks`' hook): ε checked finite, the bar
+    advanced by one NFE."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def __call__(self, eps: Tensor, sigma: Tensor) -> None:
+        check_finite(eps, sigma)
+        self.bar.update(1)
 
 
 def guarded(fn: Callable, name: str) -> Callable:
