@@ -109,16 +109,15 @@ def device_of(run: Run, w) -> str:
     return w.device if w.size > 1 and run.device.startswith("cuda") else run.device
 
 
-def load_image_model(run: Run, device: str):
+def load_image_model(spec: str, device: str = "cpu", limits: bool = True):
     """An image ε-model by `--model`: "digits", a digits checkpoint folder or a local diffusers folder
-    (`probflow.models.load`); it must have a sample shape (C, H, W). With the bounds on, a checkpoint whose
+    (`probflow.models.load`); it must have a sample shape (C, H, W). With `limits`, a checkpoint whose
     network or noise table is beyond `probflow.models.adapters.MAX_PARAMETERS` / `MAX_TIMESTEPS` is refused
     before it is built."""
     from probflow import models
 
-    spec = run.model
     try:
-        model = _load_checked(spec, run.limits) if os.path.isdir(spec) else models.load(spec)
+        model = _load_checked(spec, limits) if os.path.isdir(spec) else models.load(spec)
     except ValueError as e:
         raise ValueError(f"--model: {e}") from None
     shape = getattr(model, "sample_shape", None)
@@ -221,8 +220,8 @@ def solve(run: Run, s: Solver, model, fn: Callable, n: int, inputs: Tensor | Cal
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             sol = guarded(dist.solve_chunks, name)(
-                fn, model, n, inputs, sigmas, method, chunk=run.chunk, state=state,
-                precision=precision or precision_of(run, model, dtype), hook=_Progress(bar), w=w, rtol=s.rtol, atol=s.atol, **kw)
+                fn, model, n, inputs, sigmas, method, chunk=run.chunk, state=state, w=w, rtol=s.rtol, atol=s.atol,
+                precision=precision or precision_of(run, model, dtype), hook=_Progress(bar), **kw)
     for c in caught:  # an unstable solve is refused, not written (probflow.reversible: stability limits)
         if issubclass(c.category, RuntimeWarning) and "unstable" in str(c.message):
             raise ValueError(f"--method: {c.message}")

@@ -89,7 +89,7 @@ def encode(req: EncodeRequest) -> int:
     w = start(req.run)
     on_rank0(lambda: check_writable(req.out, req.run.force, "--out"), w=w)
     device = device_of(req.run, w)
-    model = load_image_model(req.run, device)
+    model = load_image_model(req.run.model, device, req.run.limits)
     x0 = load_inputs(req.run, model, list(req.images), "IMAGE", req.invert, device)
     sol, sig, name = _encode(req, model, x0, w)
     if w.rank != 0:  # the other ranks meet rank 0's write, then stop
@@ -204,7 +204,7 @@ def decode(req: DecodeRequest) -> int:
         names = None
     on_rank0(lambda: check_writable_folder(req.out, req.run.force, "--out"), w=w)  # before any work
     device = device_of(req.run, w)
-    model = load_image_model(req.run, device)
+    model = load_image_model(req.run.model, device, req.run.limits)
     for msg in check_compatible(lf, model, req.run.force, "latents"):
         say(f"warning: decoding latents made with {msg} (--force)")
     if tuple(lf.latents.shape[1:]) != tuple(model.sample_shape):
@@ -254,7 +254,7 @@ def interpolate(req: InterpolateRequest) -> int:
 
     check_writable(req.out, req.run.force, "--out")
     w = start(req.run, spread=False)
-    model = load_image_model(req.run, req.run.device)
+    model = load_image_model(req.run.model, req.run.device, req.run.limits)
     check_sizes("--frames", req.frames, tuple(model.sample_shape), req.scale, req.run.limits, nrow=req.frames)
     x0 = torch.cat([load_inputs(req.run, model, [req.a], "A", req.invert, req.run.device),
                     load_inputs(req.run, model, [req.b], "B", req.invert, req.run.device)])

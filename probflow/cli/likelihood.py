@@ -69,7 +69,7 @@ def run_likelihood(args: argparse.Namespace) -> int:
         bounded(f"--{k}", getattr(args, k), rn.limits)
     bounded("--batch", args.batch, False)
     start(rn, spread=False)
-    model = load_image_model(rn, rn.device)
+    model = load_image_model(rn.model, rn.device, rn.limits)
     _check_files(args.images, tuple(model.sample_shape[1:]))
     x = load_inputs(rn, model, args.images, "IMAGE", args.invert, rn.device)
     method = s.method

@@ -37,7 +37,7 @@ def sample(req: SampleRequest) -> int:
     w = start(req.run)
     on_rank0(lambda: check_writable(req.out, req.run.force, "--out"), w=w)
     device = device_of(req.run, w)
-    model = load_image_model(req.run, device)
+    model = load_image_model(req.run.model, device, req.run.limits)
     shape = tuple(model.sample_shape)
     check_sizes("--n", req.n, shape, req.scale, req.run.limits)
     sigmas = make_grid(req.solver, model)
