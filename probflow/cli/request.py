@@ -52,8 +52,8 @@ def bounded(flag: str, value: int | float | None, limits: bool, key: str | None 
         return
     if value < lo:
         raise ValueError(f"{flag}: expected an integer >= {lo}, got {value}")
-    bound = BOUNDS[key or flag]
-    if limits and value > bound:
+    bound = BOUNDS[key or flag] if limits else None
+    if bound is not None and value > bound:
         raise ValueError(f"{flag}: {value} is above the bound of {bound}{why} (pass --no-limits to lift it)")
 
 
