@@ -344,7 +344,10 @@ def test_bad_input_gives_one_line_naming_it(case, env, tmp_path, capsys):
         assert case.expect in str(info.value) and "\n" not in str(info.value)
         return
     capsys.readouterr()
-    rc = main([str(a) for a in made])
+    try:
+        rc = main([str(a) for a in made])
+    except SystemExit as e:  # argparse's own refusals (a flag's type: --device, --method, --precision)
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == case.status, err
     assert case.expect in err, err

@@ -75,7 +75,7 @@ def test_eta_and_gamma_run_the_stochastic_samplers(digits, tmp_path, capsys):
 
 
 def test_bad_device_grid_and_scale_are_one_line_errors(tmp_path, capsys):
-    rc, _, err = _run(capsys, "sample", "--n", 2, "--device", "nosuchdevice", "--out", tmp_path / "a.png")
+    rc, _, err = _main(capsys, "sample", "--n", 2, "--device", "nosuchdevice", "--out", tmp_path / "a.png")
     assert rc == 2 and "--device" in err and len(err.strip().splitlines()) == 1
     rc, _, err = _run(capsys, "sample", "--n", 2, "--scale", 0, "--out", tmp_path / "a.png")
     assert rc == 2 and "--scale" in err
@@ -159,7 +159,7 @@ REFUSED = [  # (argv, fragment): each once ran (allocating, hanging or silently 
     (["sample", "--scale", "100000"], "--scale: the PNG would have"),
     (["sample", "--n", "1e14"], "--n: 100000000000000 samples of 1×8×8 need"),
     (["sample", "--n", "1e9", "--scale", "1"], "--n: 1000000000 samples"),
-    (["sample", "--n", "1.5"], "--n/--samples: expected an integer, got '1.5'"),
+    (["sample", "--n", "1.5"], "--n: expected an integer, got '1.5'"),
     (["sample", "--seed", str(2**70)], "--seed: expected a non-negative integer below 2**63"),
     (["sample", "--max-steps", "1e12", "--method", "dopri5"], "--max-steps: 1000000000000 is above the bound"),
     (["sample", "--threads", "100000"], "--threads: 100000 is above the bound of"),

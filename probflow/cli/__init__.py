@@ -13,6 +13,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,7 +40,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (`probflow COMMAND: error: …`, exit 2), without the usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+        message = re.sub(r"^argument (-[-\w]+)(/[-\w/]+)?: ", r"\1: ", " ".join(message.split()))
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def integer(text: str) -> int:

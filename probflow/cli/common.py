@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probflow.cli.request import TOL_FLOOR, Run, Solver, check_threads
+from probflow.cli.request import TOL_FLOOR, Run, Solver, device_arg, method_arg, precision_arg
 from probflow.grids import NAMED
 from probflow.integrate import MAX_STEPS
 from probflow.precision import Precision
@@ -38,7 +38,8 @@ def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: 
     (so that the request knows what the user gave)."""
     p.add_argument("--model", default="digits",
                    help="'digits' (default), a digits checkpoint folder, or a local diffusers folder")
-    p.add_argument("--method", default=None, help=f"solver name (probflow.solvers.method_names(); 'ddim' is "
+    p.add_argument("--method", type=method_arg, default=None,
+                   help=f"solver name (probflow.solvers.method_names(); 'ddim' is "
                    f"'euler'); default {method}")
     p.add_argument("--grid", default=None, choices=GRID_NAMES, help="σ grid for fixed-grid methods (probflow.grids."
                    "NAMED; 'calibrated' = probflow.calibrate.calibrated_builder for this model and method); "
@@ -56,11 +57,12 @@ def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: 
                        "with it)")
         g.add_argument("--gamma", type=float, default=None, help="reverse-SDE family by Euler–Maruyama (γ = 1 the "
                        "reverse SDE, γ = 0 Eq. 12); it is the method (only --method ddim/euler goes with it)")
-    p.add_argument("--device", default="cpu", help="torch device for the model and the state: cpu (default), cuda, "
+    p.add_argument("--device", type=device_arg, default="cpu",
+                   help="torch device for the model and the state: cpu (default), cuda, "
                    "cuda:N, mps")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--precision", default=None,
+    p.add_argument("--precision", type=precision_arg, default=None,
                    help="dtypes of the model and of the ODE state, e.g. model=bfloat16,state=float32, or one of "
                         "float64/float32 for both (probflow.precision); default: the model's own dtype, state "
                         "float64")
@@ -87,16 +89,14 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- what a request names
 
 
-def start(run: Run | None = None, threads: int | None = None, limits: bool = True, spread: bool = True):
-    """Set torch's threads (the request's, else `default_threads`) and join torchrun's ranks (world size 1
+def start(run: Run | None = None, threads: int | None = None, spread: bool = True):
+    """Set torch's threads (the request's or `threads`, checked by the request (`check_threads`); None:
+    `default_threads`) and join torchrun's ranks (world size 1
     without torchrun; a command that is not `spread` refuses more). Returns the World; on a CUDA device
     each rank works on GPU LOCAL_RANK (`World.device`)."""
     from probflow import distributed as dist
 
-    if run is not None:
-        threads, limits = run.threads, run.limits
-    check_threads(threads, limits)
-    dist.set_threads(threads)
+    dist.set_threads(run.threads if run is not None else threads)
     cuda = run is not None and run.device.startswith("cuda")
     w = dist.world(device="cuda" if cuda else "cpu")
     if not spread and w.size > 1:

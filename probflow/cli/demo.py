@@ -18,7 +18,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from probflow import schedules
     from probflow.cli.common import start
-    from probflow.cli.request import bounded, check_out_file, seed
+    from probflow.cli.request import bounded, check_out_file, check_threads, seed
     from probflow.demo import format_table, plot, run_demo_study
 
     limits = not args.no_limits
@@ -26,7 +26,8 @@ def run_demo(args: argparse.Namespace) -> int:
             "reference at rtol = atol = 1e-10)")
     seed(args.seed)
     out = check_out_file(args.out)
-    start(threads=args.threads, limits=limits, spread=False)
+    check_threads(args.threads, limits)
+    start(threads=args.threads, spread=False)
     check_writable(out, args.force, "--out")
     study = run_demo_study(args.n, args.seed)
     print(f"\n2-D Gaussian mixture, {args.n} samples from x_T at σ_max = {schedules.linear().sigma_max:.2f} "

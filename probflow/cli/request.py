@@ -89,6 +89,31 @@ def check_device(spec: str) -> str:
     return str(dev)
 
 
+def _typed(convert):
+    """An argparse `type=` from a converter that raises ValueError (argparse would hide its message)."""
+    def typed(text: str):
+        try:
+            return convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+    typed.__name__ = convert.__name__
+    return typed
+
+
+def _method_of(name: str) -> Method:
+    return get_method(ALIASES.get(name, name))
+
+
+def _precision_of(spec: str) -> Precision:
+    return Precision.parse(spec)
+
+
+# the converters argparse applies while it parses (`probflow.cli.common.add_solver_arguments`): --method is a
+# Method (aliases resolved), --device a checked device string, --precision a Precision
+method_arg, device_arg, precision_arg = _typed(_method_of), _typed(check_device), _typed(_precision_of)
+
+
 def check_out_file(out: str, flag: str = "--out") -> Path:
     """A file name for an output (its folder and --force are checked by `probflow.io.atomic` before work)."""
     if not out or out.endswith(("/", os.sep)) or os.path.basename(out) in ("", ".", ".."):
@@ -135,15 +160,6 @@ class Run:
     limits: bool
 
 
-def _method(name: str | None, flag: str = "--method") -> Method | None:
-    if name is None:
-        return None
-    try:
-        return get_method(ALIASES.get(name, name))
-    except ValueError as e:
-        raise ValueError(f"{flag}: {e}") from None
-
-
 def _tolerance(flag: str, v: float | None, limits: bool) -> None:
     if v is None:
         return
@@ -159,11 +175,11 @@ def solver(args: argparse.Namespace, default_method: str | None, default_steps: 
     limits = not args.no_limits
     eta, gamma = getattr(args, "eta", None), getattr(args, "gamma", None)
     knob = "--eta" if eta is not None else "--gamma" if gamma is not None else None
-    method = _method(args.method)
+    method = args.method  # a Method (argparse's `method_arg`) or None
     if knob is not None and method is not None and method.name != "euler":
         raise ValueError(f"{knob}: the stochastic sampler replaces the method; it cannot run with --method "
-                         f"{args.method} (drop --method, or {knob})")
-    method = method or _method(default_method)
+                         f"{method.name} (drop --method, or {knob})")
+    method = method or (get_method(default_method) if default_method else None)
     if knob is not None:
         method = get_method("euler")  # the grid rule of DDIM; the stochastic step itself is built per chunk
     bounded("--steps", args.steps, limits)
@@ -177,20 +193,15 @@ def solver(args: argparse.Namespace, default_method: str | None, default_steps: 
 
 
 def run(args: argparse.Namespace) -> Run:
-    """--model/--device/--precision/--chunk/--threads/--quiet/--force/--no-limits, checked once."""
+    """--model/--device/--precision/--chunk/--threads/--quiet/--force/--no-limits, checked once (--device and
+    --precision were converted and checked by argparse; whether the device runs the precision's dtypes is
+    checked where the solve starts, `probflow.distributed.solve_chunks`)."""
     limits = not args.no_limits
-    device = check_device(args.device)
-    try:
-        precision = Precision.parse(args.precision)
-    except ValueError as e:
-        raise ValueError(f"--precision: {str(e).removeprefix('precision: ')}") from None
-    if precision is not None:
-        precision.check_device(device)
     chunk = getattr(args, "chunk", 64)
     if chunk < 1:
         raise ValueError(f"--chunk: expected a positive integer, got {chunk}")
     check_threads(args.threads, limits)
-    return Run(args.model, device, precision, chunk, args.threads, args.quiet, args.force, limits)
+    return Run(args.model, args.device, args.precision, chunk, args.threads, args.quiet, args.force, limits)
 
 
 def seed(seed: int) -> int:
@@ -325,4 +336,5 @@ def with_file_defaults(s: Solver, meta: dict, steps: int) -> Solver:
 __all__ = ["ALIASES", "BOUNDS", "MAX_BYTES", "MAX_STEPS", "TOL_FLOOR", "Solver", "Run", "SampleRequest",
            "EncodeRequest", "DecodeRequest", "InterpolateRequest", "sample_request", "encode_request",
            "decode_request", "interpolate_request", "solver", "run", "bounded", "check_sizes", "check_threads",
-           "check_device", "check_out_file", "seed", "with_file_defaults"]
+           "check_device", "check_out_file", "seed", "with_file_defaults", "method_arg", "device_arg",
+           "precision_arg"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from probflow.cli.common import add_solver_arguments
-from probflow.cli.request import SampleRequest
+from probflow.cli.request import SampleRequest, sample_request
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,9 +21,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     """n samples x_0 from `probflow.noise(n, shape, seed)` by `probflow.sample`, written as one PNG grid."""
-    from probflow.cli.request import sample_request
-
-    return sample(sample_request(args))
+    req = sample_request(args)  # read and checked once; `args` is not used after this line
+    return sample(req)
 
 
 def sample(req: SampleRequest) -> int:

@@ -34,7 +34,7 @@ def check_out_folder(out: str, force: bool) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from probflow.cli.common import start
-    from probflow.cli.request import bounded, seed
+    from probflow.cli.request import bounded, check_threads, seed
     from probflow.digits.train import train_digits
 
     limits = not args.no_limits
@@ -42,6 +42,7 @@ def run_train(args: argparse.Namespace) -> int:
     bounded("--steps", args.steps, limits, key="--train-steps")
     bounded("--eval-samples", args.eval_samples, limits, lo=0)
     check_out_folder(args.out, args.force)
-    start(threads=args.threads, limits=limits, spread=False)
+    check_threads(args.threads, limits)
+    start(threads=args.threads, spread=False)
     train_digits(args.out, args.seed, args.steps, args.eval_samples, args.force)
     return 0
