@@ -174,6 +174,8 @@ REFUSED = [  # (argv, fragment): each once ran (allocating, hanging or silently 
     (["bench", "--suites", ",,,"], "--suites: expected at least one comma-separated value"),
     (["bench", "--methods", ","], "--methods: expected at least one comma-separated value"),
     (["bench", "--threads", "100000"], "--threads: 100000 is above the bound of"),
+    (["sample", "--method", "dopri5", "--steps", "10"], "--steps: dopri5 is adaptive and chooses its own steps"),
+    (["bench", "--ref-tol", "1e-30"], "--ref-tol: 1e-30 is below the floor 1e-10"),
     (["train", "digits", "--steps", "1e12"], "--steps: 1000000000000 is above the bound of 1000000"),
     (["train", "digits", "--eval-samples", "1e9"], "--eval-samples: 1000000000 is above the bound"),
 ]

@@ -37,7 +37,7 @@ from probflow.bench.suites import (
     versions,
 )
 from probflow.bench.workloads import load_model_spec
-from probflow.cli.request import bounded, check_threads
+from probflow.cli.request import TOL_FLOOR, bounded, check_threads
 from probflow.schedules import linear
 from probflow.solvers import METHODS
 
@@ -129,6 +129,10 @@ def _check(args: argparse.Namespace) -> tuple[list[str] | None, list[int] | None
                                                                                   args.budget_minutes)):
         if v is not None and not (v > 0 and np.isfinite(v)):
             raise ValueError(f"{opt}: expected a positive number, got {v}")
+    for opt, v in (("--ref-tol", args.ref_tol), ("--check-tol", args.check_tol)):
+        if limits and v is not None and v < TOL_FLOOR:  # a reference below it never returns
+            raise ValueError(f"{opt}: {v:g} is below the floor {TOL_FLOOR:g} that an adaptive solve can reach (pass "
+                             "--no-limits to try anyway)")
     if args.ref_tol and args.check_tol and args.check_tol <= args.ref_tol:
         raise ValueError(f"--check-tol: expected a looser tolerance than --ref-tol {args.ref_tol:g}, got "
                          f"{args.check_tol:g}")
