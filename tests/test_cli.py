@@ -174,7 +174,6 @@ REFUSED = [  # (argv, fragment): each once ran (allocating, hanging or silently 
     (["bench", "--suites", ",,,"], "--suites: expected at least one comma-separated value"),
     (["bench", "--methods", ","], "--methods: expected at least one comma-separated value"),
     (["bench", "--threads", "100000"], "--threads: 100000 is above the bound of"),
-    (["sample", "--method", "dopri5", "--steps", "10"], "--steps: dopri5 is adaptive and chooses its own steps"),
     (["bench", "--ref-tol", "1e-30"], "--ref-tol: 1e-30 is below the floor 1e-10"),
     (["train", "digits", "--steps", "1e12"], "--steps: 1000000000000 is above the bound of 1000000"),
     (["train", "digits", "--eval-samples", "1e9"], "--eval-samples: 1000000000 is above the bound"),
@@ -215,6 +214,12 @@ def test_out_naming_a_folder_is_refused_for_file_outputs(out, tmp_path, capsys, 
     rc, _, err = _main(capsys, "sample", "--n", 2, "--steps", 2, "--quiet", "--out", out)
     assert rc == 2 and "names a folder; expected a file name" in err
     assert not list(tmp_path.iterdir())  # no file named "newdir"
+
+
+def test_steps_with_an_adaptive_method_is_said_not_silently_dropped(tmp_path, capsys):
+    rc, msg, err = _main(capsys, "sample", "--n", 2, "--method", "dopri5", "--rtol", "1e-2", "--atol", "1e-2",
+                         "--steps", 10, "--quiet", "--out", tmp_path / "a.png")
+    assert rc == 0 and "note: --steps 10 is not used: dopri5 is adaptive" in err, err
 
 
 def test_no_limits_lifts_a_bound(tmp_path, capsys):

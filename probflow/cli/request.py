@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -182,9 +183,9 @@ def solver(args: argparse.Namespace, default_method: str | None, default_steps: 
     method = method or (get_method(default_method) if default_method else None)
     if knob is not None:
         method = get_method("euler")  # the grid rule of DDIM; the stochastic step itself is built per chunk
-    if method is not None and method.adaptive and args.steps is not None:
-        raise ValueError(f"--steps: {method.name} is adaptive and chooses its own steps (set --rtol/--atol); drop "
-                         "--steps, or name a fixed-grid method")
+    if method is not None and method.adaptive and args.steps is not None:  # said, not silently dropped
+        print(f"probflow: note: --steps {args.steps} is not used: {method.name} is adaptive and chooses its own steps "
+              "(--rtol/--atol set them)", file=sys.stderr)
     bounded("--steps", args.steps, limits)
     bounded("--max-steps", args.max_steps, limits)
     _tolerance("--rtol", args.rtol, limits)
