@@ -425,9 +425,11 @@ def test_ctrl_c_under_the_launcher_prints_one_line_and_exits_130(tmp_path):
 
 
 def test_launcher_passes_bad_input_on_as_one_line_and_status_2(tmp_path):
+    """A rank's refusal: its one line and status 2, not torchrun's failure report; probflow's own options
+    reach probflow only (`--n` is not taken for torchrun's --nnodes)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "probflow.cli.launch", "--nproc-per-node", "2", "--master-port",
-                        str(_port()), "sample", "--samples", "4", "--steps", "1e9", "--out", str(tmp_path / "x.png")],
+                        str(_port()), "sample", "--n", "4", "--steps", "1e9", "--out", str(tmp_path / "x.png")],
                        env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and lines == ["probflow sample: error: --steps: 1000000000 is above the bound of 100000 "

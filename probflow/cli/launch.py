@@ -5,7 +5,8 @@ The same as `torchrun [torchrun options] -m probflow COMMAND [options]` (probflo
 outputs do not depend on their number), except how it ends: Ctrl-C prints one line and exits with 130
 (SIGTERM: 143) instead of torchrun's traceback, and a failed run exits with its ranks' status (2 for bad
 input) after their one line, instead of torchrun's failure report. torchrun's own log lines are silenced;
-everything before COMMAND (the first word that names a probflow command) goes to torchrun as it is.
+everything before COMMAND (the first word that names a probflow command) goes to torchrun as it is, and
+COMMAND's options only to probflow (so `--n` is not read as an abbreviation of torchrun's `--nnodes`).
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")] + [
             "torch.distributed"]:  # torchrun's log lines (its loggers are made when its modules are imported)
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    parser = torchrun.get_args_parser()
+    parser.prog = "probflow launch"
+    parser.error = lambda message: parser.exit(2, f"probflow launch: error: {' '.join(message.split())}\n")
+    args = parser.parse_args([*opts, "-m", "probflow"])
+    args.training_script_args = command  # probflow parses its own options (torchrun would read --n as its --nnodes)
     try:
-        torchrun.run(torchrun.parse_args([*opts, "-m", "probflow", *command]))
+        torchrun.run(args)
     except SignalException as e:  # torchrun stopped its ranks; they said what was (not) written
         return 143 if e.sigval == signal.SIGTERM else 130
     except KeyboardInterrupt:
