@@ -32,11 +32,9 @@ Python::
 
 from __future__ import annotations
 
-import _thread
 import datetime
 import os
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -49,7 +47,8 @@ from torch import Tensor
 from probflow.integrate import MaxStepsError
 
 __all__ = ["World", "RankFailed", "world", "joined", "finish", "chunk_bounds", "map_chunks", "map_cells", "on_rank0",
-           "default_threads", "set_threads", "concat_solutions", "slice_state", "cat_batch"]
+           "default_threads", "set_threads", "concat_solutions", "slice_state", "cat_batch", "solve_chunks",
+           "sample", "solve", "Abort"]
 
 T = TypeVar("T")
 TIMEOUT_S = float(os.environ.get("PROBFLOW_DIST_TIMEOUT", 1800))
@@ -78,9 +77,6 @@ class World:
     grouped: bool = False
 
 
-_WORLD: World | None = None
-
-
 def _env_int(name: str, default: int) -> int:
     v = os.environ.get(name)
     if v is None:
@@ -91,53 +87,55 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}: expected an integer from torchrun, got {v!r}") from None
 
 
-def world(device: str | None = None, timeout: float | None = None) -> World:
-    """Join the run started by torchrun (once per process; later calls return the same World).
+def _grouped(tdist) -> World:
+    """The World of the live process group (its backend decides the device: NCCL → cuda:LOCAL_RANK)."""
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = f"cuda:{local_rank}" if tdist.get_backend() == "nccl" else "cpu"
+    return World(tdist.get_rank(), tdist.get_world_size(), local_rank, _env_int("LOCAL_WORLD_SIZE", 1), device, True)
 
+
+def world(device: str | None = None, timeout: float | None = None) -> World:
+    """This process's place in the run started by torchrun, joining its process group on the first call.
+
+    Nothing is kept in this module: the World is read from torch.distributed's process group (once it is
+    made, later calls return the same ranks and device whatever they ask) and torchrun's variables.
     device: "cpu" (gloo) or "cuda" (NCCL, GPU LOCAL_RANK); default cuda when available. timeout: seconds
     any collective may wait (default $PROBFLOW_DIST_TIMEOUT or 1800: it must exceed the longest imbalance
     of local work between ranks). Without torchrun's variables: World() — one process, no process group.
     """
-    global _WORLD
-    if _WORLD is not None:
-        return _WORLD
     import torch.distributed as tdist
 
+    if tdist.is_available() and tdist.is_initialized():
+        return _grouped(tdist)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     size = _env_int("WORLD_SIZE", 1)
-    if size == 1 and not tdist.is_initialized():
-        _WORLD = World(device=device if device == "cpu" else f"cuda:{_env_int('LOCAL_RANK', 0)}")
-        return _WORLD
+    if size == 1:
+        return World(device=device if device == "cpu" else f"cuda:{_env_int('LOCAL_RANK', 0)}")
     missing = [k for k in _ENV if k not in os.environ]
-    if missing and not tdist.is_initialized():
+    if missing:
         raise ValueError(f"WORLD_SIZE={size} but {', '.join(missing)} unset: launch with torchrun")
-    local_rank = _env_int("LOCAL_RANK", 0)
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                 timeout=datetime.timedelta(seconds=timeout or TIMEOUT_S))
-    _WORLD = World(tdist.get_rank(), tdist.get_world_size(), local_rank,
-                   _env_int("LOCAL_WORLD_SIZE", 1), device, True)
-    return _WORLD
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+    tdist.init_process_group("nccl" if device == "cuda" else "gloo",
+                             timeout=datetime.timedelta(seconds=timeout or TIMEOUT_S))
+    return _grouped(tdist)
 
 
 def joined() -> bool:
-    """Whether `world()` has been called in this process (and not `finish()`ed since)."""
-    return _WORLD is not None
+    """Whether this process is in a live process group (`world()` under torchrun, or the caller's own)."""
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized()
 
 
 def finish() -> None:
-    """Leave the process group (if this process made one); `world()` may then be called again."""
-    global _WORLD
+    """Leave the process group, if one is live; `world()` may then be called again."""
     import torch.distributed as tdist
 
-    if _WORLD is not None and _WORLD.grouped and tdist.is_initialized():
+    if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
-    _WORLD = None
 
 
 def default_threads(local_size: int | None = None, cores: int | None = None) -> int:
@@ -214,77 +212,63 @@ def _agree(w: World, error: str | None) -> None:
                          all(s.startswith("!") for _, s in failed))
 
 
-class _Watch:
-    """Early abort without a collective: a rank whose work raises sets the store key `key` (the rendezvous
-    key-value store, a point-to-point request, not a collective); a daemon thread on every rank polls the key
-    every `poll` s and, while local work is still running, interrupts the main thread (KeyboardInterrupt at
-    its next Python instruction, i.e. between model calls), so the others stop within about a second and go
-    to the status meeting instead of finishing their chunks."""
+class _Stopped(BaseException):
+    """Another rank failed: this rank stops its local work (a BaseException, so that no `except Exception`
+    on the way up mistakes it for a failure of its own)."""
 
-    def __init__(self, w: World, key: str, poll: float = 0.2) -> None:
-        self.key, self.poll, self.fired, self.done = key, poll, False, False
-        self.lock, self.store = threading.Lock(), None
+
+class Abort:
+    """Early abort without a collective and without a second thread: a rank whose work raises sets a key in
+    the rendezvous key-value store (a point-to-point request); every rank's main thread looks for that key
+    between chunks and — through the models that `solve_chunks` runs — before each model evaluation, at most
+    every `poll` seconds, and stops (`_Stopped`), so the others stop within about a second and go to the
+    status meeting instead of finishing their chunks. The key is numbered per `map_chunks` call by a counter
+    kept in the store itself (each rank counts its own calls, which every rank makes in the same order)."""
+
+    def __init__(self, w: World, poll: float = 0.2) -> None:
+        self.store, self.key, self.poll, self.next = None, "", poll, 0.0
         if w.size > 1:
             try:
                 from torch.distributed.distributed_c10d import _get_default_store
 
                 self.store = _get_default_store()
+                self.key = f"probflow/failed/{self.store.add(f'probflow/calls/{w.rank}', 1)}"
             except Exception:  # no store: failures are still reported at the meeting, only later
                 self.store = None
-        if self.store is not None:
-            threading.Thread(target=self._run, daemon=True).start()
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.poll)
-            with self.lock:
-                if self.done:
-                    return
-                try:
-                    hit = self.store.check([self.key])
-                except Exception:
-                    return
-                if hit:
-                    self.fired = True
-                    _thread.interrupt_main()
-                    return
+    def check(self) -> None:
+        """Raise `_Stopped` when another rank has failed (polls the store at most every `poll` s)."""
+        if self.store is None or time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.poll
+        try:
+            hit = self.store.check([self.key])
+        except Exception:
+            return
+        if hit:
+            raise _Stopped
 
     def fail(self) -> None:
-        with self.lock:
-            self.done = True
         if self.store is not None:
             try:
                 self.store.set(self.key, "1")
             except Exception:
                 pass
 
-    def stop(self) -> None:
-        with self.lock:
-            self.done = True
 
-
-_CALLS = [0]
-
-
-def _run_local(w: World, fn: Callable[[int, int], Any], bounds: list[tuple[int, int]]):
+def _run_local(w: World, fn: Callable[..., Any], bounds: list[tuple[int, int]], abort: Abort, with_abort: bool):
     """This rank's chunks → ({k: result}, error message or None); stops early when another rank failed."""
-    _CALLS[0] += 1
-    watch = _Watch(w, f"probflow/failed/{_CALLS[0]}")
     local: dict[int, Any] = {}
     try:
-        try:
-            for k in range(w.rank, len(bounds), w.size):
-                local[k] = _to_cpu(fn(*bounds[k]))
-        finally:
-            watch.stop()
-    except KeyboardInterrupt:
-        if not watch.fired:
-            raise
+        for k in range(w.rank, len(bounds), w.size):
+            abort.check()
+            local[k] = _to_cpu(fn(*bounds[k], abort) if with_abort else fn(*bounds[k]))
+    except _Stopped:
         return {}, None  # another rank failed: its message comes from the meeting
     except Exception as e:  # reach the meeting with the error instead of leaving the others waiting
         if w.size == 1:  # one process: the error itself, as a plain loop would raise it
             raise
-        watch.fail()
+        abort.fail()
         if not isinstance(e, _USER_ERRORS):  # a crash: its traceback, on this rank's stderr
             traceback.print_exc(file=sys.stderr)
         return {}, _error_text(e)
@@ -292,15 +276,16 @@ def _run_local(w: World, fn: Callable[[int, int], Any], bounds: list[tuple[int, 
 
 
 def map_chunks(fn: Callable[[int, int], T], n: int, chunk: int, *, w: World | None = None,
-               everywhere: bool = False) -> list[T] | None:
+               everywhere: bool = False, _with_abort: bool = False) -> list[T] | None:
     """Run `fn(start, stop)` on every chunk of n indices (`chunk_bounds`), chunk k on rank k mod W, and
     gather the results in chunk order: the list on rank 0 (on every rank with `everywhere`), None on the
-    others. `fn` must not use collectives. If any rank's `fn` raises, the others stop within about a second
-    (`_Watch`) and every rank raises `RankFailed` with that rank's message (a crash's traceback — anything but
-    ValueError or a file error — is printed on its own stderr). In a world of one, `fn`'s error is raised as is."""
+    others. `fn` must not use collectives. If any rank's `fn` raises, the others stop at their next chunk (or,
+    under `solve_chunks`, their next model evaluation; `Abort`) and every rank raises `RankFailed` with that
+    rank's message (a crash's traceback — anything but ValueError or a file error — is printed on its own
+    stderr). In a world of one, `fn`'s error is raised as is."""
     w = w or world()
     bounds = chunk_bounds(n, chunk)
-    local, error = _run_local(w, fn, bounds)
+    local, error = _run_local(w, fn, bounds, Abort(w), _with_abort)
     _agree(w, error)
     if w.size == 1:
         parts = [local]
@@ -377,8 +362,11 @@ def slice_state(state: Any, a: int, b: int) -> Any:
 
 def concat_solutions(parts: Sequence[Any]):
     """One Solution from the chunks' Solutions (in chunk order): x and trajectory concatenated along the
-    batch, nfe summed (model calls, each on one chunk), a `tensors()` state concatenated row-wise; any
-    other state (a multistep method's history) is not carried over: state None."""
+    batch, a `tensors()` state concatenated row-wise; any other state (a multistep method's history) is not
+    carried over: state None. `nfe` is per sample — the model calls on each sample's path, i.e. its chunk's
+    (the largest over chunks where an adaptive solve made them differ) — and `info` holds `nfe_total` (every
+    batched model call, summed over the chunks), `nfe_min` and `chunks`; a round-trip bound
+    (`roundtrip_max_abs`, `probflow.inversion.encode_exact`) is the largest over the chunks."""
     from probflow.integrate import Solution
 
     st = parts[0].state
@@ -388,14 +376,67 @@ def concat_solutions(parts: Sequence[Any]):
         st = None
     traj = parts[0].trajectory
     traj = None if traj is None else torch.cat([p.trajectory for p in parts], dim=1)
-    return Solution(torch.cat([p.x for p in parts]), sum(p.nfe for p in parts), parts[0].sigmas, traj, st,
-                    parts[0].method)
+    nfes = [p.nfe for p in parts]
+    info: dict[str, Any] = {"nfe_total": sum(nfes), "nfe_min": min(nfes), "chunks": len(parts)}
+    bounds = [p.info["roundtrip_max_abs"] for p in parts if p.info and "roundtrip_max_abs" in p.info]
+    if len(bounds) == len(parts):
+        info["roundtrip_max_abs"] = max(bounds)
+    return Solution(torch.cat([p.x for p in parts]), max(nfes), parts[0].sigmas, traj, st, parts[0].method, info)
+
+
+class _Watched:
+    """The ε-model as `solve_chunks` runs it: the abort is looked for before each evaluation (`Abort.check`)
+    and `hook(eps, sigma)` sees every output (a progress bar, a finiteness check)."""
+
+    def __init__(self, model: Any, abort: Abort, hook: Callable[[Tensor, Tensor], None] | None) -> None:
+        self.model, self.abort, self.hook = model, abort, hook
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        self.abort.check()
+        out = self.model(x, sigma)
+        if self.hook is not None:
+            self.hook(out, sigma)
+        return out
+
+
+def solve_chunks(fn: Callable[..., Any], model: Any, n: int, inputs: Tensor | Callable[[int, int], Tensor],
+                 sigmas: Tensor, method: Any = "euler", *, chunk: int = 64, state: Any = None,
+                 precision: Any = None, hook: Callable[[Tensor, Tensor], None] | None = None,
+                 w: World | None = None, everywhere: bool = False, **kw: Any):
+    """The chunk runner, for one process and for torchrun's ranks alike: `fn(field, x, sigmas, method,
+    state=…, **kw)` (`probflow.sample`/`encode`/`decode`, or a function of their signature) on every chunk
+    [a, b) of n samples (`map_chunks`), and the chunks' Solutions concatenated (`concat_solutions`: on rank
+    0, every rank with `everywhere`, None on the others).
+
+    inputs: the batch (rows a:b are chunk [a, b)'s x) or `inputs(a, b)`. method: a name or Method, or
+    `method(a, b)` (a stochastic method's noise is indexed by sample). state: a reversible state whose rows
+    a:b go with the chunk. precision (`probflow.precision`, the one precision path): the model is cast once
+    (`Precision.field`) and each chunk's x put in the state's dtype; None runs `model` as it is (a DDIMField
+    keeps its own dtype boundary). hook(eps, sigma): called after every model evaluation.
+    """
+    from probflow.field import DDIMField, as_field
+    from probflow.precision import Precision
+
+    p = Precision.parse(precision)
+    base = p.field(model) if p is not None else as_field(model)
+
+    def one(a: int, b: int, abort: Abort):
+        x = inputs(a, b) if callable(inputs) else inputs[a:b]
+        if p is not None:
+            p.check_device(x.device)  # the device runs the precision's dtypes (cached per dtype and device)
+        field = DDIMField(_Watched(base.model, abort, hook), base.model_dtype)
+        m = method(a, b) if callable(method) else method
+        return fn(field, x if p is None else p.state_tensor(x), sigmas, m, state=slice_state(state, a, b), **kw)
+
+    parts = map_chunks(one, n, chunk, w=w, everywhere=everywhere, _with_abort=True)
+    return None if parts is None else concat_solutions(parts)
 
 
 def sample(model: Any, n: int, sigmas: Tensor, method: Any = "euler", *, chunk: int = 64, seed: int = 0,
            shape: Sequence[int] | None = None, w: World | None = None, everywhere: bool = False,
            **kw: Any):
-    """n samples x_0 = `probflow.sample` from `probflow.noise(·, shape, seed)`, chunk by chunk over the ranks.
+    """n samples x_0 = `probflow.sample` from `probflow.noise(·, shape, seed)`, chunk by chunk over the ranks
+    (`solve_chunks`).
 
     Sample i's noise is stream (seed, i) and chunk k's batch is samples [k·chunk, (k+1)·chunk): the result is
     the same for every world size. kw: rtol, atol, precision, options (as `probflow.sample`). Returns the
@@ -407,27 +448,19 @@ def sample(model: Any, n: int, sigmas: Tensor, method: Any = "euler", *, chunk: 
     shape = tuple(shape if shape is not None else getattr(model, "sample_shape", None) or ())
     if not shape:
         raise ValueError("shape: give the sample shape (the model has no sample_shape)")
-
-    def run(a: int, b: int):
-        return sample_(model, noise(b - a, shape, seed, start=a), sigmas, method, **kw)
-
-    parts = map_chunks(run, n, chunk, w=w, everywhere=everywhere)
-    return None if parts is None else concat_solutions(parts)
+    return solve_chunks(sample_, model, n, lambda a, b: noise(b - a, shape, seed, start=a), sigmas, method,
+                        chunk=chunk, w=w, everywhere=everywhere, **kw)
 
 
 def solve(what: str, model: Any, x: Tensor, sigmas: Tensor, method: Any = "euler", *, chunk: int = 64,
           state: Any = None, w: World | None = None, everywhere: bool = False, **kw: Any):
     """`probflow.encode`/`decode`/`sample` (`what`) of the batch x (given on every rank), chunk by chunk over
-    the ranks; rows a:b of a reversible `state` go with rows a:b of x. Returns the concatenated Solution on
-    rank 0 (every rank with `everywhere`), None on the others."""
+    the ranks (`solve_chunks`); rows a:b of a reversible `state` go with rows a:b of x. Returns the
+    concatenated Solution on rank 0 (every rank with `everywhere`), None on the others."""
     import probflow.flows as flows
 
     fns = {"sample": flows.sample, "encode": flows.encode, "decode": flows.decode}
     if what not in fns:
         raise ValueError(f"what: expected one of {sorted(fns)}, got {what!r}")
-
-    def run(a: int, b: int):
-        return fns[what](model, x[a:b], sigmas, method, state=slice_state(state, a, b), **kw)
-
-    parts = map_chunks(run, int(x.shape[0]), chunk, w=w, everywhere=everywhere)
-    return None if parts is None else concat_solutions(parts)
+    return solve_chunks(fns[what], model, int(x.shape[0]), x, sigmas, method, chunk=chunk, state=state, w=w,
+                        everywhere=everywhere, **kw)

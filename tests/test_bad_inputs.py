@@ -290,6 +290,46 @@ CASES = [
          lambda e, t: _api_small_limit(e), "above the limit of 1e+04", "ValueError"),
     Case("api-betas-nan", "`schedules.from_betas([0.1, nan, 0.2], \"betas\")`",
          lambda e, t: _api_betas(), "betas: every β_t must be a finite number in (0, 1)", "ValueError"),
+    # ---- CLI bounds and flags (issue 27, command line; cli helper) ----
+    Case("cli-steps-logsnr-1e9", "`sample --grid logsnr --steps 1000000000`",
+         lambda e, t: [*_sample(e, "--out", t / "s.png"), "--grid", "logsnr", "--steps", "1000000000"],
+         "--steps: 1000000000 is above the bound of 100000 (pass --no-limits to lift it)"),
+    Case("cli-scale-1e5", "`sample --scale 100000`", lambda e, t: _sample(e, "--scale", "100000", "--out", t / "s.png"),
+         "--scale: the PNG would have"),
+    Case("cli-n-1e14", "`sample --n 1e14`", lambda e, t: [*_sample(e, "--out", t / "s.png"), "--n", "1e14"],
+         "--n: 100000000000000 samples of 1×8×8 need"),
+    Case("cli-demo-n-1e9", "`demo --n 1e9`", lambda e, t: ["demo", "--n", "1e9", "--out", t / "s.png"],
+         "--n: 1000000000 is above the bound of 100000"),
+    Case("cli-bench-samples-1e9", "`bench --samples 1e9`", lambda e, t: ["bench", "--samples", "1e9", "--out", t / "b"],
+         "--samples: 1000000000 is above the bound of 65536"),
+    Case("cli-bench-nfe-1e9", "`bench --nfe 1e9`", lambda e, t: ["bench", "--nfe", "1000000000", "--out", t / "b"],
+         "--nfe: 1000000000 is above the bound of 10000"),
+    Case("cli-bench-suites-empty", "`bench --suites ,,,`", lambda e, t: ["bench", "--suites", ",,,", "--out", t / "b"],
+         "--suites: expected at least one comma-separated value"),
+    Case("cli-likelihood-draws-1e9", "`likelihood IMAGE --draws 1e9`",
+         lambda e, t: ["likelihood", e["imgs"][0], "--model", e["model"], "--draws", "1e9"],
+         "--draws: 1000000000 is above the bound of 1000"),
+    Case("cli-likelihood-probes-1e9", "`likelihood IMAGE --probes 1e9`",
+         lambda e, t: ["likelihood", e["imgs"][0], "--model", e["model"], "--probes", "1e9"],
+         "--probes: 1000000000 is above the bound of 1000"),
+    Case("cli-threads-1e5", "`sample --threads 100000`",
+         lambda e, t: _sample(e, "--threads", "100000", "--out", t / "s.png"),
+         "--threads: 100000 is above the bound of"),
+    Case("cli-device-meta", "`sample --device meta`", lambda e, t: _sample(e, "--device", "meta", "--out", t / "s.png"),
+         "--device: 'meta' cannot run a model"),
+    Case("cli-device-no-cuda", "`sample --device cuda:99` (no such CUDA device)",
+         lambda e, t: _sample(e, "--device", "cuda:99", "--out", t / "s.png"), "--device: 'cuda:99' but this"),
+    Case("cli-eta-with-dopri5", "`sample --eta 0.5 --method dopri5`",
+         lambda e, t: _sample(e, "--eta", "0.5", "--method", "dopri5", "--out", t / "s.png"),
+         "--eta: the stochastic sampler replaces the method; it cannot run with --method dopri5"),
+    Case("cli-out-trailing-slash", "`sample --out newdir/`", lambda e, t: _sample(e, "--out", f"{t}/newdir/"),
+         "names a folder; expected a file name"),
+    Case("cli-interpolate-reversible", "`interpolate A B --method reversible_heun`",
+         lambda e, t: ["interpolate", *e["imgs"][:2], "--model", e["model"], "--method", "reversible_heun", "--out",
+                       t / "s.png"], "--method: reversible_heun's inner frames have no partner state"),
+    Case("cli-seed-2-70", "`sample --seed 2**70`", lambda e, t: _sample(e, "--seed", str(2**70), "--out", t / "s.png"),
+         "--seed: expected a non-negative integer below 2**63"),
+    # ---- end of CLI bounds and flags ----
 ]
 
 
@@ -304,7 +344,10 @@ def test_bad_input_gives_one_line_naming_it(case, env, tmp_path, capsys):
         assert case.expect in str(info.value) and "\n" not in str(info.value)
         return
     capsys.readouterr()
-    rc = main([str(a) for a in made])
+    try:
+        rc = main([str(a) for a in made])
+    except SystemExit as e:  # argparse's own refusals (a flag's type: --device, --method, --precision)
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == case.status, err
     assert case.expect in err, err
@@ -372,20 +415,19 @@ def test_force_replaces_a_folder_as_a_whole_and_survives_an_interrupt_between_re
 
 
 def test_a_nan_eps_at_run_time_names_the_model_and_sigma():
-    from probflow.cli.common import _Finite, guarded
-    from probflow.solvers import get_method
+    from probflow.cli.common import check_finite, guarded
 
     def model(x, sigma):
         return x * float("nan") if float(sigma) < 1 else x
 
     with pytest.raises(ValueError, match=r"--model: the network returned NaN or Inf for ε at σ = 0\.5"):
-        _Finite(model)(torch.ones(1, 2), torch.tensor(0.5))
+        check_finite(model(torch.ones(1, 2), torch.tensor(0.5)), torch.tensor(0.5))
 
     def underflow(*a, **k):
         raise AssertionError("underflow in dt nan")
 
     with pytest.raises(ValueError, match="--method dopri5: the solver failed .underflow in dt"):
-        guarded(underflow, get_method("dopri5"))()
+        guarded(underflow, "dopri5")()
 
 
 # ---------------------------------------------------------------- real signals on a real process

@@ -38,17 +38,24 @@ WORKER = textwrap.dedent('''
     mode, out = sys.argv[1], sys.argv[2]
     w = dist.world()
     if mode == "fail":   # rank 1 raises in its second chunk while the others are mid-chunk
-        def fn(a, b):
+        import probflow
+
+        def model(x, sigma):  # ~10 ms a call, light on a shared CPU; ε = 0 keeps x (so x[0, 0] = chunk start)
+            time.sleep(0.01)
+            return torch.zeros_like(x)
+
+        def fn(field, x, sigmas, method, state=None):
+            a = int(x[0, 0])
             if w.rank == 1 and a > 4:  # its chunks: 4:8, then 16:20
                 print(f"FAILED-AT {time.time():.3f}", file=sys.stderr, flush=True)
-                raise RuntimeError(f"injected failure in chunk {a}:{b}")
-            t = time.time()
-            while time.time() - t < (1.0 if w.rank == 1 else 60.0):  # "work", light on a shared CPU
-                torch.randn(32, 32) @ torch.randn(32, 32)
-                time.sleep(0.01)
-            return torch.arange(a, b)
+                raise RuntimeError(f"injected failure in chunk {a}:{a + len(x)}")
+            return probflow.sample(field, x, sigmas, method)
+
+        steps = 100 if w.rank == 1 else 6000  # 1 s of model calls per chunk on rank 1, 60 s on the others
+        g = torch.linspace(10.0, 0.0, steps + 1, dtype=torch.float64)
         try:
-            parts = dist.map_chunks(fn, 36, 4)
+            dist.solve_chunks(fn, model, 36, lambda a, b: torch.full((b - a, 2), float(a), dtype=torch.float64), g,
+                              chunk=4)
             dist.on_rank0(lambda: atomic_write(out, lambda tmp: open(tmp, "w").write("new"), force=True))
         except dist.RankFailed as e:
             print(f"RANK {w.rank} EXIT-AT {time.time():.3f} {e}", file=sys.stderr, flush=True)
@@ -267,7 +274,9 @@ def test_concat_and_slice_reversible_state():
     whole = probflow.encode(m, x, g, "reversible_heun")
     parts = [probflow.encode(m, x[a:b], g, "reversible_heun") for a, b in dist.chunk_bounds(6, 4)]
     cat = dist.concat_solutions(parts)
-    assert torch.equal(cat.x, whole.x) and cat.nfe == sum(p.nfe for p in parts)
+    assert torch.equal(cat.x, whole.x)
+    # NFE per sample: each sample's path made its chunk's model calls; the batched total beside it
+    assert cat.nfe == parts[0].nfe == whole.nfe and cat.info["nfe_total"] == sum(p.nfe for p in parts)
     back = dist.solve("decode", m, cat.x, g, "reversible_heun", chunk=4, state=cat.state)
     assert torch.equal(back.x, probflow.decode(m, whole.x, g, "reversible_heun", state=whole.state).x)
     assert (back.x - x).abs().max() < 1e-12  # the exact inverse, to the fixed point's 2⁻⁴² (reversible.py)
@@ -330,7 +339,11 @@ def test_cli_runtime_flags(tmp_path, capsys):
     for bad, msg in ((["--chunk", "0"], "--chunk: expected a positive integer"),
                      (["--threads", "0"], "--threads: expected a positive integer"),
                      (["--precision", "model=bfloat16,state=bfloat16"], "state dtype must be float64 or float32")):
-        assert main([*base, *bad, "--out", str(tmp_path / "x.png")]) == 2
+        try:
+            rc = main([*base, *bad, "--out", str(tmp_path / "x.png")])
+        except SystemExit as e:  # argparse's refusal of a flag's type (--precision)
+            rc = e.code
+        assert rc == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
     # stochastic DDIM: sample i's path noise is stream i whatever its chunk, so chunks of 4 = one batch of 8
@@ -366,3 +379,63 @@ def test_bench_over_two_ranks_gives_the_single_process_tables(tmp_path):
 
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert len(a) >= 10 and a == b
+
+
+# ---------------------------------------------------------------- no module state; Ctrl-C under the launcher
+
+
+def test_distributed_keeps_no_module_state_and_starts_no_thread():
+    """The World is read from torch.distributed and torchrun's variables, never kept here; an early abort is
+    looked for by the main thread itself (no watcher thread interrupting it)."""
+    import threading
+    import types
+
+    mutable = {k: type(v).__name__ for k, v in vars(dist).items()
+               if not k.startswith("__") and not isinstance(v, (types.ModuleType, type, types.FunctionType))
+               and isinstance(v, (list, dict, set, dist.World))}
+    assert mutable == {}, mutable
+    before = threading.active_count()
+    m = models.default_mixture()
+    g = grids.ddim(probflow.schedules.linear(), 4)
+    sol = dist.sample(m, 6, g, "euler", chunk=4, shape=(2,))
+    assert threading.active_count() == before and sol.nfe == 4 and sol.info["nfe_total"] == 8
+    assert dist.world() == dist.World() and not dist.joined()
+
+
+def test_ctrl_c_under_the_launcher_prints_one_line_and_exits_130(tmp_path):
+    """SIGINT to the whole process group, as a terminal sends it, while two ranks sample: one line from rank 0,
+    no traceback (torchrun's or a rank's), exit status 130, no output file."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "big.png"
+    p = subprocess.Popen([sys.executable, "-m", "probflow.cli.launch", "--nproc-per-node", "2", "--master-port",
+                          str(_port()), "sample", "--samples", "512", "--steps", "900", "--chunk", "8", "--threads",
+                          "1", "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    time.sleep(15)  # the ranks are sampling (512 samples × 900 rk4 steps take minutes)
+    assert p.poll() is None
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 130, err[-3000:]
+    assert lines == ["probflow sample: interrupted; nothing half-written was left behind"], err[-3000:]
+    assert not out.exists() and not [q for q in tmp_path.iterdir()]
+
+
+def test_launcher_passes_bad_input_on_as_one_line_and_status_2(tmp_path):
+    """A rank's refusal: its one line and status 2, not torchrun's failure report; probflow's own options
+    reach probflow only (`--n` is not taken for torchrun's --nnodes)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "probflow.cli.launch", "--nproc-per-node", "2", "--master-port",
+                        str(_port()), "sample", "--n", "4", "--steps", "1e9", "--out", str(tmp_path / "x.png")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and lines == ["probflow sample: error: --steps: 1000000000 is above the bound of 100000 "
+                                           "(pass --no-limits to lift it)"], r.stderr[-3000:]
+    from probflow.cli.launch import split
+
+    assert split(["--nproc-per-node", "2", "sample", "--n", "4"]) == (["--nproc-per-node", "2"], ["sample", "--n", "4"])
+    with pytest.raises(ValueError, match="expected a probflow command"):
+        split(["--nproc-per-node", "2"])

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
+import re
 import signal
 import sys
 import threading
 
 from probflow.cli.common import add_runtime_arguments
-from probflow.distributed import RankFailed, finish, joined, set_threads
+from probflow.distributed import RankFailed, finish, joined
 from probflow.integrate import MaxStepsError
 from probflow.version import __version__
 
@@ -33,14 +36,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`probflow COMMAND: error: …`, exit 2), without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = re.sub(r"^argument (-[-\w]+)(/[-\w/]+)?: ", r"\1: ", " ".join(message.split()))
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def integer(text: str) -> int:
+    """An integer flag's value: '1000', or an integral number written as '1e9' (then bounded by the request)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v == int(v)):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(v)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="probflow", description="DDIM as Euler on the σ-ODE (Eq. 12).")
+    parser = _Parser(prog="probflow", description="DDIM as Euler on the σ-ODE (Eq. 12).",
+                     epilog="probflow launch [torchrun options] COMMAND …: COMMAND over torchrun's ranks (Ctrl-C: one "
+                            "line, exit 130)")
     parser.add_argument("--version", action="version", version=f"probflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         getattr(importlib.import_module(module), f"add_{name}_arguments")(p)
-        add_runtime_arguments(p)  # --threads for every command (kept as is where a command has its own)
+        add_runtime_arguments(p)  # --threads and --no-limits for every command (a command's own are kept)
+        for a in p._actions:
+            if a.type is int:
+                a.type = integer
     return parser
 
 
@@ -60,7 +91,13 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command (see `_run`), with SIGTERM handled like Ctrl-C while it runs."""
+    """Run one command (see `_run`), with SIGTERM handled like Ctrl-C while it runs. `probflow launch
+    [torchrun options] COMMAND …` runs COMMAND over torchrun's ranks (`probflow.cli.launch`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:
+        from probflow.cli.launch import main as launch
+
+        return launch(argv[1:])
     if threading.current_thread() is not threading.main_thread():
         return _run(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -71,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None = None) -> int:
-    """Run one command. Bad input — ValueError, a missing/existing/unwritable file (OSError), a number out of
-    range (OverflowError, FloatingPointError) — prints one line `probflow CMD: error: …` and returns 2;
-    Ctrl-C prints one line and returns 130 (outputs are atomic, so nothing half-written is left)."""
+    """Run one command: its arguments become a typed request (`probflow.cli.request`), which the command runs.
+    Bad input — ValueError, a missing/existing/unwritable file (OSError), a number out of range
+    (OverflowError, FloatingPointError) — prints one line `probflow CMD: error: …` and returns 2; Ctrl-C
+    prints one line and returns 130 (outputs are atomic, so nothing half-written is left). Under torchrun
+    only rank 0 prints these lines (every rank knows a RankFailed; a crash's traceback is printed where it
+    happened), so a run says each thing once."""
     command = "command"
     ours = not joined()  # leave a process group the caller made (main() called from a torchrun script)
     try:
@@ -84,24 +124,28 @@ def _run(argv: list[str] | None = None) -> int:
             return 2
         command = args.command
         run = getattr(importlib.import_module(COMMANDS[command][0]), f"run_{command}")
-        if getattr(args, "runtime_threads", False):
-            set_threads(args.threads)
         return int(run(args) or 0)
     except (ValueError, OSError, OverflowError, FloatingPointError, MaxStepsError) as e:
-        print(f"probflow {command}: error: {_one_line(e)}", file=sys.stderr)
+        _say(f"probflow {command}: error: {_one_line(e)}")
         return 2
     except RankFailed as e:  # torchrun: a rank failed; every rank exits with its message, nothing was written
-        print(f"probflow {command}: error: {e}", file=sys.stderr)
+        _say(f"probflow {command}: error: {e}")
         return 2 if e.user_error else 1
     except _Terminated:
-        print(f"probflow {command}: terminated; nothing half-written was left behind", file=sys.stderr)
+        _say(f"probflow {command}: terminated; nothing half-written was left behind")
         return 143
     except KeyboardInterrupt:
-        print(f"probflow {command}: interrupted; nothing half-written was left behind", file=sys.stderr)
+        _say(f"probflow {command}: interrupted; nothing half-written was left behind")
         return 130
     finally:
         if ours:
             finish()
+
+
+def _say(line: str) -> None:
+    """One line on stderr, from rank 0 only under torchrun (RANK unset: a single process)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from probflow.bench.suites import (
     versions,
 )
 from probflow.bench.workloads import load_model_spec
+from probflow.cli.request import TOL_FLOOR, bounded, check_threads
 from probflow.schedules import linear
 from probflow.solvers import METHODS
 
@@ -53,9 +54,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    f"{','.join(DEFAULT_SUITES)}; with --model: model)")
     p.add_argument("--methods", default=None, help="comma-separated registered methods (default: all)")
     p.add_argument("--grids", default=None, help=f"comma-separated grids (default: {','.join(DEFAULT_GRIDS)})")
-    p.add_argument("--nfe", default=None, help="comma-separated target NFEs (default: 5,10,20,50,100)")
-    p.add_argument("--samples", type=int, default=None,
-                   help="samples per workload (default: 256 at D=2, 128 at D=64, 16 for a model)")
+    p.add_argument("--nfe", default=None, help="comma-separated target NFEs (default: 5,10,20,50,100; each at most "
+                   "10000 unless --no-limits)")
+    p.add_argument("--samples", type=int, default=None, help="samples per workload (default: 256 at D=2, 128 at "
+                   "D=64, 16 for a model; at most 65536 unless --no-limits)")
     p.add_argument("--ref-method", default=None, help="reference solver (default: scipy_dop853 for closed-form "
                    "models, dopri5 for networks)")
     p.add_argument("--ref-tol", type=float, default=None, help="reference rtol = atol (default 1e-12 / 1e-5)")
@@ -65,22 +67,27 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    "exceeds this many minutes (the estimate is printed either way)")
     p.add_argument("--digits-model", default=None, metavar="FOLDER",
                    help="digits checkpoint folder for the digits suite (default: the shipped model)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1; at most the CPUs unless "
+                   "--no-limits)")
     p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress messages")
 
 
 def _csv(s: str | None, conv=str, opt: str = "") -> list | None:
+    """A comma-separated flag's values (None when the flag was not given); a list with no value is refused."""
     if s is None:
         return None
     try:
-        return [conv(v.strip()) for v in s.split(",") if v.strip()]
+        values = [conv(v.strip()) for v in s.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{opt}: expected comma-separated values, got {s!r}") from None
+    if not values:
+        raise ValueError(f"{opt}: expected at least one comma-separated value, got {s!r}")
+    return values
 
 
 def _suites(args: argparse.Namespace) -> list[str]:
-    suites = _csv(args.suites) or (["model"] if args.model else list(DEFAULT_SUITES))
+    suites = _csv(args.suites, opt="--suites") or (["model"] if args.model else list(DEFAULT_SUITES))
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
         raise ValueError(f"--suites: unknown {bad or suites}; expected a non-empty subset of {list(SUITES)}")
@@ -92,7 +99,7 @@ def _suites(args: argparse.Namespace) -> list[str]:
 
 
 def _methods(args: argparse.Namespace) -> list[str]:
-    methods = _csv(args.methods)
+    methods = _csv(args.methods, opt="--methods")
     if methods is None:
         if not args.quick:
             return fixed_methods() + adaptive_methods()
@@ -105,24 +112,27 @@ def _methods(args: argparse.Namespace) -> list[str]:
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str] | None, list[int] | None]:
-    grids = _csv(args.grids)
+    grids = _csv(args.grids, opt="--grids")
     for g in grids or []:
         if g != CALIBRATED:
             try:
                 grid_sigmas(g, linear(), 4)
             except ValueError as e:
                 raise ValueError(f"--grids: {e}") from None
+    limits = not args.no_limits
     nfe = _csv(args.nfe, int, "--nfe")
-    if nfe is not None and (not nfe or any(n < 1 for n in nfe)):
-        raise ValueError(f"--nfe: expected positive integers, got {args.nfe!r}")
-    checks = [("--samples", args.samples, 2), ("--threads", args.threads, 1)]
-    for opt, v, lo in checks:
-        if v is not None and v < lo:
-            raise ValueError(f"{opt}: expected an integer ≥ {lo}, got {v}")
+    for n in nfe or []:
+        bounded("--nfe", n, limits)
+    bounded("--samples", args.samples, limits, lo=2)
+    check_threads(args.threads, limits)
     for opt, v in (("--ref-tol", args.ref_tol), ("--check-tol", args.check_tol), ("--budget-minutes",
                                                                                   args.budget_minutes)):
         if v is not None and not (v > 0 and np.isfinite(v)):
             raise ValueError(f"{opt}: expected a positive number, got {v}")
+    for opt, v in (("--ref-tol", args.ref_tol), ("--check-tol", args.check_tol)):
+        if limits and v is not None and v < TOL_FLOOR:  # a reference below it never returns
+            raise ValueError(f"{opt}: {v:g} is below the floor {TOL_FLOOR:g} that an adaptive solve can reach (pass "
+                             "--no-limits to try anyway)")
     if args.ref_tol and args.check_tol and args.check_tol <= args.ref_tol:
         raise ValueError(f"--check-tol: expected a looser tolerance than --ref-tol {args.ref_tol:g}, got "
                          f"{args.check_tol:g}")

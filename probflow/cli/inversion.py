@@ -21,22 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from probflow.cli.common import (
-    GRID_NAMES,
-    add_solver_arguments,
-    apply_runtime,
-    check_solver_args,
-    grid,
-    load_image_model,
-    load_inputs,
-    run_chunks,
-    say,
-    solve,
-    solver_method,
-)
-from probflow.distributed import on_rank0
-from probflow.io.atomic import check_writable, check_writable_folder
-from probflow.solvers import Method, get_method
+from probflow.cli.common import GRID_NAMES, add_solver_arguments
+from probflow.cli.request import DecodeRequest, EncodeRequest, InterpolateRequest, Run, Solver
 
 DEFAULT_METHOD, DEFAULT_STEPS, EXACT_GRID = "euler", 20, "quadratic_open"
 
@@ -50,45 +36,32 @@ def _add_encode_mode(p: argparse.ArgumentParser, chunked: bool = True) -> None:
             a.help = f"{a.help.split(';')[0]}; default {EXACT_GRID} for exact latents, else uniform"
 
 
-def _mode(args: argparse.Namespace, method: Method) -> str:
-    """'exact' (encode_exact for the method), 'pair' (reversible), 'plain' (explicit or adaptive encode)."""
-    if method.reversible:
-        return "pair"
-    if method.adaptive or args.plain or getattr(args, "eta", None) is not None:
-        return "plain"
-    return "exact"
-
-
-def _encode(args: argparse.Namespace, model, x0: Tensor, method: Method, rt=None):
-    """(Solution, grid, grid name, mode): the latent of `x0` for the arguments' method and mode, chunk by chunk
-    over torchrun's ranks when `rt` is given (None on ranks other than 0)."""
+def _encode(req: EncodeRequest, model, x0: Tensor, w):
+    """(Solution, grid, grid name): the latent of `x0` for the request's method and mode, chunk by chunk over
+    the ranks of `w` (None on ranks other than 0). An exact latent is made in the network's own dtype for both
+    model and state unless --precision says otherwise (exact to the network's own precision)."""
     import probflow
+    from probflow.cli.common import grid_name, make_grid, precision_of, solve
     from probflow.inversion import encode_exact
 
-    mode = _mode(args, method)
-    if args.grid is None and mode == "exact":
-        args.grid = EXACT_GRID
-    name = args.grid or ("sigma_uniform" if method.uniform_steps else "uniform")
-    sig = grid(args, model, method)
-    def run(fn, x, what):
-        if rt is None:
-            return solve(args, model, fn, x, sig, method, what)
-        return run_chunks(args, rt, model, fn, len(x), lambda a, b: x[a:b], sig, lambda a, b: method, what)
-
+    s, mode = req.solver, req.mode
+    default = EXACT_GRID if mode == "exact" else "uniform"
+    name, sig = grid_name(s, default), make_grid(s, model, default)
     if mode != "exact":
-        return run(probflow.encode, x0, "encode"), sig, name, mode
+        return solve(req.run, s, model, probflow.encode, len(x0), x0, sig, s.method, "encode", w=w,
+                     dtype=x0.dtype), sig, name
     md = getattr(model, "model_dtype", None)
-    x0 = x0.to(md) if md is not None and md.is_floating_point else x0  # exact to the network's own precision
+    precision = precision_of(req.run, model, state=md if md is not None and md.is_floating_point else torch.float64)
 
     def exact(field, x, sigmas, method, rtol, atol, state=None):
         return encode_exact(field, x, sigmas, method)
 
     try:
-        sol = run(exact, x0, "encode (exact)")
+        sol = solve(req.run, s, model, exact, len(x0), x0, sig, s.method, "encode (exact)", w=w, precision=precision)
     except ValueError as e:
         msg = str(e).removeprefix("method: ")
         raise ValueError(f"--method: {msg}; pass --plain for the ordinary encode") from None
-    return sol, sig, name, mode
+    return sol, sig, name
 
 
 def add_encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,34 +73,44 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    from probflow.cli.request import encode_request
+
+    return encode(encode_request(args))
+
+
+def encode(req: EncodeRequest) -> int:
     """Images x_0 → latents x_T: by default exact for the decoder (`encode_exact`), else `probflow.encode`;
     written with provenance and environment."""
+    from probflow.cli.common import device_of, load_image_model, load_inputs, nfe_text, start
+    from probflow.distributed import on_rank0
+    from probflow.io.atomic import check_writable
     from probflow.io.latents import save_latents
 
-    check_solver_args(args)
-    rt = apply_runtime(args)
-    on_rank0(lambda: check_writable(args.out, args.force, "--out"), w=rt.world)
-    model = load_image_model(args.model, args.device, limits=not args.no_limits)
-    x0 = load_inputs(args, model, args.images, "IMAGE")
-    method = solver_method(args)
-    sol, sig, name, mode = _encode(args, model, x0, method, rt)
-    if rt.world.rank != 0:  # the other ranks meet rank 0's write, then stop
-        return on_rank0(lambda: None, w=rt.world) or 0
+    w = start(req.run)
+    on_rank0(lambda: check_writable(req.out, req.run.force, "--out"), w=w)
+    device = device_of(req.run, w)
+    model = load_image_model(req.run.model, device, req.run.limits)
+    x0 = load_inputs(req.run, model, list(req.images), "IMAGE", req.invert, device)
+    sol, sig, name = _encode(req, model, x0, w)
+    if w.rank != 0:  # the other ranks meet rank 0's write, then stop
+        return on_rank0(lambda: None, w=w) or 0
+    s, mode = req.solver, req.mode
     state = sol.state.tensors() if hasattr(sol.state, "tensors") else None
-    extra = {"invert": json.dumps(bool(args.invert)), **({"precision": str(rt.precision)} if rt.precision else {})}
-    on_rank0(lambda: save_latents(args.out, sol.x.cpu(), sig, model, method=method.name, nfe=sol.nfe, rtol=args.rtol,
-                                  atol=args.atol, state=state, sources=[Path(p).name for p in args.images],
+    p = req.run.precision
+    extra = {"invert": json.dumps(bool(req.invert)), **({"precision": str(p)} if p else {})}
+    on_rank0(lambda: save_latents(req.out, sol.x.cpu(), sig, model, method=s.name, nfe=sol.nfe, rtol=s.rtol,
+                                  atol=s.atol, state=state, sources=[Path(i).name for i in req.images],
                                   grid=name if name in GRID_NAMES else "",
-                                  exact_for=method.name if mode == "exact" else "", device=args.device,
-                                  data_range=getattr(model, "data_range", (-1.0, 1.0)), force=args.force,
-                                  extra=extra), w=rt.world)
-    what = {"exact": f"exact for the {method.name} decoder (verified round trip |Δx| ≤ "
-                     f"{sol.info['roundtrip_max_abs']:.1e})" if sol.info else f"exact for the {method.name} decoder "
-                     "(verified)",
+                                  exact_for=s.name if mode == "exact" else "", device=device,
+                                  data_range=getattr(model, "data_range", (-1.0, 1.0)), force=req.run.force,
+                                  extra=extra), w=w)
+    bound = (sol.info or {}).get("roundtrip_max_abs")
+    what = {"exact": f"exact for the {s.name} decoder (verified"
+                     + (f" round trip |Δx| ≤ {bound:.1e})" if bound is not None else ")"),
             "pair": "with its reversible state (exact on this environment only)",
             "plain": "ordinary encode, not an exact round trip"}[mode]
-    print(f"wrote {args.out}: {len(args.images)} latent(s) of shape {tuple(sol.x.shape[1:])}, {method.name} on the "
-          f"{name} grid ({len(sig) - 1} steps), NFE {sol.nfe}, {what}")
+    print(f"wrote {req.out}: {len(req.images)} latent(s) of shape {tuple(sol.x.shape[1:])}, {s.name} on the "
+          f"{name} grid ({len(sig) - 1} steps), {nfe_text(sol)}, {what}")
     return 0
 
 
@@ -141,29 +124,29 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
             a.help = f"{a.help.split(';')[0]}; default: as the latents were encoded"
 
 
-def _decode_grid(args: argparse.Namespace, lf, model, same_method: bool):
+def _decode_grid(given: Solver, s: Solver, lf, model):
     """The grid to decode on: the file's own unless --steps/--grid (or an adaptive method) ask otherwise."""
-    meta = lf.meta
-    method = get_method(args.method)
-    if args.steps is not None or args.grid is not None or method.adaptive:
-        if args.steps is None and not method.adaptive:
-            args.steps = len(lf.sigmas) - 1
-        return grid(args, model, method)
-    if not same_method and get_method(meta["method"]).adaptive:
-        raise ValueError(f"--steps: the latents were encoded with the adaptive {meta['method']}; give the number of "
-                         f"steps for {args.method}")
+    from probflow.cli.common import make_grid
+    from probflow.solvers import get_method
+
+    if given.steps is not None or given.grid is not None or s.method.adaptive:
+        return make_grid(s, model)
+    if given.method not in (None, get_method(lf.meta["method"])) and get_method(lf.meta["method"]).adaptive:
+        raise ValueError(f"--steps: the latents were encoded with the adaptive {lf.meta['method']}; give the number of "
+                         f"steps for {s.name}")
     return lf.sigmas
 
 
-def _exactness(args: argparse.Namespace, lf, model, method: Method, sig, state) -> str:
+def _exactness(run: Run, s: Solver, lf, model, sig, state, device: str) -> str:
     """What the decode can promise, with loud warnings where the file's environment differs."""
+    from probflow.cli.common import say
     from probflow.io.latents import environment_differences
 
-    same = args.method == lf.meta["method"] and sig is lf.sigmas
+    same = s.name == lf.meta["method"] and sig is lf.sigmas
     exact_for = lf.meta.get("exact_for", "")
-    if not ((state is not None) or (exact_for and same and exact_for == args.method)):
+    if not ((state is not None) or (exact_for and same and exact_for == s.name)):
         return ""
-    diff = environment_differences(lf, args.device, model)
+    diff = environment_differences(lf, device, model)
     if state is None and not diff:
         return ", exact inverse (round-off)"
     if state is None:
@@ -180,53 +163,64 @@ def _exactness(args: argparse.Namespace, lf, model, method: Method, sig, state) 
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    from probflow.cli.request import decode_request
+
+    return decode(decode_request(args))
+
+
+def _decode_state(req: DecodeRequest, s: Solver, lf, sig):
+    """A reversible decode's partner state from the file, when the method and grid are the file's own."""
+    from probflow.cli.common import say
+    from probflow.reversible import HeunState
+
+    same = s.name == lf.meta["method"] and sig is lf.sigmas
+    if s.method.reversible and same:
+        if not lf.state:
+            raise ValueError(f"latents: {req.latents} was made with the reversible {s.name} but holds no partner "
+                             "state; it cannot be inverted exactly (pass another --method to solve the ODE from "
+                             "the latents)")
+        return HeunState.from_tensors(lf.state)
+    if s.method.reversible:
+        say(f"note: {s.name} without the encode's own state and grid is an ordinary solve, not an exact inverse")
+    return None
+
+
+def decode(req: DecodeRequest) -> int:
     """Latents x_T → images x_0 down Eq. 12 (`probflow.decode`) with the method, grid, dtype and state the
     file records; "exact" is printed only when the file's exactness conditions hold here."""
     import probflow
+    from probflow.cli.common import device_of, load_image_model, nfe_text, say, solve, start
+    from probflow.cli.request import with_file_defaults
+    from probflow.distributed import on_rank0
+    from probflow.io.atomic import check_writable_folder
     from probflow.io.images import save_images
     from probflow.io.latents import check_compatible, load_latents
-    from probflow.reversible import HeunState
 
-    lf = load_latents(args.latents, "latents")  # every field validated, naming the field
-    meta = lf.meta
-    same_method = args.method in (None, meta["method"])
-    args.method = args.method or meta["method"]
-    for k in ("rtol", "atol"):
-        if getattr(args, k) is None:  # from the file (validated there), not a flag the user passed
-            setattr(args, k, float(meta[k]) if meta[k] not in ("None", "") else 1e-6)
-    check_solver_args(args)
-    rt = apply_runtime(args)
-    names = [Path(s).stem + ".png" for s in lf.sources] if len(lf.sources) == len(lf.latents) else None
+    lf = load_latents(req.latents, "latents")  # every field validated, naming the field
+    s = with_file_defaults(req.solver, lf.meta, len(lf.sigmas) - 1)
+    w = start(req.run)
+    names = [Path(n).stem + ".png" for n in lf.sources] if len(lf.sources) == len(lf.latents) else None
     if names is not None and len(set(names)) != len(names):
         names = None
-    folder = Path(args.out)
-    on_rank0(lambda: check_writable_folder(folder, args.force, "--out"), w=rt.world)  # before any work
-    model = load_image_model(args.model, args.device, limits=not args.no_limits)
-    for msg in check_compatible(lf, model, args.force, "latents"):
+    on_rank0(lambda: check_writable_folder(req.out, req.run.force, "--out"), w=w)  # before any work
+    device = device_of(req.run, w)
+    model = load_image_model(req.run.model, device, req.run.limits)
+    for msg in check_compatible(lf, model, req.run.force, "latents"):
         say(f"warning: decoding latents made with {msg} (--force)")
     if tuple(lf.latents.shape[1:]) != tuple(model.sample_shape):
         raise ValueError(f"latents: shape {tuple(lf.latents.shape[1:])} does not fit the model's input "
                          f"{tuple(model.sample_shape)}")
-    sig = _decode_grid(args, lf, model, same_method)
-    state = None
-    method = get_method(args.method)
-    if method.reversible and same_method and sig is lf.sigmas:
-        if not lf.state:
-            raise ValueError(f"latents: {args.latents} was made with the reversible {meta['method']} but holds no "
-                             "partner state; it cannot be inverted exactly (pass another --method to solve "
-                             "the ODE from the latents)")
-        state = HeunState.from_tensors(lf.state)
-    elif method.reversible:
-        say(f"note: {args.method} without the encode's own state and grid is an ordinary solve, not an exact inverse")
-    claim = _exactness(args, lf, model, method, sig, state) if rt.world.rank == 0 else ""
-    sol = run_chunks(args, rt, model, probflow.decode, len(lf.latents), lambda a, b: lf.latents[a:b], sig,
-                     lambda a, b: method, "decode", state=state)
-    lo, hi = json.loads(meta["data_range"])
-    if rt.world.rank != 0:  # the other ranks meet rank 0's write, then stop
-        return on_rank0(lambda: None, w=rt.world) or 0
-    x = (lo + hi) - sol.x if json.loads(meta.get("invert", "false")) else sol.x  # back to the inputs' polarity
-    paths = on_rank0(lambda: save_images(x.cpu(), folder, args.force, names=names, data_range=(lo, hi)), w=rt.world)
-    print(f"wrote {len(paths)} image(s) to {folder}/ ({args.method}, NFE {sol.nfe}{claim})")
+    sig = _decode_grid(req.solver, s, lf, model)
+    state = _decode_state(req, s, lf, sig)
+    claim = _exactness(req.run, s, lf, model, sig, state, device) if w.rank == 0 else ""
+    sol = solve(req.run, s, model, probflow.decode, len(lf.latents), lambda a, b: lf.latents[a:b].to(device), sig,
+                s.method, "decode", w=w, state=state, dtype=lf.latents.dtype)
+    lo, hi = json.loads(lf.meta["data_range"])
+    if w.rank != 0:  # the other ranks meet rank 0's write, then stop
+        return on_rank0(lambda: None, w=w) or 0
+    x = (lo + hi) - sol.x if json.loads(lf.meta.get("invert", "false")) else sol.x  # back to the inputs' polarity
+    paths = on_rank0(lambda: save_images(x.cpu(), req.out, req.run.force, names=names, data_range=(lo, hi)), w=w)
+    print(f"wrote {len(paths)} image(s) to {req.out}/ ({s.name}, {nfe_text(sol)}{claim})")
     return 0
 
 
@@ -243,37 +237,41 @@ def add_interpolate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
+    from probflow.cli.request import interpolate_request
+
+    return interpolate(interpolate_request(args))
+
+
+def interpolate(req: InterpolateRequest) -> int:
     """Encode A and B (by default exact for the decoder), mix their latents at `frames` weights and decode
     every frame with `probflow.interpolate`: the end frames are A and B to round-off, the inner frames ordinary
-    decodes of the mixed latents (a reversible method passes its state for the ends; its stateless inner
-    frames are refused where it is unstable)."""
+    decodes of the mixed latents. Two images: one process, one chunk."""
     import probflow
+    from probflow.cli.common import load_image_model, load_inputs, nfe_text, solve, start
+    from probflow.cli.request import check_sizes
+    from probflow.io.atomic import check_writable
     from probflow.io.images import save_grid
 
-    check_solver_args(args)
-    if args.frames < 2:
-        raise ValueError(f"--frames: expected an integer >= 2, got {args.frames}")
-    if args.scale is not None and args.scale < 1:
-        raise ValueError(f"--scale: expected a positive integer, got {args.scale}")
-    check_writable(args.out, args.force, "--out")
-    rt = apply_runtime(args, spread=False)  # threads and precision (two images: not spread over ranks)
-    model = load_image_model(args.model, args.device, limits=not args.no_limits)
-    x0 = torch.cat([load_inputs(args, model, [args.a], "A"), load_inputs(args, model, [args.b], "B")])
-    if rt.precision is not None:
-        model, x0 = rt.precision.cast_model(model), rt.precision.state_tensor(x0)
-    method = solver_method(args)
-    enc, sig, name, mode = _encode(args, model, x0, method)
+    check_writable(req.out, req.run.force, "--out")
+    w = start(req.run, spread=False)
+    model = load_image_model(req.run.model, req.run.device, req.run.limits)
+    check_sizes("--frames", req.frames, tuple(model.sample_shape), req.scale, req.run.limits, nrow=req.frames)
+    x0 = torch.cat([load_inputs(req.run, model, [req.a], "A", req.invert, req.run.device),
+                    load_inputs(req.run, model, [req.b], "B", req.invert, req.run.device)])
+    enc, sig, name = _encode(req.encode, model, x0, w)
 
-    def mix_and_decode(field, x, **kw):  # slerp/lerp per latent over all its pixels (B = 1)
-        return probflow.interpolate(field, x[:1], x[1:], frames=args.frames, kind=args.kind, **kw)
+    def mix_and_decode(field, x, sigmas, method, state=None, **kw):  # slerp/lerp per latent over all its pixels
+        return probflow.interpolate(field, x[:1], x[1:], sigmas, method, frames=req.frames, kind=req.kind,
+                                    state=state, **kw)
 
-    state = enc.state if mode == "pair" else None
-    sol = solve(args, model, mix_and_decode, enc.x, sig, method, "decode", state=state)
-    frames = sol.x.reshape(args.frames, *x0.shape[1:])
+    mode = req.encode.mode
+    sol = solve(req.run, req.solver, model, mix_and_decode, 2, enc.x, sig, req.solver.method, "decode", w=w,
+                state=enc.state if mode == "pair" else None, dtype=enc.x.dtype)
+    frames = sol.x.reshape(req.frames, *x0.shape[1:])
     lo, hi = getattr(model, "data_range", (-1.0, 1.0))
-    frames = (lo + hi) - frames if args.invert else frames  # back to the inputs' polarity
-    save_grid(frames.cpu().double(), args.out, nrow=args.frames, force=args.force, scale=args.scale,
+    frames = (lo + hi) - frames if req.invert else frames  # back to the inputs' polarity
+    save_grid(frames.cpu().double(), req.out, nrow=req.frames, force=req.run.force, scale=req.scale,
               data_range=(lo, hi))
-    print(f"wrote {args.out}: {args.frames} frames ({args.kind}), {method.name} on the {name} grid, "
-          f"{'exact' if mode == 'exact' else mode} latents, NFE {enc.nfe + sol.nfe}")
+    print(f"wrote {req.out}: {req.frames} frames ({req.kind}), {req.solver.name} on the {name} grid, "
+          f"{'exact' if mode == 'exact' else mode} latents, {nfe_text(enc)} to encode + {nfe_text(sol)} to decode")
     return 0

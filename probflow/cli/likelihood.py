@@ -15,14 +15,8 @@ from pathlib import Path
 
 import torch
 
-from probflow.cli.common import (
-    add_solver_arguments,
-    apply_runtime,
-    check_solver_args,
-    grid,
-    load_image_model,
-    load_inputs,
-)
+from probflow.cli.common import add_solver_arguments, load_image_model, load_inputs, make_grid, start
+from probflow.cli.request import bounded, run, solver
 
 _EIGHT_BIT = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
 
@@ -69,30 +63,29 @@ def run_likelihood(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from probflow.likelihood import bits_per_dim
-    from probflow.solvers import get_method
 
-    check_solver_args(args)
-    for k in ("probes", "draws", "batch"):
-        if getattr(args, k) < 1:
-            raise ValueError(f"--{k}: expected a positive integer, got {getattr(args, k)}")
-    rt = apply_runtime(args, spread=False)
-    model = load_image_model(args.model, args.device, limits=not args.no_limits)
+    s, rn = solver(args, "rk4", 25), run(args)  # the request: arguments checked once (probflow.cli.request)
+    for k in ("probes", "draws"):  # each multiplies the batch the solve holds
+        bounded(f"--{k}", getattr(args, k), rn.limits)
+    bounded("--batch", args.batch, False)
+    start(rn, spread=False)
+    model = load_image_model(rn.model, rn.device, rn.limits)
     _check_files(args.images, tuple(model.sample_shape[1:]))
-    x = load_inputs(args, model, args.images, "IMAGE")
-    if rt.precision is not None:
-        model, x = rt.precision.cast_model(model), rt.precision.state_tensor(x)
-    method = get_method(args.method)
-    sigmas = grid(args, model, method).flip(0).to(args.device)  # increasing: 0 … σ_max
+    x = load_inputs(rn, model, args.images, "IMAGE", args.invert, rn.device)
+    method = s.method
+    sigmas = make_grid(s, model).flip(0).to(rn.device)  # increasing: 0 … σ_max
     data_range = getattr(model, "data_range", (-1.0, 1.0))
+    if rn.precision is not None:  # the one precision path (Precision.field), as the other commands
+        model, x = rn.precision.field(model), rn.precision.state_tensor(x)
     bpd, nfe, vjps = [], 0, 0
     with tqdm(total=len(x), desc=f"likelihood ({method.name}, {args.divergence})", unit="img", file=sys.stderr,
               disable=True if args.quiet else None, leave=False) as bar:
         for lo in range(0, len(x), args.batch):
             r = bits_per_dim(model, x[lo:lo + args.batch], sigmas, method, levels=256, data_range=data_range,
-                             draws=args.draws, seed=args.seed, first_index=lo, rtol=args.rtol, atol=args.atol,
+                             draws=args.draws, seed=args.seed, first_index=lo, rtol=s.rtol, atol=s.atol,
                              divergence=args.divergence, probes_per_sample=args.probes, probe_kind=args.probe_kind)
             bpd.append(r.bpd.cpu())
-            nfe, vjps = nfe + r.likelihood.nfe, vjps + r.likelihood.vjps
+            nfe, vjps = max(nfe, r.likelihood.nfe), vjps + r.likelihood.vjps  # NFE per image's path
             bar.update(len(r.bpd))
     bpd = torch.cat(bpd)
     for path, b in zip(args.images, bpd.tolist()):

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from probflow.cli.common import (
-    add_solver_arguments,
-    apply_runtime,
-    check_solver_args,
-    grid,
-    load_image_model,
-    run_chunks,
-    solver_method,
-)
-from probflow.distributed import on_rank0
-from probflow.io.atomic import check_writable
+from probflow.cli.common import add_solver_arguments
+from probflow.cli.request import SampleRequest, sample_request
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,26 +21,31 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     """n samples x_0 from `probflow.noise(n, shape, seed)` by `probflow.sample`, written as one PNG grid."""
+    req = sample_request(args)  # read and checked once; `args` is not used after this line
+    return sample(req)
+
+
+def sample(req: SampleRequest) -> int:
     import probflow
+    from probflow.cli.common import device_of, load_image_model, make_grid, make_method, nfe_text, solve, start
+    from probflow.cli.request import check_sizes
+    from probflow.distributed import on_rank0
+    from probflow.io.atomic import check_writable
     from probflow.io.images import save_grid
 
-    check_solver_args(args)
-    if args.n < 1:
-        raise ValueError(f"--n: expected a positive number of samples, got {args.n}")
-    if args.seed < 0:
-        raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
-    if args.scale is not None and args.scale < 1:
-        raise ValueError(f"--scale: expected a positive integer, got {args.scale}")
-    rt = apply_runtime(args)
-    on_rank0(lambda: check_writable(args.out, args.force, "--out"), w=rt.world)
-    model = load_image_model(args.model, args.device, limits=not args.no_limits)
-    method = solver_method(args, seed=args.seed + 1)
-    sig = grid(args, model, method)
+    w = start(req.run)
+    on_rank0(lambda: check_writable(req.out, req.run.force, "--out"), w=w)
+    device = device_of(req.run, w)
+    model = load_image_model(req.run.model, device, req.run.limits)
     shape = tuple(model.sample_shape)
-    sol = run_chunks(args, rt, model, probflow.sample, args.n, lambda a, b: probflow.noise(
-        b - a, shape, args.seed, start=a), sig, lambda a, b: solver_method(args, args.seed + 1, range(a, b)), "sample")
-    on_rank0(lambda: save_grid(sol.x.cpu(), args.out, force=args.force, scale=args.scale,
-                               data_range=getattr(model, "data_range", (-1.0, 1.0))), w=rt.world)
-    if rt.world.rank == 0:
-        print(f"wrote {args.out}: {args.n} samples, {method.name}, NFE {sol.nfe}")
+    check_sizes("--n", req.n, shape, req.scale, req.run.limits)
+    sigmas = make_grid(req.solver, model)
+    seed = req.seed + 1  # the path noise's streams, apart from x_T's
+    sol = solve(req.run, req.solver, model, probflow.sample, req.n,
+                lambda a, b: probflow.noise(b - a, shape, req.seed, start=a).to(device), sigmas,
+                lambda a, b: make_method(req.solver, seed, range(a, b)), "sample", w=w)
+    on_rank0(lambda: save_grid(sol.x.cpu(), req.out, force=req.run.force, scale=req.scale,
+                               data_range=getattr(model, "data_range", (-1.0, 1.0))), w=w)
+    if w.rank == 0:
+        print(f"wrote {req.out}: {req.n} samples, {make_method(req.solver, seed).name}, {nfe_text(sol)}")
     return 0

@@ -17,7 +17,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
     p.add_argument("--eval-samples", type=int, default=2000,
                    help="samples per solver for the card's metrics (0: skip the evaluation); default 2000")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
 def check_out_folder(out: str, force: bool) -> None:
@@ -34,16 +33,16 @@ def check_out_folder(out: str, force: bool) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-
+    from probflow.cli.common import start
+    from probflow.cli.request import bounded, check_threads, seed
     from probflow.digits.train import train_digits
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
-    if args.seed < 0:
-        raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
+    limits = not args.no_limits
+    seed(args.seed)
+    bounded("--steps", args.steps, limits, key="--train-steps")
+    bounded("--eval-samples", args.eval_samples, limits, lo=0)
     check_out_folder(args.out, args.force)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    check_threads(args.threads, limits)
+    start(threads=args.threads, spread=False)
     train_digits(args.out, args.seed, args.steps, args.eval_samples, args.force)
     return 0
