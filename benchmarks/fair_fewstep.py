@@ -44,11 +44,14 @@ from probflow.bench.heldout import (
     DiagonalMixture,
     Problem,
     make_problem,
+    pilot_select,
+    power_grid,
     rmse,
     setup,
     steps_for,
 )
 from probflow.field import DDIMField
+from probflow.flows import noise
 from probflow.integrate import integrate
 from probflow.models import GaussianMixture
 
@@ -92,8 +95,15 @@ def grid_name(rho: float, end) -> str:
     return f"{'logsnr' if math.isinf(rho) else f'karras{rho:g}'}/{end}"
 
 
-def grid_family(schedule, steps: int) -> dict[str, torch.Tensor]:
-    """Every grid of the family with `steps` steps (the last into σ = 0)."""
+T_POWERS = (2.0, 2.5, 3.0)
+T_ENDS = (0.02, 0.03, 0.05, 0.1)
+
+
+def grid_family(schedule, steps: int, family: str = "base") -> dict[str, torch.Tensor]:
+    """Every grid of the family with `steps` steps (the last into σ = 0); "tpow": the power-in-t grids
+    (`probflow.grids.t_power`, q ∈ T_POWERS × σ_min ∈ T_ENDS)."""
+    if family == "tpow":
+        return {f"t^{q:g}/{e:g}": G.t_power(schedule, steps, q, e) for q in T_POWERS for e in T_ENDS}
     out = {"uniform": G.ddim(schedule, steps, "uniform"), "quadratic": G.ddim(schedule, steps, "quadratic")}
     for rho in RHOS:
         for end in ENDS:
@@ -110,13 +120,13 @@ def _try(fn, *args, **kw):
         return None
 
 
-def run_problem(s, nfe=NFE, native: bool = False) -> dict:
+def run_problem(s, nfe=NFE, native: bool = False, family: str = "base") -> dict:
     """{"pf": {"method|grid|nfe": rmse}, "peer": {...}} on one problem."""
     sch, model, pf, pe = s.schedule, s.problem.model, {}, {}
     fam_cache: dict[int, dict] = {}
 
     def fam(n):
-        return fam_cache.setdefault(n, grid_family(sch, n))
+        return fam_cache.setdefault(n, grid_family(sch, n, family))
 
     for n in nfe:
         for m in PF_METHODS:
@@ -134,12 +144,119 @@ def run_problem(s, nfe=NFE, native: bool = False) -> dict:
                 r = _try(P.run_peer, m, model, s.z, sch, n, sigmas=sig)
                 if r is not None and r.nfe <= n:
                     pe[f"d_{m}|{g}|{n}"] = rmse(r.x, s.reference)
-        for m in D_NATIVE if native else ():
+        for m in D_NATIVE if native and family == "base" else ():
             for g in P.peer_grids(m):
                 r = _try(P.run_peer, m, model, s.z, sch, P.steps_for_nfe(m, n), g)
                 if r is not None and r.nfe <= n:
                     pe[f"d_{m}|native_{g}|{n}"] = rmse(r.x, s.reference)
     return {"pf": pf, "peer": pe}
+
+
+# ------------------------------------------------------------------------------------------------ calibrated
+
+PILOT_ENDS = (1.0, 2.0, 3.0, 5.0, 10.0)  # × σ_0 = 0.01: σ_min 0.01 … 0.1, the family's ends
+PILOT_METHODS = ("unipc", "unipc_3")
+
+
+class _Counted:
+    """An ε-model that counts its calls (model calls = batched forward passes)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.model(x, sigma)
+
+
+def pilot_run(s, nfe=NFE, n_cal: int = 8) -> dict:
+    """Per NFE: `heldout.pilot_select` (method × log-SNR grid end chosen on the model's own calibration noise,
+    seed + 7, against an adaptive_exp reference at 1e-7; never the evaluation noise) evaluated on the problem's
+    noise. Records the choice, its RMSE and the model calls spent (reference once, then per NFE)."""
+    p, out = s.problem, {}
+    cm = _Counted(p.model)  # the reference of pilot_select, computed once here as it computes it
+    xb = noise(n_cal, (p.dim,), p.seed + 7) * math.sqrt(1.0 + s.schedule.sigma_max**2)
+    ends = torch.tensor([s.schedule.sigma_max, 0.0], dtype=torch.float64)
+    ref = integrate(cm, xb, ends, "adaptive_exp", rtol=1e-7, atol=1e-7).x
+    ref_calls = cm.calls
+    for n in nfe:
+        cm = _Counted(p.model)
+        m, end, _ = pilot_select(cm, s.schedule, p.dim, p.seed, n, ref, PILOT_METHODS, PILOT_ENDS, n_cal)
+        g = power_grid(s.schedule, steps_for(m, n), math.inf, end)
+        x = integrate(DDIMField(p.model), s.xbar, g, m).x
+        out[str(n)] = {"choice": f"{m}|logsnr/{end * s.schedule.sigma_min:g}", "rmse": rmse(x, s.reference),
+                       "ref_calls": ref_calls, "select_calls": cm.calls}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ adaptive
+
+ADAPTIVE_TOLS = (1e-2, 1e-3, 1e-4, 1e-5)
+TORCHDIFFEQ = ("dopri5", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def adaptive_run(s) -> dict:
+    """adaptive_exp and k-diffusion's dpm_adaptive at ADAPTIVE_TOLS (rtol = atol), ending at σ_0 and at σ = 0
+    (dpm_adaptive: to σ_0, then its samplers' last step x_0 = D(x̄, σ_0)); torchdiffeq's adaptive methods to
+    σ = 0. RMSE of x̄ against DOP853 at 1e-10 (at σ_0: its own reference), model calls."""
+    p, sch = s.problem, s.schedule
+    s0 = sch.sigma_min
+    to_s0 = torch.tensor([sch.sigma_max, s0], dtype=torch.float64)
+    ref0 = integrate(p.model, s.xbar, to_s0, "scipy_dop853", rtol=1e-10, atol=1e-10,
+                     options={"group": s.xbar.shape[0]}).x
+    out: dict = {"adaptive_exp": [], "dpm_adaptive": [], "torchdiffeq": []}
+    full = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    for tol in ADAPTIVE_TOLS:
+        f0, f1 = DDIMField(p.model), DDIMField(p.model)
+        a0 = integrate(f0, s.xbar, to_s0, "adaptive_exp", rtol=tol, atol=tol)
+        a1 = integrate(f1, s.xbar, full, "adaptive_exp", rtol=tol, atol=tol)
+        out["adaptive_exp"].append({"tol": tol, "err_s0": rmse(a0.x, ref0), "nfe_s0": a0.nfe,
+                                    "err_0": rmse(a1.x, s.reference), "nfe_0": a1.nfe})
+        k0 = kd.run_dpm_adaptive(p.model, s.z, sch.sigma_max, s0, tol, tol)
+        k1 = kd.run_dpm_adaptive(p.model, s.z, sch.sigma_max, s0, tol, tol, to_zero=True)
+        out["dpm_adaptive"].append({"tol": tol, "err_s0": rmse(k0.x * math.sqrt(1 + s0**2), ref0), "nfe_s0": k0.nfe,
+                                    "err_0": rmse(k1.x, s.reference), "nfe_0": k1.nfe})
+        for m in TORCHDIFFEQ if tol in (1e-3, 1e-4) else ():
+            sol = _try(integrate, p.model, s.xbar, full, m, rtol=tol, atol=tol)
+            if sol is not None:
+                out["torchdiffeq"].append({"method": m, "tol": tol, "err_0": rmse(sol.x, s.reference), "nfe": sol.nfe})
+    return out
+
+
+def _nfe_at(curve: list[tuple[float, float]], err: float) -> float:
+    """NFE at `err` on a (err, nfe) curve by log-log interpolation (inf outside its range)."""
+    pts = sorted(curve)
+    for (e0, n0), (e1, n1) in zip(pts, pts[1:]):
+        if e0 <= err <= e1 and e1 > e0:
+            w = math.log(err / e0) / math.log(e1 / e0)
+            return math.exp(math.log(n0) + w * (math.log(n1) - math.log(n0)))
+    return math.inf
+
+
+def adaptive_table(runs: list[dict], names: list[str]) -> str:
+    lines = ["| problem | end | tol | dpm_adaptive: RMSE, calls | adaptive_exp: calls at that RMSE (ratio) |",
+             "|---|---|---|---|---|"]
+    for r, name in zip(runs, names):
+        for end in ("s0", "0"):
+            curve = [(x[f"err_{end}"], x[f"nfe_{end}"]) for x in r["adaptive_exp"]]
+            for k in r["dpm_adaptive"]:
+                n = _nfe_at(curve, k[f"err_{end}"])
+                ratio = f"{n:.0f} ({n / k[f'nfe_{end}']:.2f})" if math.isfinite(n) else "outside its range"
+                lines.append(f"| {name} | {'σ_0' if end == 's0' else 'σ = 0'} | {k['tol']:g} | "
+                             f"{k[f'err_{end}']:.1e}, {k[f'nfe_{end}']} | {ratio} |")
+    lines += ["", "adaptive_exp itself (RMSE / calls at σ = 0):", "",
+              "| problem | " + " | ".join(f"tol {t:g}" for t in ADAPTIVE_TOLS) + " |",
+              "|---|" + "---|" * len(ADAPTIVE_TOLS)]
+    for r, name in zip(runs, names):
+        lines.append(f"| {name} | " + " | ".join(f"{x['err_0']:.1e} / {x['nfe_0']}" for x in r["adaptive_exp"]) + " |")
+    lines += ["", "torchdiffeq's adaptive methods (σ_max → 0, probflow.integrate's default log σ split): "
+              "RMSE ÷ tolerance, calls:", "", "| problem | method | tol | RMSE | RMSE ÷ tol | calls |",
+              "|---|---|---|---|---|---|"]
+    for r, name in zip(runs, names):
+        for t in r["torchdiffeq"]:
+            lines.append(f"| {name} | {t['method']} | {t['tol']:g} | {t['err_0']:.1e} | {t['err_0'] / t['tol']:.1f} "
+                         f"| {t['nfe']} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ choice
@@ -162,6 +279,23 @@ def choose(tuning: list[dict], n: int, side: str) -> str:
         return float(np.median([math.log(_at(r[side], n)[k] / b) for r, b in zip(tuning, ref)]))
 
     return min(sorted(keys), key=score)
+
+
+def pilot_table(held: list[dict], pilots: list[dict], nfe=NFE, tuning: list[dict] | None = None) -> str:
+    """The calibrated choice (`pilot_run`) ÷ the peer's configuration chosen on tuning, and ÷ the peer's oracle."""
+    lines = ["| NFE | calibrated ÷ peer chosen: median / worst | calibrated ÷ peer oracle: median / worst "
+             "| calibration cost (model calls on 8 samples): reference + selection | choices |",
+             "|---|---|---|---|---|"]
+    for n in nfe:
+        cq = choose(tuning, n, "peer")
+        pr = [q[str(n)] for q in pilots]
+        rc = [x["rmse"] / _at(r["peer"], n).get(cq, math.inf) for x, r in zip(pr, held)]
+        ro = [x["rmse"] / min(_at(r["peer"], n).values()) for x, r in zip(pr, held)]
+        cost = f"{np.median([x['ref_calls'] for x in pr]):.0f} (median, once per model) + {pr[0]['select_calls']}"
+        picks = sorted({x["choice"] for x in pr})
+        lines.append(f"| {n} | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / {max(ro):.2f} | {cost} "
+                     f"| {', '.join(picks)} |")
+    return "\n".join(lines)
 
 
 def table(tuning: list[dict], held: list[dict], names: list[str], nfe=NFE) -> tuple[str, dict]:
@@ -202,13 +336,24 @@ def _cached(cache: Path, key: str, fn):
     return out
 
 
-def _problem_run(p: Problem, samples: int, nfe, native: bool) -> dict:
+def _problem_run(p: Problem, samples: int, nfe, native: bool, family: str = "base") -> dict:
     t0 = time.perf_counter()
     s = setup(p, samples)
-    r = run_problem(s, nfe, native)
+    r = run_problem(s, nfe, native, family)
     r["ref_check"], r["seconds"] = s.ref_check, time.perf_counter() - t0
-    _say(f"  {p.describe()}: {r['seconds']:.0f} s (ref check {s.ref_check:.1e})")
+    _say(f"  {p.describe()} [{family}]: {r['seconds']:.0f} s (ref check {s.ref_check:.1e})")
     return r
+
+
+def _results(cache: Path, p: Problem, a, nfe) -> dict:
+    """The problem's results over the grid families of --families (each cached on its own), merged."""
+    out: dict = {"pf": {}, "peer": {}}
+    for fam in a.families.split(","):
+        key = f"p{p.seed}" + ("" if fam == "base" else f"_{fam}")
+        r = _cached(cache, key, lambda fam=fam: _problem_run(p, a.samples, nfe, a.native, fam))
+        out["pf"].update(r["pf"])
+        out["peer"].update(r["peer"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -222,6 +367,9 @@ def main(argv=None) -> int:
     ap.add_argument("--nfe", default=",".join(map(str, NFE)))
     ap.add_argument("--cache", default="out/fair_cache")
     ap.add_argument("--native", action="store_true", help="also diffusers' Euler/Heun/LMS on their own grids")
+    ap.add_argument("--pilot", action="store_true", help="also the calibrated choice per held-out problem")
+    ap.add_argument("--adaptive", type=int, default=0, help="adaptive study on the first N held-out problems")
+    ap.add_argument("--families", default="base,tpow", help="grid families (base: DDIM/Karras/log-SNR; tpow)")
     ap.add_argument("--only", choices=("tuning", "heldout"), help="compute (and cache) one phase only, no report")
     a = ap.parse_args(argv)
     try:
@@ -240,15 +388,23 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if a.only == "heldout":
         a.tuning = 0
-    tun = [_cached(cache, f"p{s}", lambda s=s: _problem_run(make_problem(s), a.samples, nfe, a.native))
-           for s in TUNING_SEEDS[:a.tuning]]
+    tun = [_results(cache, make_problem(s), a, nfe) for s in TUNING_SEEDS[:a.tuning]]
     if a.only == "tuning":
         return 0
     held_p = [outside_problem(*o) for o in OUTSIDE[:a.outside]] + [make_problem(s) for s in HELDOUT_SEEDS[:a.heldout]]
-    held = [_cached(cache, f"p{p.seed}", lambda p=p: _problem_run(p, a.samples, nfe, a.native)) for p in held_p]
+    held = [_results(cache, p, a, nfe) for p in held_p]
+    pilots = ([_cached(cache, f"pilot_p{p.seed}", lambda p=p: pilot_run(setup(p, a.samples), nfe)) for p in held_p]
+              if a.pilot else None)
+    ad = [_cached(cache, f"adaptive_p{p.seed}", lambda p=p: adaptive_run(setup(p, a.samples)))
+          for p in held_p[:a.adaptive]]
     if a.only:
         return 0
     md, data = table(tun, held, [p.describe() for p in held_p], nfe)
+    if pilots:
+        md += "\n\nCalibrated (opt-in, per model; `heldout.pilot_select` over unipc/unipc_3 × log-SNR ends "
+        md += f"{[e * 0.01 for e in PILOT_ENDS]}):\n\n" + pilot_table(held, pilots, nfe, tun)
+    if ad:
+        md += "\n\n## Adaptive\n\n" + adaptive_table(ad, [p.describe() for p in held_p[:a.adaptive]])
     head = (f"# Fair few-step table\n\n{len(tun)} tuning problems (seeds {TUNING_SEEDS[0]}…), {len(held)} held-out "
             f"({a.heldout} of the family + {min(a.outside, len(OUTSIDE))} outside), {a.samples} samples each; "
             f"{time.perf_counter() - t0:.0f} s (cached phases not counted).\n\n")
