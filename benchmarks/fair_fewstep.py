@@ -3,7 +3,8 @@ chosen on the tuning problems by the same rule, judged on held-out problems (iss
 
 Grid family (the same for every solver, `grid_family`): DDIM trailing uniform and quadratic, and for ρ ∈ {3, 5, 7, ∞}
 (∞: log-SNR uniform) × σ_min ∈ {σ_0, 0.03, 0.05, 0.1} the grid σ_max → σ_min with exponent ρ, then one last
-step to σ = 0 (18 grids; σ_0 = 0.01 is the DDPM table's smallest σ).
+step to σ = 0 (18 grids, family "base"; σ_0 = 0.01 is the DDPM table's smallest σ); family "tpow": the power-in-t
+grids `probflow.grids.t_power` with q ∈ {2, 2.5, 3} × σ_min ∈ {0.02, 0.03, 0.05, 0.1}, then one step to 0 (12 grids).
 
 Sides.  probflow: `dpmpp_2m`, `dpmpp_3m`, `unipc`, `unipc_3` (probflow.integrate).  Peers: k-diffusion's
 DPM++(2M), DPM++(3M) (eta = 0), LMS (order 4), Heun, DPM++(2S) (eta = 0) (`probflow.bench.kdiffusion`) and
@@ -18,8 +19,13 @@ problem. Error = RMSE of x_0 against DOP853 at rtol = atol = 1e-10 (`probflow.be
 Problems. Tuning: `heldout.TUNING_SEEDS`; held-out: `heldout.HELDOUT_SEEDS` and the "outside" mixtures
 (`outside_problem`: D ∈ {16, 64, 256}, rotated anisotropic and diagonal, K = 8; never used for a choice).
 
-Run: `python benchmarks/fair_fewstep.py --out benchmarks/FAIR.md [--tuning N --heldout N --samples S]`
-(per-problem results cached under --cache, so that a run resumes).
+Calibrated row (`--pilot`, opt-in per model): `heldout.pilot_select` (unipc/unipc_3 × log-SNR grids ending at
+σ_min ∈ {0.01, 0.02, 0.03, 0.05, 0.1}) chosen on the model's own calibration noise; its cost in model calls is
+reported. Adaptive study (`--adaptive N`): `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error,
+ending at σ_0 and at σ = 0, and torchdiffeq's adaptive methods' error ÷ tolerance.
+
+Run: `python benchmarks/fair_fewstep.py --out benchmarks/FAIR.md [--tuning N --heldout N --outside N --samples S
+--pilot --adaptive N]` (per-problem results cached under --cache, so that a run resumes; `--only` computes one phase).
 """
 
 from __future__ import annotations
@@ -298,21 +304,29 @@ def pilot_table(held: list[dict], pilots: list[dict], nfe=NFE, tuning: list[dict
     return "\n".join(lines)
 
 
+# the README's recommendation before this study, as the nearest configuration of the family (NFE 20: its end 2σ_0
+# is not in the family; log-SNR to 0.03 is the nearest)
+README = {5: "dpmpp_2m|quadratic", 10: "unipc|logsnr/0.03", 20: "unipc_3|logsnr/0.03", 50: "unipc_3|logsnr/s0",
+          100: "unipc_3|logsnr/s0"}
+
+
 def table(tuning: list[dict], held: list[dict], names: list[str], nfe=NFE) -> tuple[str, dict]:
     lines = ["| NFE | probflow chosen | peer chosen | chosen ÷ chosen: median / worst "
              "| pf chosen ÷ peer oracle: median / worst | oracle ÷ oracle: median / worst "
-             "| worst problem (chosen÷chosen) |",
-             "|---|---|---|---|---|---|---|"]
+             "| README's recipe ÷ peer chosen: median / worst | worst problem (chosen÷chosen) |",
+             "|---|---|---|---|---|---|---|---|"]
     data = {}
     for n in nfe:
         cp, cq = choose(tuning, n, "pf"), choose(tuning, n, "peer")
         rc = [_at(r["pf"], n).get(cp, math.inf) / _at(r["peer"], n).get(cq, math.inf) for r in held]
         ro = [_at(r["pf"], n).get(cp, math.inf) / min(_at(r["peer"], n).values()) for r in held]
         oo = [min(_at(r["pf"], n).values()) / min(_at(r["peer"], n).values()) for r in held]
+        rr = [_at(r["pf"], n).get(README.get(n, ""), math.nan) / _at(r["peer"], n).get(cq, math.inf) for r in held]
+        readme = f"{np.median(rr):.2f} / {max(rr):.2f}" if n in README else "—"
         w = int(np.argmax(rc))
         wr = held[w]
         lines.append(f"| {n} | `{cp}` | `{cq}` | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / "
-                     f"{max(ro):.2f} | {np.median(oo):.2f} / {max(oo):.2f} | {names[w]}: "
+                     f"{max(ro):.2f} | {np.median(oo):.2f} / {max(oo):.2f} | {readme} | {names[w]}: "
                      f"{_at(wr['pf'], n).get(cp, math.inf):.1e} vs {_at(wr['peer'], n).get(cq, math.inf):.1e} |")
         data[n] = {"pf": cp, "peer": cq, "chosen": rc, "vs_oracle": ro, "oracle": oo}
     return "\n".join(lines), data
@@ -370,7 +384,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pilot", action="store_true", help="also the calibrated choice per held-out problem")
     ap.add_argument("--adaptive", type=int, default=0, help="adaptive study on the first N held-out problems")
     ap.add_argument("--families", default="base,tpow", help="grid families (base: DDIM/Karras/log-SNR; tpow)")
-    ap.add_argument("--only", choices=("tuning", "heldout"), help="compute (and cache) one phase only, no report")
+    ap.add_argument("--only", choices=("tuning", "heldout", "extras"), help="compute and cache one phase, no report")
     a = ap.parse_args(argv)
     try:
         nfe = tuple(int(v) for v in a.nfe.split(","))
@@ -386,13 +400,13 @@ def main(argv=None) -> int:
     cache = Path(a.cache) / f"s{a.samples}_n{'-'.join(map(str, nfe))}{'_native' if a.native else ''}"
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if a.only == "heldout":
+    if a.only in ("heldout", "extras"):
         a.tuning = 0
     tun = [_results(cache, make_problem(s), a, nfe) for s in TUNING_SEEDS[:a.tuning]]
     if a.only == "tuning":
         return 0
     held_p = [outside_problem(*o) for o in OUTSIDE[:a.outside]] + [make_problem(s) for s in HELDOUT_SEEDS[:a.heldout]]
-    held = [_results(cache, p, a, nfe) for p in held_p]
+    held = [] if a.only == "extras" else [_results(cache, p, a, nfe) for p in held_p]
     pilots = ([_cached(cache, f"pilot_p{p.seed}", lambda p=p: pilot_run(setup(p, a.samples), nfe)) for p in held_p]
               if a.pilot else None)
     ad = [_cached(cache, f"adaptive_p{p.seed}", lambda p=p: adaptive_run(setup(p, a.samples)))
@@ -405,9 +419,13 @@ def main(argv=None) -> int:
         md += f"{[e * 0.01 for e in PILOT_ENDS]}):\n\n" + pilot_table(held, pilots, nfe, tun)
     if ad:
         md += "\n\n## Adaptive\n\n" + adaptive_table(ad, [p.describe() for p in held_p[:a.adaptive]])
-    head = (f"# Fair few-step table\n\n{len(tun)} tuning problems (seeds {TUNING_SEEDS[0]}…), {len(held)} held-out "
-            f"({a.heldout} of the family + {min(a.outside, len(OUTSIDE))} outside), {a.samples} samples each; "
-            f"{time.perf_counter() - t0:.0f} s (cached phases not counted).\n\n")
+    cmd = "python benchmarks/fair_fewstep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    head = (f"# Fair few-step table\n\n`{cmd}`\n\n{len(tun)} tuning problems (seeds {TUNING_SEEDS[0]}…), {len(held)} "
+            f"held-out ({a.heldout} of the family, seeds {HELDOUT_SEEDS[0]}…, + {min(a.outside, len(OUTSIDE))} "
+            "outside: "
+            f"{[o[1:] for o in OUTSIDE[:a.outside]]}), {a.samples} samples each, grid families {a.families}; "
+            f"{time.perf_counter() - t0:.0f} s (cached phases not counted). Ratios are RMSE ÷ RMSE per held-out "
+            "problem; < 1: probflow better.\n\n" + (__doc__ or "").split("\n\n", 1)[1].split("\nRun:")[0] + "\n\n")
     print(head + md)
     if a.out:
         tmp = Path(a.out).with_suffix(".tmp")
