@@ -298,7 +298,7 @@ def pilot_table(held: list[dict], pilots: list[dict], nfe=NFE, tuning: list[dict
         rc = [x["rmse"] / _at(r["peer"], n).get(cq, math.inf) for x, r in zip(pr, held)]
         ro = [x["rmse"] / min(_at(r["peer"], n).values()) for x, r in zip(pr, held)]
         cost = f"{np.median([x['ref_calls'] for x in pr]):.0f} (median, once per model) + {pr[0]['select_calls']}"
-        picks = sorted({x["choice"] for x in pr})
+        picks = sorted({(lambda m, e: f"{m}|logsnr/{float(e):.2g}")(*x["choice"].split("|logsnr/")) for x in pr})
         lines.append(f"| {n} | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / {max(ro):.2f} | {cost} "
                      f"| {', '.join(picks)} |")
     return "\n".join(lines)
