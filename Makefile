@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: a bare `torch` requirement would pull gigabytes of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,peers]"
+	# k-diffusion's samplers as peers (probflow.bench.kdiffusion loads only its sampling.py: its __init__ imports torchvision)
+	$(PY) -m pip install -q --no-deps k-diffusion
 	touch $(STAMP)
 
 demo: $(STAMP)

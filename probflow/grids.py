@@ -15,7 +15,7 @@ from torch import Tensor
 
 from probflow.schedules import MAX_SIGMA, Schedule
 
-__all__ = ["check_grid", "ddim", "karras", "log_uniform", "log_snr_tuned", "NAMED", "named"]
+__all__ = ["check_grid", "ddim", "karras", "log_uniform", "log_snr_tuned", "NAMED", "named", "t_power"]
 
 
 def check_grid(sigmas: Tensor, name: str = "sigmas") -> Tensor:
@@ -151,3 +151,24 @@ def named(name: str, schedule: Schedule, steps: int) -> Tensor:
         raise ValueError(f"grid: unknown grid {name!r}; expected one of {sorted(NAMED)}")
     check_steps(steps)
     return check_grid(torch.as_tensor(NAMED[name](schedule, steps), dtype=torch.float64), f"grid {name!r}")
+
+
+def t_power(schedule: Schedule, steps: int, power: float = 2.5, sigma_min: float = 0.03,
+            final_zero: bool = True) -> Tensor:
+    """σ at continuous timesteps t_j = t_e + (T−1−t_e)·(j/(N−1))^q, j = N−1 … 0, with t_e = t(σ_min) (the
+    schedule's continuous t, MATH.md §5), then σ = 0: a power-in-t grid from σ_max (t = T−1) that stops at
+    σ_min and takes one last step into 0. Quadratic in t for q = 2 like DDIM's spacing (which is t_k = (T−1)(k/N)²,
+    anchored at t = 0 rather than at t_e); a larger q puts more steps at small t. N = `steps` points before 0
+    (one step: σ_max, then 0)."""
+    check_steps(steps)
+    if not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
+        raise ValueError(f"power: expected a positive finite number, got {power!r}")
+    if not (isinstance(sigma_min, (int, float)) and schedule.sigma_min <= sigma_min < schedule.sigma_max):
+        raise ValueError(f"sigma_min: expected a σ in [σ_0, σ_max) = [{schedule.sigma_min:.4g}, "
+                         f"{schedule.sigma_max:.4g}), got {sigma_min!r}")
+    if steps == 1:
+        return with_final_zero(torch.tensor([schedule.sigma_max], dtype=torch.float64), final_zero)
+    t_end = float(schedule.t(torch.tensor(float(sigma_min), dtype=torch.float64)))
+    j = torch.arange(steps - 1, -1, -1, dtype=torch.float64)
+    t = t_end + (schedule.T - 1 - t_end) * (j / (steps - 1)) ** power
+    return with_final_zero(schedule.sigma(t), final_zero)

@@ -184,3 +184,28 @@ def test_euler_type_peers_jump_to_zero_from_their_last_trailing_sigma(setup):
         assert peers.last_sigma_before_zero("euler_d", sch, steps, "karras") == pytest.approx(
             float(sch.sigmas[t_last]), rel=1e-12)
         assert peers.last_sigma_before_zero("dpmpp_2m", sch, steps, "karras") == pytest.approx(sch.sigma_min, rel=1e-12)
+
+
+def test_custom_grid_peer_steps_on_the_given_grid(setup):
+    # the Karras grid given as `sigmas` reproduces grid "karras_sigma" exactly; another grid changes the result and
+    # the model sees that grid's σ (trap 6)
+    sch, model, z = setup
+    kar = grids.karras(sch.sigma_max, sch.sigma_min, 8)
+    for name in peers.custom_grid_peers():
+        a = peers.run_peer(name, model, z, sch, 8, "karras_sigma")
+        b = peers.run_peer(name, model, z, sch, 8, sigmas=kar)
+        assert torch.allclose(a.x, b.x, rtol=0, atol=1e-12), name  # the same grid up to its last bit
+        g = grids.log_uniform(sch.sigma_max, 0.05, 8)
+        c = peers.run_peer(name, model, z, sch, 8, sigmas=g)
+        assert c.nfe == 8 and torch.allclose(torch.tensor(c.model_sigmas, dtype=torch.float64), g[:-1], rtol=1e-12)
+        assert (c.x - b.x).abs().max() > 1e-4, name
+
+
+def test_custom_grid_is_refused_where_it_does_not_apply(setup):
+    sch, model, z = setup
+    with pytest.raises(ValueError, match="sigmas"):
+        peers.run_peer("ddim", model, z, sch, 4, sigmas=grids.karras(sch.sigma_max, sch.sigma_min, 4))
+    with pytest.raises(ValueError, match="sigmas"):
+        peers.run_peer("unipc", model, z, sch, 5, sigmas=grids.karras(sch.sigma_max, sch.sigma_min, 4))
+    with pytest.raises(ValueError, match="sigmas"):
+        peers.run_peer("unipc", model, z, sch, 4, sigmas=grids.karras(sch.sigma_max, sch.sigma_min, 4).flip(0))

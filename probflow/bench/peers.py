@@ -38,7 +38,11 @@ Traps handled here (docs/MATH.md §6):
    last *trailing timestep* (t = T/n − 1: σ ≈ 0.34 at 10 steps of the linear table, not σ_0 ≈ 0.01) and then
    jump from there to σ = 0 in one step (`last_sigma_before_zero`); that is diffusers' method, run as is.
    DPM-Solver++ and UniPC end their Karras/exponential grids at σ_0 (then a first-order step to 0, trap 4).
-6. `DDIMScheduler` with trailing spacing moves the state to t − T//n, which is not the next timestep when n
+6. Any grid (`run_peer(..., sigmas=...)`): for DPM-Solver++ and UniPC (x-variable, σ-based updates) the scheduler
+   is built on the Karras grid of the same length and its `sigmas` replaced by the given float64 grid
+   (decreasing, ending in 0); their updates read only `sigmas[step_index ± k]`, so they step on that grid, with
+   the model at the grid's σ. This gives them the same grid freedom as probflow's methods (`custom_grid_peers`).
+7. `DDIMScheduler` with trailing spacing moves the state to t − T//n, which is not the next timestep when n
    does not divide T: such runs are recorded in `PeerResult.notes` ("missteps") and flagged.
 
 diffusers is imported lazily; `available()` says whether it can be (any Exception counts as absent).
@@ -59,7 +63,7 @@ from probflow.method import steps_for_nfe as _steps_for_nfe
 from probflow.schedules import Schedule
 
 __all__ = ["PEERS", "PeerSpec", "PeerResult", "available", "peer_grids", "peer_names", "make_scheduler",
-           "run_peer", "steps_for_nfe", "last_sigma_before_zero"]
+           "run_peer", "steps_for_nfe", "last_sigma_before_zero", "custom_grid_peers"]
 
 _REL_MATCH = 1e-5  # a float32 σ and the float64 value it rounds agree far better than this
 
@@ -136,6 +140,11 @@ def available() -> bool:
 
 def peer_names() -> list[str]:
     return list(PEERS)
+
+
+def custom_grid_peers() -> list[str]:
+    """Peers that run on any σ grid (`run_peer(..., sigmas=...)`): the x-variable schedulers with σ grids."""
+    return [k for k, v in PEERS.items() if v.karras and v.variable == "x"]
 
 
 def peer_grids(name: str) -> list[str]:
@@ -250,6 +259,7 @@ def run_peer(
     steps: int,
     grid: str = "trailing",
     model_sigma: str | None = None,
+    sigmas: Tensor | None = None,
 ) -> PeerResult:
     """x_T → x_0 with the diffusers scheduler `name`, driven as a pipeline drives it (see the module doc).
 
@@ -257,9 +267,17 @@ def run_peer(
     dtype (float64 for accuracy studies). model_sigma: "timestep" (σ of the pipeline's timestep t, via the
     float64 table, log-σ interpolated for fractional t) or "scheduler" (σ of the scheduler's grid at that
     call); default "scheduler" for Euler-type peers and for grids "karras_sigma" and "exponential_sigma",
-    else "timestep".
+    else "timestep". sigmas: run on this grid instead (decreasing, float, ending in σ = 0, `steps` + 1 points;
+    peers of `custom_grid_peers` only; trap 6), with the model at the grid's σ; `grid` is then ignored.
     """
     spec = _spec(name)
+    if sigmas is not None:
+        if name not in custom_grid_peers():
+            raise ValueError(f"sigmas: peer {name!r} takes no custom grid; those that do: {custom_grid_peers()}")
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        if (sigmas.numel() != steps + 1 or float(sigmas[-1]) != 0.0 or not bool((sigmas[1:] < sigmas[:-1]).all())):
+            raise ValueError(f"sigmas: expected {steps + 1} decreasing values ending in 0, got {sigmas.tolist()}")
+        grid, model_sigma = "karras_sigma", "scheduler"
     if model_sigma is None:
         model_sigma = "scheduler" if (spec.variable == "xbar" or grid.endswith("_sigma")) else "timestep"
     if model_sigma not in ("timestep", "scheduler"):
@@ -267,6 +285,10 @@ def run_peer(
     if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1:
         raise ValueError("noise: expected a floating-point batch (B, ...) of x_T")
     sched = make_scheduler(name, schedule, steps, grid)
+    if sigmas is not None:
+        if sched.sigmas.shape != sigmas.shape:
+            raise RuntimeError(f"peer {name}: scheduler grid has {sched.sigmas.numel()} points, not {sigmas.numel()}")
+        sched.sigmas = sigmas.clone()
     notes: list[str] = []
     if name == "ddim" and schedule.T % steps:
         notes.append(f"missteps: T = {schedule.T} is not a multiple of {steps}; DDIMScheduler steps to t − T//n, "

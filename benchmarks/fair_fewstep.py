@@ -1,0 +1,439 @@
+"""Fair few-step table: probflow's methods and every peer on the same grid family, each side's configuration
+chosen on the tuning problems by the same rule, judged on held-out problems (issue 26).
+
+Grid family (the same for every solver, `grid_family`): DDIM trailing uniform and quadratic, and for ρ ∈ {3, 5, 7, ∞}
+(∞: log-SNR uniform) × σ_min ∈ {σ_0, 0.03, 0.05, 0.1} the grid σ_max → σ_min with exponent ρ, then one last
+step to σ = 0 (18 grids, family "base"; σ_0 = 0.01 is the DDPM table's smallest σ); family "tpow": the power-in-t
+grids `probflow.grids.t_power` with q ∈ {2, 2.5, 3} × σ_min ∈ {0.02, 0.03, 0.05, 0.1}, then one step to 0 (12 grids).
+
+Sides.  probflow: `dpmpp_2m`, `dpmpp_3m`, `unipc`, `unipc_3` (probflow.integrate).  Peers: k-diffusion's
+DPM++(2M), DPM++(3M) (eta = 0), LMS (order 4), Heun, DPM++(2S) (eta = 0) (`probflow.bench.kdiffusion`) and
+diffusers' DPM-Solver++(3M) and UniPC (orders 2 and 3) on every grid of the family (`peers.run_peer(sigmas=…)`),
+and with `--native` diffusers' Euler, Heun and LMS on their own grids (`peers.peer_grids`).
+
+Choice (the same rule for both sides): per NFE, the configuration (solver, grid) with the smallest median over
+the TUNING problems of log(error / the best error of any configuration of either side on that problem).
+"chosen" = that configuration on each held-out problem; "oracle" = the side's best configuration per held-out
+problem. Error = RMSE of x_0 against DOP853 at rtol = atol = 1e-10 (`probflow.bench.heldout.setup`).
+
+Problems. Tuning: `heldout.TUNING_SEEDS`; held-out: `heldout.HELDOUT_SEEDS` and the "outside" mixtures
+(`outside_problem`: D ∈ {16, 64, 256}, rotated anisotropic and diagonal, K = 8; never used for a choice).
+
+Calibrated row (`--pilot`, opt-in per model): `heldout.pilot_select` (unipc/unipc_3 × log-SNR grids ending at
+σ_min ∈ {0.01, 0.02, 0.03, 0.05, 0.1}) chosen on the model's own calibration noise; its cost in model calls is
+reported. Adaptive study (`--adaptive N`): `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error,
+ending at σ_0 and at σ = 0, and torchdiffeq's adaptive methods' error ÷ tolerance.
+
+Run: `python benchmarks/fair_fewstep.py --out benchmarks/FAIR.md [--tuning N --heldout N --outside N --samples S
+--pilot --adaptive N]` (per-problem results cached under --cache, so that a run resumes; `--only` computes one phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from probflow import grids as G
+from probflow.bench import kdiffusion as kd
+from probflow.bench import peers as P
+from probflow.bench.heldout import (
+    HELDOUT_SEEDS,
+    TUNING_SEEDS,
+    DiagonalMixture,
+    Problem,
+    make_problem,
+    pilot_select,
+    power_grid,
+    rmse,
+    setup,
+    steps_for,
+)
+from probflow.field import DDIMField
+from probflow.flows import noise
+from probflow.integrate import integrate
+from probflow.models import GaussianMixture
+
+NFE = (5, 10, 20, 50, 100)
+RHOS = (3.0, 5.0, 7.0, math.inf)
+ENDS = ("s0", 0.03, 0.05, 0.1)
+PF_METHODS = ("dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3")
+K_PEERS = ("k_dpmpp_2m", "k_dpmpp_3m", "k_lms", "k_heun", "k_dpmpp_2s")
+OUTSIDE = ((9001, 256, "rotated"), (9003, 64, "rotated"), (9002, 256, "diagonal"), (9004, 16, "rotated"))
+# diffusers schedulers run on every grid of the family; DPM-Solver++(2M) is left out because it equals k-diffusion's
+# DPM++(2M) on the same grid to diffusers' float32 floor (tests/test_kdiffusion.py)
+D_CUSTOM = ("dpmpp_3m", "unipc", "unipc_3")
+# diffusers schedulers on their own grids (`--native`); on the x-variable ones these grids are in the family already
+D_NATIVE = ("euler_d", "heun_d", "lms_d")
+
+
+def outside_problem(seed: int, dim: int, kind: str, k: int = 8) -> Problem:
+    """A mixture outside the family's ranges: K components, dimension `dim`, the family's other distributions."""
+    g = np.random.default_rng(seed)
+    s_min = math.exp(g.uniform(math.log(0.02), math.log(0.2)))
+    s_max = s_min * g.uniform(3.0, 10.0)
+    w = g.uniform(0.5, 1.5, k)
+    mu = np.clip(0.6 * g.standard_normal((k, dim)), -1, 1)
+    std = np.exp(g.uniform(math.log(s_min), math.log(s_max), (k, dim)))
+    if kind == "rotated":
+        q, r = np.linalg.qr(g.standard_normal((k, dim, dim)))
+        q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+        cov = q @ (std[:, :, None] ** 2 * np.swapaxes(q, 1, 2))
+        model = GaussianMixture(torch.from_numpy(w), torch.from_numpy(mu),
+                                torch.from_numpy(0.5 * (cov + np.swapaxes(cov, 1, 2))))
+    else:
+        model = DiagonalMixture(torch.from_numpy(w), torch.from_numpy(mu), torch.from_numpy(std**2))
+    return Problem(seed, kind, dim, k, float(std.min()), float(std.max()), model)
+
+
+def _end(schedule, end) -> float:
+    return schedule.sigma_min if end == "s0" else float(end)
+
+
+def grid_name(rho: float, end) -> str:
+    return f"{'logsnr' if math.isinf(rho) else f'karras{rho:g}'}/{end}"
+
+
+T_POWERS = (2.0, 2.5, 3.0)
+T_ENDS = (0.02, 0.03, 0.05, 0.1)
+
+
+def grid_family(schedule, steps: int, family: str = "base") -> dict[str, torch.Tensor]:
+    """Every grid of the family with `steps` steps (the last into σ = 0); "tpow": the power-in-t grids
+    (`probflow.grids.t_power`, q ∈ T_POWERS × σ_min ∈ T_ENDS)."""
+    if family == "tpow":
+        return {f"t^{q:g}/{e:g}": G.t_power(schedule, steps, q, e) for q in T_POWERS for e in T_ENDS}
+    out = {"uniform": G.ddim(schedule, steps, "uniform"), "quadratic": G.ddim(schedule, steps, "quadratic")}
+    for rho in RHOS:
+        for end in ENDS:
+            lo = _end(schedule, end)
+            out[grid_name(rho, end)] = (G.log_uniform(schedule.sigma_max, lo, steps) if math.isinf(rho)
+                                        else G.karras(schedule.sigma_max, lo, steps, rho))
+    return out
+
+
+def _try(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except (FloatingPointError, RuntimeError, ValueError):
+        return None
+
+
+def run_problem(s, nfe=NFE, native: bool = False, family: str = "base") -> dict:
+    """{"pf": {"method|grid|nfe": rmse}, "peer": {...}} on one problem."""
+    sch, model, pf, pe = s.schedule, s.problem.model, {}, {}
+    fam_cache: dict[int, dict] = {}
+
+    def fam(n):
+        return fam_cache.setdefault(n, grid_family(sch, n, family))
+
+    for n in nfe:
+        for m in PF_METHODS:
+            for g, sig in fam(steps_for(m, n)).items():
+                sol = _try(integrate, DDIMField(model), s.xbar, sig, m)
+                if sol is not None and sol.nfe <= n and torch.isfinite(sol.x).all():
+                    pf[f"{m}|{g}|{n}"] = rmse(sol.x, s.reference)
+        for m in K_PEERS:
+            for g, sig in fam(kd.steps_for_nfe(m, n)).items():
+                r = _try(kd.run_kpeer, m, model, s.z, sig)
+                if r is not None and r.nfe <= n:
+                    pe[f"{m}|{g}|{n}"] = rmse(r.x, s.reference)
+        for m in D_CUSTOM:
+            for g, sig in fam(n).items():
+                r = _try(P.run_peer, m, model, s.z, sch, n, sigmas=sig)
+                if r is not None and r.nfe <= n:
+                    pe[f"d_{m}|{g}|{n}"] = rmse(r.x, s.reference)
+        for m in D_NATIVE if native and family == "base" else ():
+            for g in P.peer_grids(m):
+                r = _try(P.run_peer, m, model, s.z, sch, P.steps_for_nfe(m, n), g)
+                if r is not None and r.nfe <= n:
+                    pe[f"d_{m}|native_{g}|{n}"] = rmse(r.x, s.reference)
+    return {"pf": pf, "peer": pe}
+
+
+# ------------------------------------------------------------------------------------------------ calibrated
+
+PILOT_ENDS = (1.0, 2.0, 3.0, 5.0, 10.0)  # × σ_0 = 0.01: σ_min 0.01 … 0.1, the family's ends
+PILOT_METHODS = ("unipc", "unipc_3")
+
+
+class _Counted:
+    """An ε-model that counts its calls (model calls = batched forward passes)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.model(x, sigma)
+
+
+def pilot_run(s, nfe=NFE, n_cal: int = 8) -> dict:
+    """Per NFE: `heldout.pilot_select` (method × log-SNR grid end chosen on the model's own calibration noise,
+    seed + 7, against an adaptive_exp reference at 1e-7; never the evaluation noise) evaluated on the problem's
+    noise. Records the choice, its RMSE and the model calls spent (reference once, then per NFE)."""
+    p, out = s.problem, {}
+    cm = _Counted(p.model)  # the reference of pilot_select, computed once here as it computes it
+    xb = noise(n_cal, (p.dim,), p.seed + 7) * math.sqrt(1.0 + s.schedule.sigma_max**2)
+    ends = torch.tensor([s.schedule.sigma_max, 0.0], dtype=torch.float64)
+    ref = integrate(cm, xb, ends, "adaptive_exp", rtol=1e-7, atol=1e-7).x
+    ref_calls = cm.calls
+    for n in nfe:
+        cm = _Counted(p.model)
+        m, end, _ = pilot_select(cm, s.schedule, p.dim, p.seed, n, ref, PILOT_METHODS, PILOT_ENDS, n_cal)
+        g = power_grid(s.schedule, steps_for(m, n), math.inf, end)
+        x = integrate(DDIMField(p.model), s.xbar, g, m).x
+        out[str(n)] = {"choice": f"{m}|logsnr/{end * s.schedule.sigma_min:g}", "rmse": rmse(x, s.reference),
+                       "ref_calls": ref_calls, "select_calls": cm.calls}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ adaptive
+
+ADAPTIVE_TOLS = (1e-2, 1e-3, 1e-4, 1e-5)
+TORCHDIFFEQ = ("dopri5", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def adaptive_run(s) -> dict:
+    """adaptive_exp and k-diffusion's dpm_adaptive at ADAPTIVE_TOLS (rtol = atol), ending at σ_0 and at σ = 0
+    (dpm_adaptive: to σ_0, then its samplers' last step x_0 = D(x̄, σ_0)); torchdiffeq's adaptive methods to
+    σ = 0. RMSE of x̄ against DOP853 at 1e-10 (at σ_0: its own reference), model calls."""
+    p, sch = s.problem, s.schedule
+    s0 = sch.sigma_min
+    to_s0 = torch.tensor([sch.sigma_max, s0], dtype=torch.float64)
+    ref0 = integrate(p.model, s.xbar, to_s0, "scipy_dop853", rtol=1e-10, atol=1e-10,
+                     options={"group": s.xbar.shape[0]}).x
+    out: dict = {"adaptive_exp": [], "dpm_adaptive": [], "torchdiffeq": []}
+    full = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    for tol in ADAPTIVE_TOLS:
+        f0, f1 = DDIMField(p.model), DDIMField(p.model)
+        a0 = integrate(f0, s.xbar, to_s0, "adaptive_exp", rtol=tol, atol=tol)
+        a1 = integrate(f1, s.xbar, full, "adaptive_exp", rtol=tol, atol=tol)
+        out["adaptive_exp"].append({"tol": tol, "err_s0": rmse(a0.x, ref0), "nfe_s0": a0.nfe,
+                                    "err_0": rmse(a1.x, s.reference), "nfe_0": a1.nfe})
+        k0 = kd.run_dpm_adaptive(p.model, s.z, sch.sigma_max, s0, tol, tol)
+        k1 = kd.run_dpm_adaptive(p.model, s.z, sch.sigma_max, s0, tol, tol, to_zero=True)
+        out["dpm_adaptive"].append({"tol": tol, "err_s0": rmse(k0.x * math.sqrt(1 + s0**2), ref0), "nfe_s0": k0.nfe,
+                                    "err_0": rmse(k1.x, s.reference), "nfe_0": k1.nfe})
+        for m in TORCHDIFFEQ if tol in (1e-3, 1e-4) else ():
+            sol = _try(integrate, p.model, s.xbar, full, m, rtol=tol, atol=tol)
+            if sol is not None:
+                out["torchdiffeq"].append({"method": m, "tol": tol, "err_0": rmse(sol.x, s.reference), "nfe": sol.nfe})
+    return out
+
+
+def _nfe_at(curve: list[tuple[float, float]], err: float) -> float:
+    """NFE at `err` on a (err, nfe) curve by log-log interpolation (inf outside its range)."""
+    pts = sorted(curve)
+    for (e0, n0), (e1, n1) in zip(pts, pts[1:]):
+        if e0 <= err <= e1 and e1 > e0:
+            w = math.log(err / e0) / math.log(e1 / e0)
+            return math.exp(math.log(n0) + w * (math.log(n1) - math.log(n0)))
+    return math.inf
+
+
+def adaptive_table(runs: list[dict], names: list[str]) -> str:
+    lines = ["| problem | end | tol | dpm_adaptive: RMSE, calls | adaptive_exp: calls at that RMSE (ratio) |",
+             "|---|---|---|---|---|"]
+    for r, name in zip(runs, names):
+        for end in ("s0", "0"):
+            curve = [(x[f"err_{end}"], x[f"nfe_{end}"]) for x in r["adaptive_exp"]]
+            for k in r["dpm_adaptive"]:
+                n = _nfe_at(curve, k[f"err_{end}"])
+                ratio = f"{n:.0f} ({n / k[f'nfe_{end}']:.2f})" if math.isfinite(n) else "outside its range"
+                lines.append(f"| {name} | {'σ_0' if end == 's0' else 'σ = 0'} | {k['tol']:g} | "
+                             f"{k[f'err_{end}']:.1e}, {k[f'nfe_{end}']} | {ratio} |")
+    lines += ["", "adaptive_exp itself (RMSE / calls at σ = 0):", "",
+              "| problem | " + " | ".join(f"tol {t:g}" for t in ADAPTIVE_TOLS) + " |",
+              "|---|" + "---|" * len(ADAPTIVE_TOLS)]
+    for r, name in zip(runs, names):
+        lines.append(f"| {name} | " + " | ".join(f"{x['err_0']:.1e} / {x['nfe_0']}" for x in r["adaptive_exp"]) + " |")
+    lines += ["", "torchdiffeq's adaptive methods (σ_max → 0, probflow.integrate's default log σ split): "
+              "RMSE ÷ tolerance, calls:", "", "| problem | method | tol | RMSE | RMSE ÷ tol | calls |",
+              "|---|---|---|---|---|---|"]
+    for r, name in zip(runs, names):
+        for t in r["torchdiffeq"]:
+            lines.append(f"| {name} | {t['method']} | {t['tol']:g} | {t['err_0']:.1e} | {t['err_0'] / t['tol']:.1f} "
+                         f"| {t['nfe']} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ choice
+
+
+def _at(table: dict, n: int) -> dict[str, float]:
+    return {k.rsplit("|", 1)[0]: v for k, v in table.items() if k.endswith(f"|{n}") and math.isfinite(v)}
+
+
+def best_any(r: dict, n: int) -> float:
+    return min(list(_at(r["pf"], n).values()) + list(_at(r["peer"], n).values()))
+
+
+def choose(tuning: list[dict], n: int, side: str) -> str:
+    """The configuration of `side` with the smallest median over tuning problems of log(error / best of any)."""
+    keys = set.intersection(*[set(_at(r[side], n)) for r in tuning])
+    ref = [best_any(r, n) for r in tuning]
+
+    def score(k):
+        return float(np.median([math.log(_at(r[side], n)[k] / b) for r, b in zip(tuning, ref)]))
+
+    return min(sorted(keys), key=score)
+
+
+def pilot_table(held: list[dict], pilots: list[dict], nfe=NFE, tuning: list[dict] | None = None) -> str:
+    """The calibrated choice (`pilot_run`) ÷ the peer's configuration chosen on tuning, and ÷ the peer's oracle."""
+    lines = ["| NFE | calibrated ÷ peer chosen: median / worst | calibrated ÷ peer oracle: median / worst "
+             "| calibration cost (model calls on 8 samples): reference + selection | choices |",
+             "|---|---|---|---|---|"]
+    for n in nfe:
+        cq = choose(tuning, n, "peer")
+        pr = [q[str(n)] for q in pilots]
+        rc = [x["rmse"] / _at(r["peer"], n).get(cq, math.inf) for x, r in zip(pr, held)]
+        ro = [x["rmse"] / min(_at(r["peer"], n).values()) for x, r in zip(pr, held)]
+        cost = f"{np.median([x['ref_calls'] for x in pr]):.0f} (median, once per model) + {pr[0]['select_calls']}"
+        picks = sorted({(lambda m, e: f"{m}|logsnr/{float(e):.2g}")(*x["choice"].split("|logsnr/")) for x in pr})
+        lines.append(f"| {n} | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / {max(ro):.2f} | {cost} "
+                     f"| {', '.join(picks)} |")
+    return "\n".join(lines)
+
+
+# the README's recommendation before this study, as the nearest configuration of the family (NFE 20: its end 2σ_0
+# is not in the family; log-SNR to 0.03 is the nearest)
+README = {5: "dpmpp_2m|quadratic", 10: "unipc|logsnr/0.03", 20: "unipc_3|logsnr/0.03", 50: "unipc_3|logsnr/s0",
+          100: "unipc_3|logsnr/s0"}
+
+
+def table(tuning: list[dict], held: list[dict], names: list[str], nfe=NFE) -> tuple[str, dict]:
+    lines = ["| NFE | probflow chosen | peer chosen | chosen ÷ chosen: median / worst "
+             "| pf chosen ÷ peer oracle: median / worst | oracle ÷ oracle: median / worst "
+             "| README's recipe ÷ peer chosen: median / worst | worst problem (chosen÷chosen) |",
+             "|---|---|---|---|---|---|---|---|"]
+    data = {}
+    for n in nfe:
+        cp, cq = choose(tuning, n, "pf"), choose(tuning, n, "peer")
+        rc = [_at(r["pf"], n).get(cp, math.inf) / _at(r["peer"], n).get(cq, math.inf) for r in held]
+        ro = [_at(r["pf"], n).get(cp, math.inf) / min(_at(r["peer"], n).values()) for r in held]
+        oo = [min(_at(r["pf"], n).values()) / min(_at(r["peer"], n).values()) for r in held]
+        rr = [_at(r["pf"], n).get(README.get(n, ""), math.nan) / _at(r["peer"], n).get(cq, math.inf) for r in held]
+        readme = f"{np.median(rr):.2f} / {max(rr):.2f}" if n in README else "—"
+        w = int(np.argmax(rc))
+        wr = held[w]
+        lines.append(f"| {n} | `{cp}` | `{cq}` | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / "
+                     f"{max(ro):.2f} | {np.median(oo):.2f} / {max(oo):.2f} | {readme} | {names[w]}: "
+                     f"{_at(wr['pf'], n).get(cp, math.inf):.1e} vs {_at(wr['peer'], n).get(cq, math.inf):.1e} |")
+        data[n] = {"pf": cp, "peer": cq, "chosen": rc, "vs_oracle": ro, "oracle": oo}
+    return "\n".join(lines), data
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _cached(cache: Path, key: str, fn):
+    f = cache / f"{key}.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    out = fn()
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, f)
+    return out
+
+
+def _problem_run(p: Problem, samples: int, nfe, native: bool, family: str = "base") -> dict:
+    t0 = time.perf_counter()
+    s = setup(p, samples)
+    r = run_problem(s, nfe, native, family)
+    r["ref_check"], r["seconds"] = s.ref_check, time.perf_counter() - t0
+    _say(f"  {p.describe()} [{family}]: {r['seconds']:.0f} s (ref check {s.ref_check:.1e})")
+    return r
+
+
+def _results(cache: Path, p: Problem, a, nfe) -> dict:
+    """The problem's results over the grid families of --families (each cached on its own), merged."""
+    out: dict = {"pf": {}, "peer": {}}
+    for fam in a.families.split(","):
+        key = f"p{p.seed}" + ("" if fam == "base" else f"_{fam}")
+        r = _cached(cache, key, lambda fam=fam: _problem_run(p, a.samples, nfe, a.native, fam))
+        out["pf"].update(r["pf"])
+        out["peer"].update(r["peer"])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="markdown report (written atomically; refuses to overwrite without --force)")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--tuning", type=int, default=len(TUNING_SEEDS))
+    ap.add_argument("--heldout", type=int, default=len(HELDOUT_SEEDS))
+    ap.add_argument("--outside", type=int, default=len(OUTSIDE))
+    ap.add_argument("--nfe", default=",".join(map(str, NFE)))
+    ap.add_argument("--cache", default="out/fair_cache")
+    ap.add_argument("--native", action="store_true", help="also diffusers' Euler/Heun/LMS on their own grids")
+    ap.add_argument("--pilot", action="store_true", help="also the calibrated choice per held-out problem")
+    ap.add_argument("--adaptive", type=int, default=0, help="adaptive study on the first N held-out problems")
+    ap.add_argument("--families", default="base,tpow", help="grid families (base: DDIM/Karras/log-SNR; tpow)")
+    ap.add_argument("--only", choices=("tuning", "heldout", "extras"), help="compute and cache one phase, no report")
+    a = ap.parse_args(argv)
+    try:
+        nfe = tuple(int(v) for v in a.nfe.split(","))
+    except ValueError:
+        ap.exit(2, f"fair_fewstep: --nfe: expected comma-separated integers, got {a.nfe!r}\n")
+    if min(a.samples, a.tuning, a.heldout) < 1 or a.outside < 0 or min(nfe) < 1:
+        ap.exit(2, "fair_fewstep: --samples, --tuning, --heldout, --nfe: expected positive integers\n")
+    if a.out and Path(a.out).exists() and not a.force:
+        ap.exit(2, f"fair_fewstep: --out: {a.out} exists (use --force)\n")
+    if not (kd.available() and P.available()):
+        ap.exit(2, "fair_fewstep: k-diffusion and diffusers are needed (make installs both)\n")
+    torch.set_num_threads(1)
+    cache = Path(a.cache) / f"s{a.samples}_n{'-'.join(map(str, nfe))}{'_native' if a.native else ''}"
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if a.only in ("heldout", "extras"):
+        a.tuning = 0
+    tun = [_results(cache, make_problem(s), a, nfe) for s in TUNING_SEEDS[:a.tuning]]
+    if a.only == "tuning":
+        return 0
+    held_p = [outside_problem(*o) for o in OUTSIDE[:a.outside]] + [make_problem(s) for s in HELDOUT_SEEDS[:a.heldout]]
+    held = [] if a.only == "extras" else [_results(cache, p, a, nfe) for p in held_p]
+    pilots = ([_cached(cache, f"pilot_p{p.seed}", lambda p=p: pilot_run(setup(p, a.samples), nfe)) for p in held_p]
+              if a.pilot else None)
+    ad = [_cached(cache, f"adaptive_p{p.seed}", lambda p=p: adaptive_run(setup(p, a.samples)))
+          for p in held_p[:a.adaptive]]
+    if a.only:
+        return 0
+    md, data = table(tun, held, [p.describe() for p in held_p], nfe)
+    if pilots:
+        md += "\n\nCalibrated (opt-in, per model; `heldout.pilot_select` over unipc/unipc_3 × log-SNR ends "
+        md += f"{[e * 0.01 for e in PILOT_ENDS]}):\n\n" + pilot_table(held, pilots, nfe, tun)
+    if ad:
+        md += "\n\n## Adaptive\n\n" + adaptive_table(ad, [p.describe() for p in held_p[:a.adaptive]])
+    cmd = "python benchmarks/fair_fewstep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    head = (f"# Fair few-step table\n\n`{cmd}`\n\n{len(tun)} tuning problems (seeds {TUNING_SEEDS[0]}…), {len(held)} "
+            f"held-out ({a.heldout} of the family, seeds {HELDOUT_SEEDS[0]}…, + {min(a.outside, len(OUTSIDE))} "
+            "outside: "
+            f"{[o[1:] for o in OUTSIDE[:a.outside]]}), {a.samples} samples each, grid families {a.families}; "
+            f"{time.perf_counter() - t0:.0f} s (cached phases not counted). Ratios are RMSE ÷ RMSE per held-out "
+            "problem; < 1: probflow better.\n\n" + (__doc__ or "").split("\n\n", 1)[1].split("\nRun:")[0] + "\n\n")
+    print(head + md)
+    if a.out:
+        tmp = Path(a.out).with_suffix(".tmp")
+        tmp.write_text(head + md + "\n")
+        os.replace(tmp, a.out)
+    (cache / "table.json").write_text(json.dumps({str(k): v for k, v in data.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The fair few-step study (benchmarks/fair_fewstep.py): its grid family, its choice rule (tuning results only, the
+same rule for both sides) and its calibrated row (never the evaluation noise); `probflow.grids.t_power`."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from probflow import grids, schedules
+
+_spec = importlib.util.spec_from_file_location("fair_fewstep", Path(__file__).parents[1] / "benchmarks/fair_fewstep.py")
+F = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(F)
+
+
+def test_t_power_grid_is_a_power_of_t_ending_at_sigma_min_then_zero():
+    sch = schedules.linear()
+    g = grids.t_power(sch, 9, 2.5, 0.03)
+    assert g.numel() == 10 and float(g[0]) == pytest.approx(sch.sigma_max, rel=1e-12) and float(g[-1]) == 0.0
+    assert float(g[-2]) == pytest.approx(0.03, rel=1e-9)
+    t = sch.t(g[:-1])
+    te = float(sch.t(torch.tensor(0.03, dtype=torch.float64)))
+    frac = ((t - te) / (sch.T - 1 - te)).flip(0)  # j/(N−1))^q for j = 0 … N−1
+    assert torch.allclose(frac, (torch.arange(9, dtype=torch.float64) / 8) ** 2.5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw,match", [({"power": 0.0}, "power"), ({"sigma_min": 1e-4}, "sigma_min"),
+                                      ({"sigma_min": 500.0}, "sigma_min")])
+def test_t_power_refuses_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        grids.t_power(schedules.linear(), 5, **kw)
+
+
+def _res(pf, peer, n=10):
+    return {"pf": {f"{k}|{n}": v for k, v in pf.items()}, "peer": {f"{k}|{n}": v for k, v in peer.items()}}
+
+
+def test_choice_uses_tuning_results_only_and_the_same_rule_for_both_sides():
+    tuning = [_res({"a|g": 1.0, "b|g": 2.0}, {"x|g": 3.0, "y|g": 1.5}),
+              _res({"a|g": 1.0, "b|g": 0.5}, {"x|g": 0.9, "y|g": 1.8}),
+              _res({"a|g": 1.0, "b|g": 3.0}, {"x|g": 1.2, "y|g": 1.1})]
+    assert F.choose(tuning, 10, "pf") == "a|g" and F.choose(tuning, 10, "peer") == "y|g"
+    held = [_res({"a|g": 9.0, "b|g": 0.1}, {"x|g": 0.1, "y|g": 3.0})]
+    _, data = F.table(tuning, held, ["h"], (10,))
+    assert data[10]["pf"] == "a|g" and data[10]["peer"] == "y|g"  # held-out errors change nothing
+    assert data[10]["chosen"] == [3.0] and data[10]["vs_oracle"] == [90.0] and data[10]["oracle"] == [1.0]
+
+
+def test_calibrated_row_never_sees_the_evaluation_noise():
+    torch.set_num_threads(1)
+    p = F.outside_problem(5, 4, "diagonal", k=3)
+    s = F.setup(p, 3)
+    seen = []
+    model = p.model
+
+    class Spy:
+        def __call__(self, x, sigma):
+            seen.append(x.clone())
+            return model(x, sigma)
+
+    p.model = Spy()
+    out = F.pilot_run(s, (5,), n_cal=4)
+    assert out["5"]["select_calls"] > 0 and out["5"]["ref_calls"] > 0
+    calls_before_eval = out["5"]["ref_calls"] + out["5"]["select_calls"]
+    for x in seen[:calls_before_eval]:
+        assert x.shape[0] == 4 and not any(torch.allclose(r, e) for r in x for e in s.z)
+    assert math.isfinite(out["5"]["rmse"])
