@@ -19,7 +19,7 @@ problem. Error = RMSE of x_0 against DOP853 at rtol = atol = 1e-10 (`probflow.be
 Problems. Tuning: `heldout.TUNING_SEEDS`; held-out: `heldout.HELDOUT_SEEDS` and the "outside" mixtures
 (`outside_problem`: D ∈ {16, 64, 256}, rotated anisotropic and diagonal, K = 8; never used for a choice).
 
-Calibrated row (`--pilot`, opt-in per model): `heldout.pilot_select` (unipc/unipc_3 × log-SNR grids ending at
+Calibrated row (`--pilot`, opt-in per model): `heldout_study.pilot_select` (unipc/unipc_3 × log-SNR grids ending at
 σ_min ∈ {0.01, 0.02, 0.03, 0.05, 0.1}) chosen on the model's own calibration noise; its cost in model calls is
 reported. Adaptive study (`--adaptive N`): `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error,
 ending at σ_0 and at σ = 0, and torchdiffeq's adaptive methods' error ÷ tolerance.
@@ -50,16 +50,16 @@ from probflow.bench.heldout import (
     DiagonalMixture,
     Problem,
     make_problem,
-    pilot_select,
-    power_grid,
     rmse,
     setup,
-    steps_for,
 )
 from probflow.field import DDIMField
 from probflow.flows import noise
 from probflow.integrate import integrate
 from probflow.models import GaussianMixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the held-out study beside this script
+from heldout_study import pilot_select, power_grid, steps_for  # noqa: E402
 
 NFE = (5, 10, 20, 50, 100)
 RHOS = (3.0, 5.0, 7.0, math.inf)
@@ -176,7 +176,7 @@ class _Counted:
 
 
 def pilot_run(s, nfe=NFE, n_cal: int = 8) -> dict:
-    """Per NFE: `heldout.pilot_select` (method × log-SNR grid end chosen on the model's own calibration noise,
+    """Per NFE: `heldout_study.pilot_select` (method × log-SNR grid end chosen on the model's own calibration noise,
     seed + 7, against an adaptive_exp reference at 1e-7; never the evaluation noise) evaluated on the problem's
     noise. Records the choice, its RMSE and the model calls spent (reference once, then per NFE)."""
     p, out = s.problem, {}
@@ -415,7 +415,7 @@ def main(argv=None) -> int:
         return 0
     md, data = table(tun, held, [p.describe() for p in held_p], nfe)
     if pilots:
-        md += "\n\nCalibrated (opt-in, per model; `heldout.pilot_select` over unipc/unipc_3 × log-SNR ends "
+        md += "\n\nCalibrated (opt-in, per model; `heldout_study.pilot_select` over unipc/unipc_3 × log-SNR ends "
         md += f"{[e * 0.01 for e in PILOT_ENDS]}):\n\n" + pilot_table(held, pilots, nfe, tun)
     if ad:
         md += "\n\n## Adaptive\n\n" + adaptive_table(ad, [p.describe() for p in held_p[:a.adaptive]])

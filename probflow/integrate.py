@@ -7,6 +7,7 @@ Sampling, encoding, benchmarks and the reference all come through `integrate`; i
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -159,6 +160,8 @@ def integrate(model: EpsModel | DDIMField, xbar: Tensor, sigmas: Tensor, method:
     """
     field = as_field(model)
     m: Method = method if isinstance(method, Method) else get_method(method)
+    if m.caution:
+        warnings.warn(f"method {m.name!r}: {m.caution}", UserWarning, stacklevel=2)
     ctl = _control(control, rtol, atol, max_steps)
     xbar = check_state(xbar, "x")
     sigmas = check_grid(sigmas).to(dtype=xbar.dtype, device=xbar.device)

@@ -69,6 +69,8 @@ class Method:
     start: for an adaptive probflow method, its first state from the step-size control and the backend options,
         `start(rtol, atol, monitor, options)` (`monitor.step(σ)` before each attempted step, for max_steps;
         `monitor.accept(σ)` after each accepted one, for progress); without it the step gets these as a dict.
+    caution: a known weakness a user should hear about when choosing it (`integrate` warns once with it), e.g.
+        an adaptive method whose error runs far from the requested tolerance; empty for none.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Method:
     directions: frozenset[str] = frozenset({"down", "up"})
     augmented: bool = True
     start: Start | None = None
+    caution: str = ""
 
     def __post_init__(self) -> None:
         if self.backend == "probflow" and self.step is None:

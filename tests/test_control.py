@@ -117,3 +117,26 @@ def test_flows_pass_integrates_keywords_through():
     assert frames.x.shape == (3, 1, 6) and frames.trajectory.shape == (len(g), 3, 1, 6)
     with pytest.raises(TypeError, match="no_such_keyword"):
         probflow.sample(GM, z, g, "rk4", no_such_keyword=1)
+
+
+def test_a_declared_caution_is_warned_and_names_the_better_choice():
+    import warnings
+
+    import torch
+
+    from probflow.integrate import integrate
+    from probflow.solvers import METHODS
+
+    model = lambda x, s: 0.1 * x  # noqa: E731
+    x = torch.ones(2, 3, dtype=torch.float64)
+    grid = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    cautioned = [n for n, m in METHODS.items() if m.caution]
+    assert {"fehlberg2", "bosh3"} <= set(cautioned)
+    for name in cautioned:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            integrate(model, x, grid, name, rtol=1e-4, atol=1e-4)
+        assert any(name in str(r.message) and "use adaptive_exp" in str(r.message) for r in w), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        integrate(model, x, grid, "dopri5", rtol=1e-4, atol=1e-4)

@@ -118,7 +118,10 @@ def _run(argv: list[str] | None = None) -> int:
     ours = not joined()  # leave a process group the caller made (main() called from a torchrun script)
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse has printed its one line (or the help): the status, as a return value
+            return e.code if isinstance(e.code, int) else 2
         if args.command is None:
             parser.print_help()
             return 2
