@@ -236,7 +236,74 @@ def report() -> str:
                          f"{r['same_images_hutchinson_se']:.3f} |")
         lines.append(f"\nGap test − train: {d['gap_hutchinson']:+.3f} bits/dim (Hutchinson), {d['gap_exact']:+.3f} "
                      "(exact subset).")
+    lines += images_report()
     return "\n".join(lines) + "\n"
+
+
+def images_report() -> list[str]:
+    """The image-scale sections, from likelihood_images.json (benchmarks/likelihood_images.py)."""
+    path = HERE / "likelihood_images.json"
+    if not path.exists():
+        return ["", "## Image scale", "", "Not measured in this run (benchmarks/likelihood_images.py)."]
+    res = json.loads(path.read_text())
+    out = ["", "## Image scale (benchmarks/likelihood_images.py; commands in its docstring)", "",
+           "One CPU thread on a shared 2-core machine: wall times are this machine's, loaded by other jobs, and "
+           "compare only within a table. Calls = evaluations of the augmented field per image (one model forward "
+           "each; the exact divergence adds a forward over ⌈D/64⌉ blocks of 64 copies)."]
+    for key, title in (("solvers_digits", "Solver error, digits (exact divergence)"),
+                       ("solvers_unet", "Solver error, random-weight 3×32×32 UNet (Hutchinson, the same fixed "
+                                        "probes in every solve)")):
+        r = res.get(key)
+        if not r:
+            continue
+        out += ["", f"### {title}", "", f"{r['model']}; reference {r['reference']} ({r['reference_calls']} calls); "
+                f"max |bpd − reference| over {len(r['reference_bpd'])} image(s).", "",
+                "| method | Karras steps | calls | max abs error (bits/dim) | s |", "|---|---|---|---|---|"]
+        out += [f"| {w['method']} | {w['steps']} | {w['calls']} | {w['max_abs_err']:.4f} | {w['seconds']} |"
+                for w in r["rows"]]
+    for key in ("variance_digits", "variance_unet"):
+        r = res.get(key)
+        if not r or len(r.get("rows", [])) < 2:
+            continue
+        fwd, bwd = r.get("seconds_forward"), r.get("seconds_reverse")
+        out += ["", f"### Probe variance per model call: {r['model']}", "",
+                f"{r['grid']}, {r['images']} image(s), 8 probes per call; sd = the standard deviation of one probe "
+                "stream's estimate (bits/dim, mean over images); the standard error with P probes is sd/√P at the "
+                "same model calls.", "", "| probes | calls | sd, one stream (bpd) | SE at P = 1 / 2 / 4 / 8 | s |",
+                "|---|---|---|---|---|"]
+        for w in r["rows"]:
+            sd = w["sd_mean"]
+            out.append(f"| {'fresh every call' if w['fresh'] else 'fixed along the solve'} | {w['calls']} | "
+                       f"{sd:.4f} | {' / '.join(f'{sd / math.sqrt(p):.4f}' for p in (1, 2, 4, 8))} | {w['seconds']} |")
+        a, b = r["rows"][0]["sd_mean"], r["rows"][1]["sd_mean"]
+        out.append(f"\nFresh probes: {a / b:.1f}× smaller standard error than fixed ones at the same calls "
+                   f"({(a / b) ** 2:.0f}× fewer calls' worth of variance).")
+        if fwd is not None:
+            out.append(f"Pilot: forward {fwd:.3f} s, each extra probe's reverse pass {bwd:.3f} s per call on one "
+                       "image: P probes cost forward + P × reverse.")
+    for key, title in (("bpd_digits", "Digits test split, the CLI's defaults"),
+                       ("bpd_unet", "Random-weight 3×32×32 UNet (stress case), the CLI's defaults"),
+                       ("bpd_trained", "Trained 32×32 model")):
+        r = res.get(key)
+        if not r:
+            out += ["", f"### {title}", "", "Pending: not measured in this run."] if key == "bpd_trained" else []
+            continue
+        out += ["", f"### {title}", "", f"{r['model']}, {r['images']}; {r['grid']}, divergence {r['divergence']}"
+                + (f" ({r['probes']} fresh probes per call)" if r.get("probes") else "") + f", {r['levels']} levels, "
+                f"batches of {r['batch']}.", "",
+                f"- {r['n']} images: **{r['mean']:.4f} bits/dim**, standard error over images "
+                f"{r['se_over_images']:.4f}; "
+                f"the estimator's own standard error of this mean {r['estimator_se']:.4f}.",
+                f"- {r['calls_per_image']} model calls per image, {r['seconds_per_image']} s per image "
+                f"({r['seconds']} s in all; the pilot estimated "
+                + (f"{r['estimated_seconds']:.0f} s" if r.get("estimated_seconds") is not None else "n/a") + ")."]
+        c = r.get("check")
+        if c:
+            zs = ", ".join(f"{z:+.2f}" for z in c["z"])
+            out.append(f"- Hutchinson ({c['probes']} fresh probes per call) against the exact divergence on the same "
+                       f"solve grid, first {c['images']} images: z = (Hutchinson − exact)/SE = {zs}; exact "
+                       f"{c['exact_seconds']} s, Hutchinson {c['hutchinson_seconds']} s for the {c['images']}.")
+    return out
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from probflow.cli.common import (
 )
 
 _EIGHT_BIT = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
-DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_GRID = "rk4", 10, "karras"
+DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_GRID = "rk4", 20, "karras"
 DEFAULT_BUDGET_MINUTES = 30.0
 MAX_PROBES, MAX_DRAWS, MAX_BATCH = 1024, 1024, 4096
 
@@ -108,7 +108,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if v is None:
             continue
         if v < (2 if k == "levels" else 1):
-            raise ValueError(f"--{k}: expected an integer >= {2 if k == 'levels' else 1}, got {v}")
+            raise ValueError(f"--{k}: expected " + ("an integer >= 2" if k == "levels" else "a positive integer")
+                             + f", got {v}")
         if v > bound and not (args.no_limits and k != "levels"):
             raise ValueError(f"--{k}: {v} is above the bound {bound}" + ("" if k == "levels" else
                              " (pass --no-limits to lift it)") + (" (8-bit images hold at most 256)" if k == "levels"
