@@ -179,15 +179,17 @@ def run_likelihood(args: argparse.Namespace) -> int:
 
 
 def bits_dequantised(x: torch.Tensor, levels: int, data_range, args: argparse.Namespace) -> torch.Tensor:
-    """The first batch as the pilot sees it (dequantised, so that its values are those of the solve)."""
+    """The first batch as its solve sees it: every image's dequantisation draws, image-major."""
     from probflow.likelihood import dequantise
 
-    return dequantise(x, 1, levels, data_range, args.seed)[0]
+    xq = dequantise(x, args.draws, levels, data_range, args.seed)  # (R, B, *S): a solve has B·R rows
+    return xq.transpose(0, 1).reshape(-1, *x.shape[1:])
 
 
 def _report(args, bpd, se, nfe, calls, secs, kind, method, probes) -> None:
     for path, b, s in zip(args.images, bpd.tolist(), se.tolist()):
-        print(f"{path}\t{b:.4f}\t± {s:.4f}")
+        print(f"{path}\t{b:.4f}\t± " + ("n/a (one probe has no spread; use --probes 2 or more)" if math.isnan(s)
+                                          else f"{s:.4f}"))
     n = len(bpd)
     spread = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
     est = float(se.pow(2).sum().sqrt() / n)
