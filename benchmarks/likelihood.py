@@ -5,6 +5,9 @@ settings beside an independent implementation of k-diffusion's recipe; the exact
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood.py --part digits --n 48 --n-exact 5  # → …digits.json
     PYTHONPATH=. python benchmarks/likelihood.py --part report                     # → LIKELIHOOD.md
 
+These parts run the classic recipe (one Hutchinson probe, fixed along the solve) where they say "1 probe"; the
+image-scale parts (fresh probes, several per call, the CLI's defaults) are in benchmarks/likelihood_images.py.
+
 Held out: the defaults (dopri5, exact divergence, per-sample norm) were developed on GaussianMixture.random(64, 8,
 seed=101) and the default 2-D mixture with sample seeds 5 and 11; the numbers here use mixture seed 2024 and
 sample seed 7, which nothing was tuned on.
@@ -93,7 +96,8 @@ def mixture_part() -> dict:
         res["rows"].append(_err_row(f"k-diffusion recipe (dopri5, 1 probe, from σ_min), tol {tol:g}", lp, exact, fe,
                                     fe, s, kind="k-diffusion"))
     for tol in (1e-3, 1e-5):
-        r, s = _timed(likelihood, m64, x0, SIGMA_MAX, "dopri5", rtol=tol, atol=tol, divergence="hutchinson")
+        r, s = _timed(likelihood, m64, x0, SIGMA_MAX, "dopri5", rtol=tol, atol=tol, divergence="hutchinson",
+                      probes_per_sample=1, fresh_probes=False)
         res["rows"].append(_err_row(f"probflow dopri5 Hutchinson 1 probe, normal prior, tol {tol:g}", r.log_prob,
                                     exact, r.nfe, r.vjps, s, kind="probflow-hutchinson"))
     _save("mixture", res)
@@ -133,7 +137,8 @@ def hutchinson_target(m64, x0) -> dict:
     g = grids.karras(SIGMA_MAX, 0.002, 24).flip(0)
     xs = x0[:16]
     ex = likelihood(m64, xs, g, "rk4", prior="exact", chunk=16)
-    h = likelihood(m64, xs, g, "rk4", prior="exact", divergence="hutchinson", probes_per_sample=256, seed=1)
+    h = likelihood(m64, xs, g, "rk4", prior="exact", divergence="hutchinson", probes_per_sample=256, seed=1,
+                   fresh_probes=False)
     z = (h.divergence - ex.divergence) / h.stderr
     return {"samples": 16, "probes": 256, "max_abs_z": float(z.abs().max()), "mean_z": float(z.mean()),
             "one_probe_se_mean": float((h.stderr * 16).mean()), "one_probe_se_min": float((h.stderr * 16).min()),
@@ -153,10 +158,12 @@ def digits_part(n: int, n_exact: int, steps: int) -> dict:
            "n_exact": n_exact}
     for name in ("test", "train"):
         x = split[f"x_{name}"][:n].double()
-        h, s = _timed(bits_per_dim, model, x, g, "rk4", levels=17, draws=2, divergence="hutchinson", seed=3)
+        h, s = _timed(bits_per_dim, model, x, g, "rk4", levels=17, draws=2, divergence="hutchinson", seed=3,
+                      probes_per_sample=1, fresh_probes=False)
         e, s2 = _timed(bits_per_dim, model, x[:n_exact], g, "rk4", levels=17, draws=1, divergence="exact",
                         seed=3)
-        h1 = bits_per_dim(model, x[:n_exact], g, "rk4", levels=17, draws=1, divergence="hutchinson", seed=3)
+        h1 = bits_per_dim(model, x[:n_exact], g, "rk4", levels=17, draws=1, divergence="hutchinson", seed=3,
+                          probes_per_sample=1, fresh_probes=False)
         out[name] = {"images": len(x), "hutchinson_mean": h.mean, "hutchinson_se": h.stderr, "seconds": round(s, 1),
                      "exact_mean": e.mean, "exact_se": e.stderr, "exact_seconds": round(s2, 1),
                      "same_images_hutchinson_mean": h1.mean, "same_images_hutchinson_se": h1.stderr,
