@@ -308,6 +308,10 @@ def images_report() -> list[str]:
                 f"({r['seconds']} s in all; the pilot estimated "
                 + (f"{r['estimated_seconds']:.0f} s" if r.get("estimated_seconds") is not None else "n/a") + ")."]
         c = r.get("check")
+        if not c and r["divergence"] == "hutchinson":
+            out.append("- Against the exact divergence: not run at this D (it costs D reverse passes per call; see the "
+                       "pilot line above); Hutchinson against the exact value: the digits section and "
+                       "tests/test_likelihood.py.")
         if c:
             zs = ", ".join(f"{z:+.2f}" for z in c["z"])
             out.append(f"- Hutchinson ({c['probes']} fresh probes per call) against the exact divergence on the same "

@@ -7,6 +7,7 @@ interrupted run keeps what it measured); `python benchmarks/likelihood.py --part
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part solvers --model unet
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part variance --model unet --n 1
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits --n 32
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model unet --n 8
     # the trained 32×32 model (pending: a diffusers folder and its 8-bit test images):
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model FOLDER \
@@ -175,21 +176,32 @@ def bpd_part(spec: str, images: str | None, n: int, n_check: int, batch: int) ->
                calls_per_image=calls, seconds=round(secs, 1), seconds_per_image=round(secs / len(x), 2))
     _merge(f"bpd_{spec if spec in ('digits', 'unet') else 'trained'}", out)
     if n_check and est.divergence == "exact":
-        xs = x[:n_check]
-        ex = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="exact")
-        hu = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="hutchinson")
-        z = (hu.bpd - ex.bpd) / hu.bpd_stderr
-        out["check"] = {"images": n_check, "probes": DEFAULT_PROBES, "exact": ex.bpd.tolist(),
-                        "hutchinson": hu.bpd.tolist(), "se": hu.bpd_stderr.tolist(), "z": z.tolist(),
-                        "hutchinson_calls": hu.likelihood.nfe, "hutchinson_seconds": round(hu.likelihood.seconds, 1),
-                        "exact_seconds": round(ex.likelihood.seconds, 1)}
-    _merge(f"bpd_{spec if spec in ('digits', 'unet') else 'trained'}", out)
+        check_part(spec, images, n_check, out)
+
+
+def check_part(spec: str, images: str | None, n_check: int, out: dict | None = None) -> None:
+    """On the first n_check images: Hutchinson (the default probes, fresh) against the exact divergence on the
+    default grid, z = (Hutchinson − exact)/SE per image; added to the bpd part's record."""
+    m, x, levels, info = load(spec, images, n_check)
+    g = _grid(m, DEFAULT_METHOD, DEFAULT_STEPS)
+    key = f"bpd_{spec if spec in ('digits', 'unet') else 'trained'}"
+    if out is None:
+        out = json.loads(OUT.read_text())[key]
+    xs = x[:n_check]
+    ex = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="exact")
+    hu = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="hutchinson")
+    z = (hu.bpd - ex.bpd) / hu.bpd_stderr
+    out["check"] = {"images": n_check, "probes": DEFAULT_PROBES, "exact": ex.bpd.tolist(),
+                    "hutchinson": hu.bpd.tolist(), "se": hu.bpd_stderr.tolist(), "z": z.tolist(),
+                    "hutchinson_calls": hu.likelihood.nfe, "hutchinson_seconds": round(hu.likelihood.seconds, 1),
+                    "exact_seconds": round(ex.likelihood.seconds, 1)}
+    _merge(key, out)
     print(json.dumps({k: v for k, v in out.items() if k not in ("bpd", "bpd_se")}, indent=1), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("solvers", "variance", "bpd"), required=True)
+    p.add_argument("--part", choices=("solvers", "variance", "bpd", "check"), required=True)
     p.add_argument("--model", default="digits", help="digits, unet (random-weight stress case) or a model folder")
     p.add_argument("--images", default=None, help="a glob of 8-bit images (with a model folder)")
     p.add_argument("--n", type=int, default=8, help="images")
@@ -201,6 +213,8 @@ def main() -> None:
         solvers_part(a.model)
     elif a.part == "variance":
         variance_part(a.model, a.n)
+    elif a.part == "check":
+        check_part(a.model, a.images, a.n_check)
     else:
         bpd_part(a.model, a.images, a.n, a.n_check, a.batch)
 
