@@ -312,11 +312,17 @@ def images_report() -> list[str]:
             out.append("- Against the exact divergence: not run at this D (it costs D reverse passes per call; see the "
                        "pilot line above); Hutchinson against the exact value: the digits section and "
                        "tests/test_likelihood.py.")
-        if c:
+        for c in [r[k] for k in sorted(r) if k.startswith("check")]:
             zs = ", ".join(f"{z:+.2f}" for z in c["z"])
+            ses = ", ".join(f"{v:.4f}" for v in c["se"])
             out.append(f"- Hutchinson ({c['probes']} fresh probes per call) against the exact divergence on the same "
-                       f"solve grid, first {c['images']} images: z = (Hutchinson − exact)/SE = {zs}; exact "
-                       f"{c['exact_seconds']} s, Hutchinson {c['hutchinson_seconds']} s for the {c['images']}.")
+                       f"solve grid, first {c['images']} images: z = (Hutchinson − exact)/SE = {zs} (SE {ses} "
+                       f"bits/dim); exact {c['exact_seconds']} s, Hutchinson {c['hutchinson_seconds']} s for the "
+                       f"{c['images']}.")
+        if any(abs(z) > 3 for k in r if k.startswith("check") for z in r[k]["z"]):
+            out.append("- A per-image standard error from P probes has P − 1 degrees of freedom: with the default 4 "
+                       "(3 degrees) one image's SE can come out several times too small, which is what a |z| > 3 "
+                       "above with an SE well below its neighbours' shows; more probes (--probes) make it reliable.")
     return out
 
 

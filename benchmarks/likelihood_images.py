@@ -8,6 +8,8 @@ interrupted run keeps what it measured); `python benchmarks/likelihood.py --part
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part variance --model unet --n 1
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits --n 32
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4 \
+        --probes 16
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model unet --n 8
     # the trained 32×32 model (pending: a diffusers folder and its 8-bit test images):
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model FOLDER \
@@ -179,7 +181,8 @@ def bpd_part(spec: str, images: str | None, n: int, n_check: int, batch: int) ->
         check_part(spec, images, n_check, out)
 
 
-def check_part(spec: str, images: str | None, n_check: int, out: dict | None = None) -> None:
+def check_part(spec: str, images: str | None, n_check: int, out: dict | None = None, probes: int = DEFAULT_PROBES) \
+        -> None:
     """On the first n_check images: Hutchinson (the default probes, fresh) against the exact divergence on the
     default grid, z = (Hutchinson − exact)/SE per image; added to the bpd part's record."""
     m, x, levels, info = load(spec, images, n_check)
@@ -189,9 +192,11 @@ def check_part(spec: str, images: str | None, n_check: int, out: dict | None = N
         out = json.loads(OUT.read_text())[key]
     xs = x[:n_check]
     ex = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="exact")
-    hu = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="hutchinson")
+    hu = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="hutchinson",
+                      probes_per_sample=probes)
     z = (hu.bpd - ex.bpd) / hu.bpd_stderr
-    out["check"] = {"images": n_check, "probes": DEFAULT_PROBES, "exact": ex.bpd.tolist(),
+    out["check" if probes == DEFAULT_PROBES else f"check_{probes}"] = {
+                    "images": n_check, "probes": probes, "exact": ex.bpd.tolist(),
                     "hutchinson": hu.bpd.tolist(), "se": hu.bpd_stderr.tolist(), "z": z.tolist(),
                     "hutchinson_calls": hu.likelihood.nfe, "hutchinson_seconds": round(hu.likelihood.seconds, 1),
                     "exact_seconds": round(ex.likelihood.seconds, 1)}
@@ -207,6 +212,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="images")
     p.add_argument("--n-check", type=int, default=4, help="images checked against the other divergence")
     p.add_argument("--batch", type=int, default=8, help="images per solve")
+    p.add_argument("--probes", type=int, default=DEFAULT_PROBES, help="check: Hutchinson probes per call")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.part == "solvers":
@@ -214,7 +220,7 @@ def main() -> None:
     elif a.part == "variance":
         variance_part(a.model, a.n)
     elif a.part == "check":
-        check_part(a.model, a.images, a.n_check)
+        check_part(a.model, a.images, a.n_check, probes=a.probes)
     else:
         bpd_part(a.model, a.images, a.n, a.n_check, a.batch)
 

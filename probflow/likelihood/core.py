@@ -42,8 +42,9 @@ __all__ = ["AugmentedField", "Likelihood", "probes", "ProbeStream", "per_sample_
 # divergence="auto": exact up to this many dimensions, Hutchinson above (benchmarks/LIKELIHOOD.md, "exact or
 # Hutchinson": the measured cost ratio of the two at equal standard error).
 EXACT_MAX_DIM = 256
-# Hutchinson probes per evaluation by default: enough for a per-sample standard error (P − 1 = 3 degrees of
-# freedom), all sharing one forward pass.
+# Hutchinson probes per evaluation by default, all sharing one forward pass: enough for a per-sample standard
+# error, but with P − 1 = 3 degrees of freedom one sample's can be far off (benchmarks/LIKELIHOOD.md); the
+# standard error of a mean over many samples pools them.
 DEFAULT_PROBES = 4
 _PROBE_STREAM, DEQUANT_STREAM = 1, 2  # stream tags: probes and dequantisation noise never share a stream
 
