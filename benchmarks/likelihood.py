@@ -5,6 +5,9 @@ settings beside an independent implementation of k-diffusion's recipe; the exact
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood.py --part digits --n 48 --n-exact 5  # → …digits.json
     PYTHONPATH=. python benchmarks/likelihood.py --part report                     # → LIKELIHOOD.md
 
+These parts run the classic recipe (one Hutchinson probe, fixed along the solve) where they say "1 probe"; the
+image-scale parts (fresh probes, several per call, the CLI's defaults) are in benchmarks/likelihood_images.py.
+
 Held out: the defaults (dopri5, exact divergence, per-sample norm) were developed on GaussianMixture.random(64, 8,
 seed=101) and the default 2-D mixture with sample seeds 5 and 11; the numbers here use mixture seed 2024 and
 sample seed 7, which nothing was tuned on.
@@ -93,7 +96,8 @@ def mixture_part() -> dict:
         res["rows"].append(_err_row(f"k-diffusion recipe (dopri5, 1 probe, from σ_min), tol {tol:g}", lp, exact, fe,
                                     fe, s, kind="k-diffusion"))
     for tol in (1e-3, 1e-5):
-        r, s = _timed(likelihood, m64, x0, SIGMA_MAX, "dopri5", rtol=tol, atol=tol, divergence="hutchinson")
+        r, s = _timed(likelihood, m64, x0, SIGMA_MAX, "dopri5", rtol=tol, atol=tol, divergence="hutchinson",
+                      probes_per_sample=1, fresh_probes=False)
         res["rows"].append(_err_row(f"probflow dopri5 Hutchinson 1 probe, normal prior, tol {tol:g}", r.log_prob,
                                     exact, r.nfe, r.vjps, s, kind="probflow-hutchinson"))
     _save("mixture", res)
@@ -133,7 +137,8 @@ def hutchinson_target(m64, x0) -> dict:
     g = grids.karras(SIGMA_MAX, 0.002, 24).flip(0)
     xs = x0[:16]
     ex = likelihood(m64, xs, g, "rk4", prior="exact", chunk=16)
-    h = likelihood(m64, xs, g, "rk4", prior="exact", divergence="hutchinson", probes_per_sample=256, seed=1)
+    h = likelihood(m64, xs, g, "rk4", prior="exact", divergence="hutchinson", probes_per_sample=256, seed=1,
+                   fresh_probes=False)
     z = (h.divergence - ex.divergence) / h.stderr
     return {"samples": 16, "probes": 256, "max_abs_z": float(z.abs().max()), "mean_z": float(z.mean()),
             "one_probe_se_mean": float((h.stderr * 16).mean()), "one_probe_se_min": float((h.stderr * 16).min()),
@@ -153,10 +158,12 @@ def digits_part(n: int, n_exact: int, steps: int) -> dict:
            "n_exact": n_exact}
     for name in ("test", "train"):
         x = split[f"x_{name}"][:n].double()
-        h, s = _timed(bits_per_dim, model, x, g, "rk4", levels=17, draws=2, divergence="hutchinson", seed=3)
+        h, s = _timed(bits_per_dim, model, x, g, "rk4", levels=17, draws=2, divergence="hutchinson", seed=3,
+                      probes_per_sample=1, fresh_probes=False)
         e, s2 = _timed(bits_per_dim, model, x[:n_exact], g, "rk4", levels=17, draws=1, divergence="exact",
                         seed=3)
-        h1 = bits_per_dim(model, x[:n_exact], g, "rk4", levels=17, draws=1, divergence="hutchinson", seed=3)
+        h1 = bits_per_dim(model, x[:n_exact], g, "rk4", levels=17, draws=1, divergence="hutchinson", seed=3,
+                          probes_per_sample=1, fresh_probes=False)
         out[name] = {"images": len(x), "hutchinson_mean": h.mean, "hutchinson_se": h.stderr, "seconds": round(s, 1),
                      "exact_mean": e.mean, "exact_se": e.stderr, "exact_seconds": round(s2, 1),
                      "same_images_hutchinson_mean": h1.mean, "same_images_hutchinson_se": h1.stderr,
@@ -236,7 +243,87 @@ def report() -> str:
                          f"{r['same_images_hutchinson_se']:.3f} |")
         lines.append(f"\nGap test − train: {d['gap_hutchinson']:+.3f} bits/dim (Hutchinson), {d['gap_exact']:+.3f} "
                      "(exact subset).")
+    lines += images_report()
     return "\n".join(lines) + "\n"
+
+
+def images_report() -> list[str]:
+    """The image-scale sections, from likelihood_images.json (benchmarks/likelihood_images.py)."""
+    path = HERE / "likelihood_images.json"
+    if not path.exists():
+        return ["", "## Image scale", "", "Not measured in this run (benchmarks/likelihood_images.py)."]
+    res = json.loads(path.read_text())
+    out = ["", "## Image scale (benchmarks/likelihood_images.py; commands in its docstring)", "",
+           "One CPU thread on a shared 2-core machine: wall times are this machine's, loaded by other jobs, and "
+           "compare only within a table. Calls = evaluations of the augmented field per image (one model forward "
+           "each; the exact divergence adds a forward over ⌈D/64⌉ blocks of 64 copies)."]
+    for key, title in (("solvers_digits", "Solver error, digits (exact divergence)"),
+                       ("solvers_unet", "Solver error, random-weight 3×32×32 UNet (Hutchinson, the same fixed "
+                                        "probes in every solve)")):
+        r = res.get(key)
+        if not r:
+            continue
+        out += ["", f"### {title}", "", f"{r['model']}; reference {r['reference']} ({r['reference_calls']} calls); "
+                f"max |bpd − reference| over {len(r['reference_bpd'])} image(s).", "",
+                "| method | Karras steps | calls | max abs error (bits/dim) | s |", "|---|---|---|---|---|"]
+        out += [f"| {w['method']} | {w['steps']} | {w['calls']} | {w['max_abs_err']:.4f} | {w['seconds']} |"
+                for w in r["rows"]]
+    for key in ("variance_digits", "variance_unet"):
+        r = res.get(key)
+        if not r or len(r.get("rows", [])) < 2:
+            continue
+        fwd, bwd = r.get("seconds_forward"), r.get("seconds_reverse")
+        out += ["", f"### Probe variance per model call: {r['model']}", "",
+                f"{r['grid']}, {r['images']} image(s), 8 probes per call; sd = the standard deviation of one probe "
+                "stream's estimate (bits/dim, mean over images); the standard error with P probes is sd/√P at the "
+                "same model calls.", "", "| probes | calls | sd, one stream (bpd) | SE at P = 1 / 2 / 4 / 8 | s |",
+                "|---|---|---|---|---|"]
+        for w in r["rows"]:
+            sd = w["sd_mean"]
+            out.append(f"| {'fresh every call' if w['fresh'] else 'fixed along the solve'} | {w['calls']} | "
+                       f"{sd:.4f} | {' / '.join(f'{sd / math.sqrt(p):.4f}' for p in (1, 2, 4, 8))} | {w['seconds']} |")
+        a, b = r["rows"][0]["sd_mean"], r["rows"][1]["sd_mean"]
+        out.append(f"\nFresh probes: {a / b:.1f}× smaller standard error than fixed ones at the same calls "
+                   f"({(a / b) ** 2:.1f}× less variance).")
+        if fwd is not None:
+            out.append(f"Pilot: forward {fwd:.3f} s, each probe's reverse pass {bwd:.3f} s per call on one image: P "
+                       f"probes cost forward + P × reverse. Exact or Hutchinson: at D = 3072 the exact divergence "
+                       f"would cost about D × (forward + reverse) = {3072 * (fwd + bwd) / 3600:.1f} h per call on "
+                       f"this image against {fwd + 4 * bwd:.1f} s for 4 probes; `EXACT_MAX_DIM` = 256 keeps it "
+                       "for D ≤ 256, where it is affordable (digits, D = 64, below).")
+    for key, title in (("bpd_digits", "Digits test split, the CLI's defaults"),
+                       ("bpd_unet", "Random-weight 3×32×32 UNet (stress case), the CLI's defaults"),
+                       ("bpd_trained", "Trained 32×32 model")):
+        r = res.get(key)
+        if not r:
+            out += ["", f"### {title}", "", "Pending: not measured in this run."] if key == "bpd_trained" else []
+            continue
+        out += ["", f"### {title}", "", f"{r['model']}, {r['images']}; {r['grid']}, divergence {r['divergence']}"
+                + (f" ({r['probes']} fresh probes per call)" if r.get("probes") else "") + f", {r['levels']} levels, "
+                f"batches of {r['batch']}.", "",
+                f"- {r['n']} images: **{r['mean']:.4f} bits/dim**, standard error over images "
+                f"{r['se_over_images']:.4f}; "
+                f"the estimator's own standard error of this mean {r['estimator_se']:.4f}.",
+                f"- {r['calls_per_image']} model calls per image, {r['seconds_per_image']} s per image "
+                f"({r['seconds']} s in all; the pilot estimated "
+                + (f"{r['estimated_seconds']:.0f} s" if r.get("estimated_seconds") is not None else "n/a") + ")."]
+        c = r.get("check")
+        if not c and r["divergence"] == "hutchinson":
+            out.append("- Against the exact divergence: not run at this D (it costs D reverse passes per call; see the "
+                       "pilot line above); Hutchinson against the exact value: the digits section and "
+                       "tests/test_likelihood.py.")
+        for c in [r[k] for k in sorted(r) if k.startswith("check")]:
+            zs = ", ".join(f"{z:+.2f}" for z in c["z"])
+            ses = ", ".join(f"{v:.4f}" for v in c["se"])
+            out.append(f"- Hutchinson ({c['probes']} fresh probes per call) against the exact divergence on the same "
+                       f"solve grid, first {c['images']} images: z = (Hutchinson − exact)/SE = {zs} (SE {ses} "
+                       f"bits/dim); exact {c['exact_seconds']} s, Hutchinson {c['hutchinson_seconds']} s for the "
+                       f"{c['images']}.")
+        if any(abs(z) > 3 for k in r if k.startswith("check") for z in r[k]["z"]):
+            out.append("- A per-image standard error from P probes has P − 1 degrees of freedom: with the default 4 "
+                       "(3 degrees) one image's SE can come out several times too small, which is what a |z| > 3 "
+                       "above with an SE well below its neighbours' shows; more probes (--probes) make it reliable.")
+    return out
 
 
 def main() -> None:

@@ -24,12 +24,16 @@ from probflow.models.adapters import (
 from probflow.models.unet import UNet
 from probflow.schedules import Schedule, linear
 
-__all__ = ["WEIGHTS", "CONFIG", "schedule", "as_model", "load_model"]
+__all__ = ["WEIGHTS", "CONFIG", "LEVELS", "schedule", "as_model", "load_model"]
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 # The shipped model's recipe: network size and optimisation (the train command's defaults).
 CONFIG = {"channels": [32, 64], "blocks": 2, "batch": 128, "lr": 2e-3, "warmup": 100, "ema": 0.999,
           "steps": 2000, "T": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+
+# scikit-learn's digits have 17 grey levels p ∈ {0 … 16}, stored as x = p/8 − 1.
+LEVELS = 17
 
 
 def schedule() -> Schedule:
@@ -40,8 +44,10 @@ def schedule() -> Schedule:
 def as_model(net: UNet, name: str = "digits", card: dict | None = None) -> DiscreteTimeModel:
     """The trained network as an ε-model over σ (float32, linear T = 1000 table, ε-prediction)."""
     net = net.float().eval().requires_grad_(False)
-    return DiscreteTimeModel(net, schedule(), "epsilon", sample_shape=(1, 8, 8), name=name,
-                             model_dtype=torch.float32, card=card)
+    model = DiscreteTimeModel(net, schedule(), "epsilon", sample_shape=(1, 8, 8), name=name,
+                              model_dtype=torch.float32, card=card)
+    model.levels = LEVELS  # the data's grey levels (bits/dim: `probflow likelihood` reads them from here)
+    return model
 
 
 def _read_card(cpath: Path) -> dict:
