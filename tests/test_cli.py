@@ -195,7 +195,7 @@ def test_likelihood_draws_and_probes_are_bounded(flag, two_pngs, capsys):
     assert rc == 2 and f"probflow likelihood: error: {flag}: 1000000000 is above the bound of 1000" in err
     rc, out, err = _main(capsys, "likelihood", *two_pngs, flag, "2", "--batch", "1", "--steps", "3", "--quiet",
                          *(["--divergence", "hutchinson"] if flag == "--probes" else []))
-    assert rc == 0 and "NFE 12," in out, err  # NFE per image's path (rk4: 4 × 3), not summed over the batches
+    assert rc == 0 and "NFE 12 per image" in out, err  # NFE per image's path (rk4: 4 × 3), not summed over the batches
 
 
 def test_interpolate_refuses_reversible_heun_and_unbounded_frames(two_pngs, tmp_path, capsys):

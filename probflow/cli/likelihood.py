@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from probflow.cli.common import add_solver_arguments, load_image_model, load_inputs, make_grid, say, start
-from probflow.cli.request import run, solver
+from probflow.cli.request import bounded, run, solver
 
 _EIGHT_BIT = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
 DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_GRID = "rk4", 20, "karras"
 DEFAULT_BUDGET_MINUTES = 30.0
-MAX_PROBES, MAX_DRAWS, MAX_BATCH = 1024, 1024, 4096
+MAX_BATCH = 4096
 
 
 def add_likelihood_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,17 +96,15 @@ def snap_to_levels(x: torch.Tensor, levels: int, data_range: tuple[float, float]
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for k, bound in (("draws", MAX_DRAWS), ("batch", MAX_BATCH), ("probes", MAX_PROBES), ("levels", 256)):
-        v = getattr(args, k)
-        if v is None:
-            continue
-        if v < (2 if k == "levels" else 1):
-            raise ValueError(f"--{k}: expected " + ("an integer >= 2" if k == "levels" else "a positive integer")
-                             + f", got {v}")
-        if v > bound and not (args.no_limits and k != "levels"):
-            raise ValueError(f"--{k}: {v} is above the bound {bound}" + ("" if k == "levels" else
-                             " (pass --no-limits to lift it)") + (" (8-bit images hold at most 256)" if k == "levels"
-                                                                  else ""))
+    limits = not args.no_limits
+    for k in ("probes", "draws"):  # each multiplies the rows a solve holds
+        bounded(f"--{k}", getattr(args, k), limits)
+    bounded("--batch", args.batch, False)  # at least 1
+    if args.batch > MAX_BATCH and limits:
+        raise ValueError(f"--batch: {args.batch} is above the bound of {MAX_BATCH} (pass --no-limits to lift it)")
+    if args.levels is not None and not 2 <= args.levels <= 256:
+        raise ValueError(f"--levels: expected an integer from 2 to 256 (8-bit images hold at most 256), "
+                         f"got {args.levels}")
     b = args.budget_minutes
     if not (math.isfinite(b) and b > 0):
         raise ValueError(f"--budget-minutes: expected a positive number of minutes, got {b!r}")
