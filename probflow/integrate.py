@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from probflow.field import DDIMField, EpsModel, as_field
+from probflow.field import DDIMField, EpsModel, as_field, check_tolerances
 from probflow.grids import check_grid
 from probflow.solvers import Method, get_method
 
@@ -102,8 +102,8 @@ def integrate(
     m: Method = method if isinstance(method, Method) else get_method(method)
     xbar = check_state(xbar, "x")
     sigmas = check_grid(sigmas).to(dtype=xbar.dtype, device=xbar.device)
-    if m.adaptive and not (rtol > 0 and atol > 0):
-        raise ValueError(f"rtol, atol: expected positive tolerances for {method}, got {rtol}, {atol}")
+    if m.adaptive:  # finite, within [floor, 1] for the state's dtype (probflow.field.check_tolerances)
+        rtol, atol = check_tolerances(rtol, atol, xbar.dtype)
     if m.uniform_steps:
         d = sigmas.diff()
         if ((d - d.mean()).abs() > 1e-6 * d.abs().mean()).any():
