@@ -113,20 +113,20 @@ def _tampered(tmp_path, good, meta_changes=None, tensor_changes=None, rehash=Tru
     unless `rehash` is False, so each field's own check is what refuses it)."""
     from safetensors import safe_open
 
-    from probflow.io.latents import _content_sha256
+    from probflow.io.latents import content_sha256
 
     with safe_open(str(good), framework="pt") as f:
         meta = json.loads(f.metadata()["probflow"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for k, fn in (tensor_changes or {}).items():
         tensors[k] = fn(tensors[k])
-    if rehash:
-        meta["content_sha256"] = _content_sha256(tensors)
     for k, v in (meta_changes or {}).items():
         if v is None:
             meta.pop(k)
         else:
             meta[k] = v
+    if rehash and "content_sha256" in meta:
+        meta["content_sha256"] = content_sha256(tensors, meta)
     out = tmp_path / "t.safetensors"
     save_file(tensors, str(out), metadata={"probflow": json.dumps(meta)})
     return out
