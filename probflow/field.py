@@ -101,11 +101,13 @@ class DDIMField:
         if self.model_dtype is not None and self.model_dtype != xbar.dtype:
             x, sigma = x.to(self.model_dtype), sigma.to(self.model_dtype)
         eps = self.model(x, sigma)
-        return self.check_eps(eps, xbar, sigma)
+        return self.check_eps(eps, xbar, sigma, x)
 
-    def check_eps(self, eps: object, xbar: Tensor, sigma: Tensor) -> Tensor:
-        """The model's output as ε in x̄'s dtype: a floating-point tensor of x̄'s shape, finite (a NaN would
-        otherwise surface as a solver's step-size failure far from its cause, e.g. dopri5's "underflow in dt")."""
+    def check_eps(self, eps: object, xbar: Tensor, sigma: Tensor, x: Tensor | None = None) -> Tensor:
+        """The model's output as ε in x̄'s dtype: a floating-point tensor of x̄'s shape, and finite wherever its
+        input was (finite σ and x: a NaN there would otherwise surface as a solver's step-size failure far from
+        its cause, e.g. dopri5's "underflow in dt"). A trial point an adaptive solver overshoots to (σ = ∞, or x
+        overflowing the model's dtype) may give NaN: the solver rejects that step itself."""
         if not isinstance(eps, Tensor):
             raise TypeError(f"model: returned {type(eps).__name__} for ε, expected a tensor of shape "
                             f"{tuple(xbar.shape)}")
@@ -114,7 +116,7 @@ class DDIMField:
         if eps.shape != xbar.shape:
             raise ValueError(f"model: returned ε of shape {tuple(eps.shape)} for x of shape {tuple(xbar.shape)}")
         eps = eps.to(xbar.dtype)
-        if not torch.isfinite(eps).all():
+        if not torch.isfinite(eps).all() and math.isfinite(float(sigma)) and (x is None or torch.isfinite(x).all()):
             raise ValueError(f"model: returned NaN or Inf for ε at σ = {float(sigma):.6g}")
         return eps
 

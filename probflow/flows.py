@@ -33,7 +33,7 @@ def _decreasing(sigmas: Tensor) -> Tensor:
 
 def _flow(model, x, sigmas, method, rtol, atol, trajectory, state, options, precision=None,
           max_steps=MAX_STEPS, name="x") -> Solution:
-    x = check_state(x, name)
+    x = check_state(x, "x")
     check_sample_shape(model, x, name)
     if precision is not None:  # the model in its dtype, the state in its own (probflow.precision)
         p = Precision.parse(precision).check_device(x.device)
