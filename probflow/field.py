@@ -43,11 +43,11 @@ def check_tolerances(rtol: object, atol: object, dtype: torch.dtype = torch.floa
     out = []
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) and not (isinstance(v, Tensor) and v.numel() == 1):
-            raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+            raise TypeError(f"rtol, atol: {name}: expected a number, got {type(v).__name__}")
         v = float(v)
         if not (math.isfinite(v) and v > 0 and lo <= v <= TOL_CEILING):
-            raise ValueError(f"{name}: expected a finite tolerance in [{lo:g}, {TOL_CEILING:g}] (below {lo:g} a "
-                             f"{str(dtype).replace('torch.', '')} solve cannot meet it), got {v!r}")
+            raise ValueError(f"rtol, atol: {name} = {v!r}; expected a finite tolerance in [{lo:g}, {TOL_CEILING:g}] "
+                             f"(below {lo:g} a {str(dtype).replace('torch.', '')} solve cannot meet it)")
         out.append(v)
     return out[0], out[1]
 
