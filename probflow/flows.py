@@ -248,8 +248,9 @@ def noise(n: int, shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = to
     dtype = check_dtype(dtype, "dtype")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: {device!r} is not a torch device ({str(e).splitlines()[0]})") from None
+        torch.empty(0, device=device)  # an unavailable device (cuda without CUDA) fails here, before any work
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise ValueError(f"device: {device!r} is not a usable torch device ({str(e).splitlines()[0]})") from None
     size = n * math.prod(shape)
     if max_elements is not None and size > max_elements:
         raise ValueError(f"n, shape: {n} × {shape} = {size} numbers ({8 * size / 2**30:.3g} GiB in float64) is above "

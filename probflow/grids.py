@@ -126,7 +126,9 @@ def karras(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0, fin
         return with_final_zero(torch.tensor([float(sigma_max)], dtype=torch.float64), final_zero)
     i = torch.arange(n, dtype=torch.float64) / (n - 1)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return with_final_zero((a + i * (b - a)) ** rho, final_zero)
+    s = (a + i * (b - a)) ** rho
+    s[0], s[-1] = sigma_max, sigma_min  # exactly the ends asked for ((σ^{1/ρ})^ρ rounds)
+    return with_final_zero(s, final_zero)
 
 
 def log_uniform(sigma_max: float, sigma_min: float, steps: int, final_zero: bool = True,

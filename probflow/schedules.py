@@ -115,7 +115,7 @@ class Schedule:
     def sigma(self, t: Tensor | float) -> Tensor:
         """σ at a (possibly fractional) timestep: the inverse of `t`, linear in log σ between points."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        if (t < 0).any() or (t > self.T - 1).any():
+        if not torch.isfinite(t).all() or (t < 0).any() or (t > self.T - 1).any():
             raise ValueError(f"t: expected values in [0, {self.T - 1}], got {t}")
         k = t.floor().long().clamp(max=self.T - 2)
         w = t - k
