@@ -30,16 +30,24 @@ _FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
                  "float64": torch.float64}
 
 
-def tolerance_floor(dtype: torch.dtype = torch.float64) -> float:
-    """The smallest rtol/atol an adaptive solve with its state in `dtype` is allowed: max(1e-14, eps(dtype))."""
-    return max(1e-14, float(torch.finfo(dtype).eps))
+def tolerance_floor(dtype: torch.dtype = torch.float64, model: object = None) -> float:
+    """The smallest rtol/atol allowed to an adaptive solve with its state in `dtype`: max(1e-14, eps(dtype)),
+    and TOL_FLOOR (1e-10, the CLI's) when the model computes in a lower precision than float64 (its
+    `model_dtype`, or a DDIMField's): a float32 network resolves ε only to ~1e-7."""
+    floor = max(1e-14, float(torch.finfo(dtype).eps))
+    md = getattr(model, "model_dtype", None)
+    if md is None and isinstance(model, DDIMField):
+        md = getattr(model.model, "model_dtype", None)
+    if isinstance(md, torch.dtype) and md.is_floating_point and torch.finfo(md).eps > torch.finfo(torch.float64).eps:
+        floor = max(floor, TOL_FLOOR)
+    return floor
 
 
-def check_tolerances(rtol: object, atol: object, dtype: torch.dtype = torch.float64,
+def check_tolerances(rtol: object, atol: object, dtype: torch.dtype = torch.float64, model: object = None,
                      floor: float | None = None) -> tuple[float, float]:
     """rtol and atol of an adaptive solve as floats: finite, in [floor, 1] (default floor:
-    `tolerance_floor(dtype)`); TypeError/ValueError naming the argument otherwise."""
-    lo = tolerance_floor(dtype) if floor is None else float(floor)
+    `tolerance_floor(dtype, model)`); TypeError/ValueError naming the argument otherwise."""
+    lo = tolerance_floor(dtype, model) if floor is None else float(floor)
     out = []
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) and not (isinstance(v, Tensor) and v.numel() == 1):
@@ -47,7 +55,7 @@ def check_tolerances(rtol: object, atol: object, dtype: torch.dtype = torch.floa
         v = float(v)
         if not (math.isfinite(v) and v > 0 and lo <= v <= TOL_CEILING):
             raise ValueError(f"rtol, atol: {name} = {v!r}; expected a finite tolerance in [{lo:g}, {TOL_CEILING:g}] "
-                             f"(below {lo:g} a {str(dtype).replace('torch.', '')} solve cannot meet it)")
+                             f"(below {lo:g} this solve cannot meet it)")
         out.append(v)
     return out[0], out[1]
 
@@ -116,7 +124,12 @@ class DDIMField:
         if eps.shape != xbar.shape:
             raise ValueError(f"model: returned ε of shape {tuple(eps.shape)} for x of shape {tuple(xbar.shape)}")
         eps = eps.to(xbar.dtype)
-        if not torch.isfinite(eps).all() and math.isfinite(float(sigma)) and (x is None or torch.isfinite(x).all()):
+        try:
+            bad = not bool(torch.isfinite(eps).all()) and math.isfinite(float(sigma)) and (
+                x is None or bool(torch.isfinite(x).all()))
+        except RuntimeError:  # under vmap/jacrev a value cannot steer Python: the untransformed call checks
+            bad = False
+        if bad:
             raise ValueError(f"model: returned NaN or Inf for ε at σ = {float(sigma):.6g}")
         return eps
 

@@ -103,7 +103,7 @@ def integrate(
     xbar = check_state(xbar, "x")
     sigmas = check_grid(sigmas).to(dtype=xbar.dtype, device=xbar.device)
     if m.adaptive:  # finite, within [floor, 1] for the state's dtype (probflow.field.check_tolerances)
-        rtol, atol = check_tolerances(rtol, atol, xbar.dtype)
+        rtol, atol = check_tolerances(rtol, atol, xbar.dtype, field)
     if m.uniform_steps:
         d = sigmas.diff()
         if ((d - d.mean()).abs() > 1e-6 * d.abs().mean()).any():
