@@ -417,6 +417,8 @@ CASES = [
     Case("image-2p31", "`encode HUGE.png --no-limits`, a PNG declaring 2³¹−1 × 2³¹−1 pixels",
          lambda e, t: _encode(e, _png_header_only(t / "huge.png", 2**31 - 1, 2**31 - 1), "--no-limits", "--out",
                               t / "z.st"), "decompression bomb"),
+    Case("out-trailing-slash", "`sample --out newdir/`, newdir not existing (a folder's name, not a file's)",
+         lambda e, t: _sample(e, "--out", str(t / "newdir") + "/"), "names a folder, not a file name"),
     Case("latents-field-changed", "`decode Z`, Z's `data_range` edited to `[0, 1]` (hash not updated)",
          lambda e, t: _tampered_latents(e, t, lambda m, ts: m.update(data_range="[0, 1]")),
          "does not match the metadata field 'content_sha256'"),
