@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's probflow, not an installed one
 TIMEOUT_API, TIMEOUT_CLI = 30.0, 90.0
 MEM_BOUND = 1 << 30  # 1 GiB of resident memory above the probe's starting point
-AS_EXTRA = 3 << 30  # address space a probe may reserve beyond its parent's (RLIMIT_AS), so nothing can thrash
+AS_EXTRA = 2 << 30  # address space a probe may reserve beyond its parent's (RLIMIT_AS), so nothing can thrash
 CLASSES = ("one-line error", "ok", "traceback", "silent wrong", "hang", "allocation", "partial output")
 # MaxStepsError: an adaptive solve stopped at its max_steps bound, naming it and the σ reached
 GOOD_ERRORS = ("ValueError", "TypeError", "FileNotFoundError", "FileExistsError", "MaxStepsError")
@@ -150,7 +150,7 @@ def run_api(fn: Callable, timeout: float) -> dict:
 
 
 def _cli_limit() -> None:
-    limit = 6 << 30  # a fresh interpreter with torch reserves about 2 GiB of address space
+    limit = 3 << 30  # a fresh interpreter with torch and probflow reserves about 0.7 GiB of address space
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.setsid()
 
@@ -245,6 +245,9 @@ def classify_cli(p: Probe, res: dict) -> tuple[str, str]:
         return "allocation", f"peak RSS {res['rss'] / 2**20:.0f} MiB"
     if _alloc_refused(err) or "MemoryError" in err:
         return "allocation", err.strip().splitlines()[-1][:140]
+    if p.expect == "error" and res["rc"] == 0:
+        out = res["stdout"].strip().splitlines()
+        return "silent wrong", f"accepted: {out[-1][:120] if out else ''}"
     left = _partial(p.outs, p.allow_tmp)
     if left:
         return "partial output", f"left {left[:3]}"
@@ -1481,13 +1484,13 @@ def _same_files(*paths) -> Callable:
     return check
 
 
-def _pngs_equal_inputs(folder: Path, fx: dict) -> bool:
+def _pngs_equal_inputs(folder: Path, fx: dict, n: int = 3) -> bool:
     from probflow.io.images import load_images
 
     got = sorted(Path(folder).glob("*.png"))
-    if len(got) != 3:
+    if len(got) != n:
         return False
-    return torch.equal(load_images(got, 8, verbose=False), load_images(fx["imgs"], 8, verbose=False))
+    return torch.equal(load_images(got, 8, verbose=False), load_images(fx["imgs"][:n], 8, verbose=False))
 
 
 def cli_sample_probes(fx: dict, o: Path) -> list[Probe]:
@@ -1750,10 +1753,11 @@ def cli_latent_probes(fx: dict, o: Path) -> list[Probe]:
         out.append(
             _c(
                 "cli.det.encode-threads2",
-                "`encode --threads 2` (exact latent)",
-                ["encode", *fx["imgs"], *m, "--steps", "4", "--threads", "2", "--out", t2],
+                "`encode A --threads 2` (exact latent; 2 threads on a shared 2-core machine are slow: 240 s bound)",
+                ["encode", fx["imgs"][0], *m, "--steps", "4", "--threads", "2", "--out", t2],
                 expect="ok",
                 check=lambda rc, so, se: rc == 0,
+                timeout=240.0,
             )
         )
         out.append(
@@ -1762,7 +1766,7 @@ def cli_latent_probes(fx: dict, o: Path) -> list[Probe]:
                 "… decoded on 1 thread gives the input pixels back",
                 ["decode", t2, *m, "--threads", "1", "--out", o / "d-t1"],
                 expect="ok",
-                check=lambda rc, so, se: rc == 0 and _pngs_equal_inputs(o / "d-t1", fx),
+                check=lambda rc, so, se: rc == 0 and _pngs_equal_inputs(o / "d-t1", fx, 1),
             )
         )
         e1, e2 = o / "e-twice1.safetensors", o / "e-twice2.safetensors"
@@ -1843,11 +1847,7 @@ def cli_other_probes(fx: dict, o: Path) -> list[Probe]:
         "train.threads0": (["train", "digits", "--threads", "0", "--out", o / "tr"], "--threads"),
     }
     for k, (argv, frag) in other.items():
-        outs = [
-            x
-            for x in argv
-            if isinstance(x, Path) and x.suffix in (".png", ".md") and x.name not in ("lh.png", "lt.png")
-        ]
+        outs = [argv[argv.index("--out") + 1]] if "--out" in argv else []
         out.append(
             _c(
                 f"cli.{k}",
@@ -1857,29 +1857,41 @@ def cli_other_probes(fx: dict, o: Path) -> list[Probe]:
                 outs=outs,
             )
         )
-    big = ["sample", *m, "--n", "512", "--steps", "1000"]
+    big = ["sample", *m, "--n", "1024", "--steps", "2000"]  # still solving 12 s in (startup takes 2-7 s)
     for name, sig, rc in (("sigint", signal.SIGINT, 130), ("sigterm", signal.SIGTERM, 143)):
         t = o / f"int-{name}.png"
         out.append(
             _c(
                 f"cli.interrupt.{name}",
-                f"{name.upper()} 3 s into a sample: exit {rc}, one line, no output",
+                f"{name.upper()} 12 s into a sample: exit {rc}, one line, no output",
                 [*big, "--out", t],
                 expect="ok",
                 outs=[t],
-                interrupt=(3.0, sig),
+                interrupt=(12.0, sig),
                 check=lambda r, so, se, rc=rc: r == rc and "Traceback" not in se and len(se.strip().splitlines()) <= 2,
             )
         )
+    t = o / "int-startup.png"
+    out.append(
+        _c(
+            "cli.interrupt.sigint-startup",
+            "SIGINT 1 s after start (while Python imports torch): exit 130, one line, no output",
+            [*big, "--out", t],
+            expect="ok",
+            outs=[t],
+            interrupt=(1.0, signal.SIGINT),
+            check=lambda r, so, se: r == 130 and "Traceback" not in se,
+        )
+    )
     t = o / "int-kill.png"
     out.append(
         _c(
             "cli.interrupt.sigkill",
-            "SIGKILL 3 s into a sample: no output file",
+            "SIGKILL 12 s into a sample: no output file",
             [*big, "--out", t],
             expect="ok",
             outs=[t],
-            interrupt=(3.0, signal.SIGKILL),
+            interrupt=(12.0, signal.SIGKILL),
             allow_tmp=True,
             check=lambda r, so, se: r == -9,
         )
@@ -1891,10 +1903,10 @@ def cli_other_probes(fx: dict, o: Path) -> list[Probe]:
         out.append(
             _c(
                 "cli.interrupt.decode-force",
-                "SIGINT 0.5 s into `decode --force` over an old set: old set kept or new set complete",
+                "SIGINT 9 s into `decode --force` over an old set: old set kept or new set complete",
                 ["decode", fx["exact"], *m, "--force", "--out", old],
                 expect="ok",
-                interrupt=(0.5, signal.SIGINT),
+                interrupt=(9.0, signal.SIGINT),
                 check=lambda r, so, se: (
                     sorted(q.name for q in old.iterdir()) in (["0000.png"], ["a.png", "b.png", "c.png"])
                 ),
@@ -1918,6 +1930,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not args.force and out.resolve() != (ROOT / "benchmarks" / "PROBES.md").resolve():
         ap.error(f"--out: {out} exists; pass --force to replace it")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the temporary folder is removed
     with tempfile.TemporaryDirectory(prefix="probflow-probes-") as tmp:
         d = Path(tmp)
         fx = make_fixtures(d)
