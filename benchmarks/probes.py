@@ -1857,7 +1857,8 @@ def cli_other_probes(fx: dict, o: Path) -> list[Probe]:
                 outs=outs,
             )
         )
-    big = ["sample", *m, "--n", "1024", "--steps", "2000"]  # still solving 12 s in (startup takes 2-7 s)
+    # still solving 12 s in (startup takes 2-7 s)
+    big = ["sample", *m, "--n", "1024", "--grid", "karras", "--steps", "2000"]
     for name, sig, rc in (("sigint", signal.SIGINT, 130), ("sigterm", signal.SIGTERM, 143)):
         t = o / f"int-{name}.png"
         out.append(
