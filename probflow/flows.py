@@ -8,17 +8,21 @@ decode(encode(x, g), g) is a round trip on one grid.
 
 from __future__ import annotations
 
-from typing import Unpack
+import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from probflow.field import DDIMField, EpsModel, as_field
+from probflow.field import DDIMField, EpsModel, as_field, check_dtype, check_sample_shape
 from probflow.grids import check_grid
 from probflow.integrate import Solution, SolveOptions, check_state, integrate, scale_in, scale_out
 from probflow.precision import Precision
 from probflow.solvers import Method
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; annotations are not evaluated at run time
+    from typing import Unpack
 
 __all__ = ["sample", "decode", "encode", "interpolate", "slerp", "lerp", "noise", "sampling_grid"]
 
@@ -35,8 +39,9 @@ _decreasing = sampling_grid  # the old name, until probflow.inversion imports th
 
 
 def _flow(model: EpsModel | DDIMField, x: Tensor, sigmas: Tensor, method: str | Method,
-          precision: Precision | str | None, solve: SolveOptions) -> Solution:
+          precision: Precision | str | None, solve: SolveOptions, name: str = "x") -> Solution:
     x = check_state(x, "x")
+    check_sample_shape(model, x, name)
     if precision is not None:  # the model in its dtype, the state in its own (probflow.precision)
         p = Precision.parse(precision).check_device(x.device)
         model, x = p.field(model), p.state_tensor(x)
@@ -60,14 +65,14 @@ def sample(model: EpsModel | DDIMField, noise: Tensor, sigmas: Tensor, method: s
     `solve`: `integrate`'s keywords, passed through (`control` or rtol/atol/max_steps, trajectory, state,
     options, variable, progress; `probflow.integrate.SolveOptions`).
     """
-    return _flow(model, noise, sampling_grid(sigmas), method, precision, solve)
+    return _flow(model, noise, sampling_grid(sigmas), method, precision, solve, "noise")
 
 
 def decode(model: EpsModel | DDIMField, latents: Tensor, sigmas: Tensor, method: str | Method = "euler", *,
            precision: Precision | str | None = None, **solve: Unpack[SolveOptions]) -> Solution:
     """Latents x_T → images x_0: `sample` from given latents (pass an encode's `state` to invert a
     reversible method exactly)."""
-    return _flow(model, latents, sampling_grid(sigmas), method, precision, solve)
+    return _flow(model, latents, sampling_grid(sigmas), method, precision, solve, "latents")
 
 
 def encode(model: EpsModel | DDIMField, x0: Tensor, sigmas: Tensor, method: str | Method = "euler", *,
@@ -77,7 +82,7 @@ def encode(model: EpsModel | DDIMField, x0: Tensor, sigmas: Tensor, method: str 
     With `method="euler"` this is DDIM inversion with ε evaluated at the start of each upward step
     (docs/MATH.md §3). The Solution's `state` lets a reversible method decode exactly. `solve`: as in `sample`.
     """
-    return _flow(model, x0, sampling_grid(sigmas).flip(0), method, precision, solve)
+    return _flow(model, x0, sampling_grid(sigmas).flip(0), method, precision, solve, "x0")
 
 
 def lerp(z0: Tensor, z1: Tensor, w: Tensor) -> Tensor:
@@ -176,15 +181,45 @@ def interpolate(
     return sol
 
 
+MAX_NOISE_ELEMENTS = 1 << 28  # default bound on noise()'s n × prod(shape): 2 GiB in float64
+
+
+def _count(v: object, name: str, lo: int, hi: int | None = None) -> int:
+    """An integer (not a bool) in [lo, hi]; TypeError/ValueError naming `name` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {type(v).__name__} {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi if hi is not None else '∞'}), got {v}"
+                         .replace(f", {hi})", f", {hi}]"))
+    return int(v)
+
+
 def noise(n: int, shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64,
-          device: torch.device | str = "cpu", start: int = 0) -> Tensor:
+          device: torch.device | str = "cpu", start: int = 0,
+          max_elements: int | None = MAX_NOISE_ELEMENTS) -> Tensor:
     """n standard-normal latents of shape `shape`, sample i drawn from its own stream seeded by (seed, i),
     so a sample's noise does not depend on the batch size or its position in a batch. `start` gives samples
-    start … start+n−1 of the same sequence (a chunk of a larger run: `noise(n)[a:b] == noise(b-a, start=a)`)."""
-    if n < 1:
-        raise ValueError(f"n: expected a positive number of samples, got {n}")
-    if start < 0:
-        raise ValueError(f"start: expected a non-negative sample index, got {start}")
+    start … start+n−1 of the same sequence (a chunk of a larger run: `noise(n)[a:b] == noise(b-a, start=a)`).
+    seed and start+n are below 2^63; n × prod(shape) is at most `max_elements` (None: no bound), checked
+    before anything is allocated; dtype is a floating-point dtype."""
+    n = _count(n, "n", 1)
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape: expected a tuple of positive integers, got {type(shape).__name__}")
+    shape = tuple(_count(s, f"shape[{i}]", 1) for i, s in enumerate(shape))
+    seed = _count(seed, "seed", 0, 2**63 - 1)
+    start = _count(start, "start", 0, 2**63 - 1 - n)
+    dtype = check_dtype(dtype, "dtype")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # an unavailable device (cuda without CUDA) fails here, before any work
+    except (RuntimeError, TypeError, AssertionError) as e:
+        raise ValueError(f"device: {device!r} is not a usable torch device ({str(e).splitlines()[0]})") from None
+    size = n * math.prod(shape)
+    if max_elements is not None and size > max_elements:
+        raise ValueError(f"n, shape: {n} × {shape} = {size} numbers ({8 * size / 2**30:.3g} GiB in float64) is above "
+                         f"the limit of {max_elements} (max_elements=)")
     out = torch.empty((n, *shape), dtype=torch.float64)
     for i in range(n):
         s = int(np.random.SeedSequence([seed, start + i]).generate_state(1, np.uint64)[0] >> 1)

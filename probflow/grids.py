@@ -8,6 +8,7 @@ generates, the same grid flipped encodes. `steps` is always the number of steps,
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,10 @@ from torch import Tensor
 
 from probflow.schedules import MAX_SIGMA, Schedule
 
-__all__ = ["check_grid", "ddim", "karras", "log_uniform", "log_snr_tuned", "NAMED", "named", "t_power"]
+__all__ = ["MAX_GRID_STEPS", "check_grid", "check_steps", "ddim", "karras", "log_uniform", "log_snr_tuned", "NAMED",
+           "named", "t_power"]
+
+MAX_GRID_STEPS = 1_000_000  # default bound on a grid's steps (8 MB); `max_steps=None` lifts it
 
 
 def check_grid(sigmas: Tensor, name: str = "sigmas") -> Tensor:
@@ -24,7 +28,10 @@ def check_grid(sigmas: Tensor, name: str = "sigmas") -> Tensor:
     Returns it as a float64 tensor; raises ValueError naming `name` otherwise.
     """
     if not isinstance(sigmas, Tensor):
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        try:
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise TypeError(f"{name}: expected a 1-D tensor or list of σ values, got {type(sigmas).__name__}") from None
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"{name}: expected a 1-D grid of at least 2 σ values, got shape {tuple(sigmas.shape)}")
     if not sigmas.is_floating_point():
@@ -51,10 +58,24 @@ def with_final_zero(sig: Tensor, final_zero: bool) -> Tensor:
     return check_grid(sig)
 
 
-def check_steps(steps: int) -> None:
-    """A step count is a positive int."""
-    if not isinstance(steps, int) or steps < 1:
+def check_steps(steps: object, max_steps: int | None = MAX_GRID_STEPS) -> int:
+    """A step count: a positive integer (not a bool), at most `max_steps` (None: no bound), checked before a
+    grid is allocated; ValueError/TypeError naming `steps` otherwise."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps: expected a positive integer, got {type(steps).__name__} {steps!r}")
+    if steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    if max_steps is not None and steps > max_steps:
+        raise ValueError(f"steps: {steps} is above the limit of {max_steps} (max_steps=; --no-limits in the CLI)")
+    return int(steps)
+
+
+def _check_range(sigma_max: object, sigma_min: object) -> tuple[float, float]:
+    ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (sigma_max, sigma_min))
+    if not ok or not (0 < sigma_min < sigma_max <= MAX_SIGMA):
+        raise ValueError(f"sigma_min, sigma_max: expected numbers with 0 < sigma_min < sigma_max <= {MAX_SIGMA:g}, "
+                         f"got {sigma_min!r}, {sigma_max!r}")
+    return float(sigma_max), float(sigma_min)
 
 
 def ddim_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> Tensor:
@@ -64,7 +85,9 @@ def ddim_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> 
     quadratic: t_k = round((T−1)·(k/steps)²),     k = steps … 1   (DDIM paper's quadratic, made strictly
                increasing in k where rounding would repeat a timestep)
     """
-    check_steps(steps)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a probflow Schedule, got {type(schedule).__name__}")
+    steps = check_steps(steps)
     T = schedule.T  # noqa: N806
     if steps > T:
         raise ValueError(f"steps: at most T = {T} for a DDIM grid, got {steps}")
@@ -88,27 +111,31 @@ def ddim(schedule: Schedule, steps: int, spacing: str = "uniform", final_zero: b
     return with_final_zero(schedule.sigmas[t], final_zero)
 
 
-def karras(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0, final_zero: bool = True) -> Tensor:
+def karras(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0, final_zero: bool = True,
+           max_steps: int | None = MAX_GRID_STEPS) -> Tensor:
     """Karras et al. (2022): σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, i < N, then 0.
 
-    With `final_zero`, N = `steps` points and a last step into 0; without, N = steps + 1.
+    With `final_zero`, N = `steps` points and a last step into 0; without, N = steps + 1. ρ in (0, 1000].
     """
-    check_steps(steps)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    steps = check_steps(steps, max_steps)
+    sigma_max, sigma_min = _check_range(sigma_max, sigma_min)
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 < rho <= 1000:
+        raise ValueError(f"rho: expected a number in (0, 1000], got {rho!r}")
     n = steps if final_zero else steps + 1
     if n == 1:
         return with_final_zero(torch.tensor([float(sigma_max)], dtype=torch.float64), final_zero)
     i = torch.arange(n, dtype=torch.float64) / (n - 1)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return with_final_zero((a + i * (b - a)) ** rho, final_zero)
+    s = (a + i * (b - a)) ** rho
+    s[0], s[-1] = sigma_max, sigma_min  # exactly the ends asked for ((σ^{1/ρ})^ρ rounds)
+    return with_final_zero(s, final_zero)
 
 
-def log_uniform(sigma_max: float, sigma_min: float, steps: int, final_zero: bool = True) -> Tensor:
+def log_uniform(sigma_max: float, sigma_min: float, steps: int, final_zero: bool = True,
+                max_steps: int | None = MAX_GRID_STEPS) -> Tensor:
     """σ uniform in log σ (= uniform in log-SNR λ = −log σ) from σ_max to σ_min, then 0."""
-    check_steps(steps)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    steps = check_steps(steps, max_steps)
+    sigma_max, sigma_min = _check_range(sigma_max, sigma_min)
     n = steps if final_zero else steps + 1
     if n == 1:
         return with_final_zero(torch.tensor([float(sigma_max)], dtype=torch.float64), final_zero)
@@ -117,7 +144,8 @@ def log_uniform(sigma_max: float, sigma_min: float, steps: int, final_zero: bool
     return with_final_zero(s, final_zero)
 
 
-def log_snr_tuned(schedule: Schedule, steps: int, end: float = 3.0, final_zero: bool = True) -> Tensor:
+def log_snr_tuned(schedule: Schedule, steps: int, end: float = 3.0, final_zero: bool = True,
+                  max_steps: int | None = MAX_GRID_STEPS) -> Tensor:
     """Log-SNR uniform (uniform in λ = −log σ) from the schedule's σ_max to σ_min = `end`·σ_0, then 0.
 
     Stopping above the table's σ_0 gives the exponential integrators' last step into 0 (probflow.exponential,
@@ -125,9 +153,10 @@ def log_snr_tuned(schedule: Schedule, steps: int, end: float = 3.0, final_zero: 
     the DDPM linear table) was the best of 1, 3, 6 for UniPC at NFE 10–50 on the sharp D = 64 mixture of
     `probflow.bench` (NFE 10: RMSE 0.013 against 0.020 with end = 1).
     """
-    if not end >= 1.0:
-        raise ValueError(f"end: expected a factor >= 1 on the schedule's σ_0, got {end!r}")
-    return log_uniform(schedule.sigma_max, end * schedule.sigma_min, steps, final_zero)
+    if isinstance(end, bool) or not isinstance(end, numbers.Real) or not 1.0 <= end < schedule.sigma_max / \
+            schedule.sigma_min:
+        raise ValueError(f"end: expected a factor >= 1 on the schedule's σ_0 that stays below σ_max, got {end!r}")
+    return log_uniform(schedule.sigma_max, end * schedule.sigma_min, steps, final_zero, max_steps)
 
 
 
@@ -138,18 +167,21 @@ NAMED: dict[str, Callable[[Schedule, int], Tensor]] = {
     # DDIM's quadratic-in-t timesteps for n + 1 points, ending at the smallest one's σ > 0 instead of stepping into
     # σ = 0 (inverting that last step is ill-conditioned on a learned denoiser; probflow.inversion)
     "quadratic_open": lambda s, n: ddim(s, n + 1, "quadratic", final_zero=False),
-    "logsnr": lambda s, n: log_uniform(s.sigma_max, s.sigma_min, n),  # uniform in log σ down to σ_0
-    "karras": lambda s, n: karras(s.sigma_max, s.sigma_min, n, 7.0),  # Karras ρ = 7
+    "logsnr": lambda s, n: log_uniform(s.sigma_max, s.sigma_min, n, max_steps=None),  # uniform in log σ to σ_0
+    "karras": lambda s, n: karras(s.sigma_max, s.sigma_min, n, 7.0, max_steps=None),  # Karras ρ = 7
     "sigma_uniform": lambda s, n: torch.linspace(s.sigma_max, 0.0, n + 1, dtype=torch.float64),  # equal steps in σ
-    "log_snr_tuned": lambda s, n: log_snr_tuned(s, n),    # log-SNR uniform from σ_max to 3σ_0
+    "log_snr_tuned": lambda s, n: log_snr_tuned(s, n, max_steps=None),    # log-SNR uniform from σ_max to 3σ_0
 }
 
 
-def named(name: str, schedule: Schedule, steps: int) -> Tensor:
-    """The grid `name` (a key of `NAMED`) with `steps` steps on `schedule`, from σ_max to 0."""
-    if name not in NAMED:
+def named(name: str, schedule: Schedule, steps: int, max_steps: int | None = MAX_GRID_STEPS) -> Tensor:
+    """The grid `name` (a key of `NAMED`) with `steps` steps on `schedule`, from σ_max to 0; `steps` above
+    `max_steps` (None: no bound) is refused before the grid is allocated."""
+    if not isinstance(name, str) or name not in NAMED:
         raise ValueError(f"grid: unknown grid {name!r}; expected one of {sorted(NAMED)}")
-    check_steps(steps)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a probflow Schedule, got {type(schedule).__name__}")
+    check_steps(steps, max_steps)
     return check_grid(torch.as_tensor(NAMED[name](schedule, steps), dtype=torch.float64), f"grid {name!r}")
 
 

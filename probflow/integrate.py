@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from probflow.field import DDIMField, EpsModel, as_field
+from probflow.field import DDIMField, EpsModel, as_field, check_tolerances
 from probflow.grids import check_grid
 from probflow.solvers import Method, get_method
 
@@ -165,6 +165,8 @@ def integrate(model: EpsModel | DDIMField, xbar: Tensor, sigmas: Tensor, method:
     ctl = _control(control, rtol, atol, max_steps)
     xbar = check_state(xbar, "x")
     sigmas = check_grid(sigmas).to(dtype=xbar.dtype, device=xbar.device)
+    if m.adaptive:  # finite, within [floor, 1] for the state's dtype and the model (probflow.field.check_tolerances)
+        check_tolerances(ctl.rtol, ctl.atol, xbar.dtype, field)
     _check_method(m, sigmas, state, ctl)
     if variable not in ("log_sigma", "sigma"):
         raise ValueError(f"variable: expected 'log_sigma' or 'sigma', got {variable!r}")

@@ -44,10 +44,13 @@ def sigma_to_alpha_bar(sigma: Tensor) -> Tensor:
 MAX_SIGMA = 1e100  # σ above this makes sqrt(1 + σ²)·x overflow float64 in practice (σ² alone overflows at 1.3e154)
 
 
+MAX_T = 10**7  # a table longer than this (80 MB per float64 copy) is no trained model's; from_betas has no bound
+
+
 def check_T(T: object, name: str = "T") -> int:  # noqa: N802
-    """A table length: an integer ≥ 2 (ValueError naming `name` otherwise)."""
-    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 2:
-        raise ValueError(f"{name}: expected an integer number of timesteps >= 2, got {T!r}")
+    """A table length: an integer in [2, MAX_T] (ValueError naming `name` otherwise)."""
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or not 2 <= T <= MAX_T:
+        raise ValueError(f"{name}: expected an integer number of timesteps in [2, {MAX_T:.0e}], got {T!r}")
     return int(T)
 
 
@@ -112,7 +115,7 @@ class Schedule:
     def sigma(self, t: Tensor | float) -> Tensor:
         """σ at a (possibly fractional) timestep: the inverse of `t`, linear in log σ between points."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        if (t < 0).any() or (t > self.T - 1).any():
+        if not torch.isfinite(t).all() or (t < 0).any() or (t > self.T - 1).any():
             raise ValueError(f"t: expected values in [0, {self.T - 1}], got {t}")
         k = t.floor().long().clamp(max=self.T - 2)
         w = t - k
@@ -154,6 +157,9 @@ def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule
     """
 
     check_T(T)
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 <= s < 1e6:
+        raise ValueError(f"s: expected a finite offset >= 0, got {s!r}")
+    _check_beta(max_beta, "max_beta")
 
     def f(u: float) -> float:
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2

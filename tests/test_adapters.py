@@ -331,3 +331,42 @@ def test_parameter_count_before_building_is_the_built_networks_count(unet):
     assert n == sum(p.numel() for p in unet.parameters()) > 0
     with pytest.raises(ValueError, match=re.escape(f"config: the network would have {n:.3g} parameters")):
         count_parameters(lambda: diffusers.UNet2DModel.from_config(unet.config), "config", n - 1)
+
+
+# ---------------------------------------------------------------- bounded configs and JSON (issue 27)
+
+def test_json_is_bounded_in_size_and_depth_before_parsing():
+    from probflow.models.adapters import json_depth, loads_json
+
+    assert json_depth('{"a": [1, {"b": "[[[["}]}') == 3  # brackets inside strings do not count
+    assert loads_json('{"a": [[1]]}', "cfg") == {"a": [[1]]}
+    with pytest.raises(ValueError, match="cfg: JSON nested 100000 deep, above the limit of 32"):
+        loads_json("[" * 100_000 + "]" * 100_000, "cfg")
+    with pytest.raises(ValueError, match="above the limit of 10"):
+        loads_json('{"a": "' + "x" * 20 + '"}', "cfg", max_bytes=10)
+    with pytest.raises(ValueError, match="cfg is not valid JSON"):
+        loads_json("{oops", "cfg")
+
+
+@pytest.mark.parametrize("cfg,frag", [
+    ({"sample_size": 10**6, "block_out_channels": [8, 16]}, "sample_size: 1000000×1000000"),
+    ({"sample_size": 9, "block_out_channels": [8, 16]}, "does not fit the network's 2 resolutions"),
+    ({"sample_size": 8, "block_out_channels": [8] * 10**5}, "block_out_channels: expected 1 to 16"),
+    ({"layers_per_block": 10**6}, "layers_per_block: expected an integer in \\[1, 64\\]"),
+    ({"in_channels": 1, "out_channels": 3}, "out_channels: expected 1"),
+    ({"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D"]}, "down_block_types: expected 2"),
+    ({"sample_size": [8, 8, 8]}, "sample_size: expected a positive integer or"),
+])
+def test_a_diffusers_config_is_bounded_before_it_is_built(cfg, frag):
+    from probflow.models.adapters import check_diffusers_config
+
+    with pytest.raises(ValueError, match=frag):
+        check_diffusers_config(cfg, "config")
+
+
+def test_a_diffusers_config_within_bounds_gives_the_sample_shape():
+    from probflow.models.adapters import check_diffusers_config
+
+    cfg = {"sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [64, 128, 256]}
+    assert check_diffusers_config(cfg, "config") == (3, 32, 32)
+    assert check_diffusers_config({**cfg, "sample_size": 10**5}, "config", max_pixels=None) == (3, 10**5, 10**5)

@@ -128,7 +128,7 @@ class Case:
     input: str  # what the user gave, as the doc shows it
     make: Callable  # (env, tmp) -> argv list (CLI) or a zero-argument callable (API)
     expect: str  # a fragment of the one-line message
-    status: int | str = 2  # CLI exit status, or "ValueError" for an API call
+    status: int | str = 2  # CLI exit status, or "ValueError" / "TypeError" for an API call
 
 
 def _sample(env, *extra):
@@ -200,6 +200,104 @@ def _api_betas():
 
     return lambda: from_betas([0.1, float("nan"), 0.2], "betas")
 
+
+def _api(fn_text):
+    """A zero-argument call of the Python API, written as the doc shows it (evaluated in a namespace with
+    probflow, torch, grids, schedules, the default mixture `gm` and a 2-D batch `x`)."""
+    def call():
+        import probflow
+        from probflow import grids, schedules
+        from probflow.models import default_mixture
+
+        ns = {"probflow": probflow, "torch": torch, "grids": grids, "schedules": schedules, "gm": default_mixture(),
+              "x": torch.zeros(3, 2, dtype=torch.float64), "g": torch.tensor([80.0, 1.0, 0.0], dtype=torch.float64),
+              "nan": float("nan"), "inf": float("inf")}
+        return eval(fn_text, ns)  # noqa: S307 - the test's own fixed strings
+    return call
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _deep_card(env, tmp):
+    folder = _copy_digits(env, "card-deep")
+    (folder / "digits.json").write_text('{"a": ' + _nested(100_000) + "}")
+    return _sample({**env, "model": folder}, "--out", tmp / "s.png")
+
+
+def _deepen(env):
+    """Turn the folder made by `_diff(..., unet_cfg={"x": "DEEP"})` into one whose config nests 100 000 deep."""
+    cfg = env["root"] / "deep" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"DEEP"', _nested(100_000)))
+    return _sample({**env, "model": env["root"] / "deep"}, "--out", env["root"] / "deep-s.png")
+
+
+def _truncated_png(tmp):
+    """A PNG declaring 1×16,777,216 pixels (at the pixel limit) whose pixel data stops after 100 rows."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = (1).to_bytes(4, "big") + (1 << 24).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    p = tmp / "trunc.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0\x80" * 100)) +
+                  chunk(b"IEND", b""))
+    return p
+
+
+def _tampered_latents(env, tmp, edit, rehash=False):
+    """A copy of the fixture's latent file with its metadata edited (content hash recomputed if `rehash`)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from probflow.io.latents import content_sha256
+
+    with safe_open(env["latents"], framework="pt") as f:
+        meta = json.loads(f.metadata()["probflow"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta, tensors)
+    if rehash:
+        meta["content_sha256"] = content_sha256(tensors, meta)
+    out = tmp / "z2.safetensors"
+    save_file(tensors, str(out), metadata={"probflow": json.dumps(meta)})
+    return ["decode", out, "--model", env["model"], "--quiet", "--out", tmp / "dec"]
+
+
+# (id, call, message fragment, exception) of the Python API, evaluated by `_api`
+API_ROWS = [
+    ('api-wrong-shape', 'probflow.sample(gm, probflow.noise(2, (3,)), g)',
+     'noise: expected samples of 2 entries', 'ValueError'),
+    ('api-karras-rho-0', 'grids.karras(80.0, 0.002, 10, rho=0)',
+     'rho: expected a number in (0, 1000], got 0', 'ValueError'),
+    ('api-grid-1e9-steps', "grids.named('karras', schedules.linear(), 10**9)",
+     'steps: 1000000000 is above the limit of 1000000 (max_steps=', 'ValueError'),
+    ('api-steps-bool', "grids.named('uniform', schedules.linear(), True)",
+     'steps: expected a positive integer, got bool', 'TypeError'),
+    ('api-schedule-T-huge', 'schedules.linear(10**9)',
+     'T: expected an integer number of timesteps in [2, 1e+07]', 'ValueError'),
+    ('api-noise-negative-dim', 'probflow.noise(4, (-1,))',
+     'shape[0]: expected an integer in [1, ∞), got -1', 'ValueError'),
+    ('api-noise-zero-dim', 'probflow.noise(4, (0,))',
+     'shape[0]: expected an integer in [1, ∞), got 0', 'ValueError'),
+    ('api-noise-seed-huge', 'probflow.noise(4, (2,), seed=2**70)',
+     'seed: expected an integer in [0, 9223372036854775807]', 'ValueError'),
+    ('api-noise-int-dtype', 'probflow.noise(4, (2,), dtype=torch.int64)',
+     'dtype: expected a floating-point dtype', 'TypeError'),
+    ('api-noise-too-many', 'probflow.noise(10**9, (3, 32, 32))',
+     'is above the limit of 268435456 (max_elements=)', 'ValueError'),
+    ('api-field-dtype-name', "probflow.DDIMField(gm, model_dtype='float33')",
+     'model_dtype: expected a floating-point dtype', 'TypeError'),
+    ('api-model-nan', "probflow.sample(lambda x, s: x * nan, x, g, 'dopri5')",
+     'model: returned NaN or Inf for ε at σ = 80', 'ValueError'),
+    ('api-model-none', 'probflow.sample(lambda x, s: None, x, g)',
+     'model: returned NoneType for ε', 'TypeError'),
+    ('api-model-int', 'probflow.sample(lambda x, s: x.long(), x, g)',
+     'model: returned ε of dtype torch.int64', 'TypeError'),
+    ('api-rtol-inf', "probflow.sample(gm, x, g, 'dopri5', rtol=inf)",
+     'rtol, atol: rtol = inf; expected a finite tolerance', 'ValueError'),
+    ('api-rtol-below-floor', "probflow.sample(gm, x, g, 'dopri5', rtol=1e-30, atol=1e-30)",
+     'rtol, atol: rtol = 1e-30; expected a finite tolerance in [1e-14, 1]', 'ValueError'),
+]
 
 CASES = [
     # outputs
@@ -290,6 +388,45 @@ CASES = [
          lambda e, t: _api_small_limit(e), "above the limit of 1e+04", "ValueError"),
     Case("api-betas-nan", "`schedules.from_betas([0.1, nan, 0.2], \"betas\")`",
          lambda e, t: _api_betas(), "betas: every β_t must be a finite number in (0, 1)", "ValueError"),
+    # reliability round three (issue 27): JSON, configs, images, latent files
+    Case("digits-card-deep-json", "digits checkpoint whose card nests a list 100 000 deep",
+         lambda e, t: _deep_card(e, t), "JSON nested 100001 deep, above the limit of 32"),
+    Case("digits-config-million-blocks", "digits checkpoint whose `unet_config` has `blocks: 1000000`",
+         lambda e, t: _unet_cfg(e, t, "u-blocks", lambda sd, c: c.update(blocks=10**6)),
+         "blocks: expected an integer in [1, 64], got 1000000"),
+    Case("digits-config-too-deep", "digits checkpoint whose `unet_config` has 5 resolutions (8×8 images)",
+         lambda e, t: _unet_cfg(e, t, "u-levels", lambda sd, c: c.update(channels=[8] * 5)),
+         "5 resolutions do not fit 8×8 images"),
+    Case("diffusers-sample-size-huge", "diffusers folder, `sample_size: 1000000`",
+         lambda e, t: _diff(e, t, "ss-big", unet_cfg={"sample_size": 10**6}),
+         "sample_size: 1000000×1000000 = 1000000000000 pixels is above the limit of 16777216"),
+    Case("diffusers-sample-size-odd", "diffusers folder, `sample_size: 9` with 2 resolutions",
+         lambda e, t: _diff(e, t, "ss-odd", unet_cfg={"sample_size": 9}),
+         "sample_size: 9×9 does not fit the network's 2 resolutions"),
+    Case("diffusers-million-blocks", "diffusers folder, `layers_per_block: 1000000`",
+         lambda e, t: _diff(e, t, "lpb-big", unet_cfg={"layers_per_block": 10**6}),
+         "layers_per_block: expected an integer in [1, 64], got 1000000"),
+    Case("diffusers-many-resolutions", "diffusers folder, `block_out_channels` with 100 000 entries",
+         lambda e, t: _diff(e, t, "boc-long", unet_cfg={"block_out_channels": [8] * 100_000}),
+         "block_out_channels: expected 1 to 16 integers in [1, 65536], got 100000 entries"),
+    Case("diffusers-config-deep-json", "diffusers folder whose `config.json` nests a list 100 000 deep",
+         lambda e, t: _diff(e, t, "deep", unet_cfg={"x": "DEEP"}) and _deepen(e), "JSON nested 100001 deep"),
+    Case("image-truncated", "`encode TRUNC.png`, a PNG declaring 1×16 777 216 pixels whose data stops after 100 rows",
+         lambda e, t: _encode(e, _truncated_png(t), "--out", t / "z.st"),
+         "bytes its header declares (truncated or damaged file)"),
+    Case("image-2p31", "`encode HUGE.png --no-limits`, a PNG declaring 2³¹−1 × 2³¹−1 pixels",
+         lambda e, t: _encode(e, _png_header_only(t / "huge.png", 2**31 - 1, 2**31 - 1), "--no-limits", "--out",
+                              t / "z.st"), "decompression bomb"),
+    Case("latents-field-changed", "`decode Z`, Z's `data_range` edited to `[0, 1]` (hash not updated)",
+         lambda e, t: _tampered_latents(e, t, lambda m, ts: m.update(data_range="[0, 1]")),
+         "does not match the metadata field 'content_sha256'"),
+    Case("latents-relabelled-exact", "`decode Z`, a plain latent Z relabelled `exact_for: euler`",
+         lambda e, t: _tampered_latents(e, t, lambda m, ts: m.update(exact_for="euler")),
+         "does not match the metadata field 'content_sha256'"),
+    Case("latents-deep-json", "`decode Z`, Z's `sources` field nests a list 100 000 deep (hash recomputed)",
+         lambda e, t: _tampered_latents(e, t, lambda m, ts: m.update(sources=_nested(100_000)), rehash=True),
+         "JSON nested 100000 deep, above the limit of 32"),
+    *[Case(i, f"`{call}`", lambda e, t, c=call: _api(c), frag, exc) for i, call, frag, exc in API_ROWS],
     # ---- CLI bounds and flags (issue 27, command line; cli helper) ----
     Case("cli-steps-logsnr-1e9", "`sample --grid logsnr --steps 1000000000`",
          lambda e, t: [*_sample(e, "--out", t / "s.png"), "--grid", "logsnr", "--steps", "1000000000"],
@@ -338,8 +475,8 @@ def test_bad_input_gives_one_line_naming_it(case, env, tmp_path, capsys):
     from probflow.cli import main
 
     made = case.make(env, tmp_path)
-    if case.status == "ValueError":
-        with pytest.raises(ValueError) as info:
+    if case.status in ("ValueError", "TypeError"):
+        with pytest.raises({"ValueError": ValueError, "TypeError": TypeError}[case.status]) as info:
             made()
         assert case.expect in str(info.value) and "\n" not in str(info.value)
         return
@@ -361,7 +498,7 @@ def test_bad_input_gives_one_line_naming_it(case, env, tmp_path, capsys):
 def render_table() -> str:
     rows = ["| # | input | message (fragment) | exit |", "|---|---|---|---|"]
     for i, c in enumerate(CASES, 1):
-        status = "`ValueError` (API)" if c.status == "ValueError" else str(c.status)
+        status = f"`{c.status}` (API)" if c.status in ("ValueError", "TypeError") else str(c.status)
         rows.append(f"| {i} | {c.input} | `{c.expect}` | {status} |")
     return "\n".join(rows) + "\n"
 

@@ -259,3 +259,33 @@ def test_save_images_replaces_a_folder_of_pngs_as_a_whole_only_with_force(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
     with pytest.raises(ValueError, match="names: expected plain file names"):
         save_images(x[:1], tmp_path / "other", names=["../escape"])
+
+
+def _png_bytes(w, h, rows: bytes, color=0):
+    import zlib
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, color, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("w,h,color", [(1, 1 << 24, 0), (64, 64, 2), (8, 8, 0)])
+def test_a_png_with_fewer_rows_than_its_header_is_refused(tmp_path, w, h, color):
+    p = tmp_path / "t.png"
+    p.write_bytes(_png_bytes(w, h, b"\0\x80" * 3, color))  # Pillow zero-fills the missing rows without a word
+    with pytest.raises(ValueError, match="bytes its header declares \\(truncated or damaged file\\)"):
+        load_images([p], 8, verbose=False)
+
+
+@pytest.mark.parametrize("mode,interlace", [("L", 0), ("L", 1), ("RGB", 1), ("RGBA", 0), ("P", 0), ("1", 0)])
+def test_complete_pngs_of_every_layout_still_load(tmp_path, mode, interlace):
+    a = np.random.default_rng(1).integers(0, 256, (13, 7, 3), dtype=np.uint8)
+    img = Image.fromarray(a, "RGB").convert(mode)
+    img.save(tmp_path / "c.png", interlace=interlace)
+    assert load_images([tmp_path / "c.png"], 8, verbose=False).shape == (1, 1, 8, 8)
+    exact = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(exact).save(tmp_path / "e.png", interlace=interlace)
+    got = load_images([tmp_path / "e.png"], 8, verbose=False, data_range=(0.0, 255.0))
+    assert torch.equal(got.reshape(8, 8).round().to(torch.uint8), torch.from_numpy(exact))

@@ -9,7 +9,14 @@ from safetensors.torch import save_file
 
 import probflow
 from probflow import grids, schedules
-from probflow.io.latents import FORMAT, check_compatible, load_latents, model_identity, save_latents
+from probflow.io.latents import (
+    FORMAT,
+    check_compatible,
+    decode_exactness,
+    load_latents,
+    model_identity,
+    save_latents,
+)
 from probflow.models import GaussianMixture
 from probflow.models.digits import as_model
 from probflow.models.unet import UNet
@@ -113,20 +120,20 @@ def _tampered(tmp_path, good, meta_changes=None, tensor_changes=None, rehash=Tru
     unless `rehash` is False, so each field's own check is what refuses it)."""
     from safetensors import safe_open
 
-    from probflow.io.latents import _content_sha256
+    from probflow.io.latents import content_sha256
 
     with safe_open(str(good), framework="pt") as f:
         meta = json.loads(f.metadata()["probflow"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for k, fn in (tensor_changes or {}).items():
         tensors[k] = fn(tensors[k])
-    if rehash:
-        meta["content_sha256"] = _content_sha256(tensors)
     for k, v in (meta_changes or {}).items():
         if v is None:
             meta.pop(k)
         else:
             meta[k] = v
+    if rehash and "content_sha256" in meta:
+        meta["content_sha256"] = content_sha256(tensors, meta)
     out = tmp_path / "t.safetensors"
     save_file(tensors, str(out), metadata={"probflow": json.dumps(meta)})
     return out
@@ -238,3 +245,130 @@ def test_state_refuses_another_grid():
     st = HeunState.from_tensors(enc.state.tensors())  # the path survives a file
     back = probflow.decode(model, enc.x, g, "reversible_heun", state=st)
     assert torch.equal(back.x, to_fixed(x).double() * 2.0**-42) or float((back.x - x).abs().max()) < 1e-12
+
+
+# ---------------------------------------------------------------- what "exact" promises (issue 27)
+
+def _exact_file(tmp_path, model, method="euler"):
+    g = grids.named("quadratic_open", model.schedule, 4)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    return save_latents(tmp_path / "z.safetensors", x, g, model, method=method, nfe=4, grid="quadratic_open",
+                        exact_for=method, extra={"invert": "false"})
+
+
+def test_a_verified_exact_latent_is_exact_only_for_its_own_method_and_grid(tmp_path):
+    model = _net(0)
+    lf = load_latents(_exact_file(tmp_path, model))
+    assert lf.verified and lf.notes == [] and lf.meta["exact_for"] == "euler"
+    claim, notes = decode_exactness(lf, "euler", lf.sigmas, model=model)
+    assert claim == ", exact inverse (round-off)" and notes == []
+    claim, notes = decode_exactness(lf, "heun2", lf.sigmas, model=model)
+    assert claim == "" and len(notes) == 1 and notes[0].startswith("WARNING: NOT EXACT: decoding with method heun2")
+    claim, notes = decode_exactness(lf, "euler", grids.named("uniform", model.schedule, 4), model=model)
+    assert claim == "" and "another grid" in notes[0]
+    with pytest.raises(ValueError, match="method: WARNING: NOT EXACT: decoding with method dpmpp_2m"):
+        decode_exactness(lf, "dpmpp_2m", lf.sigmas, model=model, strict=True)
+
+
+def test_a_plain_latent_decoded_with_another_method_gets_a_note(tmp_path):
+    model = _net(0)
+    g = grids.ddim(model.schedule, 3)
+    lf = load_latents(save_latents(tmp_path / "z.safetensors", torch.zeros(1, 1, 8, 8), g, model, method="euler",
+                                   nfe=3, grid="uniform"))
+    assert decode_exactness(lf, "euler", g, model=model) == ("", [])
+    claim, notes = decode_exactness(lf, "heun2", g, model=model)
+    assert claim == "" and notes[0].startswith("note: decoding with method heun2 (the latents were made with euler)")
+
+
+@pytest.mark.parametrize("field,value", [("data_range", "[0, 1]"), ("invert", "true"), ("exact_for", ""),
+                                         ("method", "heun2"), ("grid", "uniform"), ("env_threads", "7"),
+                                         ("sources", '["x.png", "y.png"]'), ("probflow_version", "0.0.1")])
+def test_every_metadata_field_is_covered_by_the_hash(tmp_path, field, value):
+    model = _net(0)
+    good = _exact_file(tmp_path, model)
+    with pytest.raises(ValueError, match="does not match the metadata field 'content_sha256'"):
+        load_latents(_tampered(tmp_path, good, {field: value}, rehash=False))
+
+
+def test_a_plain_latent_relabelled_exact_is_refused(tmp_path):
+    model = _net(0)
+    g = grids.named("quadratic_open", model.schedule, 4)
+    good = save_latents(tmp_path / "z.safetensors", torch.zeros(1, 1, 8, 8), g, model, method="euler", nfe=4,
+                        grid="quadratic_open")
+    with pytest.raises(ValueError, match="content_sha256"):
+        load_latents(_tampered(tmp_path, good, {"exact_for": "euler"}, rehash=False))
+    # a relabel that names another method than the file's own is refused even with a recomputed hash
+    with pytest.raises(ValueError, match="'exact_for' is 'heun2', but an exact latent is made for"):
+        load_latents(_tampered(tmp_path, good, {"exact_for": "heun2"}, rehash=True))
+    with pytest.raises(ValueError, match="'exact_for' is 'dopri5'"):
+        load_latents(_tampered(tmp_path, good, {"exact_for": "dopri5", "method": "dopri5"}, rehash=True))
+
+
+def test_a_latent_without_its_hash_is_never_called_exact(tmp_path):
+    model = _net(0)
+    good = _exact_file(tmp_path, model)
+    lf = load_latents(_tampered(tmp_path, good, {"content_sha256": None}, {"latents": lambda t: t + 0.5}))
+    assert not lf.verified and lf.meta["exact_for"] == "" and "no content hash" in lf.notes[0]
+    claim, notes = decode_exactness(lf, "euler", lf.sigmas, model=model)
+    assert claim == "" and "no content hash" in notes[0]
+
+
+def test_a_reversible_latent_without_its_hash_loses_its_state(tmp_path):
+    model = _net(0)
+    g = grids.ddim(model.schedule, 4)
+    enc = probflow.encode(model, torch.zeros(1, 1, 8, 8, dtype=torch.float64), g, "reversible_heun")
+    good = save_latents(tmp_path / "z.safetensors", enc.x, g, model, method="reversible_heun", nfe=enc.nfe,
+                        state=enc.state.tensors(), grid="uniform")
+    lf = load_latents(good)
+    assert lf.state and decode_exactness(lf, "reversible_heun", lf.sigmas, state_used=True, model=model)[0] == \
+        ", exact inverse (reversible pair, same environment)"
+    lf = load_latents(_tampered(tmp_path, good, {"content_sha256": None}))
+    assert not lf.verified and lf.state == {}
+    assert decode_exactness(lf, "reversible_heun", lf.sigmas, model=model)[0] == ""
+
+
+def test_an_old_format_file_loads_but_is_not_exact(tmp_path):
+    from safetensors import safe_open
+
+    from probflow.io.latents import OLD_FORMAT, _tensor_sha256
+
+    model = _net(0)
+    good = _exact_file(tmp_path, model)
+    with safe_open(str(good), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = _tampered(tmp_path, good, {"format": OLD_FORMAT, "content_sha256": _tensor_sha256(tensors).hexdigest()},
+                    rehash=False)
+    lf = load_latents(old)
+    assert not lf.verified and lf.meta["exact_for"] == "" and OLD_FORMAT in lf.notes[0]
+    assert decode_exactness(lf, "euler", lf.sigmas, model=model)[0] == ""
+
+
+def test_condition_and_guidance_are_recorded_and_checked(tmp_path):
+    model = _net(0)
+    g = grids.named("quadratic_open", model.schedule, 4)
+    h = "ab" * 32
+    p = save_latents(tmp_path / "z.safetensors", torch.zeros(1, 1, 8, 8), g, model, method="euler", nfe=4,
+                     grid="quadratic_open", exact_for="euler", condition_sha256=h, guidance=3.5)
+    lf = load_latents(p)
+    assert lf.meta["condition_sha256"] == h and float(lf.meta["guidance"]) == 3.5
+    assert decode_exactness(lf, "euler", g, model=model, condition_sha256=h, guidance=3.5)[0].startswith(", exact")
+    claim, notes = decode_exactness(lf, "euler", g, model=model, condition_sha256="cd" * 32)
+    assert claim == "" and "another condition" in notes[0]
+    claim, notes = decode_exactness(lf, "euler", g, model=model, condition_sha256=h, guidance=1.0)
+    assert claim == "" and "guidance 1" in notes[0]
+    with pytest.raises(ValueError, match="'condition_sha256'"):
+        load_latents(_tampered(tmp_path, p, {"condition_sha256": "xyz"}))
+    with pytest.raises(ValueError, match="guidance"):
+        save_latents(tmp_path / "w.safetensors", torch.zeros(1, 1, 8, 8), g, model, method="euler", nfe=4,
+                     guidance=float("nan"))
+
+
+def test_oversized_headers_and_files_are_refused_before_reading(tmp_path):
+    big = tmp_path / "big.safetensors"
+    big.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="header length 1099511627776"):
+        load_latents(big)
+    g = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    good = save_latents(tmp_path / "z.safetensors", torch.ones(2, 4), g, GM, method="euler", nfe=1)
+    with pytest.raises(ValueError, match="above the limit of 100 for a latent file"):
+        load_latents(good, max_bytes=100)

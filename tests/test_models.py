@@ -75,3 +75,57 @@ def test_bad_mixture_parameters_are_refused():
         GaussianMixture(torch.ones(1), torch.zeros(1, 2), -torch.eye(2)[None])
     with pytest.raises(ValueError, match="data"):
         IdealDenoiser(torch.tensor([[math.nan, 0.0]]))
+
+
+# ---------------------------------------------------------------- the field's checks (issue 27)
+
+def test_field_accepts_a_dtype_name_and_refuses_other_values():
+    import probflow
+
+    gm = default_mixture()
+    f = probflow.DDIMField(gm, model_dtype="float32")
+    assert f.model_dtype == torch.float32
+    for bad in ("float33", torch.int64, 5):
+        with pytest.raises(TypeError, match="model_dtype: expected a floating-point dtype"):
+            probflow.DDIMField(gm, model_dtype=bad)
+
+
+def test_field_lets_an_overshooting_trial_point_return_nan_but_names_a_finite_sigma():
+    import probflow
+
+    f = probflow.DDIMField(lambda x, s: x * float("nan"))
+    xbar = torch.zeros(2, 3, dtype=torch.float64)
+    assert torch.isnan(f(torch.tensor(float("inf"), dtype=torch.float64), xbar)).all()  # the solver rejects it
+    with pytest.raises(ValueError, match="model: returned NaN or Inf for ε at σ = 2.5"):
+        f(2.5, xbar)
+
+
+def test_a_batch_of_the_wrong_shape_is_refused_before_the_model_runs():
+    import probflow
+
+    calls = []
+
+    class Model:
+        dim = 2
+
+        def __call__(self, x, s):
+            calls.append(1)
+            return x
+
+    with pytest.raises(ValueError, match="noise: expected samples of 2 entries"):
+        probflow.sample(Model(), torch.zeros(3, 5, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert calls == []
+
+
+def test_unet_config_sizes_are_bounded_before_anything_is_built():
+    import time
+
+    from probflow.models.unet import UNet
+
+    t = time.perf_counter()
+    for kw, frag in (({"blocks": 10**6}, "blocks"), ({"channels": [8] * 10**6}, "channels"),
+                     ({"channels": [8, 10**9]}, "channels\\[1\\]"), ({"in_channels": 0}, "in_channels"),
+                     ({"blocks": True}, "blocks"), ({"emb_dim": -1}, "emb_dim")):
+        with pytest.raises(ValueError, match=frag):
+            UNet(**kw)
+    assert time.perf_counter() - t < 60  # refused from the arguments, not after building a million blocks

@@ -82,3 +82,48 @@ def test_bad_schedule_and_steps():
         grids.ddim(schedules.linear(), 0)
     with pytest.raises(ValueError, match="schedule"):
         schedules.by_name("nope")
+
+
+# ---------------------------------------------------------------- arguments and bounds (issue 27)
+
+@pytest.mark.parametrize("rho", [0, -1, float("nan"), float("inf"), True])
+def test_karras_refuses_a_bad_rho_naming_it(rho):
+    with pytest.raises(ValueError, match="rho: expected a number in \\(0, 1000\\]"):
+        grids.karras(80.0, 0.002, 10, rho=rho)
+
+
+def test_karras_ends_exactly_at_the_range_asked_for():
+    for steps in (3, 10, 50):
+        g = grids.karras(80.0, 0.002, steps)
+        assert float(g[0]) == 80.0 and float(g[-2]) == 0.002 and float(g[-1]) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(grids.NAMED))
+def test_grids_refuse_too_many_steps_before_allocating_unless_lifted(name):
+    sch = schedules.linear()
+    with pytest.raises(ValueError, match="steps: 1000000000 is above the limit of 1000000"):
+        grids.named(name, sch, 10**9)
+    with pytest.raises(ValueError, match="steps: 20 is above the limit of 10"):
+        grids.named(name, sch, 20, max_steps=10)
+    with pytest.raises(TypeError, match="steps: expected a positive integer, got bool"):
+        grids.named(name, sch, True)
+
+
+def test_the_step_bound_can_be_lifted():
+    assert len(grids.named("logsnr", schedules.linear(), 1_500_000, max_steps=None)) == 1_500_001
+
+
+@pytest.mark.parametrize("call,frag", [
+    (lambda: grids.karras(float("inf"), 0.002, 5), "sigma_min, sigma_max"),
+    (lambda: grids.log_uniform(80.0, float("nan"), 5), "sigma_min, sigma_max"),
+    (lambda: grids.check_grid("abc"), "sigmas: expected a 1-D tensor or list"),
+    (lambda: grids.ddim(None, 5), "schedule: expected a probflow Schedule"),
+    (lambda: grids.log_snr_tuned(schedules.linear(), 5, end=float("nan")), "end:"),
+    (lambda: schedules.linear(10**9), "T: expected an integer number of timesteps in \\[2, 1e\\+07\\]"),
+    (lambda: schedules.cosine(s=-1), "s: expected a finite offset"),
+    (lambda: schedules.cosine(max_beta=2), "max_beta"),
+    (lambda: schedules.linear().sigma(float("nan")), "t: expected values in"),
+])
+def test_bad_arguments_are_refused_naming_them(call, frag):
+    with pytest.raises((ValueError, TypeError), match=frag):
+        call()

@@ -46,6 +46,9 @@ def check_writable(path: str | os.PathLike, force: bool = False, name: str = "ou
     """Check, before any work, that one file can be written at `path`: not an existing folder, not an existing
     file or (dangling) symbolic link unless `force`, in an existing, writable folder. Raises ValueError /
     FileExistsError / FileNotFoundError naming `name`."""
+    text = os.fspath(path)
+    if isinstance(text, str) and text.endswith(("/", os.sep)) or text in ("", ".", ".."):
+        raise ValueError(f"{name}: {text!r} names a folder, not a file name")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name}: {path} is a folder; expected a file name")

@@ -55,6 +55,48 @@ def _size(size: int | Sequence[int]) -> tuple[int, int]:
 MAX_PIXELS = 4096 * 4096  # default bound on an input image's pixels, read from its header before decoding
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_data_short(p: Path) -> str | None:
+    """For a PNG: why its compressed pixel data (IDAT) does not hold every row its header declares, else None.
+    Pillow fills the missing rows of a truncated PNG with zeros without a word; this decompresses the stream
+    in chunks (never more than 1 MiB at a time) and counts the bytes against the header's rows."""
+    import struct
+    import zlib
+
+    with open(p, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        need, got, z = None, 0, zlib.decompressobj()
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            n, kind = struct.unpack(">I4s", head)
+            data = f.read(n)
+            f.read(4)  # CRC: Pillow checks it
+            if kind == b"IHDR" and len(data) == 13:
+                w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data)
+                bits = _PNG_CHANNELS.get(color, 1) * depth
+                passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+                need = 0
+                for x0, y0, dx, dy in passes:
+                    pw, ph = -(-(w - x0) // dx) if w > x0 else 0, -(-(h - y0) // dy) if h > y0 else 0
+                    need += ph * (1 + -(-pw * bits // 8)) if pw and ph else 0
+            elif kind == b"IDAT":
+                buf = data
+                while buf and got < (need or 0):
+                    got += len(z.decompress(buf, 1 << 20))
+                    buf = z.unconsumed_tail
+            elif kind == b"IEND":
+                break
+        if need is not None and got < need:
+            return f"its pixel data holds {got} of the {need} bytes its header declares (truncated or damaged file)"
+    return None
+
+
 def _open_image(p: Path, name: str, max_pixels: int | None, verbose: bool):
     """Open one image file, checking its header (size, frames, bit depth) before decoding its pixels."""
     import warnings
@@ -73,6 +115,9 @@ def _open_image(p: Path, name: str, max_pixels: int | None, verbose: bool):
                 if max_pixels is not None and w * h > max_pixels:
                     raise ValueError(f"{name}: {p}: {w}×{h} = {w * h} pixels is above the limit of {max_pixels} "
                                      "(max_pixels=; --no-limits in the CLI)")
+                short = _png_data_short(p) if im.format == "PNG" else None
+                if short:
+                    raise ValueError(f"{name}: {p}: not a readable PNG/JPEG image ({short})")
                 frames = getattr(im, "n_frames", 1)
                 deep = im.mode.startswith("I;16") or any(";16" in str(getattr(t, "args", "")) for t in im.tile)
                 im.load()

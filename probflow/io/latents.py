@@ -8,13 +8,23 @@ value a string: the format tag, probflow's version, the model (name and sha256 `
 the schedule (name, T, σ_max and a sha256 of its ᾱ table), the method, the grid's name, rtol/atol, NFE,
 steps, dtype, shape, the data range, the source images' names, `exact_for` (the decoder an exact latent is
 exact for, else ""), the environment its exactness depends on (`env_torch`, `env_device`, `env_threads`,
-`env_deterministic`, `env_model_dtype`; the batch is `shape` and `sources`) and `content_sha256`, a sha256
-over every tensor (a stored state or grid that was altered is refused).
+`env_deterministic`, `env_model_dtype`; the batch is `shape` and `sources`), optionally the condition's
+sha256 and the guidance weight w (`condition_sha256`, `guidance`) and `content_sha256`: a sha256 over every
+tensor AND every other metadata field (format probflow-latents/2).
+
+What "exact" promises: a latent is decoded as exact only when the file says it was made exact for this
+decoder (`exact_for`, or a reversible pair's state), is decoded with that method on its own grid, its
+content hash matches (so no tensor and no field that changes the decoded image — data_range, invert,
+exact_for, method, grid, steps, dtype, … — changed since it was written), and the environment it records
+matches (else a loud note). The hash detects accidents (a damaged, edited or mixed-up file), not forgery:
+anyone can rewrite a file and its hash. A file without a content hash, or in the older format
+probflow-latents/1 whose hash covered only the tensors, is never called exact (`LatentFile.verified`).
 
 `load_latents` validates every field's type and range and names the field it refuses. `check_compatible`
 refuses another model or schedule unless `force`, and a grid that differs from the one its name and step
-count recompute. `environment_differences` lists what differs from the decoding machine. Files are written
-atomically and never overwrite an existing file unless `force`.
+count recompute. `decode_exactness` says what a decode with a given method and grid can promise (the CLI's
+claim and warnings). `environment_differences` lists what differs from the decoding machine. Files are
+written atomically and never overwrite an existing file unless `force`.
 """
 
 from __future__ import annotations
@@ -34,10 +44,14 @@ from torch import Tensor
 from probflow.io.atomic import atomic_write
 from probflow.version import __version__
 
-__all__ = ["FORMAT", "LatentFile", "model_identity", "schedule_identity", "save_latents", "load_latents",
-           "check_compatible", "environment", "environment_differences"]
+__all__ = ["FORMAT", "LatentFile", "MAX_HEADER_BYTES", "MAX_LATENT_BYTES", "content_sha256", "model_identity",
+           "schedule_identity", "save_latents", "load_latents", "check_compatible", "decode_exactness", "environment",
+           "environment_differences"]
 
-FORMAT = "probflow-latents/1"
+FORMAT = "probflow-latents/2"  # content_sha256 covers the tensors and every metadata field
+OLD_FORMAT = "probflow-latents/1"  # content_sha256 covered the tensors only: read, never called exact
+MAX_HEADER_BYTES = 1 << 20  # a safetensors header (JSON) above 1 MiB is not a latent file probflow wrote
+MAX_LATENT_BYTES = 1 << 32  # default bound on a latent file's size (4 GiB), checked before it is read
 
 
 def schedule_identity(schedule) -> dict[str, str]:
@@ -73,10 +87,12 @@ class LatentFile:
     sigmas: Tensor
     meta: dict[str, str]
     state: dict[str, Tensor] = field(default_factory=dict)
+    verified: bool = True  # the content hash covers tensors and metadata and matches
+    notes: list[str] = field(default_factory=list)  # why the file is not verified, for the user
 
     @property
     def sources(self) -> list[str]:
-        return json.loads(self.meta.get("sources", "[]"))
+        return _loads(self.meta.get("sources", "[]"), "sources")
 
 
 def environment(device: str | torch.device = "cpu", model: Any = None) -> dict[str, str]:
@@ -102,13 +118,28 @@ def environment_differences(lf: LatentFile, device: str | torch.device = "cpu", 
     return out
 
 
-def _content_sha256(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
+def _tensor_sha256(tensors: dict[str, Tensor], h=None):
+    h = h or hashlib.sha256()
     for k in sorted(tensors):
         t = tensors[k].detach().cpu().contiguous()
         h.update(f"{k}|{str(t.dtype)}|{list(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h
+
+
+def content_sha256(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes, in sorted order) and every metadata field but
+    `content_sha256` itself (sorted JSON): what a latent file's `content_sha256` holds (format /2)."""
+    h = _tensor_sha256(tensors, hashlib.sha256(f"{FORMAT}\n".encode()))
+    rest = {k: v for k, v in meta.items() if k != "content_sha256"}
+    h.update(json.dumps(rest, sort_keys=True, ensure_ascii=True).encode())
     return h.hexdigest()
+
+
+def _loads(text: str, what: str, max_bytes: int | None = MAX_HEADER_BYTES):
+    from probflow.models.adapters import loads_json
+
+    return loads_json(text, what, max_bytes=max_bytes)
 
 
 def save_latents(
@@ -128,12 +159,16 @@ def save_latents(
     exact_for: str = "",
     device: str | torch.device = "cpu",
     extra: dict[str, str] | None = None,
+    condition_sha256: str | None = None,
+    guidance: float | None = None,
     force: bool = False,
 ) -> Path:
     """Write `latents` with their provenance to a safetensors file at `path` (atomic; refuses to overwrite
     unless `force`). `sigmas` is the decreasing sampling grid they were encoded on and `grid` its name
     (`probflow.grids.named`; "" when it has none); `exact_for` the decoder an exact latent is exact for;
-    `extra` adds metadata strings (e.g. the CLI's "invert", a JSON boolean)."""
+    `extra` adds metadata strings (e.g. the CLI's "invert", a JSON boolean); `condition_sha256` (the sha256 of
+    the condition a conditional model was given) and `guidance` (its guidance weight w) are recorded when given.
+    Every field and tensor is covered by `content_sha256`."""
     from safetensors.torch import save_file
 
     if not isinstance(latents, Tensor) or not latents.is_floating_point() or latents.ndim < 2:
@@ -148,8 +183,14 @@ def save_latents(
             "atol": repr(atol), "nfe": str(int(nfe)), "steps": str(len(sigmas) - 1),
             "dtype": str(latents.dtype).replace("torch.", ""), "shape": json.dumps(list(latents.shape)),
             "data_range": json.dumps([float(v) for v in data_range]), "sources": json.dumps(list(sources or [])),
-            **environment(device, model), **{str(k): str(v) for k, v in (extra or {}).items()},
-            "content_sha256": _content_sha256(tensors)}
+            **environment(device, model), **{str(k): str(v) for k, v in (extra or {}).items()}}
+    if condition_sha256 is not None:
+        meta["condition_sha256"] = str(condition_sha256)
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise ValueError(f"guidance: expected a finite number, got {guidance!r}")
+        meta["guidance"] = repr(float(guidance))
+    meta["content_sha256"] = content_sha256(tensors, meta)
     _validate(meta, tensors["latents"], tensors["sigmas"], "latents")  # never write what load would refuse
     header = {"probflow": json.dumps(meta, sort_keys=True, ensure_ascii=True)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), force, name="--out")
@@ -157,10 +198,11 @@ def save_latents(
 
 def _json_field(meta: dict[str, str], key: str, where: str, kind: str):
     try:
-        return json.loads(meta[key])
-    except (json.JSONDecodeError, TypeError):
-        raise ValueError(f"{where}: metadata field {key!r} is {meta[key]!r}, not valid JSON (expected {kind})") \
-            from None
+        return _loads(meta[key], key)
+    except ValueError as e:
+        shown = meta[key] if len(meta[key]) <= 80 else f"{meta[key][:40]}…"
+        detail = "not valid JSON" if "not valid JSON" in str(e) else str(e).removeprefix(f"{key}: ")
+        raise ValueError(f"{where}: metadata field {key!r} is {shown!r}, {detail} (expected {kind})") from None
 
 
 def _number(meta: dict[str, str], key: str, where: str, *, integer: bool = False, positive: bool = False,
@@ -200,10 +242,15 @@ def _validate(meta: dict[str, str], lat: Tensor, sig: Tensor, where: str) -> Non
         raise ValueError(f"{where}: metadata field 'method' is {meta['method']!r}, not a registered solver") from None
     if meta.get("exact_for"):
         try:
-            get_method(meta["exact_for"])
+            ex = get_method(meta["exact_for"])
         except ValueError:
             raise ValueError(f"{where}: metadata field 'exact_for' is {meta['exact_for']!r}, not a registered "
                              "solver") from None
+        if ex.name != meta["method"] or ex.adaptive or ex.stochastic or ex.reversible:
+            raise ValueError(f"{where}: metadata field 'exact_for' is {meta['exact_for']!r}, but an exact latent is "
+                             f"made for a fixed-step deterministic decoder by that method (method {meta['method']!r})")
+    if "guidance" in meta:
+        _number(meta, "guidance", where)
     for k in ("rtol", "atol"):
         _number(meta, k, where, positive=True, optional=True)
     _number(meta, "nfe", where, integer=True)
@@ -213,7 +260,7 @@ def _validate(meta: dict[str, str], lat: Tensor, sig: Tensor, where: str) -> Non
     if "schedule_T" in meta:
         _number(meta, "schedule_T", where, integer=True, positive=True)
         _number(meta, "sigma_max", where, positive=True)
-    for k in ("model_fingerprint", "schedule_sha256", "content_sha256"):
+    for k in ("model_fingerprint", "schedule_sha256", "content_sha256", "condition_sha256"):
         if k in meta and not re.fullmatch(r"[0-9a-f]{64}", meta[k]):
             raise ValueError(f"{where}: metadata field {k!r} is {meta[k]!r}, expected a sha256 hex digest")
     if meta["dtype"] != str(lat.dtype).replace("torch.", ""):
@@ -244,44 +291,85 @@ def _validate(meta: dict[str, str], lat: Tensor, sig: Tensor, where: str) -> Non
         raise ValueError(f"{where}: latents contain NaN or Inf")
 
 
-def load_latents(path: str | os.PathLike, name: str = "latents") -> LatentFile:
+def load_latents(path: str | os.PathLike, name: str = "latents",
+                 max_bytes: int | None = MAX_LATENT_BYTES) -> LatentFile:
     """Read a latent file written by `save_latents` and validate it; a missing, corrupt, altered or foreign
-    file raises an error naming the argument `name`, the path and the field."""
+    file raises an error naming the argument `name`, the path and the field. Its size (at most `max_bytes`,
+    None: no bound) and header are checked before it is read. A file without a content hash, or in the older
+    format, loads with `verified` False, `notes` saying why, and its `exact_for` claim removed."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{name}: {path}: no such latent file")
+    where = f"{name}: {path}"
+    _check_size(path, where, max_bytes)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise ValueError(f"{name}: {path} is not a readable safetensors file ({e})") from None
-    where = f"{name}: {path}"
-    if "probflow" in raw:
-        try:
-            meta = json.loads(raw["probflow"])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: metadata field 'probflow' is not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{where}: metadata field 'probflow' is not a JSON object")
-    else:
-        meta = raw  # files written before the metadata was one sorted JSON object
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{where} is not a probflow latent file (format {meta.get('format')!r}, expected {FORMAT!r})")
+        raise ValueError(f"{name}: {path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    meta = _meta(raw, where)
     for k in ("latents", "sigmas"):
         if k not in tensors:
             raise ValueError(f"{where} lacks the tensor {k!r}")
-    if "content_sha256" in meta and _content_sha256(tensors) != meta["content_sha256"]:
-        raise ValueError(f"{where}: the tensors do not match the metadata field 'content_sha256' (latents, grid or "
-                         "state were altered after encoding)")
+    notes = _check_hash(meta, tensors, where)
     lat, sig = tensors.pop("latents"), tensors.pop("sigmas")
     if sig.dtype != torch.float64:
         raise ValueError(f"{where}: the stored grid 'sigmas' is {sig.dtype}, expected float64")
     _validate(meta, lat, sig, where)
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
-    return LatentFile(lat, sig, meta, state)
+    if notes and meta.get("exact_for"):  # never exact: the claim is not covered by a matching hash
+        meta = {**meta, "exact_for": ""}
+    if notes and "content_sha256" not in meta:
+        state = {}  # an unchecked partner state would make a reversible decode look exact
+    return LatentFile(lat, sig, meta, state, verified=not notes, notes=notes)
+
+
+def _check_size(path: Path, where: str, max_bytes: int | None) -> None:
+    """The file's size and its safetensors header length, before anything is read."""
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{where} is {size} bytes, above the limit of {max_bytes} for a latent file "
+                         "(max_bytes=; --no-limits in the CLI)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < n <= min(MAX_HEADER_BYTES, max(size - 8, 0)):
+        raise ValueError(f"{where} is not a readable safetensors file (header length {n} for a file of {size} "
+                         f"bytes; at most {MAX_HEADER_BYTES})")
+
+
+def _meta(raw: dict[str, str], where: str) -> dict[str, str]:
+    if "probflow" in raw:
+        meta = _loads(raw["probflow"], f"{where}: metadata field 'probflow'")
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: metadata field 'probflow' is not a JSON object")
+    else:
+        meta = raw  # files written before the metadata was one sorted JSON object
+    if meta.get("format") not in (FORMAT, OLD_FORMAT):
+        raise ValueError(f"{where} is not a probflow latent file (format {str(meta.get('format'))[:40]!r}, expected "
+                         f"{FORMAT!r})")
+    return meta
+
+
+def _check_hash(meta: dict[str, str], tensors: dict[str, Tensor], where: str) -> list[str]:
+    """Refuse a file whose content hash does not match; the reasons it cannot be called exact ([] if none)."""
+    want = meta.get("content_sha256")
+    if want is None:
+        return [f"{where} has no content hash (metadata field 'content_sha256'): its latents and fields cannot be "
+                "checked, so it is decoded as an ordinary latent, never as exact"]
+    if meta["format"] == OLD_FORMAT:
+        if _tensor_sha256(tensors).hexdigest() != want:
+            raise ValueError(f"{where}: the tensors do not match the metadata field 'content_sha256' (latents, grid "
+                             "or state were altered after encoding)")
+        return [f"{where} is in the older format {OLD_FORMAT}, whose hash does not cover the metadata: decoded as an "
+                "ordinary latent, never as exact (re-encode the images for an exact latent)"]
+    if content_sha256(tensors, meta) != want:
+        raise ValueError(f"{where}: the content does not match the metadata field 'content_sha256' (a tensor or a "
+                         "metadata field was altered after encoding; the hash detects accidents, not forgery)")
+    return []
 
 
 def check_compatible(lf: LatentFile, model: Any, force: bool = False, name: str = "latents") -> list[str]:
@@ -321,3 +409,54 @@ def _check_grid(lf: LatentFile, model: Any, name: str) -> None:
     if not torch.equal(expect.to(torch.float64), lf.sigmas):
         raise ValueError(f"{name}: the stored grid 'sigmas' is not the {g or 'adaptive [σ_max, 0]'} grid of {steps} "
                          f"steps that the metadata names (altered?)")
+
+
+def decode_exactness(lf: LatentFile, method: Any, sigmas: Tensor, *, state_used: bool = False,
+                     device: str | torch.device = "cpu", model: Any = None, condition_sha256: str | None = None,
+                     guidance: float | None = None, strict: bool = False) -> tuple[str, list[str]]:
+    """What decoding `lf` with `method` on the grid `sigmas` can promise: (claim, notes). claim is "" or
+    ", exact inverse (…)" for the CLI's summary line; notes are lines to show the user (why not exact, and a
+    warning when the method, grid, condition or guidance differ from the encode's: an ordinary decode then).
+    Exact needs: a verified file (`load_latents`), the latent's own method and grid, its `exact_for` (or its
+    reversible state, `state_used`), the same condition and guidance, and the same environment (else a note).
+    `strict`: raise ValueError instead of a warning when the decode is not the one the latent was made for."""
+    from probflow.solvers import get_method
+
+    m = method.name if hasattr(method, "name") else get_method(str(method)).name
+    meta, notes = lf.meta, list(lf.notes)
+    exact_for, made = meta.get("exact_for", ""), meta["method"]
+    other = []
+    if m != made:
+        other.append(f"method {m} (the latents were made with {made})")
+    if not (sigmas is lf.sigmas or (sigmas.shape == lf.sigmas.shape
+                                    and torch.equal(sigmas.detach().cpu().to(torch.float64), lf.sigmas))):
+        other.append(f"another grid ({len(sigmas) - 1} steps; the latents' own is {meta.get('grid') or 'unnamed'} "
+                     f"with {len(lf.sigmas) - 1})")
+    if meta.get("condition_sha256") != condition_sha256:
+        other.append("another condition (condition_sha256 differs)")
+    if guidance is not None and "guidance" in meta and float(meta["guidance"]) != float(guidance):
+        other.append(f"guidance {guidance:g} (the latents were made with {float(meta['guidance']):g})")
+    exactable = bool(exact_for) or bool(lf.state)
+    if other:
+        msg = (f"{'WARNING: NOT EXACT: ' if exactable else 'note: '}decoding with {'; '.join(other)}: an ordinary "
+               "decode, not the inverse of the encode")
+        if strict:
+            raise ValueError(f"method: {msg}")
+        return "", [*notes, msg]
+    if not exactable or (not exact_for and not state_used):
+        if lf.state and not state_used:
+            notes.append(f"note: {made} latents decoded without their partner state: an ordinary solve, not exact")
+        return "", notes
+    diff = environment_differences(lf, device, model)
+    if not state_used:
+        if not diff:
+            return ", exact inverse (round-off)", notes
+        notes.append(f"note: decoding on another environment than the encode ({'; '.join(diff)}): {exact_for} is an "
+                     "ordinary stable decoder, so expect agreement to about the network's precision, not bit for bit")
+        return ", ordinary decode of an exact latent (environment differs)", notes
+    if diff:
+        notes.append(f"WARNING: NOT EXACT: this reversible latent was made on another environment ({'; '.join(diff)}); "
+                     "reversible_heun's retrace amplifies any change in ε (a relative 1e-7 moves pixels by whole grey "
+                     "levels), so the images can differ from the encoded ones. Re-encode here, or use an exact latent")
+        return ", reversible retrace on another environment: NOT exact", notes
+    return ", exact inverse (reversible pair, same environment)", notes

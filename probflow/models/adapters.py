@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from torch import Tensor, nn
 
 from probflow.schedules import Schedule, cosine, from_betas, linear, scaled_linear
 
-__all__ = ["DiscreteTimeModel", "MAX_PARAMETERS", "MAX_TIMESTEPS", "PREDICTION_TYPES", "check_state_dict",
-           "count_parameters", "fingerprint", "from_diffusers", "schedule_from_config"]
+__all__ = ["DiscreteTimeModel", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_PARAMETERS", "MAX_SAMPLE_PIXELS",
+           "MAX_TIMESTEPS", "PREDICTION_TYPES", "check_diffusers_config", "check_state_dict", "count_parameters",
+           "fingerprint", "from_diffusers", "json_depth", "loads_json", "read_json_object", "schedule_from_config"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -111,13 +113,22 @@ class DiscreteTimeModel:
         if sigma.ndim != 0:
             raise ValueError(f"sigma: expected one noise level (0-d tensor) for the batch, "
                              f"got shape {tuple(sigma.shape)}")
+        if not isinstance(x, Tensor) or x.ndim < 1 or (self.sample_shape is not None
+                                                         and tuple(x.shape[1:]) != self.sample_shape):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a batch of shape (B, {', '.join(map(str, self.sample_shape or ('...',)))}) "
+                             f"for {self.name or 'this model'}, got {got}")
         t = self.timestep(sigma)
         if self.round_t:
             tb = t.to(torch.int64).to(x.device).expand(x.shape[0])
         else:
             tb = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32).to(x.device).expand(x.shape[0])
         xin = x if self.model_dtype is None else x.to(self.model_dtype)
-        out = self.net(xin, tb).to(x.dtype)
+        out = self.net(xin, tb)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise TypeError(f"net: returned {type(out).__name__ if not isinstance(out, Tensor) else out.dtype}, "
+                            "expected a floating-point tensor")
+        out = out.to(x.dtype)
         if out.shape != x.shape:
             raise ValueError(f"net: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
         if self.prediction_type == "epsilon":
@@ -232,6 +243,64 @@ def count_parameters(build: Callable[[], nn.Module], what: str, max_parameters: 
     return n
 
 
+MAX_SAMPLE_PIXELS = 4096 * 4096  # default bound on a checkpoint's sample_size (height × width), as for images
+MAX_BLOCKS = 16  # resolutions of a UNet (len(block_out_channels)); 2^16 is beyond any image side
+MAX_LAYERS = 64  # residual layers per block
+MAX_CHANNELS = 1 << 16  # channels of one block, and input channels
+
+
+def _config_int(config: Mapping[str, Any], key: str, default: Any, lo: int, hi: int, where: str) -> int:
+    v = config.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{where}: {key}: expected an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def check_diffusers_config(config: Mapping[str, Any], where: str,
+                           max_pixels: int | None = MAX_SAMPLE_PIXELS) -> tuple[int, int, int] | None:
+    """Bound a UNet2DModel config before anything is built from it (diffusers' defaults where a key is
+    absent): at most MAX_BLOCKS resolutions of at most MAX_CHANNELS channels, MAX_LAYERS layers per block,
+    as many down and up block types as resolutions, out_channels = in_channels (ε has x's shape), and a
+    sample_size of at most `max_pixels` pixels (None: no bound) divisible by 2^(resolutions − 1), the
+    network's downsampling. Returns the sample shape (C, H, W), or None when the config has no sample_size."""
+    boc = config.get("block_out_channels", (224, 448, 672, 896))
+    if (not isinstance(boc, (list, tuple)) or not 1 <= len(boc) <= MAX_BLOCKS
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_CHANNELS for c in boc)):
+        shown = f"{len(boc)} entries" if isinstance(boc, (list, tuple)) and len(boc) > 8 else repr(boc)
+        raise ValueError(f"{where}: block_out_channels: expected 1 to {MAX_BLOCKS} integers in [1, {MAX_CHANNELS}], "
+                         f"got {shown}")
+    for key in ("down_block_types", "up_block_types"):
+        v = config.get(key)
+        if v is not None and (not isinstance(v, (list, tuple)) or len(v) != len(boc)
+                              or not all(isinstance(b, str) for b in v)):
+            n = len(v) if isinstance(v, (list, tuple)) else type(v).__name__
+            raise ValueError(f"{where}: {key}: expected {len(boc)} block names (one per block_out_channels), got {n}")
+    lpb = config.get("layers_per_block", 2)
+    for v in (lpb if isinstance(lpb, (list, tuple)) and len(lpb) <= MAX_BLOCKS else [lpb]):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_LAYERS:
+            raise ValueError(f"{where}: layers_per_block: expected an integer in [1, {MAX_LAYERS}], got "
+                             f"{lpb if not isinstance(lpb, (list, tuple)) else f'a list of {len(lpb)}'}")
+    cin = _config_int(config, "in_channels", 3, 1, MAX_CHANNELS, where)
+    cout = config.get("out_channels", 3)
+    if cout != cin:
+        raise ValueError(f"{where}: out_channels: expected {cin} (= in_channels: the network predicts ε of x's "
+                         f"shape), got {cout!r}")
+    size = config.get("sample_size")
+    if size is None:
+        return None
+    hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else ()
+    if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw):
+        raise ValueError(f"{where}: sample_size: expected a positive integer or [height, width], got {size!r}")
+    if max_pixels is not None and hw[0] * hw[1] > max_pixels:
+        raise ValueError(f"{where}: sample_size: {hw[0]}×{hw[1]} = {hw[0] * hw[1]} pixels is above the limit of "
+                         f"{max_pixels} (max_pixels=; --no-limits in the CLI)")
+    down = 2 ** (len(boc) - 1)
+    if hw[0] % down or hw[1] % down:
+        raise ValueError(f"{where}: sample_size: {hw[0]}×{hw[1]} does not fit the network's {len(boc)} resolutions "
+                         f"(each side must be divisible by 2^{len(boc) - 1} = {down})")
+    return (cin, *hw)
+
+
 class _DiffusersUNet(nn.Module):
     """net(x, t) = unet(x, t).sample, so that the adapter sees a plain tensor function."""
 
@@ -243,13 +312,47 @@ class _DiffusersUNet(nn.Module):
         return self.unet(x, t).sample
 
 
-def read_json_object(path: Path, what: str) -> dict:
-    """The JSON object in `path`; a one-line ValueError naming `what` and the file otherwise."""
+MAX_JSON_BYTES = 1 << 20  # a config, card or latent header larger than 1 MiB is not one probflow wrote
+MAX_JSON_DEPTH = 32  # nesting beyond this is refused before parsing (json's recursion would raise RecursionError)
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in a JSON text, strings skipped (linear time, no recursion)."""
+    import numpy as np
+
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    b = np.frombuffer(bare.encode("utf-8", "replace"), dtype=np.uint8)
+    step = np.isin(b, (ord("["), ord("{"))).astype(np.int64) - np.isin(b, (ord("]"), ord("}"))).astype(np.int64)
+    return int(np.cumsum(step).max()) if len(step) else 0
+
+
+def loads_json(text: str | bytes, what: str, *, max_bytes: int | None = MAX_JSON_BYTES,
+               max_depth: int = MAX_JSON_DEPTH):
+    """json.loads with its size and nesting bounded first; a one-line ValueError naming `what` otherwise."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what} is not valid JSON: {e}") from None
+    if max_bytes is not None and len(text) > max_bytes:
+        raise ValueError(f"{what}: {len(text)} characters of JSON, above the limit of {max_bytes}")
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"{what}: JSON nested {depth} deep, above the limit of {max_depth}")
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what}: {path} is not valid JSON: {e}") from None
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{what} is not valid JSON: {str(e).splitlines()[0]}") from None
+
+
+def read_json_object(path: Path, what: str, max_bytes: int | None = MAX_JSON_BYTES) -> dict:
+    """The JSON object in `path` (its size checked before it is read, its nesting before it is parsed);
+    a one-line ValueError naming `what` and the file otherwise."""
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{what}: {path} is {size} bytes, above the limit of {max_bytes} for a JSON file")
+    with open(path, "rb") as f:
+        cfg = loads_json(f.read(), f"{what}: {path}", max_bytes=max_bytes)
     if not isinstance(cfg, dict):
         raise ValueError(f"{what}: {path} does not hold a JSON object (got {type(cfg).__name__})")
     return cfg
@@ -285,6 +388,7 @@ def from_diffusers(
     round_t: bool = False,
     max_parameters: int | None = MAX_PARAMETERS,
     max_timesteps: int | None = MAX_TIMESTEPS,
+    max_pixels: int | None = MAX_SAMPLE_PIXELS,
 ) -> DiscreteTimeModel:
     """Load a diffusers `UNet2DModel` and its scheduler config from a LOCAL folder as a DiscreteTimeModel.
 
@@ -295,8 +399,9 @@ def from_diffusers(
     network is built from its config (`from_config`, no hub look-up) and the weights are read with
     safetensors, or `torch.load(weights_only=True)` for a .bin: no network access, no arbitrary unpickling.
     Runs in float32 on the CPU, in eval mode. Before anything is allocated, the network's parameter count
-    (built on the meta device) and the table length are checked against `max_parameters` / `max_timesteps`
-    (None: no bound); every config field, and the weights' keys and shapes, fail as a one-line ValueError.
+    (built on the meta device) and the table length are checked against `max_parameters` / `max_timesteps`,
+    and the config's sizes against `check_diffusers_config` (`max_pixels` for sample_size) (None: no bound);
+    every config field, and the weights' keys and shapes, fail as a one-line ValueError.
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -310,6 +415,7 @@ def from_diffusers(
         raise ValueError(f"config: only UNet2DModel checkpoints are supported, {unet_dir / 'config.json'} is {cls!r}")
     if config.get("num_class_embeds") or config.get("class_embed_type"):
         raise ValueError("config: class-conditional UNet2DModel checkpoints are not supported")
+    shape = check_diffusers_config(config, f"config: {unet_dir / 'config.json'}", max_pixels)
     sched_cfg: dict = {}
     for p in (root / "scheduler" / "scheduler_config.json", unet_dir / "scheduler_config.json"):
         if p.is_file():
@@ -342,13 +448,5 @@ def from_diffusers(
         raise ValueError(f"weights: the state_dict in {unet_dir} does not match its config.json: "
                          f"{str(e).splitlines()[0]}") from None
     net = _DiffusersUNet(unet.float().eval()).requires_grad_(False)
-    size = config.get("sample_size")
-    shape = None
-    if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else ()
-        if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw):
-            raise ValueError(f"config: {unet_dir / 'config.json'}: sample_size: expected a positive integer or "
-                             f"[height, width], got {size!r}")
-        shape = (int(config.get("in_channels", 3)), *hw)
     return DiscreteTimeModel(net, sched, pred, round_t=round_t, sample_shape=shape, name=root.resolve().name,
                              model_dtype=torch.float32)

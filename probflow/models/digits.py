@@ -8,7 +8,6 @@ the UNet config as metadata) and `digits.json` (the card: recipe, metrics, the w
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from probflow.models.adapters import (
     DiscreteTimeModel,
     check_state_dict,
     count_parameters,
+    loads_json,
     read_json_object,
 )
 from probflow.models.unet import UNet
@@ -61,16 +61,20 @@ def _unet_config(meta: dict | None, wpath: Path) -> dict:
     """The UNet constructor arguments stored in the checkpoint's metadata, checked against `UNet`'s."""
     if not meta or "unet_config" not in meta:
         raise ValueError(f"weights: {wpath} has no unet_config metadata (not a digits checkpoint)")
-    try:
-        cfg = json.loads(meta["unet_config"])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"weights: unet_config in {wpath} is not valid JSON: {e}") from None
+    cfg = loads_json(meta["unet_config"], f"weights: unet_config in {wpath}")
     if not isinstance(cfg, dict):
         raise ValueError(f"weights: unet_config in {wpath} is not a JSON object")
     known = [k for k in inspect.signature(UNet).parameters]
     unknown = sorted(set(cfg) - set(known))
     if unknown:
         raise ValueError(f"weights: unet_config in {wpath} has unknown keys {unknown}; expected some of {known}")
+    if cfg.get("in_channels", 1) != 1:
+        raise ValueError(f"weights: unet_config in {wpath}: in_channels: expected 1 (8×8 grayscale digits), got "
+                         f"{cfg.get('in_channels')!r}")
+    ch = cfg.get("channels", CONFIG["channels"])
+    if isinstance(ch, list) and 8 % 2 ** min(len(ch) - 1, 4):
+        raise ValueError(f"weights: unet_config in {wpath}: channels: {len(ch)} resolutions do not fit 8×8 images "
+                         "(at most 4: each halves the side)")
     return cfg
 
 

@@ -54,6 +54,29 @@ class _ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+MAX_LEVELS, MAX_BLOCKS, MAX_WIDTH = 16, 64, 1 << 16  # bounds on a config, checked before anything is built
+
+
+def _size(v: object, name: str, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+        raise ValueError(f"{name}: expected an integer in [1, {hi}], got {v!r}")
+    return v
+
+
+def _check_config(in_channels: object, channels: object, blocks: object, emb_dim: object) -> None:
+    """Every size a positive integer within MAX_LEVELS resolutions, MAX_BLOCKS blocks and MAX_WIDTH channels, so
+    that a config's size is bounded before the (meta-device) build that counts its parameters."""
+    _size(in_channels, "in_channels", MAX_WIDTH)
+    if not isinstance(channels, (list, tuple)) or not 1 <= len(channels) <= MAX_LEVELS:
+        n = len(channels) if isinstance(channels, (list, tuple)) else type(channels).__name__
+        raise ValueError(f"channels: expected a list of 1 to {MAX_LEVELS} widths, got {n}")
+    for i, c in enumerate(channels):
+        _size(c, f"channels[{i}]", MAX_WIDTH)
+    _size(blocks, "blocks", MAX_BLOCKS)
+    if emb_dim is not None:
+        _size(emb_dim, "emb_dim", MAX_WIDTH)
+
+
 class UNet(nn.Module):
     """ε_θ(x, t) for images (B, C, H, W); `channels[i]` feature maps at resolution H/2^i.
 
@@ -64,9 +87,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (64, 128), blocks: int = 2,
                  emb_dim: int | None = None) -> None:
         super().__init__()
+        _check_config(in_channels, channels, blocks, emb_dim)
         channels = tuple(int(c) for c in channels)
-        if in_channels < 1 or not channels or blocks < 1 or any(c < 1 for c in channels):
-            raise ValueError(f"channels, blocks: expected positive sizes, got {channels}, {blocks}")
         self.in_channels, self.channels, self.blocks = in_channels, channels, blocks
         self.emb_dim = emb_dim or 4 * channels[0]
         self.t_dim = channels[0]
