@@ -137,7 +137,7 @@ def _load_checked(folder: str, limits: bool):
     big = {} if limits else {"max_parameters": None}
     if os.path.isfile(os.path.join(folder, "digits.safetensors")):
         return digits.load_model(folder, **big)
-    return adapters.from_diffusers(folder, **big, **({} if limits else {"max_timesteps": None}))
+    return adapters.from_diffusers(folder, **big, **({} if limits else {"max_timesteps": None, "max_pixels": None}))
 
 
 def precision_of(run: Run, model, state: torch.dtype = torch.float64) -> Precision:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from probflow.cli.common import GRID_NAMES, add_solver_arguments
-from probflow.cli.request import DecodeRequest, EncodeRequest, InterpolateRequest, Run, Solver
+from probflow.cli.request import DecodeRequest, EncodeRequest, InterpolateRequest, Solver
 
 DEFAULT_METHOD, DEFAULT_STEPS, EXACT_GRID = "euler", 20, "quadratic_open"
 
@@ -137,29 +137,15 @@ def _decode_grid(given: Solver, s: Solver, lf, model):
     return lf.sigmas
 
 
-def _exactness(run: Run, s: Solver, lf, model, sig, state, device: str) -> str:
-    """What the decode can promise, with loud warnings where the file's environment differs."""
+def _exactness(lf, s: Solver, model, sig, state, device: str) -> str:
+    """What the decode can promise (`probflow.io.latents.decode_exactness`), its notes and warnings said."""
     from probflow.cli.common import say
-    from probflow.io.latents import environment_differences
+    from probflow.io.latents import decode_exactness
 
-    same = s.name == lf.meta["method"] and sig is lf.sigmas
-    exact_for = lf.meta.get("exact_for", "")
-    if not ((state is not None) or (exact_for and same and exact_for == s.name)):
-        return ""
-    diff = environment_differences(lf, device, model)
-    if state is None and not diff:
-        return ", exact inverse (round-off)"
-    if state is None:
-        say(f"note: decoding on another environment than the encode ({'; '.join(diff)}): {exact_for} is an ordinary "
-            "stable decoder, so expect agreement to about the network's precision, not bit for bit")
-        return ", ordinary decode of an exact latent (environment differs)"
-    if diff:
-        say(f"WARNING: NOT EXACT: this reversible latent was made on another environment ({'; '.join(diff)}); "
-            "reversible_heun's retrace amplifies any change in ε (a relative 1e-7 moves pixels by whole grey "
-            "levels), so the images can differ from the encoded ones. Re-encode here, or use an exact latent "
-            "(`probflow encode` without --method reversible_heun)")
-        return ", reversible retrace on another environment: NOT exact"
-    return ", exact inverse (reversible pair, same environment)"
+    claim, notes = decode_exactness(lf, s.method, sig, state_used=state is not None, device=device, model=model)
+    for note in notes:
+        say(note)
+    return claim
 
 
 def run_decode(args: argparse.Namespace) -> int:
@@ -212,7 +198,7 @@ def decode(req: DecodeRequest) -> int:
                          f"{tuple(model.sample_shape)}")
     sig = _decode_grid(req.solver, s, lf, model)
     state = _decode_state(req, s, lf, sig)
-    claim = _exactness(req.run, s, lf, model, sig, state, device) if w.rank == 0 else ""
+    claim = _exactness(lf, s, model, sig, state, device) if w.rank == 0 else ""
     sol = solve(req.run, s, model, probflow.decode, len(lf.latents), lambda a, b: lf.latents[a:b].to(device), sig,
                 s.method, "decode", w=w, state=state, dtype=lf.latents.dtype)
     lo, hi = json.loads(lf.meta["data_range"])
