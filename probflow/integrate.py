@@ -84,7 +84,7 @@ class Control:
             return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 and math.isfinite(v)
 
         if not (ok(self.rtol) and ok(self.atol)):
-            raise ValueError(f"rtol, atol: expected positive tolerances, got {self.rtol!r}, {self.atol!r}")
+            raise ValueError(f"rtol, atol: expected finite positive tolerances, got {self.rtol!r}, {self.atol!r}")
         m = self.max_steps
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"max_steps: expected a positive integer or None, got {m!r}")

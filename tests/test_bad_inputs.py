@@ -294,7 +294,7 @@ API_ROWS = [
     ('api-model-int', 'probflow.sample(lambda x, s: x.long(), x, g)',
      'model: returned ε of dtype torch.int64', 'TypeError'),
     ('api-rtol-inf', "probflow.sample(gm, x, g, 'dopri5', rtol=inf)",
-     'rtol, atol: rtol = inf; expected a finite tolerance', 'ValueError'),
+     'rtol, atol: expected finite positive tolerances, got inf', 'ValueError'),
     ('api-rtol-below-floor', "probflow.sample(gm, x, g, 'dopri5', rtol=1e-30, atol=1e-30)",
      'rtol, atol: rtol = 1e-30; expected a finite tolerance in [1e-14, 1]', 'ValueError'),
 ]

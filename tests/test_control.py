@@ -24,9 +24,9 @@ def _start(n=4, seed=1):
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(rtol=0.0), "rtol, atol: expected positive tolerances"),
-    (dict(atol=-1e-3), "rtol, atol: expected positive tolerances"),
-    (dict(rtol=math.nan), "rtol, atol: expected positive tolerances"),
+    (dict(rtol=0.0), "rtol, atol: expected finite positive tolerances"),
+    (dict(atol=-1e-3), "rtol, atol: expected finite positive tolerances"),
+    (dict(rtol=math.nan), "rtol, atol: expected finite positive tolerances"),
     (dict(max_steps=0), "max_steps: expected a positive integer or None"),
     (dict(max_steps=2.5), "max_steps: expected a positive integer or None"),
 ])
