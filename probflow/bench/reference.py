@@ -34,14 +34,20 @@ def default_reference(model) -> tuple[str, float, float]:
 
 
 def reference(model, xbar: Tensor, schedule: Schedule, method: str, tol: float, check_tol: float,
-              model_dtype: torch.dtype | None = None, options: dict | None = None) -> tuple[Tensor, dict]:
+              model_dtype: torch.dtype | None = None, options: dict | None = None,
+              error_tol: float | None = None) -> tuple[Tensor, dict]:
     """x_0 from `method` at rtol = atol = `tol` in float64 from x̄_T = `xbar` at σ_max to σ = 0, and its
-    convergence check: the max |difference| and RMS difference to a second solve at `check_tol` (> tol)."""
+    convergence check: the max |difference| and RMS difference to a second solve at `check_tol` (> tol).
+    error_tol (< tol, usually tol/10): a third solve there measures the reference's own error as its difference
+    to that solve ("error_rmse", "error_max_abs", "error_nfe", "error_wall_s")."""
     if not (0 < tol < check_tol):
         raise ValueError(f"tolerances: expected 0 < reference tolerance < check tolerance, got {tol} and {check_tol}")
+    if error_tol is not None and not (0 < error_tol < tol):
+        raise ValueError(f"error_tol: expected 0 < error_tol < the reference tolerance {tol}, got {error_tol}")
     end = torch.tensor([schedule.sigma_max, 0.0], dtype=torch.float64)
     out = {}
-    for key, t in (("tight", tol), ("check", check_tol)):
+    solves = (("tight", tol), ("check", check_tol)) + ((("error", error_tol),) if error_tol is not None else ())
+    for key, t in solves:
         f = DDIMField(model, model_dtype=model_dtype)
         t0 = time.perf_counter()
         sol = integrate(f, xbar, end, method, rtol=t, atol=t, options=options)
@@ -51,4 +57,8 @@ def reference(model, xbar: Tensor, schedule: Schedule, method: str, tol: float, 
     info = {"method": method, "rtol": tol, "atol": tol, "options": options or {}, "nfe": nfe, "wall_s": wall,
             "check_rtol": check_tol, "check_nfe": out["check"][1], "check_wall_s": out["check"][2],
             "check_max_abs_diff": float(diff.max()), "check_rmse": float(diff.pow(2).mean().sqrt())}
+    if error_tol is not None:
+        e = (x - out["error"][0]).abs()
+        info.update({"error_tol": error_tol, "error_rmse": float(e.pow(2).mean().sqrt()),
+                     "error_max_abs": float(e.max()), "error_nfe": out["error"][1], "error_wall_s": out["error"][2]})
     return x, info

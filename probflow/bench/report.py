@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 from probflow.bench import peers as _peers
+from probflow.bench.fair import fair_rows, reference_error, resolved
 from probflow.bench.grids import CALIBRATED, UNIFORM_STEP_GRID
 from probflow.bench.overhead import overhead_ratios
 from probflow.bench.runner import best_per_nfe
@@ -126,17 +127,63 @@ def _best_table(rows: Sequence[dict], key: str) -> list[str]:
     return out + [""]
 
 
-def _all_runs(rows: Sequence[dict]) -> list[str]:
+def _vs_best(rows: Sequence[dict], ref_err: float) -> dict[int, str]:
+    """Per row (by id): "best" for the best row of its NFE target (counted NFE ≤ target, any family), "resolved"
+    when its RMSE exceeds the best's by more than 2·ε_ref (`fair.resolved`), "unresolved" otherwise."""
+    out: dict[int, str] = {}
+    for n in {r["nfe_target"] for r in rows if r["nfe_target"] is not None}:
+        at = [r for r in rows if r["nfe_target"] == n and r["error"] is None and r["nfe"] is not None
+              and r["nfe"] <= n and math.isfinite(r["rmse"])]
+        if not at:
+            continue
+        best = min(at, key=lambda r: r["rmse"])
+        for r in at:
+            out[id(r)] = "best" if r is best else ("resolved" if resolved(r["rmse"], best["rmse"], ref_err)
+                                                   else "unresolved")
+    return out
+
+
+def _all_runs(rows: Sequence[dict], ref_err: float | None = None) -> list[str]:
+    vs = _vs_best(rows, ref_err) if ref_err is not None else {}
     out = ["<details><summary>All runs</summary>\n",
-           "| family | method | grid | NFE target | steps / tol | NFE | RMSE | median | max | wall s | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| family | method | grid | role | NFE target | steps / tol | NFE | RMSE | median | max | vs best at NFE "
+           "| wall s | note |", "|---" * 13 + "|"]
     for r in rows:
         st = r["steps"] if r["tol"] is None else f"{r['tol']:g}"
         note = (r["error"] or "; ".join(r["notes"]))[:80]
-        out.append(f"| {r['family']} | {r['method']} | {r['grid']} | {r['nfe_target'] or ''} | {st} | "
-                   f"{r['nfe'] if r['nfe'] is not None else '—'} | {fmt(r['rmse'])} | {fmt(r['median'])} | "
-                   f"{fmt(r['max'])} | {fmt(r['wall_s'], '.3f')} | {note} |")
+        out.append(f"| {r['family']} | {r['method']} | {r['grid']} | {r.get('role') or ''} | {r['nfe_target'] or ''} "
+                   f"| {st} | {r['nfe'] if r['nfe'] is not None else '—'} | {fmt(r['rmse'])} | {fmt(r['median'])} | "
+                   f"{fmt(r['max'])} | {vs.get(id(r), '—')} | {fmt(r['wall_s'], '.3f')} | {note} |")
     return out + ["\n</details>\n"]
+
+
+def _fair(rows: Sequence[dict], ref_err: float) -> list[str]:
+    """The fair table: both sides' chosen and oracle rows per NFE, the README's recommended row, the ratios to the
+    peers' rows and whether each difference is resolved by the reference (`fair.resolved`)."""
+    fr = fair_rows(rows)
+    if not fr:
+        return []
+    out = [f"Fair table (RMSE with counted NFE ≤ target). *Recommended*: the README's configuration "
+           "(`probflow.bench.recipes.RECOMMENDED`); *chosen*: benchmarks/FAIR.md's configuration chosen on its tuning "
+           "problems (`recipes.FAIR_CHOSEN`); *oracle*: the side's best row here (peers: k-diffusion's and diffusers' "
+           "samplers on every grid probflow's methods get, and diffusers' schedulers on their own grids). A ratio is "
+           f"marked (unresolved) when the two RMSEs differ by at most 2ε_ref = {2 * ref_err:.1e} (the reference's "
+           "measured RMS error ε_ref, twice: each RMSE may be off by ε_ref), so that ranking is not measured.\n",
+           "| NFE | probflow recommended | probflow chosen | probflow oracle | peer chosen | peer oracle "
+           "| recommended ÷ peer chosen | recommended ÷ peer oracle | chosen ÷ chosen | oracle ÷ oracle |",
+           "|---" * 10 + "|"]
+
+    def q(a: dict | None, b: dict | None) -> str:
+        if a is None or b is None or not b["rmse"] > 0:
+            return "—"
+        return ratio(a["rmse"] / b["rmse"]) + ("" if resolved(a["rmse"], b["rmse"], ref_err) else " (unresolved)")
+
+    for f in fr:
+        rec, ch, po, qc, qo = (f[k] for k in ("recommended", "chosen", "oracle", "peer_chosen", "peer_oracle"))
+        out.append(f"| {f['nfe']} | {_cell(rec, 'rmse')} | {_cell(ch, 'rmse')} | {_cell(po, 'rmse')} | "
+                   f"{_cell(qc, 'rmse')} | {_cell(qo, 'rmse')} | {q(rec, qc)} | {q(rec, qo)} | {q(ch, qc)} | "
+                   f"{q(po, qo)} |")
+    return out + [""]
 
 
 def _workload(wname: str, wres: dict) -> list[str]:
@@ -145,18 +192,25 @@ def _workload(wname: str, wres: dict) -> list[str]:
            f"Reference: {ref['method']} rtol = atol = {ref['rtol']:g} ({ref['nfe']} NFE, {ref['wall_s']:.1f} s); "
            f"convergence check against rtol = atol = {ref['check_rtol']:g}: max |Δx_0| = "
            f"{ref['check_max_abs_diff']:.2e}, RMS {ref['check_rmse']:.2e}.\n"]
+    if ref.get("error_rmse") is not None:
+        out.append(f"Reference error, measured against the same solver at rtol = atol = {ref['error_tol']:g} "
+                   f"({ref['error_nfe']} NFE): RMS ε_ref = {ref['error_rmse']:.2e}, max {ref['error_max_abs']:.2e}; "
+                   f"two rows' RMSEs rank their solvers only where they differ by more than 2ε_ref = "
+                   f"{2 * ref['error_rmse']:.1e} (column \"vs best at NFE\").\n")
+    ref_err = reference_error(ref)
     errs = [r["rmse"] for r in wres["rows"] if r["error"] is None and math.isfinite(r["rmse"]) and r["rmse"] > 0]
-    if errs and ref["check_rmse"] >= 0.1 * min(errs):
-        out.append(f"**Caution**: the reference's uncertainty (RMS {ref['check_rmse']:.1e}, its difference to the "
-                   f"looser solve) is not far below the smallest errors reported ({min(errs):.1e}): errors below "
-                   f"~{10 * ref['check_rmse']:.0e} (10× it) rank solvers only roughly. Tighten it with --ref-tol.\n")
+    if errs and ref_err >= 0.1 * min(errs):
+        out.append(f"**Caution**: the reference's uncertainty (RMS {ref_err:.1e}) is not far below the smallest "
+                   f"errors reported ({min(errs):.1e}): errors below ~{10 * ref_err:.0e} (10× it) rank solvers only "
+                   "roughly; the column \"vs best at NFE\" says which are resolved. Tighten it with --ref-tol.\n")
     if "float32_field_diff" in ref:
         out.append(f"Reference network in {ref['network_dtype']}; the solvers' network differs from it by max |Δε| = "
                    f"{ref['float32_field_diff']:.1e} (at σ = σ_max, 1, 0.01 near the flow).\n")
+    out += _fair(wres["rows"], ref_err)
     for key in ("rmse", "median"):
         if best_per_nfe(wres["rows"], key):
             out += _best_table(wres["rows"], key)
-    return out + _all_runs(wres["rows"])
+    return out + _all_runs(wres["rows"], ref_err)
 
 
 def _overhead(ov: dict) -> list[str]:

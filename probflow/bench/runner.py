@@ -158,7 +158,8 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
                  nfe: Sequence[int] = NFE, tolerances: Sequence[float] = TOLERANCES,
                  peers: Sequence[str] | None = None, peer_grids: Sequence[str] | None = None,
                  progress: bool | Callable[[Iterable], Iterable] = False,
-                 calibration: dict | None = None) -> list[dict]:
+                 calibration: dict | None = None,
+                 extra: Callable[[Workload, list], list[Callable[[], dict]]] | None = None) -> list[dict]:
     """Rows for every (method × grid × NFE), (adaptive method × tolerance), (peer × peer grid × NFE).
 
     methods: registered names (default: all but the reference). grids: names or builders (default
@@ -167,6 +168,8 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
     the peers' grids. The grid "calibrated" is `calibrated_builder(w.model, shape, calibration["method"],
     **calibration["options"])` (default `CALIBRATION`), run by calibration["methods"] at the NFE targets
     calibration["nfe"] (None: all); its cost goes into `w.extra["calibration"]`, not into any row's NFE.
+    extra: `extra(w, grids)` returns further solves to run after these (e.g. `fair.fair_plan`'s), with `grids`
+    holding the calibrated builder in place of its name.
     """
     methods = list(methods) if methods is not None else fixed_methods() + adaptive_methods()
     for m in methods:
@@ -178,6 +181,8 @@ def run_workload(w: Workload, methods: Sequence[str] | None = None, grids: Seque
     cal = dict(CALIBRATION, **(calibration or {}))
     cal_builder = calibrated_grid(w, cal) if CALIBRATED in grids else None
     tasks = plan(w, methods, grids, nfe, tolerances, peers, peer_grids, cal, cal_builder)
+    if extra is not None:
+        tasks += extra(w, [cal_builder if g == CALIBRATED else g for g in grids])
     _warm_up(w, [m for m in methods if not METHODS[m].adaptive], peers)
     it: Iterable = tasks
     if progress is True:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from probflow.bench import peers as _peers
+from probflow.bench.fair import fair_peers, fair_plan
 from probflow.bench.grids import CALIBRATED, DEFAULT_GRIDS
 from probflow.bench.overhead import solver_overhead
 from probflow.bench.reference import default_reference
@@ -59,12 +60,20 @@ class Config:
     overhead_repeats: int
     # suite → `run_workload`'s calibration (absent: the default; None: no calibrated grid in that suite)
     calibration: dict = field(default_factory=dict)
+    # the network reference: solver (None: `default_reference`), network dtype (None: the model's own), and whether
+    # a third solve at a tenth of its tolerance measures its own error (`reference.reference`'s error_tol). FULL's
+    # network reference is dopri5 at 1e-6 on the solvers' own float32 network: its error is measured, never assumed
+    # (the shipped digits network's ε is only continuous in σ, with a kink at each table σ_t where t(σ) changes slope,
+    # so an adaptive solve converges slowly there; benchmarks/RESULTS.md reports the measured ε_ref).
+    network_ref_method: str | None = None
+    network_ref_dtype: torch.dtype | None = None
+    measure_ref_error: bool = True
 
 
 FULL = Config(n2=256, n64=128, n_model=16, nfe=NFE, tolerances=TOLERANCES, grids=DEFAULT_GRIDS, peers=None,
               ref_tol=1e-12, check_tol=1e-10, network_nfe=(5, 10, 20, 50),
               network_grids=("uniform", "karras", CALIBRATED),
-              network_min_tol=1e-3, network_ref_tol=1e-5, network_check_tol=1e-4, overhead_steps=50,
+              network_min_tol=1e-3, network_ref_tol=1e-6, network_check_tol=1e-5, overhead_steps=50,
               overhead_repeats=7,
               calibration={"mixture2": None, "mixture64": {},
                            "network": {"nfe": (10,), "options": {"n": 32, "ref_method": "dopri5", "ref_tol": 1e-6,
@@ -72,7 +81,7 @@ FULL = Config(n2=256, n64=128, n_model=16, nfe=NFE, tolerances=TOLERANCES, grids
 QUICK = Config(n2=16, n64=4, n_model=8, nfe=(5, 10, 20), tolerances=(1e-3,), grids=("uniform", "karras"),
                peers=("ddim", "dpmpp_2m"), ref_tol=1e-9, check_tol=1e-7, network_nfe=(10,), network_grids=("uniform",),
                network_min_tol=1e-3, network_ref_tol=1e-7, network_check_tol=1e-5, overhead_steps=10,
-               overhead_repeats=3)
+               overhead_repeats=3, network_ref_dtype=torch.float64)
 
 
 @dataclass
@@ -91,6 +100,7 @@ class Context:
     digits_model: str | None = None
     ref: tuple[str | None, float | None, float | None] = (None, None, None)
     progress: bool = True
+    peer_mode: str = "fair"  # `fair.PEER_MODES`: "fair" adds the fair peers and named configurations
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -121,18 +131,23 @@ def _network_or_model(ctx: Context, spec: str, name: str) -> None:
     model = load_model_spec(spec)
     network = hasattr(model, "net")
     n = ctx.samples or cfg.n_model
-    method = default_reference(model)[0]
+    method = (network and cfg.network_ref_method) or default_reference(model)[0]
     tol, check = (cfg.network_ref_tol, cfg.network_check_tol) if network else (cfg.ref_tol, cfg.check_tol)
     method, tol, check = ctx.ref[0] or method, ctx.ref[1] or tol, ctx.ref[2] or check
-    ctx.say(f"{name}: reference {method} at {tol:g} (checked at {check:g}) for {n} samples …")
-    w = model_workload(model, n, 0, name=name, ref_method=method, ref_tol=tol, check_tol=check)
+    err_tol = tol / 10 if network and cfg.measure_ref_error else None
+    dtype = cfg.network_ref_dtype if network else None
+    ctx.say(f"{name}: reference {method} at {tol:g} (checked at {check:g}"
+            + (f", error measured at {err_tol:g}" if err_tol else "") + f") for {n} samples …")
+    w = model_workload(model, n, 0, name=name, ref_method=method, ref_tol=tol, check_tol=check, ref_dtype=dtype,
+                       error_tol=err_tol)
     cal = cfg.calibration.get("network" if network else "model", {})
     grids = ctx.grids or list(cfg.network_grids if network else cfg.grids)
     grids = [g for g in grids if g != CALIBRATED or cal is not None]
     nfe = ctx.nfe or list(cfg.network_nfe if network else cfg.nfe)
     tols = tuple(t for t in cfg.tolerances if t >= cfg.network_min_tol) if network else cfg.tolerances
+    extra = (lambda wl, gs: fair_plan(wl, gs, nfe, ctx.methods)) if ctx.peer_mode == "fair" else None
     rows = run_workload(w, ctx.methods, grids, nfe, tols, ctx.peers, NETWORK_PEER_GRIDS if network else None,
-                        ctx.progress, cal)
+                        ctx.progress, cal, extra)
     shape = tuple(w.noise.shape[1:])
     ctx.results["workloads"][w.name] = {
         "description": f"Model `{spec}` ({type(model).__name__}"
@@ -140,7 +155,10 @@ def _network_or_model(ctx: Context, spec: str, name: str) -> None:
                        + f"), network dtype {w.extra['network_dtype'] or '—'}, float64 state; {n} samples x_T = "
                        f"probflow.noise({n}, {shape}, seed=0); σ_max = {w.schedule.sigma_max:.4f} → σ = 0. Grids "
                        f"{', '.join(grids)} at NFE {', '.join(map(str, nfe))}; adaptive tolerances "
-                       f"{', '.join(f'{t:g}' for t in tols)}.",
+                       f"{', '.join(f'{t:g}' for t in tols)}."
+                       + (f" Fair peers ({', '.join(fair_peers())}) on the same grids but `calibrated`; the README's "
+                          "recommended and benchmarks/FAIR.md's chosen configurations per NFE."
+                          if ctx.peer_mode == "fair" else ""),
         "reference": w.ref, "extra": w.extra, "rows": rows}
 
 
@@ -174,14 +192,16 @@ def run_suites(ctx: Context, suites: Sequence[str]) -> dict:
 
 
 def planned_calls(methods: Sequence[str], grids: Sequence[str], nfe: Sequence[int], n_tol: int,
-                  peers: Sequence[str], n_peer_grids: int, n_cal: int) -> int:
+                  peers: Sequence[str], n_peer_grids: int, n_cal: int, n_fair: int = 0) -> int:
     """Batched model calls of one workload's solves: fixed methods × grids × NFE (calibrated: `n_cal` methods),
     adaptive methods × tolerances at a rough 300 calls each, peers × grids × NFE, the reference and its check at
-    a rough 1,000 calls, and the calibration at a rough 200 calls per step count."""
+    a rough 1,000 calls, the calibration at a rough 200 calls per step count, and `n_fair` further configurations
+    per NFE (`--peers fair`)."""
     fixed = [m for m in methods if not METHODS[m].adaptive]
     n_adaptive = len(methods) - len(fixed)
     plain = [g for g in grids if g != CALIBRATED]
-    calls = sum(nfe) * (len(fixed) * len(plain) + (n_cal if CALIBRATED in grids else 0) + len(peers) * n_peer_grids)
+    calls = sum(nfe) * (len(fixed) * len(plain) + (n_cal if CALIBRATED in grids else 0) + len(peers) * n_peer_grids
+                        + n_fair)
     return int(calls + 300 * n_adaptive * n_tol + 1000 + (200 * len(nfe) if CALIBRATED in grids else 0))
 
 

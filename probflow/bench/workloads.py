@@ -98,11 +98,12 @@ def sample_shape(model) -> tuple[int, ...]:
 
 def model_workload(model, n_samples: int, seed: int = 0, *, name: str | None = None, ref_method: str | None = None,
                    ref_tol: float | None = None, check_tol: float | None = None,
-                   ref_dtype: torch.dtype | None = None) -> Workload:
+                   ref_dtype: torch.dtype | None = None, error_tol: float | None = None) -> Workload:
     """Any ε-model: x_T = `probflow.noise(n_samples, sample_shape(model), seed)`, σ_max of `model.schedule`
     (default the linear DDPM table) → 0; reference = a tight adaptive solve (`default_reference(model)` unless
     given: DOP853 at 1e-12 for closed-form models, dopri5 at 1e-5 for networks), checked against `check_tol`.
-    ref_dtype: run the reference's network in this dtype (float64 for tolerances near float32 rounding)."""
+    ref_dtype: run the reference's network in this dtype (float64 for tolerances near float32 rounding).
+    error_tol: measure the reference's own error against a solve at this tolerance (`reference.reference`)."""
     _positive("n_samples", n_samples)
     d_method, d_tol, d_check = default_reference(model)
     ref_method, ref_tol, check_tol = ref_method or d_method, ref_tol or d_tol, check_tol or d_check
@@ -114,7 +115,7 @@ def model_workload(model, n_samples: int, seed: int = 0, *, name: str | None = N
     rd = getattr(ref_model, "model_dtype", None)
     opts = {"group": max(1, min(n_samples, 1024 // math.prod(shape)))} if ref_method == REFERENCE else None
     xbar = z * math.sqrt(1 + sch.sigma_max**2)
-    x0, info = reference(ref_model, xbar, sch, ref_method, ref_tol, check_tol, rd, opts)
+    x0, info = reference(ref_model, xbar, sch, ref_method, ref_tol, check_tol, rd, opts, error_tol)
     info["network_dtype"] = str(rd).replace("torch.", "") if rd is not None else None
     if rd != md:
         with torch.no_grad():

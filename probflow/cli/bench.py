@@ -15,9 +15,12 @@ import numpy as np
 import torch
 
 from probflow import distributed as dist
+from probflow.bench import kdiffusion as _kd
 from probflow.bench import peers as _peers
+from probflow.bench.fair import PEER_MODES, fair_peers
 from probflow.bench.grids import CALIBRATED, DEFAULT_GRIDS, UNIFORM_STEP_GRID, grid_sigmas
 from probflow.bench.plots import HEADLINE, plot_headline, plot_workload, write_text
+from probflow.bench.recipes import FAIR_METHODS
 from probflow.bench.reference import REFERENCE
 from probflow.bench.report import HEADLINE_WORKLOAD, markdown
 from probflow.bench.runner import CALIBRATION, adaptive_methods, fixed_methods
@@ -60,15 +63,21 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    "D=64, 16 for a model; at most 65536 unless --no-limits)")
     p.add_argument("--ref-method", default=None, help="reference solver (default: scipy_dop853 for closed-form "
                    "models, dopri5 for networks)")
-    p.add_argument("--ref-tol", type=float, default=None, help="reference rtol = atol (default 1e-12 / 1e-5)")
+    p.add_argument("--ref-tol", type=float, default=None, help="reference rtol = atol (default 1e-12 / 1e-6 for "
+                   "networks, whose reference error is then measured against a solve at a tenth of it)")
     p.add_argument("--check-tol", type=float, default=None, help="the looser tolerance the reference is checked "
-                   "against (default 1e-10 / 1e-4)")
+                   "against (default 1e-10 / 1e-5)")
     p.add_argument("--budget-minutes", type=float, default=None, help="refuse a model run whose estimated cost "
                    "exceeds this many minutes (the estimate is printed either way)")
     p.add_argument("--digits-model", default=None, metavar="FOLDER",
                    help="digits checkpoint folder for the digits suite (default: the shipped model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1; at most the CPUs unless "
                    "--no-limits)")
+    p.add_argument("--peers", default="fair", choices=PEER_MODES, help="fair (default): besides diffusers' "
+                   "schedulers on their own grids, k-diffusion's samplers and diffusers' DPM-Solver++/UniPC (orders 2 "
+                   "and 3) on every grid probflow's methods get, and the README's recommended and benchmarks/FAIR.md's "
+                   "chosen configurations per NFE (model and digits suites); default: diffusers' schedulers on their "
+                   "own grids only; none: no peers")
     p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress messages")
 
@@ -172,7 +181,9 @@ def _estimate(ctx: Context, suites: list[str], budget: float | None) -> None:
         nfe = ctx.nfe or list(cfg.network_nfe if network else cfg.nfe)
         n_tol = len([t for t in cfg.tolerances if t >= cfg.network_min_tol]) if network else len(cfg.tolerances)
         n_pg = len(NETWORK_PEER_GRIDS) if network else 5
-        calls = planned_calls(ctx.methods, grids, nfe, n_tol, ctx.peers, n_pg, len(CALIBRATION["methods"]))
+        n_fair = (len(fair_peers()) * (len([g for g in grids if g != CALIBRATED]) + 3) + 3 + 3 * len(
+            [m for m in ctx.methods if m in FAIR_METHODS])) if ctx.peer_mode == "fair" else 0
+        calls = planned_calls(ctx.methods, grids, nfe, n_tol, ctx.peers, n_pg, len(CALIBRATION["methods"]), n_fair)
         per, secs = estimate_seconds(model, n, calls)
         total += secs
         ctx.say(f"{key}: about {calls} batched model calls of {n} samples at {per * 1e3:.1f} ms each ≈ "
@@ -184,17 +195,22 @@ def _estimate(ctx: Context, suites: list[str], budget: float | None) -> None:
 
 def _context(args: argparse.Namespace, cfg: Config, suites: list[str], methods: list[str],
              grids: list[str] | None, nfe: list[int] | None) -> Context:
-    peers = peer_list(cfg)
+    peers = peer_list(cfg) if args.peers != "none" else []
     results: dict = {"command": _command(args), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                      "quick": bool(args.quick), "versions": versions(), "machine": machine(), "workloads": {},
                      "skipped": [], "suite_wall_s": {}, "sections": [], "notes": [],
                      "config": {"suites": suites, "methods": methods, "grids": grids or list(cfg.grids),
                                 "nfe": nfe or list(cfg.nfe), "tolerances": list(cfg.tolerances), "peers": peers,
-                                "uniform_step_grid": UNIFORM_STEP_GRID, "model": args.model}}
+                                "uniform_step_grid": UNIFORM_STEP_GRID, "model": args.model,
+                                "peer_mode": args.peers,
+                                "fair_peers": fair_peers() if args.peers == "fair" else []}}
     if not _peers.available():
         results["skipped"].append("diffusers peers: diffusers could not be imported")
+    if args.peers == "fair" and not _kd.available():
+        results["skipped"].append("k-diffusion peers: k_diffusion/sampling.py could not be loaded (pip install "
+                                  "--no-deps k-diffusion)")
     return Context(cfg, methods, grids, nfe, peers, results, args.samples, args.model, args.digits_model,
-                   (args.ref_method, args.ref_tol, args.check_tol), not args.no_progress)
+                   (args.ref_method, args.ref_tol, args.check_tol), not args.no_progress, args.peers)
 
 
 def run_bench(args: argparse.Namespace) -> int:
