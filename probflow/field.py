@@ -1,6 +1,6 @@
 """The core object: Eq. 12 (the σ-ODE) as a vector field, with its NFE counter and dtype boundary.
 
-    dx̄/dσ = ε_θ( x̄ / sqrt(σ² + 1), σ )                                   (MATH.md §2)
+    dx̄/dσ = ε_θ( x̄ / sqrt(σ² + 1), σ )                                   (docs/MATH.md §2)
 
 The ε-model protocol: `model(x, sigma) -> eps`, where `x` is a batch (B, *S) in the model's own variable
 x = x̄/sqrt(1 + σ²) (data scale, not x̄), `sigma` is a 0-d tensor of the same dtype and device (one noise

@@ -1,4 +1,4 @@
-"""σ grids: strictly decreasing float64 tensors from σ_max to (by default) 0 (MATH.md §6).
+"""σ grids: strictly decreasing float64 tensors from σ_max to (by default) 0 (docs/MATH.md §6).
 
 Pure builders: tensors in, tensors out, nothing solved (grids adapted to a model by solving the ODE live in
 `probflow.calibrate`). A grid is data and its order is the direction of integration: a decreasing grid
@@ -188,7 +188,7 @@ def named(name: str, schedule: Schedule, steps: int, max_steps: int | None = MAX
 def t_power(schedule: Schedule, steps: int, power: float = 2.5, sigma_min: float = 0.03,
             final_zero: bool = True) -> Tensor:
     """σ at continuous timesteps t_j = t_e + (T−1−t_e)·(j/(N−1))^q, j = N−1 … 0, with t_e = t(σ_min) (the
-    schedule's continuous t, MATH.md §5), then σ = 0: a power-in-t grid from σ_max (t = T−1) that stops at
+    schedule's continuous t, docs/MATH.md §5), then σ = 0: a power-in-t grid from σ_max (t = T−1) that stops at
     σ_min and takes one last step into 0. Quadratic in t for q = 2 like DDIM's spacing (which is t_k = (T−1)(k/N)²,
     anchored at t = 0 rather than at t_e); a larger q puts more steps at small t. N = `steps` points before 0
     (one step: σ_max, then 0)."""

@@ -1,6 +1,6 @@
 """Precision policy: the ODE state's dtype and the ε-model's dtype, named separately.
 
-Eq. 12, dx̄/dσ = ε_θ(x̄/sqrt(σ² + 1), σ) (MATH.md §2), has two places where a dtype lives:
+Eq. 12, dx̄/dσ = ε_θ(x̄/sqrt(σ² + 1), σ) (docs/MATH.md §2), has two places where a dtype lives:
 
 - the **state**: x̄, the σ grid and every solver operation (steps, error norms, fixed-point pairs), in
   `state` ∈ {float64, float32};

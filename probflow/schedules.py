@@ -1,4 +1,4 @@
-"""Noise schedules as float64 tables of ᾱ_t and σ_t (MATH.md §1, §5).
+"""Noise schedules as float64 tables of ᾱ_t and σ_t (docs/MATH.md §1, §5).
 
 σ = sqrt((1 − ᾱ)/ᾱ) is the noise-to-signal ratio; ᾱ = 1/(1 + σ²). A discrete-time (DDPM) model is
 trained on a table ᾱ_t, t = 0 … T−1; solvers ask for ε at arbitrary σ, so `Schedule.t` maps σ to a
@@ -30,13 +30,13 @@ __all__ = [
 
 
 def alpha_bar_to_sigma(alpha_bar: Tensor) -> Tensor:
-    """σ = sqrt((1 − ᾱ)/ᾱ) (MATH.md §1)."""
+    """σ = sqrt((1 − ᾱ)/ᾱ) (docs/MATH.md §1)."""
     alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
     return torch.sqrt((1.0 - alpha_bar) / alpha_bar)
 
 
 def sigma_to_alpha_bar(sigma: Tensor) -> Tensor:
-    """ᾱ = 1/(1 + σ²) (MATH.md §1)."""
+    """ᾱ = 1/(1 + σ²) (docs/MATH.md §1)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return 1.0 / (1.0 + sigma**2)
 
@@ -99,7 +99,7 @@ class Schedule:
         return float(self.sigmas[-1])
 
     def t(self, sigma: Tensor | float) -> Tensor:
-        """Continuous timestep t(σ) in float64 (MATH.md §5).
+        """Continuous timestep t(σ) in float64 (docs/MATH.md §5).
 
         Piecewise-linear in log σ between table points, so t(σ_k) = k exactly; σ below σ_0 (σ = 0
         included) maps to 0 and σ above σ_{T−1} to T−1.

@@ -1,4 +1,4 @@
-"""The discrete-time adapter (MATH.md §5) and diffusers checkpoints loaded from a local folder.
+"""The discrete-time adapter (docs/MATH.md §5) and diffusers checkpoints loaded from a local folder.
 
 Claims: every prediction type is converted to ε exactly; t(σ) is exact at the table and the rounded-t
 option stays within its documented error; a tiny random diffusers UNet2DModel saved with save_pretrained

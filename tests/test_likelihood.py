@@ -1,4 +1,4 @@
-"""Log-likelihood through the ODE (MATH.md §8) against exact densities, and the bits/dim convention against a
+"""Log-likelihood through the ODE (docs/MATH.md §8) against exact densities, and the bits/dim convention against a
 hand-computed Gaussian case. References are independent of the code under test: the mixtures' closed-form
 log-densities, torch.func's full Jacobian, scipy.stats."""
 

@@ -4,7 +4,7 @@ A k-diffusion user writes a denoiser D(x, σ) in the VE convention (x = x_0 + σ
 
     x_0 = sample_dpmpp_2m(D, sigmas[0] * z, sigmas)          # sigmas: decreasing, ending in 0
 
-k-diffusion's x is probflow's x̄ = x·sqrt(1 + σ²) (MATH.md §1–2), and its ODE dx/dσ = (x − D(x, σ))/σ
+k-diffusion's x is probflow's x̄ = x·sqrt(1 + σ²) (docs/MATH.md §1–2), and its ODE dx/dσ = (x − D(x, σ))/σ
 (`to_d`) is Eq. 12, dx̄/dσ = ε(x̄/sqrt(1 + σ²), σ), exactly when
 
     D(x̄, σ) = x̄ − σ·ε(x̄/sqrt(1 + σ²), σ)                                                 (`denoiser`)

@@ -1,4 +1,4 @@
-"""Latent files: the x_T of `encode` (MATH.md §2: x_T = x̄(σ_max)/sqrt(1+σ_max²), in the model's variable x)
+"""Latent files: the x_T of `encode` (docs/MATH.md §2: x_T = x̄(σ_max)/sqrt(1+σ_max²), in the model's variable x)
 in safetensors, with the provenance needed to decode them again.
 
 Tensors: `latents` (B, *S), `sigmas` (the decreasing sampling grid, float64) and, for a reversible method,

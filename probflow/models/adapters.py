@@ -1,8 +1,8 @@
-"""Discrete-time (DDPM) networks as ε-models over continuous σ (MATH.md §5), and diffusers checkpoints
+"""Discrete-time (DDPM) networks as ε-models over continuous σ (docs/MATH.md §5), and diffusers checkpoints
 loaded from a local folder.
 
 A network `net(x, t)` trained on a table ᾱ_t, t = 0 … T−1, sees x in the model's variable
-x = sqrt(ᾱ) x_0 + sqrt(1 − ᾱ) ε (MATH.md §1). A solver of Eq. 12 asks for ε at any σ, so
+x = sqrt(ᾱ) x_0 + sqrt(1 − ᾱ) ε (docs/MATH.md §1). A solver of Eq. 12 asks for ε at any σ, so
 `DiscreteTimeModel` maps σ → t(σ) (`Schedule.t`: piecewise linear in log σ, exact at the table's σ_t,
 clamped to [0, T−1]) and converts the network's prediction to ε. σ is the only public time variable;
 integer timesteps live here.
@@ -45,7 +45,7 @@ def fingerprint(weights: nn.Module | Mapping[str, Tensor]) -> str:
 
 
 class DiscreteTimeModel:
-    """ε(x, σ) from a network net(x, t) trained on the DDPM table of `schedule` (MATH.md §5).
+    """ε(x, σ) from a network net(x, t) trained on the DDPM table of `schedule` (docs/MATH.md §5).
 
     With ᾱ = 1/(1 + σ²), a = sqrt(ᾱ) = 1/sqrt(1 + σ²) and b = sqrt(1 − ᾱ) = σ/sqrt(1 + σ²), so that
     x = a·x_0 + b·ε in the model's variable x, the network's output o at t = t(σ) becomes ε exactly:
