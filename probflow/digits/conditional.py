@@ -43,7 +43,7 @@ UNET32 = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_cha
           "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
           "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8,
           "attention_head_dim": 16, "num_class_embeds": NULL_CLASS + 1}
-CONFIG32 = {"batch": 32, "lr": 1e-3, "warmup": 200, "ema": 0.999, "steps": 4000, "label_dropout": 0.1,
+CONFIG32 = {"batch": 32, "lr": 2e-3, "warmup": 100, "ema": 0.995, "steps": 2500, "label_dropout": 0.1,
             "T": 1000, "beta_start": 1e-4, "beta_end": 0.02, "checkpoint_every": 500}
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
              "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon", "clip_sample": False,
