@@ -1,13 +1,14 @@
 """`probflow train digits` / `probflow train digits32`: the shipped models' training
-(`probflow.digits.train.train_digits`; the class-conditional 32×32 model: `probflow.digits.conditional.train_digits32`)."""
+(`probflow.digits.train.train_digits`; the class-conditional 32×32 model:
+`probflow.digits.conditional.train_digits32`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from probflow.io.atomic import check_writable
 from probflow.digits.conditional import CONFIG32
+from probflow.io.atomic import check_writable
 from probflow.models.digits import CONFIG
 
 
@@ -27,6 +28,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=CONFIG32["checkpoint_every"],
                    help="digits32: write the EMA weights so far to --out every N steps (0: never); default "
                         f"{CONFIG32['checkpoint_every']}")
+    p.add_argument("--prediction", default=CONFIG32["prediction_type"], choices=["epsilon", "v_prediction"],
+                   help=f"digits32: the network's target (default {CONFIG32['prediction_type']})")
+    p.add_argument("--init", default=None, help="digits32: a digits32 folder whose UNet weights start the training")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="digits32: stop after N steps of the --steps learning-rate schedule")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -62,7 +68,8 @@ def run_train(args: argparse.Namespace) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         train_digits32(out, args.seed, args.steps or CONFIG32["steps"], 100 if args.eval_samples is None
-                       else args.eval_samples, args.force, args.checkpoint_every)
+                       else args.eval_samples, args.force, args.checkpoint_every, args.prediction, args.init,
+                       args.stop_after)
         return 0
     out = args.out or "."
     check_out_folder(out, args.force)

@@ -44,9 +44,9 @@ UNET32 = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_cha
           "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8,
           "attention_head_dim": 16, "num_class_embeds": NULL_CLASS + 1}
 CONFIG32 = {"batch": 32, "lr": 2e-3, "warmup": 100, "ema": 0.995, "steps": 2500, "label_dropout": 0.1,
-            "T": 1000, "beta_start": 1e-4, "beta_end": 0.02, "checkpoint_every": 500}
+            "T": 1000, "beta_start": 1e-4, "beta_end": 0.02, "checkpoint_every": 250, "prediction_type": "v_prediction"}
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
-             "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon", "clip_sample": False,
+             "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "v_prediction", "clip_sample": False,
              "set_alpha_to_one": True, "timestep_spacing": "trailing", "steps_offset": 0}
 
 
@@ -80,12 +80,21 @@ def _lr(i: int, steps: int, lr: float, warmup: int) -> float:
 def train32(seed: int = 0, steps: int = CONFIG32["steps"], *, batch: int = CONFIG32["batch"],
             lr: float = CONFIG32["lr"], warmup: int = CONFIG32["warmup"], ema: float = CONFIG32["ema"],
             label_dropout: float = CONFIG32["label_dropout"], log_every: int = 0, checkpoint=None,
-            checkpoint_every: int = 0):
-    """Train the class-conditional ε-UNet (module docstring); returns (EMA network in eval mode, record).
+            checkpoint_every: int = 0, prediction_type: str = CONFIG32["prediction_type"],
+            init: str | os.PathLike | None = None, stop_after: int | None = None):
+    """Train the class-conditional UNet (module docstring); returns (EMA network in eval mode, record).
 
-    `checkpoint(ema_net, record)` is called every `checkpoint_every` steps (0: never) with the EMA so far."""
+    prediction_type: the network's target, "epsilon" (ε) or "v_prediction" (v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x_0,
+    better conditioned at large σ, where an ε-network must reproduce its input to within 1/σ). init: a
+    digits32 folder whose UNet weights start both the network and its average (a warm start). stop_after:
+    stop after this many steps of the `steps`-step learning-rate schedule. `checkpoint(ema_net, record)` is
+    called every `checkpoint_every` steps (0: never) with the EMA so far."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if stop_after is not None and not (isinstance(stop_after, int) and 1 <= stop_after <= steps):
+        raise ValueError(f"stop_after: expected an integer in 1 … steps, got {stop_after!r}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout: expected a probability in [0, 1), got {label_dropout!r}")
     from probflow.schedules import linear
@@ -95,6 +104,10 @@ def train32(seed: int = 0, steps: int = CONFIG32["steps"], *, batch: int = CONFI
     ab = linear(CONFIG32["T"], CONFIG32["beta_start"], CONFIG32["beta_end"]).alpha_bar.to(torch.float32)
     torch.manual_seed(seed)
     net, avg = build_unet(), build_unet()
+    if init is not None:
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(Path(init) / "unet" / "diffusion_pytorch_model.safetensors")), strict=True)
     avg.load_state_dict(net.state_dict())
     avg.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -105,12 +118,13 @@ def train32(seed: int = 0, steps: int = CONFIG32["steps"], *, batch: int = CONFI
 
     def record(done: int) -> dict:
         return {"seed": seed, "steps": steps, "completed_steps": done, "wall_s": round(time.time() - t_start, 1),
+                "prediction_type": prediction_type, "init": None if init is None else str(init),
                 "final_loss": float(np.mean(losses[-min(200, len(losses)):])) if losses else None,
                 "loss_every_100": [round(float(np.mean(losses[k:k + 100])), 5) for k in range(0, len(losses), 100)],
                 "recipe": {"batch": batch, "lr": lr, "warmup": warmup, "ema": ema, "label_dropout": label_dropout,
                            "optimizer": "Adam, linear warm-up then cosine decay to 0"}}
 
-    for i in range(steps):
+    for i in range(stop_after or steps):
         idx = torch.randint(0, len(x0), (batch,), generator=g)
         t = torch.randint(0, CONFIG32["T"], (batch,), generator=g)
         eps = torch.randn(batch, *x0.shape[1:], generator=g)
@@ -118,7 +132,8 @@ def train32(seed: int = 0, steps: int = CONFIG32["steps"], *, batch: int = CONFI
         y = torch.where(drop, torch.full_like(y0[idx], NULL_CLASS), y0[idx])
         a = ab[t].reshape(-1, 1, 1, 1)
         xt = a.sqrt() * x0[idx] + (1 - a).sqrt() * eps
-        loss = (net(xt, t, class_labels=y).sample - eps).pow(2).mean()
+        target = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0[idx]
+        loss = (net(xt, t, class_labels=y).sample - target).pow(2).mean()
         for group in opt.param_groups:
             group["lr"] = _lr(i, steps, lr, warmup)
         opt.zero_grad(set_to_none=True)
@@ -132,9 +147,10 @@ def train32(seed: int = 0, steps: int = CONFIG32["steps"], *, batch: int = CONFI
         if log_every and (i + 1) % log_every == 0:
             print(f"step {i + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  {time.time() - t_start:.0f}s",
                   flush=True)
-        if checkpoint is not None and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < steps:
+        last = (i + 1) == (stop_after or steps)
+        if checkpoint is not None and checkpoint_every and (i + 1) % checkpoint_every == 0 and not last:
             checkpoint(avg.eval(), record(i + 1))
-    return avg.eval().requires_grad_(False), record(steps)
+    return avg.eval().requires_grad_(False), record(stop_after or steps)
 
 
 FOLDER_ENTRIES = frozenset({"unet", "scheduler", "model_index.json", "card.json"})
@@ -173,7 +189,8 @@ def save_folder(unet, card: dict, out: str | os.PathLike, force: bool = False) -
         (tmp / "scheduler").mkdir()
         index = {"_class_name": "DDIMPipeline", "unet": ["diffusers", "UNet2DModel"],
                  "scheduler": ["diffusers", "DDIMScheduler"]}
-        for path, obj in ((tmp / "scheduler" / "scheduler_config.json", SCHEDULER),
+        sched = {**SCHEDULER, "prediction_type": card.get("prediction_type", SCHEDULER["prediction_type"])}
+        for path, obj in ((tmp / "scheduler" / "scheduler_config.json", sched),
                           (tmp / "model_index.json", index), (tmp / "card.json", card)):
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -211,7 +228,8 @@ def make_card(command: str, rec: dict, unet, metrics: dict | None = None) -> dic
                  "n_train": len(split["x_train"]), "n_test": len(split["x_test"])},
         "network": {"class": "diffusers.UNet2DModel", "config": UNET32,
                     "parameters": sum(p.numel() for p in unet.parameters()), "dtype": "float32"},
-        "scheduler": SCHEDULER,
+        "prediction_type": rec["prediction_type"],
+        "scheduler": {**SCHEDULER, "prediction_type": rec["prediction_type"]},
         "training": {**rec, "threads": torch.get_num_threads(),
                      "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                      "torch": torch.__version__},
@@ -220,7 +238,9 @@ def make_card(command: str, rec: dict, unet, metrics: dict | None = None) -> dic
 
 
 def train_digits32(out: str | os.PathLike, seed: int = 0, steps: int = CONFIG32["steps"], eval_per_class: int = 100,
-                   force: bool = False, checkpoint_every: int = CONFIG32["checkpoint_every"]) -> Path:
+                   force: bool = False, checkpoint_every: int = CONFIG32["checkpoint_every"],
+                   prediction_type: str = CONFIG32["prediction_type"], init: str | None = None,
+                   stop_after: int | None = None) -> Path:
     """Train (`train32`), evaluate (`probflow.digits.metrics32.evaluate32` at w = 0, 1, 3 with
     `eval_per_class` samples per class; 0 skips it) and write the folder `out` (`save_folder`). Every
     `checkpoint_every` steps the EMA so far is written to `out` with a card saying how many steps it has."""
@@ -230,7 +250,9 @@ def train_digits32(out: str | os.PathLike, seed: int = 0, steps: int = CONFIG32[
         raise ValueError(f"--checkpoint-every: expected an integer >= 0, got {checkpoint_every!r}")
     check_out_folder32(out, force)
     command = (f"probflow train digits32 --seed {seed} --steps {steps} --threads {torch.get_num_threads()} "
-               f"--eval-samples {eval_per_class} --checkpoint-every {checkpoint_every} --out {out}")
+               f"--eval-samples {eval_per_class} --checkpoint-every {checkpoint_every} --prediction {prediction_type}"
+               + (f" --init {init}" if init else "") + (f" --stop-after {stop_after}" if stop_after else "")
+               + f" --out {out}")
     print(f"training the class-conditional 32×32 digits UNet: seed {seed}, {steps} steps, "
           f"{torch.get_num_threads()} threads", flush=True)
     written = [False]
@@ -240,8 +262,9 @@ def train_digits32(out: str | os.PathLike, seed: int = 0, steps: int = CONFIG32[
         written[0] = True
         print(f"checkpoint at step {rec['completed_steps']} written to {out}", flush=True)
 
-    net, rec = train32(seed, steps, log_every=max(1, min(100, steps // 20)), checkpoint=checkpoint,
-                       checkpoint_every=checkpoint_every)
+    net, rec = train32(seed, steps, log_every=max(1, min(50, steps // 20)), checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every, prediction_type=prediction_type, init=init,
+                       stop_after=stop_after)
     metrics = None
     if eval_per_class:
         save_folder(net, make_card(command, rec, net), out, force=force or written[0])
