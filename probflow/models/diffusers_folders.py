@@ -38,7 +38,7 @@ from probflow.models.adapters import (
 )
 from probflow.models.conditional import check_guidance, guided_model
 
-__all__ = ["is_conditional_folder", "load_conditional", "Autoencoder", "read_prompt_embeds"]
+__all__ = ["is_conditional_folder", "load_conditional", "Autoencoder", "read_prompt_embeds", "classic_attention"]
 
 _UNETS = ("UNet2DModel", "UNet2DConditionModel")
 
@@ -136,8 +136,12 @@ def _encode_prompt(root: Path, prompt: str, name: str) -> Tensor:
     from transformers import AutoTokenizer, CLIPTextModel
 
     tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    enc = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True,
-                                        use_safetensors=True).float().eval()
+    kw = {"local_files_only": True, "use_safetensors": True}
+    try:  # transformers 5 would otherwise ask for the optional `kernels` package
+        enc = CLIPTextModel.from_pretrained(str(root / "text_encoder"), use_kernels=False, **kw)
+    except TypeError:
+        enc = CLIPTextModel.from_pretrained(str(root / "text_encoder"), **kw)
+    enc = enc.float().eval()
     ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
     with torch.no_grad():
@@ -292,3 +296,15 @@ class _NoText(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, **kw: Mapping) -> object:
         return self.unet(x, t, None, **kw)
+
+
+def classic_attention(model) -> None:
+    """Switch the model's diffusers UNet (in place) to diffusers' classic attention processor (softmax(QKᵀ)V
+    with plain matmuls) instead of torch's scaled_dot_product_attention, whose CPU kernel has no forward-mode
+    AD: forward-mode tangents (the Newton fallback of `probflow.inversion`) then work. The values are the same
+    attention, to float32 round-off."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = model.net.unet
+    unet = getattr(unet, "unet", unet)
+    unet.set_attn_processor(AttnProcessor())
