@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from probflow.digits.data import SPLIT_SEED, TEST_FRACTION, load_split
+from probflow.digits.data import SPLIT_SEED, TEST_FRACTION
+from probflow.digits.data32 import downsample, load_split32
 
 __all__ = ["CONFIG32", "UNET32", "NULL_CLASS", "load_split32", "downsample", "build_unet", "train32", "save_folder",
            "make_card", "train_digits32", "check_out_folder32"]
@@ -48,19 +48,6 @@ CONFIG32 = {"batch": 32, "lr": 2e-3, "warmup": 100, "ema": 0.995, "steps": 2500,
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
              "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "v_prediction", "clip_sample": False,
              "set_alpha_to_one": True, "timestep_spacing": "trailing", "steps_offset": 0}
-
-
-def load_split32() -> dict[str, Tensor]:
-    """The digits split (`load_split`) upsampled to (N, 1, 32, 32), bilinear, float32 in [−1, 1]."""
-    s = load_split()
-    up = {k: torch.nn.functional.interpolate(s[k], size=(32, 32), mode="bilinear", align_corners=False)
-          for k in ("x_train", "x_test")}
-    return {**up, "y_train": s["y_train"], "y_test": s["y_test"]}
-
-
-def downsample(x: Tensor) -> Tensor:
-    """(N, 1, 32, 32) → (N, 1, 8, 8) by 4×4 average pooling (what the independent classifier reads)."""
-    return torch.nn.functional.avg_pool2d(torch.as_tensor(x, dtype=torch.float32), 4)
 
 
 def build_unet(config: dict | None = None):

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from probflow.digits.conditional import downsample, load_split32
+from probflow.digits.data32 import downsample, load_split32
 from probflow.digits.metrics import frechet_distance, gaussian_fit
 from probflow.flows import noise, sample
 from probflow.grids import ddim
