@@ -33,6 +33,7 @@ import torch
 
 from probflow.digits.data import SPLIT_SEED, TEST_FRACTION
 from probflow.digits.data32 import downsample, load_split32
+from probflow.models.adapters import fingerprint
 
 __all__ = ["CONFIG32", "UNET32", "NULL_CLASS", "load_split32", "downsample", "build_unet", "train32", "save_folder",
            "make_card", "train_digits32", "check_out_folder32"]
@@ -220,6 +221,7 @@ def make_card(command: str, rec: dict, unet, metrics: dict | None = None) -> dic
         "training": {**rec, "threads": torch.get_num_threads(),
                      "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                      "torch": torch.__version__},
+        "fingerprint": fingerprint(unet),
         **({"metrics": metrics} if metrics else {}),
     }
 
