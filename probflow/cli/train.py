@@ -63,6 +63,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dataset == "digits32":
         from probflow.digits.conditional import check_out_folder32, train_digits32
 
+        steps = args.steps or CONFIG32["steps"]
+        if args.stop_after is not None and not 1 <= args.stop_after <= steps:
+            raise ValueError(f"--stop-after: expected an integer in 1 … --steps ({steps}), got {args.stop_after}")
         out = args.out or "digits32"
         check_out_folder32(out, args.force)
         if args.threads is not None:
