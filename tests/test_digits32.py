@@ -86,8 +86,8 @@ def test_shipped_weights_match_their_card_and_size():
 def test_shipped_model_generates_the_requested_class_under_guidance():
     """3 samples per class at w = 3, 10 DDIM steps, labelled by the independent classifier (scikit-learn's
     logistic regression on 4×4-pooled images): the card's target is ≥ 95 % at 20 steps on 100 per class."""
-    from probflow.digits.metrics32 import class_samples, classifier32
     from probflow.digits.data32 import downsample
+    from probflow.digits.metrics32 import class_samples, classifier32
 
     clf, _ = classifier32()
     m = load("digits32", class_label=0, guidance=3.0)
