@@ -303,8 +303,8 @@ def classic_attention(model) -> None:
     with plain matmuls) instead of torch's scaled_dot_product_attention, whose CPU kernel has no forward-mode
     AD: forward-mode tangents (the Newton fallback of `probflow.inversion`) then work. The values are the same
     attention, to float32 round-off."""
-    from diffusers.models.attention_processor import AttnProcessor
+    from diffusers.models.attention_processor import Attention, AttnProcessor
 
-    unet = model.net.unet
-    unet = getattr(unet, "unet", unet)
-    unet.set_attn_processor(AttnProcessor())
+    for module in model.net.unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
