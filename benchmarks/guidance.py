@@ -135,7 +135,7 @@ def inversion(model, n: int, steps: int) -> list[dict]:
                 back = probflow.decode(m, lat, grid).x
                 exact_err.append((back - x).abs().max().item())
                 exact_png += int(torch.equal(_png(back), _png(x)))
-            except (InversionError, NotImplementedError) as e:  # the Newton fallback needs forward-mode AD
+            except (InversionError, NotImplementedError, RuntimeError) as e:  # Newton fallback: forward-mode AD
                 fails += 1
                 row.setdefault("exact_errors", []).append(str(e)[:200])
             t_exact += time.time() - t0
