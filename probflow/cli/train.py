@@ -1,22 +1,38 @@
-"""`probflow train digits`: the shipped digits model's training (`probflow.digits.train.train_digits`)."""
+"""`probflow train digits` / `probflow train digits32`: the shipped models' training
+(`probflow.digits.train.train_digits`; the class-conditional 32×32 model:
+`probflow.digits.conditional.train_digits32`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from probflow.digits.conditional import CONFIG32
 from probflow.io.atomic import check_writable
 from probflow.models.digits import CONFIG
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", choices=["digits"], help="what to train on (scikit-learn's 8×8 digits)")
+    p.add_argument("dataset", choices=["digits", "digits32"],
+                   help="digits: the 8×8 unconditional ε-UNet; digits32: the class-conditional 32×32 UNet with "
+                        "self-attention and label dropout for classifier-free guidance (a diffusers folder)")
     p.add_argument("--seed", type=int, default=0, help="training seed (init, batches, t, ε); default 0")
-    p.add_argument("--steps", type=int, default=CONFIG["steps"], help=f"optimiser steps (default {CONFIG['steps']})")
-    p.add_argument("--out", default=".", help="folder for digits.safetensors and digits.json (default: .)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimiser steps (default {CONFIG['steps']} for digits, {CONFIG32['steps']} for digits32)")
+    p.add_argument("--out", default=None, help="digits: folder for digits.safetensors and digits.json (default: .); "
+                                              "digits32: the diffusers folder to write (default: ./digits32)")
     p.add_argument("--force", action="store_true", help="overwrite existing files in --out")
-    p.add_argument("--eval-samples", type=int, default=2000,
-                   help="samples per solver for the card's metrics (0: skip the evaluation); default 2000")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="samples per solver (digits; default 2000) or per class and guidance weight (digits32; "
+                        "default 100) for the card's metrics (0: skip the evaluation)")
+    p.add_argument("--checkpoint-every", type=int, default=CONFIG32["checkpoint_every"],
+                   help="digits32: write the EMA weights so far to --out every N steps (0: never); default "
+                        f"{CONFIG32['checkpoint_every']}")
+    p.add_argument("--prediction", default=CONFIG32["prediction_type"], choices=["epsilon", "v_prediction"],
+                   help=f"digits32: the network's target (default {CONFIG32['prediction_type']})")
+    p.add_argument("--init", default=None, help="digits32: a digits32 folder whose UNet weights start the training")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="digits32: stop after N steps of the --steps learning-rate schedule")
 
 
 def check_out_folder(out: str, force: bool) -> None:
@@ -41,8 +57,22 @@ def run_train(args: argparse.Namespace) -> int:
     seed(args.seed)
     bounded("--steps", args.steps, limits, key="--train-steps")
     bounded("--eval-samples", args.eval_samples, limits, lo=0)
-    check_out_folder(args.out, args.force)
     check_threads(args.threads, limits)
+    if args.dataset == "digits32":
+        from probflow.digits.conditional import check_out_folder32, train_digits32
+
+        steps = args.steps or CONFIG32["steps"]
+        if args.stop_after is not None and not 1 <= args.stop_after <= steps:
+            raise ValueError(f"--stop-after: expected an integer in 1 … --steps ({steps}), got {args.stop_after}")
+        out = args.out or "digits32"
+        check_out_folder32(out, args.force)
+        start(threads=args.threads, spread=False)
+        train_digits32(out, args.seed, steps, 100 if args.eval_samples is None else args.eval_samples, args.force,
+                       args.checkpoint_every, args.prediction, args.init, args.stop_after)
+        return 0
+    out = args.out or "."
+    check_out_folder(out, args.force)
     start(threads=args.threads, spread=False)
-    train_digits(args.out, args.seed, args.steps, args.eval_samples, args.force)
+    train_digits(out, args.seed, args.steps or CONFIG["steps"], 2000 if args.eval_samples is None
+                 else args.eval_samples, args.force)
     return 0
