@@ -33,8 +33,9 @@ trajectory (each x̄_i scaled to the data's scale by 1/sqrt(1+σ_i²)). Warm sta
 on the flipped grid (one decode). `solve="trajectory"` applies the same solve to single-step decoders.
 
 Tolerances and verification. A step (or the trajectory) is solved when every residual |R_i|_∞ ≤
-tol·max(1, |x̄_{i+1}|_∞) (tol = 2 ulp of the state's dtype by default, at least 1e-13), or when it has stalled at round-off below
-256× that (a lower-precision network raises the bound by what it can resolve). Every solve ends with a
+tol·max(1, |x̄_{i+1}|_∞) (tol = 2 ulp of the state's dtype by default, at least 1e-13), or when it has
+stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve). Every
+solve ends with a
 verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T alone and must
 return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a sample whose
 verified round trip has an RMS error above 8·max(tol, 2 eps(float32)) is polished by Newton–Krylov on x_T itself
@@ -189,7 +190,8 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
     (a: the surrogate slope per sample). Once every open sample has stalled for `patience` iterations (or half
     of max_iter is spent), plain iteration from the best iterate (where a lower-precision network's output is
     piecewise constant it lands on an exact fixed point); a diverging solve restarts from its best iterate with
-    half the step. Returns (y, calls, best residual, failure bound) per sample."""
+    half the step. After the first iteration the step size per sample is the secant's (`_secant_beta`).
+    Returns (y, calls, best residual, failure bound) per sample."""
     bound = _ulp_tol(target, tol)
     fail = 256 * bound
     beta0 = (1.0 / a).clamp(0.5, 1e6)
@@ -205,7 +207,7 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
         g = target - phi
         res = _maxabs(g)
         if floor_eps and iters == 0:  # the network's own precision bounds what the step can resolve
-            fail = fail + 4 * floor_eps * _maxabs(phi - y)
+            fail = fail + 32 * floor_eps * _maxabs(phi - y)
         better = (res < best_r) & ~done
         best_r = torch.where(better, res, best_r)
         best_y = torch.where(_bmask(better, y), y, best_y)
@@ -214,18 +216,30 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
         iters += 1
         if bool(done.all()) or iters > max_iter:
             break
-        if bool((res[~done] > 10 * best_r[~done]).any()) and float(acc._beta(g).min()) > 1 / 16:
-            acc = Anderson(memory if not polish else 0, torch.where(beta0 > 1, 1.0, beta0 / 2) if acc.beta is beta0
-                           else acc.beta / 2)
+        beta = acc._beta(g).reshape(-1).cpu() if isinstance(acc.beta, Tensor) else torch.full((b,), acc.beta)
+        if bool((res[~done] > 10 * best_r[~done]).any()) and float(beta.min()) > 1 / 16:
+            acc = Anderson(memory if not polish else 0, beta / 2)  # diverging: from the best iterate, half the step
             y = best_y
             continue
         if not polish and (bool((stall[~done] >= patience).all()) or iters >= max_iter // 2):
-            polish, acc = True, Anderson(0, beta0)
+            polish, acc = True, Anderson(0, beta)
             stall.zero_()
             y = best_y
             continue
         y = torch.where(_bmask(done, y), best_y, acc.next(y, g))  # converged samples keep their solution
+        if acc.dy:  # the step's own secant slope per sample replaces the surrogate's from now on
+            acc.beta = _secant_beta(acc.dy[-1], acc.dg[-1], beta)
     return best_y, iters, best_r, fail
+
+
+def _secant_beta(dy: Tensor, dg: Tensor, beta: Tensor) -> Tensor:
+    """1/a per sample, a = <ΔΦ, Δy>/|Δy|² = −<Δg, Δy>/|Δy|² the Rayleigh quotient of ∂Φ/∂y along the last step
+    (a network whose ε does not scale like the Gaussian surrogate's, e.g. random weights, is far from a_i);
+    clamped to [1/4, 4]× the current value and [0.5, 1e6] (a sample without a usable secant keeps it)."""
+    den = (dy * dy).sum(1)
+    a = (-(dg * dy).sum(1) / den.clamp_min(1e-300)).cpu()
+    new = torch.where((den.cpu() > 0) & (a > 0), 1.0 / a.clamp_min(1e-300), beta)
+    return torch.minimum(torch.maximum(new, beta / 4), beta * 4).clamp(0.5, 1e6)
 
 
 def _guess(xs: dict[int, Tensor], sigmas: Tensor, i: int) -> Tensor:
@@ -247,7 +261,8 @@ def _fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter):
     never moved, still evaluated). Returns (y, r, calls, record)."""
     inf = torch.full_like(r, float("inf"))
     nk = newton_krylov(lambda v: _run_step(field, m, v, s, s_next)[0], target, y,
-                       torch.where(bad, _ulp_tol(target, tol), inf), torch.where(bad, fail, inf), max_iter=max_iter)
+                       torch.where(bad, _ulp_tol(target, tol), inf), torch.where(bad, fail, inf),
+                       max_iter=max(20, max_iter))
     better = bad & (nk.res < r)
     y = torch.where(_bmask(better, y), nk.z, y)
     r = torch.where(better, nk.res, r)
@@ -380,14 +395,16 @@ def _decoder_x(field: DDIMField, m: Method, sigmas: Tensor):
 
 
 def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
-    """Decode from x_T alone; samples whose RMS error exceeds 8·max(tol, 2 eps(float32))·max(1, |x_0|_∞) are
-    polished by Newton–Krylov on x_T (shooting). Returns (x_T, max |round trip|_∞, polish record or None); raises
+    """Decode from x_T alone; samples whose RMS error exceeds 8·max(tol, 2 eps(float32))·max(1, |x_0|_∞), or whose
+        max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
+    Newton–Krylov on x_T (shooting). Returns (x_T, max |round trip|_∞, polish record or None); raises
     InversionError when the verified round trip misses verify_tol."""
     decode_x = _decoder_x(field, m, sigmas)
     back = decode_x(xT)
     e = _maxabs(back - x0)
     rms = (back - x0).double().reshape(len(x0), -1).pow(2).mean(1).sqrt().cpu()
-    miss = rms > _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(torch.float32).eps))
+    lim = _ulp_tol(x0, verify_tol)
+    miss = (rms > _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(torch.float32).eps))) | (e > lim)
     record = None
     if polish and bool(miss.any()):
         bound = _ulp_tol(x0, tol)
@@ -400,7 +417,6 @@ def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
         e = _maxabs(decode_x(xT) - x0)
         record = {"samples": miss.nonzero()[:, 0].tolist(), "newton_iterations": int(nk.iterations.max()),
                   "decodes": nk.evals + 1, "residual": float(nk.res[miss].max())}
-    lim = _ulp_tol(x0, verify_tol)
     if not bool((e <= lim).all()):
         j = int(torch.argmax(e / lim))
         raise InversionError(f"encode_exact: the {m.name} decoder from the solved latent misses x_0 by "
@@ -448,9 +464,10 @@ def encode_exact(
 
     sigmas: the decreasing sampling grid the decoder will use. method: a fixed-grid registered method
     (`exact_methods()`). solve: "auto" (per step for single-step decoders, the trajectory for multistep ones),
-    "step" or "trajectory". tol: residual bound relative to max(1, |x̄|_∞) (default `_default_tol`: 2 ulp of x0's dtype, at least
-    1e-13; a solve stalled at round-off is accepted up to 256× that). max_iter: iterations per step solve, or passes of the
-    trajectory solve. memory: Anderson's history. verify_tol: bound of the verified round trip relative to
+    "step" or "trajectory". tol: residual bound relative to max(1, |x̄|_∞) (default `_default_tol`: 2 ulp of
+    x0's dtype, at least 1e-13; a solve stalled at round-off is accepted up to 256× that). max_iter: iterations
+        per step solve, or passes of the trajectory solve. memory: Anderson's history. verify_tol: bound of the
+    verified round trip relative to
     max(1, |x_0|_∞) (default 64·len(sigmas)·tol). polish: Newton–Krylov on x_T where the chain amplified
     round-off. max_memory: bytes the solve may keep beyond the model (default half the available memory; the
     estimate is `estimate_memory`), else ValueError before allocating. Only forward calls of the model are made.
