@@ -197,7 +197,7 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
     best_r = torch.full((b,), float("inf"), dtype=torch.float64)
     best_y = y.clone()
     stall = torch.zeros(b, dtype=torch.long)
-    iters, polish = 0, False
+    iters, polish, prev = 0, False, None
     while True:
         phi = _run_step(field, m, y, s, s_next)[0]
         g = target - phi
@@ -225,6 +225,15 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
         y = torch.where(_bmask(done, y), best_y, acc.next(y, g))  # converged samples keep their solution
         if acc.dy:  # the step's own secant slope per sample replaces the surrogate's from now on
             acc.beta = _secant_beta(acc.dy[-1], acc.dg[-1], beta)
+        if prev is not None and not polish:  # contracting fast: take the next iterate without its own call
+            rate = res / prev.clamp_min(1e-300)
+            take = ~done & better & (rate < 0.25) & (res * rate <= bound / 4)
+            best_y = torch.where(_bmask(take, y), y, best_y)
+            best_r = torch.where(take, res * rate, best_r)
+            done = done | take
+            if bool(done.all()):
+                break
+        prev = res
     return best_y, iters, best_r, fail
 
 
