@@ -60,7 +60,8 @@ from probflow.solvers import Method, get_method
 
 __all__ = ["InversionError", "encode_exact", "exact_methods", "estimate_memory"]
 
-_HINT = "try more steps, another grid (one ending above σ = 0, e.g. quadratic_open), or float64"
+_HINT = ("try more steps, another grid (e.g. quadratic_open, which ends above σ = 0), or a float64 state and "
+         "network")
 
 class InversionError(ValueError):
     """The implicit solve (X1) did not reach its tolerance: the latent would not be exact."""

@@ -5,8 +5,8 @@ Default: the latent is made exact for an ordinary decoder, euler (DDIM) with 20 
 `quadratic_open` grid (quadratic in t, ending at the table's smallest σ, where inverting the last step is
 well-conditioned), in the network's own dtype: one tensor, and `decode` with that decoder returns the images
 to round-off. Any fixed-grid decoder can be named instead (`--method heun2`, `--method dpmpp_2m`, `dpmpp_3m`,
-`unipc`, `unipc_3`): the latent is then exact for that decoder (multistep decoders by a trajectory-level
-Newton solve, whose dense Jacobian costs about 64 decodes per 8×8 image). `--plain` gives the method's
+`unipc`, `unipc_3`): the latent is then exact for that decoder (matrix-free solves, forward calls of the
+network only; multistep decoders by a trajectory-level solve). `--plain` gives the method's
 ordinary explicit encode; a reversible method (reversible_heun) gives its pair latent, an adaptive one the
 ODE's latent. Latent files (`probflow.io.latents`) carry their
 provenance and environment; decode reads method, grid, dtype and state from the file.
@@ -63,7 +63,7 @@ def _encode(args: argparse.Namespace, model, x0: Tensor, method: Method, rt=None
     """(Solution, grid, grid name, mode): the latent of `x0` for the arguments' method and mode, chunk by chunk
     over torchrun's ranks when `rt` is given (None on ranks other than 0)."""
     import probflow
-    from probflow.inversion import encode_exact
+    from probflow.inversion import InversionError, encode_exact
 
     mode = _mode(args, method)
     if args.grid is None and mode == "exact":
@@ -85,6 +85,8 @@ def _encode(args: argparse.Namespace, model, x0: Tensor, method: Method, rt=None
 
     try:
         sol = run(exact, x0, "encode (exact)")
+    except InversionError:
+        raise  # its own message names σ, the residual and what to try
     except ValueError as e:
         msg = str(e).removeprefix("method: ")
         raise ValueError(f"--method: {msg}; pass --plain for the ordinary encode") from None
