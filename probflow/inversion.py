@@ -38,7 +38,7 @@ stalled at round-off below 256× that (a lower-precision network raises the boun
 solve ends with a
 verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T alone and must
 return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a sample whose
-verified round trip has an RMS error above 8·max(tol, 2 eps(float32)) is polished by Newton–Krylov on x_T itself
+verified round trip has an RMS error above 8·max(tol, 2 eps) is polished by Newton–Krylov on x_T itself
 (shooting, decode(x_T) = x_0), forward calls only. A solve that does not converge, or a failed verification,
 raises `InversionError` naming σ, the residual and what to try; never a silently inexact latent.
 
@@ -270,7 +270,7 @@ def _fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter):
     inf = torch.full_like(r, float("inf"))
     nk = newton_krylov(lambda v: _run_step(field, m, v, s, s_next)[0], target, y,
                        torch.where(bad, _ulp_tol(target, tol), inf), torch.where(bad, fail, inf),
-                       max_iter=max(20, max_iter))
+                       max_iter=max_iter)
     better = bad & (nk.res < r)
     y = torch.where(_bmask(better, y), nk.z, y)
     r = torch.where(better, nk.res, r)
@@ -396,7 +396,7 @@ def _decoder_x(field: DDIMField, m: Method, sigmas: Tensor):
 
 
 def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
-    """Decode from x_T alone; samples whose RMS error exceeds 8·max(tol, 2 eps(float32))·max(1, |x_0|_∞), or whose
+    """Decode from x_T alone; samples whose RMS error exceeds 8·max(tol, 2 eps)·max(1, |x_0|_∞), or whose
         max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
     Newton–Krylov on x_T (shooting). Returns (x_T, max |round trip|_∞, polish record or None); raises
     InversionError when the verified round trip misses verify_tol."""
@@ -405,7 +405,7 @@ def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
     e = _maxabs(back - x0)
     rms = (back - x0).double().reshape(len(x0), -1).pow(2).mean(1).sqrt().cpu()
     lim = _ulp_tol(x0, verify_tol)
-    miss = (rms > _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(torch.float32).eps))) | (e > lim)
+    miss = (rms > _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(x0.dtype).eps))) | (e > lim)
     record = None
     if polish and bool(miss.any()):
         bound = _ulp_tol(x0, tol)
