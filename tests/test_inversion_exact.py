@@ -144,8 +144,8 @@ def test_refuses_methods_it_cannot_invert(mixture, method):
 
 def test_single_step_newton_krylov_fallback_where_anderson_fails(monkeypatch):
     """Euler, 10 trailing steps, a sharp 64-D mixture, with plain fixed-point iteration (memory 0) limited to 8
-    iterations per step: the matrix-free Newton–Krylov fallback (forward differences only) finishes the steps exactly; with the fallback
-    disabled the same solve raises, naming σ and the residual."""
+    iterations per step: the matrix-free Newton–Krylov fallback (forward differences only) finishes the steps
+    exactly; with the fallback disabled the same solve raises, naming σ and the residual."""
     import probflow.inversion as inv
 
     gm = GaussianMixture.random(64, 8, seed=3, std_range=(0.1, 0.5))
