@@ -227,12 +227,11 @@ def _exact_field(model, model_dtype, dtype):
 def _iterations(info: dict) -> tuple[list, float, str]:
     """(worst three (count, where), mean, kind) of a solve's iterations: per step, or Newton on the trajectory."""
     if info.get("solve") == "trajectory":
-        k = info["newton_iterations"]
-        worst = sorted(((c, f"sample {j}") for j, c in enumerate(k)), reverse=True)[:3]
-        return worst, sum(k) / len(k), f"Newton on x_T, Jacobians {max(info['jacobians'])}"
+        k = info["iterations"][0]
+        return [(k, "trajectory")], float(k), "trajectory passes (Anderson, surrogate preconditioner)"
     it = info["iterations"]
     fb = info.get("newton_fallbacks") or []
-    kind = "per step" + (f"; Newton fallback at steps {[f['step'] for f in fb]}" if fb else "")
+    kind = "per step" + (f"; Newton–Krylov fallback at steps {[f['step'] for f in fb]}" if fb else "")
     return sorted(((k, f"step {i}") for i, k in enumerate(it)), reverse=True)[:3], sum(it) / len(it), kind
 
 

@@ -60,8 +60,7 @@ from probflow.solvers import Method, get_method
 
 __all__ = ["InversionError", "encode_exact", "exact_methods", "estimate_memory"]
 
-_HINT = ("try more steps, another grid (e.g. quadratic_open, which ends above σ = 0), or a float64 state and "
-         "network")
+_HINT = "try more steps, another grid (e.g. quadratic_open, which ends above σ = 0), or a float64 state and network"
 
 class InversionError(ValueError):
     """The implicit solve (X1) did not reach its tolerance: the latent would not be exact."""
@@ -85,9 +84,7 @@ def estimate_memory(x0: Tensor, sigmas: Tensor, method: str | Method = "euler", 
     (2·memory + 12) float64 copies of the batch state (Anderson's differences, iterate, residual, best iterate,
     warm-start history; Newton–Krylov's Krylov basis fits in the same); trajectory solves, (2·memory + 8) copies of
     the whole trajectory (N states) plus the surrogate's N×N matrices per sample."""
-    m = method if isinstance(method, Method) else get_method(method)
-    n = len(sigmas) - 1
-    state = x0.numel() * 8
+    m, n, state = (method if isinstance(method, Method) else get_method(method)), len(sigmas) - 1, x0.numel() * 8
     if _uses_trajectory(m, solve):
         return (2 * memory + 8) * n * state + 2 * x0.shape[0] * n * n * 8
     return (2 * memory + 12) * state + ((n + 1) * x0.element_size() * x0.numel() if trajectory else 0)
@@ -166,12 +163,11 @@ def _maxabs(x: Tensor) -> Tensor:
 
 
 def _ulp_tol(x: Tensor, tol: float) -> Tensor:
-    """Per-sample bound tol·max(1, |x|_∞)."""
-    return tol * _maxabs(x).clamp_min(1.0)
+    return tol * _maxabs(x).clamp_min(1.0)  # per-sample bound tol·max(1, |x|_∞)
 
 
-def _bmask(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))  # (B,) → broadcastable over like
+def _bmask(mask: Tensor, like: Tensor) -> Tensor:  # (B,) → broadcastable over like
+    return mask.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _model_eps(field: DDIMField, dtype: torch.dtype) -> float:
@@ -190,14 +186,12 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
     half the step. After the first iteration the step size per sample is the secant's (`_secant_beta`).
     Returns (y, calls, best residual, failure bound) per sample."""
     bound = _ulp_tol(target, tol)
-    fail = 256 * bound
-    beta0 = (1.0 / a).clamp(0.5, 1e6)
+    fail, beta0 = 256 * bound, (1.0 / a).clamp(0.5, 1e6)
     acc = Anderson(memory, beta0)
     y, b = guess, target.shape[0]
-    done = torch.zeros(b, dtype=torch.bool)
+    done, stall = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long)
     best_r = torch.full((b,), float("inf"), dtype=torch.float64)
     best_y = y.clone()
-    stall = torch.zeros(b, dtype=torch.long)
     iters, polish, prev = 0, False, None
     while True:
         phi = _run_step(field, m, y, s, s_next)[0]
@@ -367,10 +361,9 @@ def _solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patien
 
 
 def _rel_res(r: Tensor, nxt: Tensor) -> Tensor:
-    """max_i |R_i|_∞ / max(1, |x̄_{i+1}|_∞) per sample (r, nxt: (N, B, *S))."""
+    """max_i |R_i|_∞ / max(1, |x̄_{i+1}|_∞) per sample (r, nxt: (N, B, *S)), float64 on the CPU."""
     n, b = r.shape[:2]
-    ra = r.reshape(n, b, -1).abs().amax(2)
-    na = nxt.reshape(n, b, -1).abs().amax(2).clamp_min(1.0)
+    ra, na = r.reshape(n, b, -1).abs().amax(2), nxt.reshape(n, b, -1).abs().amax(2).clamp_min(1.0)
     return (ra / na).amax(0).double().cpu()
 
 
@@ -505,8 +498,8 @@ def encode_exact(
         xs, passes, r, b, hist = _solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory)
         if bool((r > b).any()):
             raise _traj_error(m, sigmas, r, b, passes, hist)
-        xbar_T, traj = xs[0], (list(xs) + [x_end] if trajectory else None)
-        iters, res, bounds = [passes], [float(r.max())], [float(b.max())]
+        xbar_T, traj, iters = xs[0], (list(xs) + [x_end] if trajectory else None), [passes]
+        res, bounds = [float(r.max())], [float(b.max())]
     else:
         xbar_T, traj, iters, res, bounds, fallbacks = _backward(field, m, x_end, sigmas, s2, tol, max_iter, memory,
                                                                 trajectory)
@@ -518,10 +511,8 @@ def encode_exact(
         xT, err, shoot = _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter)
     nfe_verify = field.nfe - nfe0 - nfe_solve
     up = sigmas.flip(0)
-    out_traj = None
-    if trajectory:
-        sc = torch.rsqrt(1 + up**2).reshape(-1, *([1] * x0.ndim))
-        out_traj = torch.stack(traj[::-1]) * sc
+    sc = torch.rsqrt(1 + up**2).reshape(-1, *([1] * x0.ndim))
+    out_traj = torch.stack(traj[::-1]) * sc if trajectory else None
     info = {"decoder": m.name, "solve": "trajectory" if traj_solve else "step", "iterations": iters,
             "residuals": res, "tolerances": bounds, "nfe_solve": nfe_solve, "nfe_verify": nfe_verify,
             "newton_fallbacks": fallbacks, "shooting": shoot, "history": hist, "roundtrip_max_abs": err,
