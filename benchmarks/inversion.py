@@ -19,8 +19,13 @@ Exact latents (`probflow.inversion.encode_exact`): every decoder it inverts (eul
 unipc, unipc_3) × 10/20/50 steps × float64/float32 on both cases; float64 digits rows run the network in
 float64. `--exact-only` runs only those tables (with the ODE latent they are measured against, the diffusers
 interoperability and the robustness tables); `--exact-n`, `--exact-steps`, `--exact-dtypes`, `--exact-methods`
-select a subset (the multistep rows build a dense Jacobian from 64 forward-mode tangents per sample: on the digits
-network the float64 ones dominate the run time).
+select a subset. The "latent MSE implied" column builds a dense Jacobian of the 64-D decoder by central differences
+(`_fd_jacobian`, benchmark only; the solver itself never builds one).
+
+Image scale: `--suite image [--sizes 32,64] [--kinds prior+unet,unet] [--methods euler,dpmpp_2m] [--steps 20]
+[--dtypes float32] [--n 2] [--json FILE]` prints a markdown table (diffusers UNet2DModels with attention built with
+random weights here; see `_ImageEps`): round trip, encode ÷ decode model calls (median and worst image), peak RSS of
+the encode ÷ sampling the same image (each in a fresh process), encode ÷ decode wall time.
 
 Writes benchmarks/INVERSION.md and benchmarks/inversion.json (atomically; --force to replace them).
 """
