@@ -211,7 +211,7 @@ def run_case(case: str, model, x0: torch.Tensor, scale: float, model_dtype, log,
 # probflow.inversion); on the digits network the grid is quadratic_open (the step into σ = 0 inverts the learned
 # denoiser itself, which is nearly singular there: the two uniform rows show that failure), and float64 runs the
 # network itself in float64 (probflow.precision, model=float64,state=float64); float32 runs it in float32.
-SINGLE, MULTI = ("euler", "heun2"), ("dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3")
+SINGLE, MULTI = ("euler", "heun2", "rk4"), ("dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3")
 EXACT = {"mixture": [(m, "uniform" if m in SINGLE else "logsnr", s, dt) for m in SINGLE + MULTI for s in (10, 20, 50)
                      for dt in (torch.float64, torch.float32)],
          "digits": [(m, "quadratic_open", s, dt) for m in SINGLE + MULTI for s in (10, 20, 50)
