@@ -264,7 +264,7 @@ def _fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter):
     inf = torch.full_like(r, float("inf"))
     nk = newton_krylov(lambda v: _run_step(field, m, v, s, s_next)[0], target, y,
                        torch.where(bad, _ulp_tol(target, tol), inf), torch.where(bad, fail, inf),
-                       max_iter=max_iter)
+                       max_iter=min(max_iter, 20))
     better = bad & (nk.res < r)
     y = torch.where(_bmask(better, y), nk.z, y)
     r = torch.where(better, nk.res, r)
