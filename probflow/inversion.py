@@ -33,16 +33,14 @@ trajectory (each x̄_i scaled to the data's scale by 1/sqrt(1+σ_i²)). Warm sta
 on the flipped grid (one decode). `solve="trajectory"` applies the same solve to single-step decoders.
 
 Tolerances and verification. A step (or the trajectory) is solved when every residual |R_i|_∞ ≤
-tol·max(1, |x̄_{i+1}|_∞) (tol = 2 ulp of the state's dtype by default, at least 1e-13), or when it has
+tol·max(1, |x̄_{i+1}|_∞) (tol = 1 ulp of the state's dtype by default, at least 1e-13), or when it has
 stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve). Every
-solve ends with a
-verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T alone and must
-return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a sample whose
-verified round trip has an RMS error above 8·max(tol, 2 eps) is polished by Newton–Krylov on x_T itself
-(shooting, decode(x_T) = x_0), forward calls only. A solve that does not converge, or a failed verification,
-raises `InversionError` naming σ, the residual and what to try; never a silently inexact latent.
-
-Measured costs and limits: benchmarks/INVERSION.md.
+solve ends with a verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T
+alone and must return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a
+sample whose verified round trip has an RMS error above 8·max(tol, 2 eps) is polished by Newton–Krylov on x_T
+(shooting, decode(x_T) = x_0; to half that bound in max norm), forward calls only. A solve that does not
+converge, or a failed verification, raises `InversionError` naming σ, the residual and what to try; never a
+silently inexact latent. Measured costs and limits: benchmarks/INVERSION.md.
 """
 
 from __future__ import annotations
@@ -398,10 +396,12 @@ def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
     e = _maxabs(back - x0)
     rms = (back - x0).double().reshape(len(x0), -1).pow(2).mean(1).sqrt().cpu()
     lim = _ulp_tol(x0, verify_tol)
-    miss = (rms > _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(x0.dtype).eps))) | (e > lim)
+    rms_lim = _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(x0.dtype).eps))
+    miss = (rms > rms_lim) | (e > lim)
     record = None
     if polish and bool(miss.any()):
-        bound = _ulp_tol(x0, tol)
+        # the polish only has to bring the amplified round-off under the RMS bound, not to the step tolerance
+        bound = torch.maximum(_ulp_tol(x0, tol), rms_lim / 2)
         stall = 256 * bound + 64 * len(sigmas) * _model_eps(field, x0.dtype) * _maxabs(x0)
         inf = torch.full_like(bound, float("inf"))
         nk = newton_krylov(decode_x, x0, xT, torch.where(miss, bound, inf), torch.where(miss, stall, inf),
@@ -423,10 +423,10 @@ def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
 
 
 def _default_tol(dtype: torch.dtype) -> float:
-    """2 ulp of the state's dtype, but not below 1e-13: the per-step residuals compound to about N·tol relative
-    to the image scale, so 1e-13 keeps a float64 round trip's per-dimension MSE far below 1e-24 without iterating
-    into the last digits (each order of magnitude costs about one call per step where the solve is slow)."""
-    return max(2 * torch.finfo(dtype).eps, 1e-13)
+    """1 ulp of the state's dtype (2 ulp let the float32 chain amplify some images past the polish bound), at
+    least 1e-13: the per-step residuals compound to about N·tol relative to the image scale, so 1e-13 keeps a
+    float64 round trip's MSE far below 1e-24 without iterating into the last digits."""
+    return max(torch.finfo(dtype).eps, 1e-13)
 
 
 def _uses_trajectory(m: Method, solve: str) -> bool:
@@ -458,7 +458,7 @@ def encode_exact(
 
     sigmas: the decreasing sampling grid the decoder will use. method: a fixed-grid registered method
     (`exact_methods()`). solve: "auto" (per step for single-step decoders, the trajectory for multistep ones),
-    "step" or "trajectory". tol: residual bound relative to max(1, |x̄|_∞) (default `_default_tol`: 2 ulp of
+    "step" or "trajectory". tol: residual bound relative to max(1, |x̄|_∞) (default `_default_tol`: 1 ulp of
     x0's dtype, at least 1e-13; a solve stalled at round-off is accepted up to 256× that). max_iter: iterations
         per step solve, or passes of the trajectory solve. memory: Anderson's history. verify_tol: bound of the
     verified round trip relative to
