@@ -176,23 +176,21 @@ def _model_eps(field: DDIMField, dtype: torch.dtype) -> float:
     return 4 * torch.finfo(md).eps
 
 
-def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, patience=3, floor_eps=0.0):
+def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, patience=3, floor_eps=0.0, pre=None):
     """(X1) for one single-step decoder step: y with Φ(y) = target per sample, by Anderson on y ← y + g/a
     (a: the surrogate slope per sample). Once every open sample has stalled for `patience` iterations (or half
     of max_iter is spent), plain iteration from the best iterate (where a lower-precision network's output is
     piecewise constant it lands on an exact fixed point); a diverging solve restarts from its best iterate with
     half the step. After the first iteration the step size per sample is the secant's (`_secant_beta`).
     Returns (y, calls, best residual, failure bound) per sample."""
-    bound = _ulp_tol(target, tol)
-    fail, beta0 = 256 * bound, (1.0 / a).clamp(0.5, 1e6)
-    acc = Anderson(memory, beta0)
-    y, b = guess, target.shape[0]
+    bound, y, b = _ulp_tol(target, tol), guess, target.shape[0]
+    fail, acc = 256 * bound, Anderson(memory, (1.0 / a).clamp(0.5, 1e6))
     done, stall = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long)
     best_r = torch.full((b,), float("inf"), dtype=torch.float64)
     best_y = y.clone()
     iters, polish, prev = 0, False, None
     while True:
-        phi = _run_step(field, m, y, s, s_next)[0]
+        phi = _run_step(field, m, y if pre is None else pre(y), s, s_next)[0]
         g = target - phi
         res = _maxabs(g)
         if floor_eps and iters == 0:  # the network's own precision bounds what the step can resolve
@@ -256,11 +254,11 @@ def _guess(xs: dict[int, Tensor], sigmas: Tensor, i: int) -> Tensor:
     return xs[i + 1] - (sg[1] - sg[0]) * v1
 
 
-def _fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter):
+def _fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None):
     """Newton–Krylov on the step for the samples whose Anderson solve failed (the others count as converged:
     never moved, still evaluated). Returns (y, r, calls, record)."""
     inf = torch.full_like(r, float("inf"))
-    nk = newton_krylov(lambda v: _run_step(field, m, v, s, s_next)[0], target, y,
+    nk = newton_krylov(lambda v: _run_step(field, m, v if pre is None else pre(v), s, s_next)[0], target, y,
                        torch.where(bad, _ulp_tol(target, tol), inf), torch.where(bad, fail, inf),
                        max_iter=min(max_iter, 20))
     better = bad & (nk.res < r)
@@ -287,11 +285,13 @@ def _backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep):
     calls, res, bounds, fallbacks = [0] * n, [0.0] * n, [0.0] * n, []
     feps = _model_eps(field, x_end.dtype)
     for i in range(n - 1, -1, -1):
+        # step 0 sees x̄_0 as the decoder will, through the stored (rounded) latent x_T = x̄_0/sqrt(1+σ_0²)
+        pre = (lambda v: scale_in(scale_out(v, sigmas[0]), sigmas[0])) if i == 0 else None
         y, k, r, b = _solve_step(field, m, xs[i + 1], _guess(xs, sigmas, i), sigmas[i], sigmas[i + 1], slopes[i],
-                                 tol, max_iter, memory, floor_eps=feps)
+                                 tol, max_iter, memory, floor_eps=feps, pre=pre)
         bad = r > b
         if bad.any():  # Anderson stalled or diverged: Newton–Krylov on those samples
-            y, r, kk, fb = _fallback(field, m, xs[i + 1], y, r, b, bad, sigmas[i], sigmas[i + 1], tol, max_iter)
+            y, r, kk, fb = _fallback(field, m, xs[i + 1], y, r, b, bad, sigmas[i], sigmas[i + 1], tol, max_iter, pre)
             fallbacks.append({"step": i, **fb})
             k += kk
             bad = r > b
@@ -395,8 +395,7 @@ def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
     back = decode_x(xT)
     e = _maxabs(back - x0)
     rms = (back - x0).double().reshape(len(x0), -1).pow(2).mean(1).sqrt().cpu()
-    lim = _ulp_tol(x0, verify_tol)
-    rms_lim = _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(x0.dtype).eps))
+    lim, rms_lim = _ulp_tol(x0, verify_tol), _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(x0.dtype).eps))
     miss = (rms > rms_lim) | (e > lim)
     record = None
     if polish and bool(miss.any()):
