@@ -37,7 +37,8 @@ tol·max(1, |x̄_{i+1}|_∞) (tol = 1 ulp of the state's dtype by default, at le
 stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve). Every
 solve ends with a verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T
 alone and must return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a
-sample whose verified round trip has an RMS error above 8·max(tol, 2 eps) is polished by Newton–Krylov on x_T
+sample whose verified round trip has an RMS error above 16·max(tol, eps) (the round-trip targets, 1e-12 MSE in
+float32 and 1e-24 in float64 on the [0, 1] scale, at the default tol) is polished by Newton–Krylov on x_T
 (shooting, decode(x_T) = x_0; to half that bound in max norm), forward calls only. A solve that does not
 converge, or a failed verification, raises `InversionError` naming σ, the residual and what to try; never a
 silently inexact latent. Measured costs and limits: benchmarks/INVERSION.md.
@@ -387,7 +388,7 @@ def _decoder_x(field: DDIMField, m: Method, sigmas: Tensor):
 
 
 def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
-    """Decode from x_T alone; samples whose RMS error exceeds 8·max(tol, 2 eps)·max(1, |x_0|_∞), or whose
+    """Decode from x_T alone; samples whose RMS error exceeds 16·max(tol, eps)·max(1, |x_0|_∞), or whose
         max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
     Newton–Krylov on x_T (shooting). Returns (x_T, max |round trip|_∞, polish record or None); raises
     InversionError when the verified round trip misses verify_tol."""
@@ -395,7 +396,7 @@ def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
     back = decode_x(xT)
     e = _maxabs(back - x0)
     rms = (back - x0).double().reshape(len(x0), -1).pow(2).mean(1).sqrt().cpu()
-    lim, rms_lim = _ulp_tol(x0, verify_tol), _ulp_tol(x0, 8 * max(tol, 2 * torch.finfo(x0.dtype).eps))
+    lim, rms_lim = _ulp_tol(x0, verify_tol), _ulp_tol(x0, 16 * max(tol, torch.finfo(x0.dtype).eps))
     miss = (rms > rms_lim) | (e > lim)
     record = None
     if polish and bool(miss.any()):
