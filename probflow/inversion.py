@@ -37,7 +37,7 @@ tol·max(1, |x̄_{i+1}|_∞) (tol = 1 ulp of the state's dtype by default, at le
 stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve). Every
 solve ends with a verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T
 alone and must return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a
-sample whose verified round trip has an RMS error above 16·max(tol, eps) (the round-trip targets, 1e-12 MSE in
+sample whose verified round trip has an RMS error above 16·max(tol, eps, 1e-13) (the round-trip targets, 1e-12 MSE in
 float32 and 1e-24 in float64 on the [0, 1] scale, at the default tol) is polished by Newton–Krylov on x_T
 (shooting, decode(x_T) = x_0; to half that bound in max norm), forward calls only. A solve that does not
 converge, or a failed verification, raises `InversionError` naming σ, the residual and what to try; never a
@@ -388,7 +388,7 @@ def _decoder_x(field: DDIMField, m: Method, sigmas: Tensor):
 
 
 def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
-    """Decode from x_T alone; samples whose RMS error exceeds 16·max(tol, eps)·max(1, |x_0|_∞), or whose
+    """Decode from x_T alone; samples whose RMS error exceeds 16·max(tol, eps, 1e-13)·max(1, |x_0|_∞), or whose
         max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
     Newton–Krylov on x_T (shooting). Returns (x_T, max |round trip|_∞, polish record or None); raises
     InversionError when the verified round trip misses verify_tol."""
@@ -396,7 +396,7 @@ def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
     back = decode_x(xT)
     e = _maxabs(back - x0)
     rms = (back - x0).double().reshape(len(x0), -1).pow(2).mean(1).sqrt().cpu()
-    lim, rms_lim = _ulp_tol(x0, verify_tol), _ulp_tol(x0, 16 * max(tol, torch.finfo(x0.dtype).eps))
+    lim, rms_lim = _ulp_tol(x0, verify_tol), _ulp_tol(x0, 16 * max(tol, torch.finfo(x0.dtype).eps, 1e-13))
     miss = (rms > rms_lim) | (e > lim)
     record = None
     if polish and bool(miss.any()):
@@ -423,9 +423,8 @@ def _verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
 
 
 def _default_tol(dtype: torch.dtype) -> float:
-    """1 ulp of the state's dtype (2 ulp let the float32 chain amplify some images past the polish bound), at
-    least 1e-13: the per-step residuals compound to about N·tol relative to the image scale, so 1e-13 keeps a
-    float64 round trip's MSE far below 1e-24 without iterating into the last digits."""
+    """1 ulp of the state's dtype (2 ulp cost digits images a polish), at least 1e-13: the per-step residuals
+    compound to about N·tol relative to the image scale; 1e-13 keeps a float64 round trip's MSE below 1e-24."""
     return max(torch.finfo(dtype).eps, 1e-13)
 
 
