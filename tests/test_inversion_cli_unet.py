@@ -72,7 +72,7 @@ def test_a_network_without_an_exact_latent_ends_in_one_line(tmp_path, capsys):
     folder = _folder(tmp_path, "unet_raw", 1.0, size=8)
     a, b = _pngs(tmp_path, size=8)
     z = tmp_path / "z.safetensors"
-    rc = main(["encode", str(a), str(b), "--model", str(folder), "--out", str(z), "--steps", "10", "--quiet"])
+    rc = main(["encode", str(a), str(b), "--model", str(folder), "--out", str(z), "--steps", "3", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "σ = " in err and "residual" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not z.exists()
