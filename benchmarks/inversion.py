@@ -27,6 +27,10 @@ Image scale: `--suite image [--sizes 32,64] [--kinds prior+unet,unet] [--methods
 random weights here; see `_ImageEps`): round trip, encode ÷ decode model calls (median and worst image), peak RSS of
 the encode ÷ sampling the same image (each in a fresh process), encode ÷ decode wall time.
 
+Digits, quick: `--suite digits-quick [--images 0,1,2,3] [--cases euler:20:float32,heun2:20:float64]` prints, per
+(decoder, steps, dtype) on those held-out test images (one batch, quadratic_open grid): encode ÷ decode model calls
+(solve and verification/polish), round-trip MSE on the [0, 1] scale, the polish record, per-step iterations.
+
 Writes benchmarks/INVERSION.md and benchmarks/inversion.json (atomically; --force to replace them).
 """
 
@@ -477,6 +481,8 @@ def markdown(rows: list[dict], info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--suite" in argv and "digits-quick" in argv:
+        return digits_quick(argv)
     if "--suite" in argv and "image" in argv:
         return image_suite(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -543,6 +549,36 @@ def main(argv: list[str] | None = None) -> int:
                  args.force, "--out")
     atomic_write(md_path, lambda tmp: Path(tmp).write_text(markdown(rows, info)), args.force, "--out")
     log(f"wrote {md_path} and {js_path} in {time.time() - t0:.0f}s")
+    return 0
+
+
+def digits_quick(argv: list[str]) -> int:
+    """`--suite digits-quick`: encode_exact on a few held-out digits in one batch (module docstring)."""
+    from probflow import digits
+    from probflow.cli.common import load_image_model
+    from probflow.inversion import encode_exact
+
+    ap = argparse.ArgumentParser(description="encode_exact on held-out digits: cost and round trip")
+    ap.add_argument("--suite")
+    ap.add_argument("--images", default="0,1,2,3", help="indices into the held-out test split")
+    ap.add_argument("--cases", default="euler:20:float32,heun2:20:float32,euler:20:float64,heun2:20:float64")
+    args = ap.parse_args(argv)
+    model = load_image_model("digits")
+    x0 = digits.load_split()["x_test"][[int(i) for i in args.images.split(",")]].double()
+    for case in args.cases.split(","):
+        method, steps, dname = case.split(":")
+        dtype = getattr(torch, dname)
+        g = grids.named("quadratic_open", model.schedule, int(steps))
+        t = time.time()
+        enc = encode_exact(_exact_field(model, torch.float32, dtype), x0.to(dtype), g, method)
+        wall = time.time() - t
+        f_down = _exact_field(model, torch.float32, dtype)
+        back = probflow.decode(f_down, enc.x, g, method).x
+        mse = float(((back.double() - x0) ** 2).mean()) * 0.25
+        i, d = enc.info, f_down.nfe
+        print(f"{case}: encode {enc.nfe} calls (solve {i['nfe_solve']} + verify {i['nfe_verify']}) / decode {d} = "
+              f"{enc.nfe / d:.2f}x (solve {i['nfe_solve'] / d:.2f}x); round trip MSE {mse:.2e}; polish "
+              f"{i['shooting']}; per-step iterations {i['iterations']}; {wall:.1f}s", flush=True)
     return 0
 
 
