@@ -4,7 +4,7 @@ each encoded latent from the exact ODE latent, on held-out digits and on a Gauss
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inversion.py [--model digits|FOLDER] [--n 16] [--force]
 
 For every solver the same grid is used both ways: encode runs Eq. 12 up the flipped sampling grid
-(σ: 0 → σ_max, x̄ = x·sqrt(1+σ²), MATH.md §1–2), decode runs it down; reversible methods decode from the
+(σ: 0 → σ_max, x̄ = x·sqrt(1+σ²), docs/MATH.md §1–2), decode runs it down; reversible methods decode from the
 encode's state. Digits: the first n images of the held-out test split (probflow.digits.load_split),
 network in float32, state in float64; the MSE is reported on the [0, 1] pixel scale (x/2 + 1/2, i.e. the
 [−1, 1] MSE divided by 4), as in the DDIM paper's Table 2. Mixture: 64-D, 8 components
@@ -19,8 +19,17 @@ Exact latents (`probflow.inversion.encode_exact`): every decoder it inverts (eul
 unipc, unipc_3) × 10/20/50 steps × float64/float32 on both cases; float64 digits rows run the network in
 float64. `--exact-only` runs only those tables (with the ODE latent they are measured against, the diffusers
 interoperability and the robustness tables); `--exact-n`, `--exact-steps`, `--exact-dtypes`, `--exact-methods`
-select a subset (the multistep rows build a dense Jacobian from 64 forward-mode tangents per sample: on the digits
-network the float64 ones dominate the run time).
+select a subset. The "latent MSE implied" column builds a dense Jacobian of the 64-D decoder by central differences
+(`_fd_jacobian`, benchmark only; the solver itself never builds one).
+
+Image scale: `--suite image [--sizes 32,64] [--kinds prior+unet,unet] [--methods euler,dpmpp_2m] [--steps 20]
+[--dtypes float32] [--n 2] [--json FILE]` prints a markdown table (diffusers UNet2DModels with attention built with
+random weights here; see `_ImageEps`): round trip, encode ÷ decode model calls (median and worst image), peak RSS of
+the encode ÷ sampling the same image (each in a fresh process), encode ÷ decode wall time.
+
+Digits, quick: `--suite digits-quick [--images 0,1,2,3] [--cases euler:20:float32,heun2:20:float64]` prints, per
+(decoder, steps, dtype) on those held-out test images (one batch, quadratic_open grid): encode ÷ decode model calls
+(solve and verification/polish), round-trip MSE on the [0, 1] scale, the polish record, per-step iterations.
 
 Writes benchmarks/INVERSION.md and benchmarks/inversion.json (atomically; --force to replace them).
 """
@@ -206,7 +215,7 @@ def run_case(case: str, model, x0: torch.Tensor, scale: float, model_dtype, log,
 # probflow.inversion); on the digits network the grid is quadratic_open (the step into σ = 0 inverts the learned
 # denoiser itself, which is nearly singular there: the two uniform rows show that failure), and float64 runs the
 # network itself in float64 (probflow.precision, model=float64,state=float64); float32 runs it in float32.
-SINGLE, MULTI = ("euler", "heun2"), ("dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3")
+SINGLE, MULTI = ("euler", "heun2", "rk4"), ("dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3")
 EXACT = {"mixture": [(m, "uniform" if m in SINGLE else "logsnr", s, dt) for m in SINGLE + MULTI for s in (10, 20, 50)
                      for dt in (torch.float64, torch.float32)],
          "digits": [(m, "quadratic_open", s, dt) for m in SINGLE + MULTI for s in (10, 20, 50)
@@ -227,12 +236,11 @@ def _exact_field(model, model_dtype, dtype):
 def _iterations(info: dict) -> tuple[list, float, str]:
     """(worst three (count, where), mean, kind) of a solve's iterations: per step, or Newton on the trajectory."""
     if info.get("solve") == "trajectory":
-        k = info["newton_iterations"]
-        worst = sorted(((c, f"sample {j}") for j, c in enumerate(k)), reverse=True)[:3]
-        return worst, sum(k) / len(k), f"Newton on x_T, Jacobians {max(info['jacobians'])}"
+        k = info["iterations"][0]
+        return [(k, "trajectory")], float(k), "trajectory passes (Anderson, surrogate preconditioner)"
     it = info["iterations"]
     fb = info.get("newton_fallbacks") or []
-    kind = "per step" + (f"; Newton fallback at steps {[f['step'] for f in fb]}" if fb else "")
+    kind = "per step" + (f"; Newton–Krylov fallback at steps {[f['step'] for f in fb]}" if fb else "")
     return sorted(((k, f"step {i}") for i, k in enumerate(it)), reverse=True)[:3], sum(it) / len(it), kind
 
 
@@ -296,11 +304,25 @@ def _implied_latent_mse(field, method: str, g: torch.Tensor, z: torch.Tensor, fr
     to set beside the measured latent MSE against the ODE latent (their ratio is 1 where the decoder is linear
     between the two latents)."""
     from probflow.inversion import _decoder_x
-    from probflow.newton import jacobian
 
-    j, _ = jacobian(_decoder_x(field, get_method(method), g), z)
+    j = _fd_jacobian(_decoder_x(field, get_method(method), g), z)
     e = (from_ode - x0).reshape(len(x0), -1).double()
     return float(torch.linalg.solve(j.double(), e[..., None]).pow(2).mean())
+
+
+def _fd_jacobian(fn, z: torch.Tensor) -> torch.Tensor:
+    """Dense per-sample Jacobians (B, D, D) by central differences (benchmark only, D = 64: a reference for the
+    linearised pull-back; the library itself never builds one)."""
+    b, d = z.shape[0], z[0].numel()
+    h = torch.finfo(z.dtype).eps ** (1 / 3) * z.reshape(b, -1).abs().amax(1).clamp_min(1.0)
+    cols = []
+    with torch.no_grad():
+        for k in range(d):
+            e = torch.zeros_like(z).reshape(b, -1)
+            e[:, k] = h
+            e = e.reshape(z.shape)
+            cols.append((fn(z + e) - fn(z - e)).reshape(b, -1) / (2 * h[:, None]))
+    return torch.stack(cols, -1)
 
 
 class _Perturbed:
@@ -458,6 +480,11 @@ def markdown(rows: list[dict], info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--suite" in argv and "digits-quick" in argv:
+        return digits_quick(argv)
+    if "--suite" in argv and "image" in argv:
+        return image_suite(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="digits", help="'digits' (shipped) or a digits checkpoint folder")
     ap.add_argument("--n", type=int, default=8, help="held-out digits images and mixture samples (default 8)")
@@ -523,6 +550,179 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(md_path, lambda tmp: Path(tmp).write_text(markdown(rows, info)), args.force, "--out")
     log(f"wrote {md_path} and {js_path} in {time.time() - t0:.0f}s")
     return 0
+
+
+def digits_quick(argv: list[str]) -> int:
+    """`--suite digits-quick`: encode_exact on a few held-out digits in one batch (module docstring)."""
+    from probflow import digits
+    from probflow.cli.common import load_image_model
+    from probflow.inversion import encode_exact
+
+    ap = argparse.ArgumentParser(description="encode_exact on held-out digits: cost and round trip")
+    ap.add_argument("--suite")
+    ap.add_argument("--images", default="0,1,2,3", help="indices into the held-out test split")
+    ap.add_argument("--cases", default="euler:20:float32,heun2:20:float32,euler:20:float64,heun2:20:float64")
+    args = ap.parse_args(argv)
+    model = load_image_model("digits")
+    x0 = digits.load_split()["x_test"][[int(i) for i in args.images.split(",")]].double()
+    for case in args.cases.split(","):
+        method, steps, dname = case.split(":")
+        dtype = getattr(torch, dname)
+        g = grids.named("quadratic_open", model.schedule, int(steps))
+        t = time.time()
+        enc = encode_exact(_exact_field(model, torch.float32, dtype), x0.to(dtype), g, method)
+        wall = time.time() - t
+        f_down = _exact_field(model, torch.float32, dtype)
+        back = probflow.decode(f_down, enc.x, g, method).x
+        mse = float(((back.double() - x0) ** 2).mean()) * 0.25
+        i, d = enc.info, f_down.nfe
+        print(f"{case}: encode {enc.nfe} calls (solve {i['nfe_solve']} + verify {i['nfe_verify']}) / decode {d} = "
+              f"{enc.nfe / d:.2f}x (solve {i['nfe_solve'] / d:.2f}x); round trip MSE {mse:.2e}; polish "
+              f"{i['shooting']}; per-step iterations {i['iterations']}; {wall:.1f}s", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- image-scale suite
+# `--suite image`: diffusers UNet2DModels with self-attention at 3×32×32 and 3×64×64, random weights built here.
+# "prior+unet": ε = ε of N(0, 0.25·I) (exact) + 0.1 × the random UNet's output (t = 250·ln σ + 500): an ε that grows
+# with x at high σ as a trained one does, with attention, GroupNorm and SDPA in its residual. "unet": the random
+# UNet alone (its GroupNorm makes ε scale-invariant in x, so the encode trajectory never reaches the noise scale;
+# the rows record what encode_exact says there). Each row runs in a fresh process (peak RSS by ru_maxrss), first
+# the decoder alone (sampling the same batch), then encode_exact + verification.
+
+IMAGE_NETS = {32: (64, 128, 256), 64: (64, 128, 256, 256)}  # block_out_channels; layers_per_block 2
+
+
+def _unet(size: int, seed: int = 0):
+    import diffusers
+
+    torch.manual_seed(seed)
+    ch = IMAGE_NETS[size]
+    down = ("DownBlock2D",) + ("AttnDownBlock2D",) * (len(ch) - 1)
+    up = ("AttnUpBlock2D",) * (len(ch) - 1) + ("UpBlock2D",)
+    return diffusers.UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=2,
+                                 block_out_channels=ch, down_block_types=down, up_block_types=up).eval()
+
+
+class _ImageEps(torch.nn.Module):
+    def __init__(self, unet, kind: str) -> None:
+        super().__init__()
+        self.unet, self.kind = unet, kind
+        self.model_dtype = torch.float32
+
+    def forward(self, x, sigma):
+        with torch.no_grad():
+            t = (250 * torch.log(sigma.double().clamp_min(1e-3)) + 500).float().reshape(1).expand(x.shape[0])
+            e = self.unet(x.float(), t).sample.to(x.dtype)
+        if self.kind == "unet":
+            return e
+        xbar = x * torch.sqrt(1 + sigma**2)
+        return xbar * sigma / (0.25 + sigma**2) + 0.1 * e
+
+
+def _smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """n smooth RGB test images in [−0.9, 0.9]: sums of 4 random low-frequency cosines per channel."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    out = torch.zeros(n, 3, size, size, dtype=torch.float64)
+    for i in range(n):
+        for c in range(3):
+            for _ in range(4):
+                fx, fy, ph = (torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([3., 3., 6.28])).tolist()
+                out[i, c] += torch.cos(2 * math.pi * (fx * xx + fy * yy) + ph) / 4
+    return 0.9 * out.clamp(-1, 1)
+
+
+def _image_row(q, size, kind, method, steps, dtype, n, what):
+    """In a fresh process: decode (what = "decode") or encode_exact (what = "encode") n images one at a time."""
+    import resource
+
+    from probflow.inversion import InversionError, encode_exact
+
+    torch.set_num_threads(1)
+    model = _ImageEps(_unet(size), kind)
+    dt = getattr(torch, dtype)
+    x0 = _smooth_images(n, size).to(dt)
+    g = grids.named("quadratic_open", probflow.schedules.linear(), steps)
+    out = {"per_image": []}
+    for i in range(n):
+        f = DDIMField(model, torch.float32)
+        t0 = time.time()
+        if what == "decode":
+            probflow.decode(f, x0[i:i + 1], g, method)
+            out["per_image"].append({"nfe": f.nfe, "seconds": time.time() - t0})
+            continue
+        try:
+            enc = encode_exact(f, x0[i:i + 1], g, method)
+        except (InversionError, ValueError) as e:
+            out["per_image"].append({"failed": str(e)[:240], "nfe": f.nfe, "seconds": time.time() - t0})
+            continue
+        sec = time.time() - t0
+        back = probflow.decode(DDIMField(model, torch.float32), enc.x, g, method).x
+        out["per_image"].append({"nfe": enc.nfe, "nfe_solve": enc.info["nfe_solve"], "seconds": sec,
+                                 "mse": float(((back.double() - x0[i:i + 1].double()) ** 2).mean())})
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q.put(out)
+
+
+def _in_process(*args) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_image_row, args=(q, *args))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def image_suite(argv: list[str]) -> int:
+    """`--suite image`: the image-scale rows (markdown on stdout and, with --out FILE, JSON)."""
+    ap = argparse.ArgumentParser(description="image-scale exact inversion rows")
+    ap.add_argument("--suite")
+    ap.add_argument("--sizes", default="32")
+    ap.add_argument("--kinds", default="prior+unet,unet")
+    ap.add_argument("--methods", default="euler,dpmpp_2m")
+    ap.add_argument("--steps", default="20")
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--n", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    rows = []
+    print("| net | size | decoder | steps | dtype | round-trip MSE (worst) | encode ÷ decode calls (median, worst) | "
+          "peak RSS encode ÷ sample | encode s ÷ decode s (image 0) | note |\n" + "|---" * 10 + "|", flush=True)
+    for size in (int(v) for v in a.sizes.split(",")):
+        for kind in a.kinds.split(","):
+            for method in a.methods.split(","):
+                for steps in (int(v) for v in a.steps.split(",")):
+                    for dtype in a.dtypes.split(","):
+                        dec = _in_process(size, kind, method, steps, dtype, 1, "decode")
+                        enc = _in_process(size, kind, method, steps, dtype, a.n, "encode")
+                        rows.append(_image_md(size, kind, method, steps, dtype, dec, enc))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _image_md(size, kind, method, steps, dtype, dec, enc) -> dict:
+    import statistics
+
+    d = dec["per_image"][0]
+    ok = [r for r in enc["per_image"] if "failed" not in r]
+    fail = [r for r in enc["per_image"] if "failed" in r]
+    ratios = [r["nfe"] / d["nfe"] for r in ok]
+    row = {"size": size, "net": kind, "method": method, "steps": steps, "dtype": dtype, "decode": dec, "encode": enc}
+    mse = f"{max(r['mse'] for r in ok):.1e}" if ok else "—"
+    rat = f"{statistics.median(ratios):.1f}, {max(ratios):.1f}" if ok else "—"
+    tr = f"{enc['per_image'][0]['seconds'] / d['seconds']:.1f}" if ok else "—"
+    note = f"{len(fail)}/{len(enc['per_image'])} failed: {fail[0]['failed'][:150]}" if fail else ""
+    print(f"| {kind} | 3×{size}×{size} | {method} | {steps} | {dtype} | {mse} | {rat} | "
+          f"{enc['rss_mb'] / dec['rss_mb']:.2f} ({enc['rss_mb']:.0f} / {dec['rss_mb']:.0f} MB) | {tr} | {note} |",
+          flush=True)
+    return row
 
 
 def exact_notes(rows: list[dict]) -> list[str]:

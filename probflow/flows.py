@@ -35,9 +35,6 @@ def sampling_grid(sigmas: Tensor) -> Tensor:
     return sigmas
 
 
-_decreasing = sampling_grid  # the old name, until probflow.inversion imports the public one
-
-
 def _flow(model: EpsModel | DDIMField, x: Tensor, sigmas: Tensor, method: str | Method,
           precision: Precision | str | None, solve: SolveOptions, name: str = "x") -> Solution:
     x = check_state(x, "x")

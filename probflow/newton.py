@@ -1,37 +1,27 @@
-"""Newton's method per sample for a batched map: solve fn(z) = target for every sample of a batch.
+"""Matrix-free solvers of fn(z) = target per sample of a batch: Anderson acceleration and Newton–Krylov.
 
-`fn` maps a batch (B, *S) to a batch (B, *S) sample by sample (a decoder: the whole trajectory, or one step);
-`probflow.inversion` uses it for the trajectory-level inversion of multistep decoders (shooting on x_T) and as
-the fallback of the per-step solve. Each sample is solved on its own: its Jacobian, its steps, its
-damping and its stopping test depend on it alone, so its result does not depend on the rest of the batch.
+`fn` maps a batch (B, *S) to a batch (B, *S) sample by sample (a decoder step, or a whole decoder). Both solvers
+use only calls of `fn` (no autograd of any kind: no forward-mode tangents, no backward pass), so they work on any
+`nn.Module` that runs forward, and keep O(k·B·D) numbers (k a small memory, D = prod(S)), never a D×D matrix.
+Every sample is solved on its own (its own mixing coefficients, Krylov basis, step and stopping test), so a
+sample's iterates do not depend on the rest of the batch; `fn` is always called on the whole batch (a network's
+float32 rounding can depend on the batch it runs in, and the latent must be exact for that batch).
 
-Jacobian: dense, per sample, D = prod(S) columns, built from D tangents in batched calls of `fn`
-(forward-mode AD through `torch.autograd.forward_ad`, one dual call per chunk of the batch repeated D times;
-checked against a central difference along one direction per sample (2 calls); when
-fn does not carry tangents or the check fails, central differences with h = eps^(1/3)·max(1, |z|_∞)). Why dense rather
-than matrix-free GMRES: on the digits network the Jacobian of a 20-step decoder has eigenvalues of modulus
-0.009 … 1.4 (condition ~150, measured), so unpreconditioned GMRES needs close to D Krylov vectors (one
-decode each) for every Newton step, while the dense Jacobian costs D tangents once and is then kept up to
-date by Broyden's rank-one updates from the residuals Newton evaluates anyway (no model calls). A fresh
-Jacobian is built only for a sample whose damped steps keep failing, or whose accepted steps crawl (8 in a row
-that do not halve |r|₂: a Broyden-updated Jacobian can lose the fast directions and creep).
-Dense is limited to D ≤ `dense_max` (memory B·D², cost D decodes); larger states are refused with a ValueError naming D.
+`Anderson`: type-II Anderson acceleration (Walker & Ni 2011) of a preconditioned fixed-point map y ← y + g(y),
+memory m, mixing coefficients by a regularized least-squares problem per sample:
 
-Every residual is evaluated on the whole batch, converged samples included (so a network whose float32
-rounding depends on the batch is solved for the batch it will be decoded in; the Jacobians' tangent calls are
-per open sample). Iteration: δ = −J⁻¹ r (Newton), and after a rejected step the Levenberg–Marquardt step
-δ = −(JᵀJ + μ·max diag(JᵀJ)·I)⁻¹ Jᵀ r with μ = 1e-6, ×8 per rejection, ÷4 per accepted step (back to Newton
-below 1e-12); a sample takes z + δ when its residual norm falls. A Broyden-updated Jacobian damped past
-μ = 1e-2 is rebuilt at the iterate (μ = 0 again); a fresh one is damped further. Done when |r|_∞ ≤ bound, or when the
-Newton and the first damped step were both rejected while |r|_∞ ≤ stall_bound (stalled at round-off) and the
-Jacobian is fresh (else a fresh one first; a Broyden-updated Jacobian stalled a float32 digits solve at 119×
-the bound, a fresh one went on to 2.8×). A sample above the stall bound is given up (returned not done) after
-16 rejections in a row with a fresh Jacobian (μ ≈ 4e6), or after 2·max_jacobians Jacobians.
+    y⁺ = y + β g − (ΔY + β ΔG) γ,    γ = argmin_γ |g − ΔG γ|₂,                                           (A1)
 
-Why damping rather than shorter Newton steps: on the digits network (50 dpmpp_2m steps, held-out test image 1)
-the decoder's Jacobian spans singular values 0.004 … 33 and curves within 3e-3 of the iterate; Newton steps
-shortened along their own direction gained ~10 % each (40 iterations, 8 Jacobians: residual 2.7e-3 → 1.6e-3,
-then given up), damped steps reached 4.8e-7 in 44 iterations with 2 Jacobians.
+with ΔY, ΔG the last m differences of iterates and preconditioned residuals. On a linear map it is a Krylov method
+equivalent to GMRES on the preconditioned system, with one call of fn per iteration.
+
+`newton_krylov`: inexact Newton per sample, δ from GMRES(k) on J δ = −r, J v by a forward difference of fn,
+
+    J v ≈ (fn(z + h v) − fn(z)) / h,    h = sqrt(eps)·max(1, |z|_∞)   (|v|₂ = 1),                        (A2)
+
+one call of fn per Krylov vector, then a backtracking step (the full step, halved while |r|₂ does not fall).
+Used where the Anderson iteration of a step stalls or diverges, and for the shooting polish of a decoder chain
+(`probflow.inversion`, docs/MATH.md §9).
 """
 
 from __future__ import annotations
@@ -39,204 +29,164 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
-__all__ = ["jacobian", "newton_solve", "NewtonResult"]
-
-_MAX_REJECTIONS = 16  # from a fresh Jacobian: Newton, then damping μ = 1e-6 … 8¹⁴·1e-6 ≈ 4e6; then the sample is stuck
-_MAX_SLOW = 8  # accepted steps in a row that do not halve |r|₂ before a Broyden-updated Jacobian is rebuilt
+__all__ = ["Anderson", "NewtonResult", "newton_krylov"]
 
 
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def _jacobian_ad(fn: Callable[[Tensor], Tensor], zz: Tensor, tangents: Tensor) -> Tensor | None:
-    with fwad.dual_level():
-        out = fn(fwad.make_dual(zz, tangents))
-        _, t = fwad.unpack_dual(out)
-    return None if t is None else t.detach()
+class Anderson:
+    """(A1) per sample over the flattened state, in float64; `next(y, g)` returns the next iterate in y's dtype.
+    `beta`: the step of the unaccelerated map (a scalar or a per-sample tensor (B,))."""
 
+    def __init__(self, memory: int, beta: float | Tensor = 1.0) -> None:
+        self.m, self.beta = memory, beta
+        self.dy: list[Tensor] = []
+        self.dg: list[Tensor] = []
+        self.y_prev: Tensor | None = None
+        self.g_prev: Tensor | None = None
 
-def jacobian(fn: Callable[[Tensor], Tensor], z: Tensor, chunk: int = 1024) -> tuple[Tensor, str]:
-    """Dense per-sample Jacobians J[b] = ∂fn(z)[b]/∂z[b], shape (B, D, D), and how they were built ("ad" or
-    "fd"). The batch is repeated D times (sample b's copies at rows b·D … b·D + D − 1), `chunk` rows a call."""
-    b, d = z.shape[0], z[0].numel()
-    zz = z.detach().repeat_interleave(d, 0)
-    eye = torch.eye(d, dtype=z.dtype, device=z.device).repeat(b, 1).reshape(zz.shape)
-    cols = []
-    for a in range(0, b * d, chunk):
-        t = _jacobian_ad(fn, zz[a:a + chunk], eye[a:a + chunk])
-        if t is None or (a == 0 and not bool(t.abs().amax() > 0)):  # fn does not carry tangents
-            return _jacobian_fd(fn, z, chunk), "fd"
-        cols.append(_flat(t))
-    j = torch.cat(cols).reshape(b, d, d).transpose(1, 2)
-    if not _agrees_with_fd(fn, z, j):  # a model that drops tangents part of the way (numpy, detach) is caught
-        return _jacobian_fd(fn, z, chunk), "fd"
-    return j, "ad"
+    def _beta(self, like: Tensor) -> Tensor | float:
+        if isinstance(self.beta, Tensor):
+            return self.beta.to(like).reshape(-1, 1)
+        return self.beta
 
-
-def _agrees_with_fd(fn: Callable[[Tensor], Tensor], z: Tensor, j: Tensor) -> bool:
-    """J·v against a central difference along one fixed direction v per sample (2 calls of fn)."""
-    v = torch.ones_like(z) / z[0].numel() ** 0.5
-    h = torch.finfo(z.dtype).eps ** (1 / 3) * _flat(z).abs().amax(1).clamp_min(1.0).reshape(-1, *([1] * (z.ndim - 1)))
-    with torch.no_grad():
-        fd = _flat(fn(z + h * v) - fn(z - h * v)) / (2 * _flat(h))
-    jv = (j @ _flat(v)[..., None])[..., 0]
-    err = (fd - jv).norm(dim=1) / jv.norm(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-    return bool((err <= 1e-2).all())
-
-
-def _jacobian_fd(fn: Callable[[Tensor], Tensor], z: Tensor, chunk: int) -> Tensor:
-    b, d = z.shape[0], z[0].numel()
-    h = torch.finfo(z.dtype).eps ** (1 / 3) * _flat(z).abs().amax(1).clamp_min(1.0)  # per sample
-    zz = z.detach().repeat_interleave(d, 0)
-    hh = h.repeat_interleave(d).reshape(-1, *([1] * (z.ndim - 1)))
-    eye = torch.eye(d, dtype=z.dtype, device=z.device).repeat(b, 1).reshape(zz.shape) * hh
-    cols = []
-    with torch.no_grad():
-        for a in range(0, b * d, chunk):
-            up, dn = fn(zz[a:a + chunk] + eye[a:a + chunk]), fn(zz[a:a + chunk] - eye[a:a + chunk])
-            cols.append(_flat(up - dn) / (2 * hh[a:a + chunk].reshape(-1, 1)))
-    return torch.cat(cols).reshape(b, d, d).transpose(1, 2)
+    def next(self, y: Tensor, g: Tensor) -> Tensor:
+        yf, gf = _flat(y).double(), _flat(g).double()
+        beta = self._beta(yf)
+        if self.y_prev is not None and self.m > 0:
+            self.dy.append(yf - self.y_prev)
+            self.dg.append(gf - self.g_prev)
+            self.dy, self.dg = self.dy[-self.m:], self.dg[-self.m:]
+        self.y_prev, self.g_prev = yf, gf
+        if not self.dy:
+            return (yf + beta * gf).to(y.dtype).reshape(y.shape)
+        dg = torch.stack(self.dg, -1)  # (B, D, k)
+        a = dg.transpose(1, 2) @ dg
+        reg = 1e-14 * a.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)[:, None, None]
+        gamma = torch.linalg.solve(a + reg * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device),
+                                   dg.transpose(1, 2) @ gf[..., None])[..., 0]  # (B, k)
+        out = yf + beta * gf
+        for j in range(len(self.dy)):  # no (B, D, k) copy of ΔY + βΔG: one column at a time
+            out -= gamma[:, j:j + 1] * (self.dy[j] + beta * self.dg[j])
+        return out.to(y.dtype).reshape(y.shape)
 
 
 class NewtonResult:
-    """z (the best iterate per sample), res (its |fn(z) − target|_∞ per sample), done (per sample), iterations
-    (Newton steps taken per sample), jacobians (Jacobians built per sample), evals (calls of fn per sample, the
-    Jacobians' D tangents not included), how ("ad"/"fd"), history (max residual over open samples per step)."""
+    """z (best iterate per sample), res (its |fn(z) − target|_∞ per sample), done (per sample), iterations (Newton
+    steps per sample), evals (calls of fn, Krylov products included; the same for every sample: fn runs on the
+    whole batch), history (largest open residual after each Newton step)."""
 
     def __init__(self, **kw) -> None:
         self.__dict__.update(kw)
 
 
-def _solve(j: Tensor, r: Tensor, mu: Tensor) -> Tensor:
-    """δ per sample, in float64: Newton's −J⁻¹ r where mu = 0 (least squares where J is singular), else the
-    Levenberg–Marquardt step −(JᵀJ + mu·max diag(JᵀJ)·I)⁻¹ Jᵀ r."""
-    jd, rd = j.double(), r.double()[..., None]
-    out = torch.zeros_like(rd[..., 0])
-    lm = mu > 0
-    nw = ~lm  # only the undamped samples: a singular J elsewhere must not send them to least squares
-    if bool(nw.any()):
-        try:
-            out[nw] = -torch.linalg.solve(jd[nw], rd[nw])[..., 0]
-        except RuntimeError:
-            out[nw] = -torch.linalg.lstsq(jd[nw], rd[nw]).solution[..., 0]
-    if bool(lm.any()):
-        jl = jd[lm]
-        a = jl.transpose(1, 2) @ jl
-        scale = a.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(torch.float64).tiny)  # J = 0: δ = 0
-        damp = (mu[lm].double().to(a.device) * scale)[:, None, None]
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        out[lm] = -torch.linalg.solve(a + damp * eye, jl.transpose(1, 2) @ rd[lm])[..., 0]
-    return out
+def _gmres(jv: Callable[[Tensor], Tensor], b: Tensor, krylov: int, rtol: float) -> tuple[Tensor, int]:
+    """GMRES(krylov) from 0 on J δ = b per sample (rows of b), modified Gram–Schmidt; stops when every sample's
+    least-squares residual is below rtol·|b|₂. Returns (δ, products used)."""
+    n = b.shape[0]
+    beta = b.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    vs = [b / beta[:, None]]
+    h = torch.zeros(n, krylov + 1, krylov, dtype=torch.float64, device=b.device)
+    y = torch.zeros(n, 0, dtype=torch.float64, device=b.device)
+    k = 0
+    for k in range(1, krylov + 1):
+        w = jv(vs[-1])
+        for j, v in enumerate(vs):
+            h[:, j, k - 1] = (w * v).sum(1)
+            w = w - h[:, j, k - 1, None] * v
+        h[:, k, k - 1] = w.norm(dim=1)
+        vs.append(w / h[:, k, k - 1].clamp_min(torch.finfo(torch.float64).tiny)[:, None])
+        e1 = torch.zeros(n, k + 1, 1, dtype=torch.float64, device=b.device)
+        e1[:, 0, 0] = beta
+        y = torch.linalg.lstsq(h[:, :k + 1, :k], e1).solution[..., 0]
+        res = (e1[..., 0] - (h[:, :k + 1, :k] @ y[..., None])[..., 0]).norm(dim=1)
+        if bool((res <= rtol * beta).all()):
+            break
+    return sum(y[:, j:j + 1] * vs[j] for j in range(k)), k
 
 
-def _broyden(j: Tensor, dz: Tensor, dr: Tensor) -> Tensor:
-    """Good Broyden, per sample: J + (Δr − J Δz) Δzᵀ / (Δzᵀ Δz)."""
-    den = (dz * dz).sum(1).clamp_min(torch.finfo(torch.float64).tiny)
-    u = dr - (j @ dz[..., None])[..., 0]
-    return j + u[..., None] * dz[:, None, :] / den[:, None, None]
+def newton_krylov(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bound: Tensor, stall_bound: Tensor, *,
+                  max_iter: int = 20, krylov: int = 10, rtol: float = 1e-3, r0: Tensor | None = None) -> NewtonResult:
+    """Solve fn(z) = target per sample from z0 by inexact Newton (module docstring, (A2)).
 
-
-def _rebuild(fn, z: Tensor, idx: Tensor, chunk: int, jac: Tensor, jacs: Tensor, fresh_j: Tensor,
-             reset: tuple[Tensor, ...]) -> str:
-    """A fresh Jacobian at the current iterate of samples idx (in place); their damping and counters restart."""
-    j, how = jacobian(fn, z[idx], chunk)
-    jac[idx] = j.double()
-    jacs[idx] += 1
-    fresh_j[idx] = True
-    for t in reset:
-        t[idx] = 0
-    return how
-
-
-def newton_solve(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bound: Tensor, stall_bound: Tensor, *,
-                 max_iter: int = 30, dense_max: int = 4096, chunk: int = 1024, r0: Tensor | None = None,
-                 jac: Tensor | None = None, max_jacobians: int = 4) -> NewtonResult:
-    """Solve fn(z) = target per sample from z0 (module docstring). bound, stall_bound: per-sample tensors (B,)
-    of the accepted |residual|_∞ (converged; stalled at round-off). r0: fn(z0) − target when already known.
-    max_jacobians: Jacobians built per sample before a stall above 8× the bound is accepted."""
-    b, d = z0.shape[0], z0[0].numel()
-    if d > dense_max:
-        raise ValueError(f"z: the Newton solve builds dense per-sample Jacobians and is limited to {dense_max} numbers "
-                         f"per sample (dense_max); got {d}")
+    bound, stall_bound: per-sample tensors (B,) of the accepted |residual|_∞ (converged; stalled at round-off: a
+    Newton step whose backtracking finds no decrease ends the sample, done if below stall_bound). krylov: GMRES
+    vectors per Newton step (one call of fn each); rtol: GMRES's relative residual. Samples already within bound
+    are not moved."""
     bound, stall_bound = bound.double().cpu(), stall_bound.double().cpu()
     z = z0.detach().clone()
-    evals = torch.zeros(b, dtype=torch.long)
+    evals = 0
     with torch.no_grad():
         if r0 is None:
             r0 = fn(z) - target
             evals += 1
-    r = _flat(r0).double()
-    res = r.abs().amax(1).cpu()
-    norm = r.norm(dim=1).cpu()
-    done = res <= bound
-    jacs = torch.zeros(b, dtype=torch.long)
-    how = "given"
-    fresh_j = torch.zeros(b, dtype=torch.bool)  # the Jacobian was built at the current iterate
-    if jac is None:
-        jac = torch.zeros(b, d, d, dtype=torch.float64, device=z.device)
-        if not bool(done.all()):
-            how = _rebuild(fn, z, (~done).nonzero()[:, 0], chunk, jac, jacs, fresh_j, ())
-    iters = torch.zeros(b, dtype=torch.long)
-    fails = torch.zeros(b, dtype=torch.long)
-    mu = torch.zeros(b, dtype=torch.float64)  # Levenberg–Marquardt damping per sample (0: the Newton step)
-    slow = torch.zeros(b, dtype=torch.long)  # accepted steps in a row that did not halve |r|₂
-    history: list[float] = []
-    stuck_all = torch.zeros(b, dtype=torch.bool)
-    for _ in range(max_iter):
-        if bool(done.all()):
+        r = _flat(r0).double()
+        res, norm = r.abs().amax(1).cpu(), r.norm(dim=1).cpu()
+        done = res <= bound
+        stuck = torch.zeros_like(done)
+        iters = torch.zeros(z.shape[0], dtype=torch.long)
+        history: list[float] = []
+        eps = torch.finfo(z.dtype).eps
+        for _ in range(max_iter):
+            open_ = ~(done | stuck)
+            if not bool(open_.any()):
+                break
+            hstep = (eps ** 0.5) * _flat(z).abs().amax(1).clamp_min(1.0).double()
+            jv = _fd_jvp(fn, z, _flat(target).double() + r, hstep, open_.to(z.device))
+            delta, used = _gmres(jv, torch.where(open_.to(r.device)[:, None], -r, 0.0), krylov, rtol)
+            evals += used
+            iters += open_.long()
+            z, r, res, norm, ok, e = _backtrack(fn, target, z, delta, r, res, norm, open_)
+            evals += e
+            done |= res <= bound
+            stuck |= open_ & ~ok & ~done
+            history.append(float(res[open_].max()))
+    settled = done | (stuck & (res <= stall_bound))
+    return NewtonResult(z=z, res=res, done=settled, iterations=iters, evals=evals, history=history)
+
+
+def _fd_jvp(fn, z: Tensor, base: Tensor, hstep: Tensor, mask: Tensor):
+    """v ↦ J v by (A2) for the samples in mask (0 elsewhere); base = fn(z) flattened in float64 (the residual
+    plus the target: no extra call)."""
+    def jv(v: Tensor) -> Tensor:
+        zt = torch.where(_bmask(mask, z), z + (hstep[:, None] * v).to(z.dtype).reshape(z.shape), z)
+        dz = _flat(zt).double() - _flat(z).double()  # the step z actually took, after rounding
+        scale = (dz * v).sum(1)  # ≈ h (|v|₂ = 1)
+        ok = mask & (scale > 0)
+        out = (_flat(fn(zt)).double() - base) / torch.where(ok, scale, 1.0)[:, None]
+        return torch.where(ok[:, None], out, 0.0)
+    return jv
+
+
+def _bmask(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _backtrack(fn, target, z, delta, r, res, norm, open_, tries: int = 4):
+    """z + t δ for t = 1, 1/2, … (tries): per sample the first t that lowers |r|₂ is taken. Returns the new
+    (z, r, res, norm), which samples moved, and the calls of fn made."""
+    moved = torch.zeros_like(open_)
+    evals = 0
+    t = 1.0
+    for _ in range(tries):
+        want = open_ & ~moved
+        if not bool(want.any()):
             break
-        open_ = ~done
-        dz = _solve(jac[open_], r[open_], mu[open_])
-        zt = z[open_] + dz.to(z.dtype).reshape(z[open_].shape)
-        zfull = z.clone()
-        zfull[open_] = zt
-        with torch.no_grad():  # the whole batch, as it will be decoded (a network's rounding can depend on it)
-            rt = _flat(fn(zfull) - target).double()[open_]
+        m = want.to(z.device)
+        zt = torch.where(m.reshape(-1, *([1] * (z.ndim - 1))), z + (t * delta).to(z.dtype).reshape(z.shape), z)
+        rt = _flat(fn(zt) - target).double()
         evals += 1
-        iters[open_] += 1
-        rest, nt = rt.abs().amax(1).cpu(), rt.norm(dim=1).cpu()
-        ok = (nt < norm[open_]) | (rest <= bound[open_])
-        idx = open_.nonzero()[:, 0]
-        acc, rej = idx[ok], idx[~ok]
-        if len(acc):
-            slow[acc] = torch.where(nt[ok] <= norm[acc] / 2, 0, slow[acc] + 1)
-            jac[acc] = _broyden(jac[acc], zt[ok].reshape(len(acc), -1).double() - _flat(z[acc]).double(),
-                                rt[ok] - r[acc])
-            z[acc] = zt[ok]
-            r[acc] = rt[ok]
-            res[acc], norm[acc] = rest[ok], nt[ok]
-            mu[acc] = torch.where(mu[acc] > 4e-12, mu[acc] / 4, 0.0)
-            fails[acc] = 0
-        fails[rej] += 1
-        fresh_j[acc] = False
-        # stalled at round-off: the Newton step and the first damped one both rejected, below the stall bound, with a
-        # Jacobian built at this iterate (a Broyden-updated one can be what stalls), or within 8× the bound, or
-        # after max_jacobians
-        settled = fresh_j | (res <= 8 * bound) | (jacs >= max_jacobians)
-        done = done | (res <= bound) | ((fails >= 2) & (res <= stall_bound) & settled)
-        # stuck: with a fresh Jacobian a damped step tends to a short gradient step of |r|², which lowers it unless
-        # round-off rules; none did up to μ ≈ 4e6 — or the sample needed 2·max_jacobians Jacobians
-        stuck = ~done & (res > stall_bound) & ((fresh_j & (fails >= _MAX_REJECTIONS)) | (jacs > 2 * max_jacobians))
-        stuck_all |= stuck
-        done = done | stuck
-        rej = rej[~done[rej]]
-        # damping rather than shorter Newton steps: see the module docstring (digits, 50 dpmpp_2m steps, image 1)
-        mu[rej] = torch.clamp(mu[rej] * 8, min=1e-6)
-        # a Broyden-updated Jacobian damped to μ > 1e-2 (5 rejections; a decode each, against D tangent decodes for
-        # a Jacobian): a new one at the current iterate, the Newton step again (a fresh one at the same iterate
-        # would give the same steps: those samples are damped further instead)
-        fresh = rej[(mu[rej] > 1e-2) & ~fresh_j[rej]]
-        # a Broyden-updated Jacobian whose accepted steps crawl (digits, 50 unipc_3 steps, float64: 100 accepted
-        # steps on one Jacobian ended at 2.4e-6) is rebuilt too
-        crawl = (~done & ~fresh_j & (slow >= _MAX_SLOW) & (res > stall_bound)).nonzero()[:, 0]
-        fresh = torch.unique(torch.cat([fresh, crawl]))
-        if len(fresh):
-            how2 = _rebuild(fn, z, fresh, chunk, jac, jacs, fresh_j, (mu, fails, slow))
-            how = how2 if how == "given" else how
-        history.append(float(res[open_].max()))
-    return NewtonResult(z=z, res=res, done=done & ~stuck_all, iterations=iters, jacobians=jacs, evals=evals, how=how,
-                        history=history, dim=d)
+        nt = rt.norm(dim=1).cpu()
+        ok = want & (nt < norm)
+        okd = ok.to(z.device)
+        z = torch.where(okd.reshape(-1, *([1] * (z.ndim - 1))), zt, z)
+        r = torch.where(okd[:, None], rt, r)
+        res = torch.where(ok, rt.abs().amax(1).cpu(), res)
+        norm = torch.where(ok, nt, norm)
+        moved |= ok
+        t /= 2
+    return z, r, res, norm, moved, evals

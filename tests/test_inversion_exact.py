@@ -142,37 +142,47 @@ def test_refuses_methods_it_cannot_invert(mixture, method):
         encode_exact(gm, x0, grids.ddim(SCH, 10), method)
 
 
-def test_single_step_newton_fallback_where_the_fixed_point_fails():
-    """Euler, 10 trailing steps, a sharp 64-D mixture: the fixed point fails at σ 0.72 → 0.34 for this sample;
-    the per-step Newton fallback finishes it exactly (without it, dense_max=0, the solve raises)."""
+def test_single_step_newton_krylov_fallback_where_anderson_fails(monkeypatch):
+    """Euler, 10 trailing steps, a sharp 64-D mixture, with plain fixed-point iteration (memory 0) limited to 8
+    iterations per step: the matrix-free Newton–Krylov fallback (forward differences only) finishes the steps
+    exactly; with the fallback disabled the same solve raises, naming σ and the residual."""
+    import probflow.inversion as inv
+
     gm = GaussianMixture.random(64, 8, seed=3, std_range=(0.1, 0.5))
-    x0 = gm.sample(8, generator=torch.Generator().manual_seed(0))[:1]
+    x0 = gm.sample(8, generator=torch.Generator().manual_seed(0))[:2]
     g = grids.ddim(SCH, 10)
-    enc = encode_exact(gm, x0, g, "euler")
+    enc = encode_exact(gm, x0, g, "euler", max_iter=8, memory=0)
     fb = enc.info["newton_fallbacks"]
-    assert fb and fb[0]["converged"] and fb[0]["tangent_nfe"] == 64 * fb[0]["jacobians"]
+    assert fb and all(f["converged"] for f in fb)
     assert _mse(probflow.decode(gm, enc.x, g, "euler").x, x0) <= 1e-24
-    with pytest.raises(InversionError, match="σ = 0.719279 → 0.338828"):
-        encode_exact(gm, x0, g, "euler", dense_max=0)
+
+    def no_fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None):
+        return y, r, 0, {}
+
+    monkeypatch.setattr(inv, "_fallback", no_fallback)
+    with pytest.raises(InversionError, match=r"σ = .*residual .* float64"):
+        encode_exact(gm, x0, g, "euler", max_iter=8, memory=0)
 
 
-def test_amplifying_chain_is_polished_by_the_trajectory_solve():
-    """float32, Euler, 10 trailing steps, a sharp 64-D mixture: the per-step latent of sample 0 decodes with an
-    RMS error well above float32 round-off (the chain amplifies each step's rounding); the trajectory solve from
-    that latent lowers it, and leaves the sample that did not need it alone."""
-    gm = GaussianMixture.random(64, 8, seed=3, std_range=(0.1, 0.5))
-    x0 = gm.sample(8, generator=torch.Generator().manual_seed(0))[[0, 1]].float()
+def test_amplifying_chain_is_polished_by_shooting():
+    """float32, Euler, 10 trailing steps, a sharp 64-D mixture: the per-step latent of some sample decodes with an
+    RMS error above float32 round-off (the chain amplifies each step's rounding); Newton–Krylov on x_T (shooting)
+    from that latent lowers it, and leaves the samples that did not need it alone."""
+    gm = GaussianMixture.random(64, 8, seed=7, std_range=(0.1, 0.5))
+    x0 = gm.sample(4, generator=torch.Generator().manual_seed(11)).float()
     g = grids.ddim(SCH, 10)
 
     def rms(z):
         return ((probflow.decode(gm, z, g, "euler").x.double() - x0.double()) ** 2).mean(1).sqrt()
 
-    raw = encode_exact(gm, x0, g, "euler", polish=False)
+    raw = encode_exact(gm, x0, g, "euler", polish=False, verify_tol=1.0)
     enc = encode_exact(gm, x0, g, "euler")
-    assert raw.info["shooting"] is None and enc.info["shooting"]["samples"] == [0]
-    assert float(rms(enc.x)[0]) < 0.5 * float(rms(raw.x)[0])
-    assert torch.equal(enc.x[1], raw.x[1])
-    assert enc.info["nfe_solve"] >= raw.info["nfe_solve"] + 64 * 10  # the Jacobian's tangents are counted
+    polished = enc.info["shooting"]["samples"]
+    assert raw.info["shooting"] is None and polished
+    for j in polished:
+        assert float(rms(enc.x)[j]) < 0.5 * float(rms(raw.x)[j])
+    for j in set(range(len(x0))) - set(polished):
+        assert torch.equal(enc.x[j], raw.x[j])
 
 
 # ------------------------------------------------- multistep decoders: the trajectory-level (shooting) solve
@@ -197,7 +207,7 @@ def test_multistep_round_trip_float64(small_mixture, method, steps):
     assert _mse(probflow.decode(gm, enc.x, g, method).x, x0) <= 1e-24  # the ordinary decoder, x_T alone
     info = enc.info
     assert info["solve"] == "trajectory" and info["decoder"] == method
-    assert enc.nfe == info["nfe_solve"] + info["nfe_verify"] and info["nfe_solve"] > 16 * steps  # tangents counted
+    assert enc.nfe == info["nfe_solve"] + info["nfe_verify"] and info["nfe_verify"] >= steps
     plain = probflow.encode(gm, x0, g, method)  # the method's explicit encode (the warm start) is not exact
     assert _mse(probflow.decode(gm, plain.x, g, method).x, x0) > 1e-10
 
@@ -281,25 +291,6 @@ def test_dpmpp_2m_latent_decodes_through_diffusers_dpm_solver(small_mixture):
     assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-24
     assert _mse(through_diffusers(enc.x), x0) <= 1e-13
     assert _mse(through_diffusers(probflow.encode(gm, x0, g, "dpmpp_2m").x), x0) > 1e-8  # the plain encode is not
-
-
-def test_newton_finite_difference_jacobian_matches_forward_ad(small_mixture):
-    from probflow.newton import jacobian
-
-    gm, x0 = small_mixture
-    g = grids.named("logsnr", SCH, 5)
-
-    def dec(z):
-        return probflow.decode(gm, z, g, "dpmpp_2m").x
-
-    class _NoTangents:  # the same decoder through a model that drops forward-mode tangents
-        def __call__(self, x, sigma):
-            return gm(torch.autograd.forward_ad.unpack_dual(x).primal, sigma)
-
-    j_ad, how_ad = jacobian(dec, x0[:2])
-    j_fd, how_fd = jacobian(lambda z: probflow.decode(_NoTangents(), z, g, "dpmpp_2m").x, x0[:2])
-    assert (how_ad, how_fd) == ("ad", "fd")
-    assert float((j_ad - j_fd).abs().max()) <= 1e-7 * float(j_ad.abs().max())
 
 
 def test_trajectory_is_the_decoders_path(mixture):

@@ -5,8 +5,8 @@ Default: the latent is made exact for an ordinary decoder, euler (DDIM) with 20 
 `quadratic_open` grid (quadratic in t, ending at the table's smallest σ, where inverting the last step is
 well-conditioned), in the network's own dtype: one tensor, and `decode` with that decoder returns the images
 to round-off. Any fixed-grid decoder can be named instead (`--method heun2`, `--method dpmpp_2m`, `dpmpp_3m`,
-`unipc`, `unipc_3`): the latent is then exact for that decoder (multistep decoders by a trajectory-level
-Newton solve, whose dense Jacobian costs about 64 decodes per 8×8 image). `--plain` gives the method's
+`unipc`, `unipc_3`): the latent is then exact for that decoder (matrix-free solves, forward calls of the
+network only; multistep decoders by a trajectory-level solve). `--plain` gives the method's
 ordinary explicit encode; a reversible method (reversible_heun) gives its pair latent, an adaptive one the
 ODE's latent. Latent files (`probflow.io.latents`) carry their
 provenance and environment; decode reads method, grid, dtype and state from the file.
@@ -42,7 +42,7 @@ def _encode(req: EncodeRequest, model, x0: Tensor, w):
     model and state unless --precision says otherwise (exact to the network's own precision)."""
     import probflow
     from probflow.cli.common import grid_name, make_grid, precision_of, solve
-    from probflow.inversion import encode_exact
+    from probflow.inversion import InversionError, encode_exact
 
     s, mode = req.solver, req.mode
     default = EXACT_GRID if mode == "exact" else "uniform"
@@ -58,6 +58,8 @@ def _encode(req: EncodeRequest, model, x0: Tensor, w):
 
     try:
         sol = solve(req.run, s, model, exact, len(x0), x0, sig, s.method, "encode (exact)", w=w, precision=precision)
+    except InversionError:
+        raise  # its own message names σ, the residual and what to try
     except ValueError as e:
         msg = str(e).removeprefix("method: ")
         raise ValueError(f"--method: {msg}; pass --plain for the ordinary encode") from None
