@@ -66,12 +66,14 @@ class InversionError(ValueError):
 
 
 def exact_methods() -> list[str]:
-    """Registered methods `encode_exact` can invert: fixed-grid, deterministic, not reversible (those are
-    exact by construction) and not Adams (equal steps only)."""
+    """Registered methods `encode_exact` can invert (`invertible`)."""
     from probflow.solvers import METHODS
+    return [n for n, m in METHODS.items() if invertible(m)]
 
-    return [n for n, m in METHODS.items() if not m.adaptive and not m.reversible and not m.uniform_steps
-            and not m.stochastic and m.backend != "scipy"]
+
+def invertible(m: Method) -> bool:
+    """`encode_exact` needs a fixed-grid, deterministic, non-reversible, non-Adams method (docs/MATH.md §14)."""
+    return not (m.adaptive or m.reversible or m.uniform_steps or m.stochastic or m.backend == "scipy")
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -125,8 +127,7 @@ def _scales(x0: Tensor) -> Tensor:
 
 
 def _run_step(field: DDIMField, m: Method, y: Tensor, s: Tensor, s_next: Tensor, state=None):
-    """One decoder step σ → σ_next as the decoder runs it: probflow's step function, or torchdiffeq through the
-    one integrate path. Returns (x̄_next, state)."""
+    """(x̄_next, state): one decoder step σ → σ_next as the decoder runs it (its step function, or integrate)."""
     if m.backend == "probflow":
         with torch.no_grad():
             return m.step(field, y, s, s_next, state)
@@ -474,7 +475,7 @@ def encode_exact(
     """
     field = as_field(model)
     m = method if isinstance(method, Method) else get_method(method)
-    if m.name not in exact_methods() and not isinstance(method, Method):
+    if not invertible(m):  # a Method object is checked like a registered name
         raise ValueError(f"method: encode_exact needs a fixed-grid, non-reversible decoder, one of {exact_methods()}; "
                          f"got {m.name!r}")
     x0 = check_state(x0, "x0")
