@@ -255,3 +255,19 @@ def test_the_arguments_are_never_written_back(two_pngs, tmp_path, capsys):
         assert run(args) == 0
         assert vars(args) == before
     capsys.readouterr()
+
+
+def test_ctrl_c_while_python_is_still_importing_is_one_line_and_exit_130(tmp_path):
+    """SIGINT soon after start lands while torch is imported (or, on a fast machine, during the run): either way
+    one line on stderr, exit 130, no traceback and no output file."""
+    import signal
+    import time
+
+    out = tmp_path / "s.png"
+    p = subprocess.Popen([sys.executable, "-m", "probflow", "sample", "--n", "256", "--steps", "500", "--out", str(out)],
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

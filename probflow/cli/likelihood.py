@@ -63,6 +63,8 @@ def _check_files(paths: list[str], size: tuple[int, int]) -> None:
         try:
             with Image.open(p) as im:
                 mode, (iw, ih) = im.mode, im.size
+        except Image.DecompressionBombError as e:  # the header declares more pixels than any image we take
+            raise ValueError(f"IMAGE: {p}: {e} (a decompression bomb?)") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"IMAGE: {p}: not a readable PNG/JPEG image ({e})") from None
         if mode not in _EIGHT_BIT:

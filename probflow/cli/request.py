@@ -181,6 +181,9 @@ def solver(args: argparse.Namespace, default_method: str | None, default_steps: 
         raise ValueError(f"{knob}: the stochastic sampler replaces the method; it cannot run with --method "
                          f"{method.name} (drop --method, or {knob})")
     method = method or (get_method(default_method) if default_method else None)
+    for flag, v in (("--eta", eta), ("--gamma", gamma)):
+        if v is not None and not (math.isfinite(v) and 0 <= v <= 1):
+            raise ValueError(f"{flag}: expected a number in [0, 1], got {v!r}")
     if knob is not None:
         method = get_method("euler")  # the grid rule of DDIM; the stochastic step itself is built per chunk
     if method is not None and method.adaptive and args.steps is not None:  # said, not silently dropped
