@@ -7,33 +7,36 @@ Public API: `DDIMField` (Eq. 12), `integrate` (the one integrate path; `Control`
 (the name → method registry). Heavy optional modules (diffusers) are imported lazily, never here.
 """
 
-import importlib
-
-from probflow.version import __version__
-
-# Names resolve on first use (PEP 562), so `python -m probflow` can answer Ctrl-C with one line even while torch is
-# still being imported (probflow.__main__), and `import probflow` stays cheap until something is used.
-_LAZY = {
-    "grids": "probflow.grids", "models": "probflow.models", "schedules": "probflow.schedules",
-    "solvers": "probflow.solvers", "DDIMField": "probflow.field", "as_field": "probflow.field",
-    "decode": "probflow.flows", "encode": "probflow.flows", "interpolate": "probflow.flows", "lerp": "probflow.flows",
-    "noise": "probflow.flows", "sample": "probflow.flows", "slerp": "probflow.flows",
-    "Control": "probflow.integrate", "Solution": "probflow.integrate", "integrate": "probflow.integrate",
-}
+import os as _os
+import signal as _signal
+import sys as _sys
+import threading as _threading
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'probflow' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    value = module if module.__name__ == f"probflow.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
+def _starting_the_cli() -> bool:
+    """`probflow …` or `python -m probflow …` is starting (argv[0] is "-m" while -m locates the module)."""
+    a0 = _sys.argv[0] if _sys.argv else ""
+    cli = a0 == "-m" or _os.path.basename(a0) == "probflow"
+    return cli and _threading.current_thread() is _threading.main_thread()
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+def _interrupted(signum, frame) -> None:
+    print("probflow: interrupted", file=_sys.stderr)
+    raise SystemExit(128 + signum)
 
+
+# Ctrl-C while the command line is still importing torch (seconds) is one line and exit 130, as during a run; a
+# library import leaves the handler alone, and the command's own handler takes over once it runs.
+_previous = _signal.signal(_signal.SIGINT, _interrupted) if _starting_the_cli() else None
+
+from probflow import grids, models, schedules, solvers  # noqa: E402 (after the Ctrl-C guard)
+from probflow.field import DDIMField, as_field  # noqa: E402 (after the Ctrl-C guard)
+from probflow.flows import decode, encode, interpolate, lerp, noise, sample, slerp  # noqa: E402 (after the Ctrl-C guard)
+from probflow.integrate import Control, Solution, integrate  # noqa: E402 (after the Ctrl-C guard)
+from probflow.version import __version__  # noqa: E402 (after the Ctrl-C guard)
+
+if _previous is not None:
+    _signal.signal(_signal.SIGINT, _previous)
 
 __all__ = [
     "__version__",
