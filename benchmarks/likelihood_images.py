@@ -11,14 +11,19 @@ interrupted run keeps what it measured); `python benchmarks/likelihood.py --part
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4 \
         --probes 16
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model unet --n 8
-    # the trained 32×32 model (pending: a diffusers folder and its 8-bit test images):
+    # the trained 32×32 model (digits32, unconditional; its test split as 8-bit images, 256 levels):
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 --n 64 \
+        --n-check 0
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
+        --n-check 4 --steps 1 --probes 4 16
+    # any other diffusers folder with 8-bit images:
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model FOLDER \
         --images 'DIR/*.png' --n 64
 
 Tuned on: the CLI's default solver and steps (rk4, 20 Karras steps) were chosen from the two solver tables (digits
 test images 0–2 and one UNet image from IMAGE_SEED); the bpd parts use the same two models (and, for digits,
 images 0–2 among the n), so the discretisation error at the default is a training score there. The trained
-32×32 model of the last command is the held-out case.
+32×32 model (digits32) is the held-out case.
 """
 
 from __future__ import annotations
