@@ -265,6 +265,10 @@ DIGITS32_NOTES = [
 ]
 
 
+def _dur(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
 def images_report() -> list[str]:
     """The image-scale sections, from likelihood_images.json (benchmarks/likelihood_images.py)."""
     path = HERE / "likelihood_images.json"
@@ -286,11 +290,11 @@ def images_report() -> list[str]:
                 "| method | Karras steps | calls | max abs error (bits/dim) | s |", "|---|---|---|---|---|"]
         out += [f"| {w['method']} | {w['steps']} | {w['calls']} | {w['max_abs_err']:.4f} | {w['seconds']} |"
                 for w in r["rows"]]
-    for key in ("variance_digits", "variance_unet"):
+    for key in ("variance_digits", "variance_unet", "variance_digits32"):
         r = res.get(key)
         if not r or len(r.get("rows", [])) < 2:
             continue
-        fwd, bwd = r.get("seconds_forward"), r.get("seconds_reverse")
+        fwd, bwd, dim = r.get("seconds_forward"), r.get("seconds_reverse"), r.get("dim", 3072)
         out += ["", f"### Probe variance per model call: {r['model']}", "",
                 f"{r['grid']}, {r['images']} image(s), 8 probes per call; sd = the standard deviation of one probe "
                 "stream's estimate (bits/dim, mean over images); the standard error with P probes is sd/√P at the "
@@ -305,8 +309,8 @@ def images_report() -> list[str]:
                    f"({(a / b) ** 2:.1f}× less variance).")
         if fwd is not None:
             out.append(f"Pilot: forward {fwd:.3f} s, each probe's reverse pass {bwd:.3f} s per call on one image: P "
-                       f"probes cost forward + P × reverse. Exact or Hutchinson: at D = 3072 the exact divergence "
-                       f"would cost about D × (forward + reverse) = {3072 * (fwd + bwd) / 3600:.1f} h per call on "
+                       f"probes cost forward + P × reverse. Exact or Hutchinson: at D = {dim} the exact divergence "
+                       f"would cost about D × (forward + reverse) = {_dur(dim * (fwd + bwd))} per call on "
                        f"this image against {fwd + 4 * bwd:.1f} s for 4 probes; `EXACT_MAX_DIM` = 256 keeps it "
                        "for D ≤ 256, where it is affordable (digits, D = 64, below).")
     for key, title in (("bpd_digits", "Digits test split, the CLI's defaults"),
@@ -327,6 +331,16 @@ def images_report() -> list[str]:
                 + (f"{r['estimated_seconds']:.0f} s" if r.get("estimated_seconds") is not None else "n/a") + ")."]
         if key == "bpd_digits32":
             out += DIGITS32_NOTES
+            v = res.get("variance_digits32")
+            out.append(f"- Probes: {r['probes']} fresh per call (the default), chosen by standard error "
+                       "per model call: "
+                       f"the estimator's share of the mean's standard error is {r['estimator_se']:.4f}, "
+                       f"{r['se_over_images'] / max(r['estimator_se'], 1e-12):.0f}× below the spread over images "
+                       f"({r['se_over_images']:.4f}), which no number of probes reduces; more probes per call cost "
+                       "forward + P × reverse"
+                       + (f" ({v['seconds_forward']:.3f} + P × {v['seconds_reverse']:.3f} s per call on one image, "
+                          "the probe-variance table above)" if v and v.get("seconds_forward") else "")
+                       + " for a standard error that falls only as 1/√P.")
         c = r.get("check")
         if not c and r["divergence"] == "hutchinson" and key != "bpd_digits32":
             out.append("- Against the exact divergence: not run at this D (it costs D reverse passes per call; see the "

@@ -155,7 +155,8 @@ def variance_part(spec: str, n: int) -> None:
     m, x, levels, info = load(spec, None, n)
     g = _grid(m, DEFAULT_METHOD, DEFAULT_STEPS)
     d = x[0].numel()
-    out = {**info, "grid": f"{DEFAULT_METHOD}, {DEFAULT_GRID} {DEFAULT_STEPS} steps", "images": n, "rows": []}
+    out = {**info, "grid": f"{DEFAULT_METHOD}, {DEFAULT_GRID} {DEFAULT_STEPS} steps", "images": n, "rows": [],
+           "dim": d}
     for fresh in (False, True):
         t = time.perf_counter()
         r = bits_per_dim(m, x, g, DEFAULT_METHOD, levels=levels, seed=5, divergence="hutchinson",
