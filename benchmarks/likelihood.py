@@ -257,10 +257,13 @@ DIGITS32_NOTES = [
     "- Model: `models.load(\"digits32\", class_label=10)`, the null class at guidance 1, i.e. ε_∅, the "
     "unconditional field (CFG weight w = 0).",
     "- Commands: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 "
-    "--n 64 --n-check 0`; the check: `... --part check --model digits32 --n-check 4 --steps 1 --probes 4 16` "
-    "(the exact divergence at D = 1024 costs 1024 VJPs per call, about 30 s per call per image here, so 80 calls "
-    "× 4 images would take hours: the check uses rk4 on a 1-step Karras grid for both divergences, like for like; "
-    "it tests the estimator and its standard error, not the 20-step value). Wall times: one thread on a shared "
+    "--n 64 --n-check 0`; the checks: `... --part check --model digits32 --n-check 4 --steps 1 --probes 4 16` "
+    "and the same with `--steps 3`; the probe-variance table: `... --part variance --model digits32 --n 1` "
+    "(the exact divergence at D = 1024 costs 1024 VJPs per call, about 17 s per call per image here (279 s for 4 calls "
+    "× 4 images), so the 20-step grid's 80 calls × 4 images would take about 1.5 h: the checks use rk4 on 1- and "
+    "3-step Karras grids (`--steps 1`, `--steps 3`) for both divergences, like for like; they test the estimator and "
+    "its standard error, not the 20-step value, and the 1-step exact values (about −3000 bits/dim) are far from it). "
+    "Wall times: one thread on a shared "
     "2-core machine, upper bounds.",
 ]
 

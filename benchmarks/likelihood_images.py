@@ -16,6 +16,9 @@ interrupted run keeps what it measured); `python benchmarks/likelihood.py --part
         --n-check 0
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
         --n-check 4 --steps 1 --probes 4 16
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
+        --n-check 4 --steps 3 --probes 4 16
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part variance --model digits32 --n 1
     # any other diffusers folder with 8-bit images:
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model FOLDER \
         --images 'DIR/*.png' --n 64
