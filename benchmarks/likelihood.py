@@ -343,7 +343,9 @@ def images_report() -> list[str]:
                        "forward + P × reverse"
                        + (f" ({v['seconds_forward']:.3f} + P × {v['seconds_reverse']:.3f} s per call on one image, "
                           "the probe-variance table above)" if v and v.get("seconds_forward") else "")
-                       + " for a standard error that falls only as 1/√P.")
+                       + " for a standard error that falls only as 1/√P. The mean's standard error pools "
+                       f"{r['n']} × {r['probes'] - 1} degrees of freedom, so it is not fragile the way one image's "
+                       "is (below): per-image checks want 16 probes (`--probes`).")
         c = r.get("check")
         if not c and r["divergence"] == "hutchinson" and key != "bpd_digits32":
             out.append("- Against the exact divergence: not run at this D (it costs D reverse passes per call; see the "
