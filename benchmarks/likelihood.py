@@ -247,6 +247,31 @@ def report() -> str:
     return "\n".join(lines) + "\n"
 
 
+DIGITS32_NOTES = [
+    "- Data: `probflow.digits.data32.load_split32()` test images (the model's own pipeline: x = p/8 − 1, bilinear "
+    "8×8 → 32×32), written as 8-bit images (256 levels, x = k/127.5 − 1, nearest level) and dequantised uniformly "
+    "within their 1/127.5 bins, the convention of 32×32 bits/dim tables (score_sde's CIFAR-10). The upsampled values "
+    "themselves lie on a 1025-level grid (multiples of 1/512: bilinear weights are multiples of 1/64 of the 17-level "
+    "step); their 17-level source bin (Δ = 1/8 per 32×32 pixel) is not a probability of these images, so it is not "
+    "used. The 8-bit rounding moves a pixel by at most 1/255 ≈ 0.004, below the model's smallest σ (0.01).",
+    "- Model: `models.load(\"digits32\", class_label=10)`, the null class at guidance 1, i.e. ε_∅, the "
+    "unconditional field (CFG weight w = 0).",
+    "- Commands: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 "
+    "--n 64 --n-check 0`; the checks: `... --part check --model digits32 --n-check 4 --steps 1 --probes 4 16` "
+    "and the same with `--steps 3`; the probe-variance table: `... --part variance --model digits32 --n 1` "
+    "(the exact divergence at D = 1024 costs 1024 VJPs per call, about 17 s per call per image here (279 s for 4 calls "
+    "× 4 images), so the 20-step grid's 80 calls × 4 images would take about 1.5 h: the checks use rk4 on 1- and "
+    "3-step Karras grids (`--steps 1`, `--steps 3`) for both divergences, like for like; they test the estimator and "
+    "its standard error, not the 20-step value, and the 1-step exact values (about −3000 bits/dim) are far from it). "
+    "Wall times: one thread on a shared "
+    "2-core machine, upper bounds.",
+]
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
 def images_report() -> list[str]:
     """The image-scale sections, from likelihood_images.json (benchmarks/likelihood_images.py)."""
     path = HERE / "likelihood_images.json"
@@ -268,11 +293,11 @@ def images_report() -> list[str]:
                 "| method | Karras steps | calls | max abs error (bits/dim) | s |", "|---|---|---|---|---|"]
         out += [f"| {w['method']} | {w['steps']} | {w['calls']} | {w['max_abs_err']:.4f} | {w['seconds']} |"
                 for w in r["rows"]]
-    for key in ("variance_digits", "variance_unet"):
+    for key in ("variance_digits", "variance_unet", "variance_digits32"):
         r = res.get(key)
         if not r or len(r.get("rows", [])) < 2:
             continue
-        fwd, bwd = r.get("seconds_forward"), r.get("seconds_reverse")
+        fwd, bwd, dim = r.get("seconds_forward"), r.get("seconds_reverse"), r.get("dim", 3072)
         out += ["", f"### Probe variance per model call: {r['model']}", "",
                 f"{r['grid']}, {r['images']} image(s), 8 probes per call; sd = the standard deviation of one probe "
                 "stream's estimate (bits/dim, mean over images); the standard error with P probes is sd/√P at the "
@@ -287,16 +312,16 @@ def images_report() -> list[str]:
                    f"({(a / b) ** 2:.1f}× less variance).")
         if fwd is not None:
             out.append(f"Pilot: forward {fwd:.3f} s, each probe's reverse pass {bwd:.3f} s per call on one image: P "
-                       f"probes cost forward + P × reverse. Exact or Hutchinson: at D = 3072 the exact divergence "
-                       f"would cost about D × (forward + reverse) = {3072 * (fwd + bwd) / 3600:.1f} h per call on "
+                       f"probes cost forward + P × reverse. Exact or Hutchinson: at D = {dim} the exact divergence "
+                       f"would cost about D × (forward + reverse) = {_dur(dim * (fwd + bwd))} per call on "
                        f"this image against {fwd + 4 * bwd:.1f} s for 4 probes; `EXACT_MAX_DIM` = 256 keeps it "
                        "for D ≤ 256, where it is affordable (digits, D = 64, below).")
     for key, title in (("bpd_digits", "Digits test split, the CLI's defaults"),
                        ("bpd_unet", "Random-weight 3×32×32 UNet (stress case), the CLI's defaults"),
-                       ("bpd_trained", "Trained 32×32 model")):
+                       ("bpd_digits32", "digits32 (trained 32×32 model)"),
+                       ("bpd_trained", "Trained 32×32 model (a diffusers folder)")):
         r = res.get(key)
         if not r:
-            out += ["", f"### {title}", "", "Pending: not measured in this run."] if key == "bpd_trained" else []
             continue
         out += ["", f"### {title}", "", f"{r['model']}, {r['images']}; {r['grid']}, divergence {r['divergence']}"
                 + (f" ({r['probes']} fresh probes per call)" if r.get("probes") else "") + f", {r['levels']} levels, "
@@ -307,16 +332,31 @@ def images_report() -> list[str]:
                 f"- {r['calls_per_image']} model calls per image, {r['seconds_per_image']} s per image "
                 f"({r['seconds']} s in all; the pilot estimated "
                 + (f"{r['estimated_seconds']:.0f} s" if r.get("estimated_seconds") is not None else "n/a") + ")."]
+        if key == "bpd_digits32":
+            out += DIGITS32_NOTES
+            v = res.get("variance_digits32")
+            out.append(f"- Probes: {r['probes']} fresh per call (the default), chosen by standard error "
+                       "per model call: "
+                       f"the estimator's share of the mean's standard error is {r['estimator_se']:.4f}, "
+                       f"{r['se_over_images'] / max(r['estimator_se'], 1e-12):.0f}× below the spread over images "
+                       f"({r['se_over_images']:.4f}), which no number of probes reduces; more probes per call cost "
+                       "forward + P × reverse"
+                       + (f" ({v['seconds_forward']:.3f} + P × {v['seconds_reverse']:.3f} s per call on one image, "
+                          "the probe-variance table above)" if v and v.get("seconds_forward") else "")
+                       + " for a standard error that falls only as 1/√P. The mean's standard error pools "
+                       f"{r['n']} × {r['probes'] - 1} degrees of freedom, so it is not fragile the way one image's "
+                       "is (below): per-image checks want 16 probes (`--probes`).")
         c = r.get("check")
-        if not c and r["divergence"] == "hutchinson":
+        if not c and r["divergence"] == "hutchinson" and key != "bpd_digits32":
             out.append("- Against the exact divergence: not run at this D (it costs D reverse passes per call; see the "
                        "pilot line above); Hutchinson against the exact value: the digits section and "
                        "tests/test_likelihood.py.")
         for c in [r[k] for k in sorted(r) if k.startswith("check")]:
             zs = ", ".join(f"{z:+.2f}" for z in c["z"])
             ses = ", ".join(f"{v:.4f}" for v in c["se"])
+            grid = f" ({c['grid']}, {c['exact_calls']} calls)" if c.get("grid") and c["grid"] != r["grid"] else ""
             out.append(f"- Hutchinson ({c['probes']} fresh probes per call) against the exact divergence on the same "
-                       f"solve grid, first {c['images']} images: z = (Hutchinson − exact)/SE = {zs} (SE {ses} "
+                       f"solve grid{grid}, first {c['images']} images: z = (Hutchinson − exact)/SE = {zs} (SE {ses} "
                        f"bits/dim); exact {c['exact_seconds']} s, Hutchinson {c['hutchinson_seconds']} s for the "
                        f"{c['images']}.")
         if any(abs(z) > 3 for k in r if k.startswith("check") for z in r[k]["z"]):

@@ -11,14 +11,22 @@ interrupted run keeps what it measured); `python benchmarks/likelihood.py --part
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4 \
         --probes 16
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model unet --n 8
-    # the trained 32×32 model (pending: a diffusers folder and its 8-bit test images):
+    # the trained 32×32 model (digits32, unconditional; its test split as 8-bit images, 256 levels):
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 --n 64 \
+        --n-check 0
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
+        --n-check 4 --steps 1 --probes 4 16
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
+        --n-check 4 --steps 3 --probes 4 16
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part variance --model digits32 --n 1
+    # any other diffusers folder with 8-bit images:
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model FOLDER \
         --images 'DIR/*.png' --n 64
 
 Tuned on: the CLI's default solver and steps (rk4, 20 Karras steps) were chosen from the two solver tables (digits
 test images 0–2 and one UNet image from IMAGE_SEED); the bpd parts use the same two models (and, for digits,
 images 0–2 among the n), so the discretisation error at the default is a training score there. The trained
-32×32 model of the last command is the held-out case.
+32×32 model (digits32) is the held-out case.
 """
 
 from __future__ import annotations
@@ -74,6 +82,16 @@ def load(spec: str, images: str | None, n: int) -> tuple[object, torch.Tensor, i
 
         m = models.load("digits")
         return m, load_split()["x_test"][:n].double(), m.levels, {"model": "digits (shipped)", "images": "test split"}
+    if spec == "digits32":
+        from probflow.digits.conditional import NULL_CLASS, load_split32
+
+        # the null class with w = 1 is ε_∅, the unconditional field (CFG weight w = 0)
+        m = models.load("digits32", class_label=NULL_CLASS)
+        x = load_split32()["x_test"][:n].double()
+        # 8-bit PNGs of the model's test images: the upsampled values lie on a 1025-level grid, not on 256 levels
+        return m, ((x + 1) * 127.5).round() / 127.5 - 1, 256, {
+            "model": "digits32 (shipped, unconditional: null class 10, w = 0)",
+            "images": "digits32 test split (8×8 → 32×32 bilinear), quantised to 8 bits (256 levels)"}
     if spec == "unet":
         with tempfile.TemporaryDirectory() as d:
             params = build_unet(d)
@@ -89,6 +107,10 @@ def load(spec: str, images: str | None, n: int) -> tuple[object, torch.Tensor, i
     c, h, w = m.sample_shape
     x = load_images(paths, (h, w), c, data_range=getattr(m, "data_range", (-1.0, 1.0)), verbose=False).double()
     return m, x, getattr(m, "levels", 256), {"model": spec, "images": images}
+
+
+def _key(spec: str) -> str:
+    return f"bpd_{spec if spec in ('digits', 'unet', 'digits32') else 'trained'}"
 
 
 def _grid(m, method: str, steps: int) -> torch.Tensor:
@@ -136,7 +158,8 @@ def variance_part(spec: str, n: int) -> None:
     m, x, levels, info = load(spec, None, n)
     g = _grid(m, DEFAULT_METHOD, DEFAULT_STEPS)
     d = x[0].numel()
-    out = {**info, "grid": f"{DEFAULT_METHOD}, {DEFAULT_GRID} {DEFAULT_STEPS} steps", "images": n, "rows": []}
+    out = {**info, "grid": f"{DEFAULT_METHOD}, {DEFAULT_GRID} {DEFAULT_STEPS} steps", "images": n, "rows": [],
+           "dim": d}
     for fresh in (False, True):
         t = time.perf_counter()
         r = bits_per_dim(m, x, g, DEFAULT_METHOD, levels=levels, seed=5, divergence="hutchinson",
@@ -176,43 +199,54 @@ def bpd_part(spec: str, images: str | None, n: int, n_check: int, batch: int) ->
                se_over_images=float(bpd.std() / math.sqrt(len(bpd))), estimator_se=float(se.pow(2).sum().sqrt()
                                                                                           / len(bpd)),
                calls_per_image=calls, seconds=round(secs, 1), seconds_per_image=round(secs / len(x), 2))
-    _merge(f"bpd_{spec if spec in ('digits', 'unet') else 'trained'}", out)
+    old = json.loads(OUT.read_text()).get(_key(spec), {}) if OUT.exists() else {}
+    out.update({k: v for k, v in old.items() if k.startswith("check")})  # a check run's rows stay
+    _merge(_key(spec), out)
     if n_check and est.divergence == "exact":
         check_part(spec, images, n_check, out)
 
 
-def check_part(spec: str, images: str | None, n_check: int, out: dict | None = None, probes: int = DEFAULT_PROBES) \
-        -> None:
-    """On the first n_check images: Hutchinson (the default probes, fresh) against the exact divergence on the
-    default grid, z = (Hutchinson − exact)/SE per image; added to the bpd part's record."""
+def check_part(spec: str, images: str | None, n_check: int, out: dict | None = None,
+               probes: tuple[int, ...] = (DEFAULT_PROBES,), steps: int = DEFAULT_STEPS) -> None:
+    """On the first n_check images: Hutchinson (each count of fresh probes per call in `probes`) against the exact
+    divergence, both on the default method's Karras grid of `steps` steps, z = (Hutchinson − exact)/SE per image;
+    added to the bpd part's record."""
     m, x, levels, info = load(spec, images, n_check)
-    g = _grid(m, DEFAULT_METHOD, DEFAULT_STEPS)
-    key = f"bpd_{spec if spec in ('digits', 'unet') else 'trained'}"
-    if out is None:
-        out = json.loads(OUT.read_text())[key]
+    g = _grid(m, DEFAULT_METHOD, steps)
+    key = _key(spec)
     xs = x[:n_check]
     ex = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="exact")
-    hu = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="hutchinson",
-                      probes_per_sample=probes)
-    z = (hu.bpd - ex.bpd) / hu.bpd_stderr
-    out["check" if probes == DEFAULT_PROBES else f"check_{probes}"] = {
-                    "images": n_check, "probes": probes, "exact": ex.bpd.tolist(),
-                    "hutchinson": hu.bpd.tolist(), "se": hu.bpd_stderr.tolist(), "z": z.tolist(),
-                    "hutchinson_calls": hu.likelihood.nfe, "hutchinson_seconds": round(hu.likelihood.seconds, 1),
-                    "exact_seconds": round(ex.likelihood.seconds, 1)}
+    print(f"exact: {ex.bpd.tolist()} in {ex.likelihood.seconds:.0f} s", flush=True)
+    rows = {}
+    for p in probes:
+        hu = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="hutchinson",
+                          probes_per_sample=p)
+        z = (hu.bpd - ex.bpd) / hu.bpd_stderr
+        name = "check" if p == DEFAULT_PROBES else f"check_{p}"
+        rows[name if steps == DEFAULT_STEPS else f"{name}_steps{steps}"] = {
+            "images": n_check, "probes": p, "grid": f"{DEFAULT_METHOD}, karras {steps} steps",
+            "exact_calls": ex.likelihood.nfe, "exact": ex.bpd.tolist(), "hutchinson": hu.bpd.tolist(),
+            "se": hu.bpd_stderr.tolist(), "z": z.tolist(), "hutchinson_calls": hu.likelihood.nfe,
+            "hutchinson_seconds": round(hu.likelihood.seconds, 1), "exact_seconds": round(ex.likelihood.seconds, 1)}
+    if out is None:  # read now, not at the start: a bpd run may have written the record meanwhile
+        out = json.loads(OUT.read_text()).get(key, dict(info)) if OUT.exists() else dict(info)
+    out.update(rows)
     _merge(key, out)
-    print(json.dumps({k: v for k, v in out.items() if k not in ("bpd", "bpd_se")}, indent=1), flush=True)
+    print(json.dumps(rows, indent=1), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=("solvers", "variance", "bpd", "check"), required=True)
-    p.add_argument("--model", default="digits", help="digits, unet (random-weight stress case) or a model folder")
+    p.add_argument("--model", default="digits", help="digits, digits32 (unconditional), unet (random-weight stress "
+                   "case) or a model folder")
     p.add_argument("--images", default=None, help="a glob of 8-bit images (with a model folder)")
     p.add_argument("--n", type=int, default=8, help="images")
     p.add_argument("--n-check", type=int, default=4, help="images checked against the other divergence")
     p.add_argument("--batch", type=int, default=8, help="images per solve")
-    p.add_argument("--probes", type=int, default=DEFAULT_PROBES, help="check: Hutchinson probes per call")
+    p.add_argument("--probes", type=int, nargs="+", default=[DEFAULT_PROBES],
+                   help="check: Hutchinson probes per call (several: one row each against one exact solve)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="check: steps of the grid (both divergences)")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.part == "solvers":
@@ -220,7 +254,7 @@ def main() -> None:
     elif a.part == "variance":
         variance_part(a.model, a.n)
     elif a.part == "check":
-        check_part(a.model, a.images, a.n_check, probes=a.probes)
+        check_part(a.model, a.images, a.n_check, probes=tuple(a.probes), steps=a.steps)
     else:
         bpd_part(a.model, a.images, a.n, a.n_check, a.batch)
 
