@@ -58,7 +58,7 @@ def test_folder_is_diffusers_layout_and_loads_through_the_conditional_loader(tmp
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--steps", "0"], "--steps: expected a positive integer"),
+    (["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
     (["--stop-after", "5", "--steps", "3"], "--stop-after: expected an integer in 1 … --steps (3), got 5"),
     (["--checkpoint-every", "-1"], "--checkpoint-every: expected an integer >= 0"),
 ])
