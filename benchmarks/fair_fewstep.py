@@ -47,16 +47,15 @@ from probflow.bench import peers as P
 from probflow.bench.heldout import (
     HELDOUT_SEEDS,
     TUNING_SEEDS,
-    DiagonalMixture,
     Problem,
     make_problem,
+    mixture,
     rmse,
     setup,
 )
 from probflow.field import DDIMField
 from probflow.flows import noise
 from probflow.integrate import integrate
-from probflow.models import GaussianMixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the held-out study beside this script
 from heldout_study import pilot_select, power_grid, steps_for  # noqa: E402
@@ -82,14 +81,7 @@ def outside_problem(seed: int, dim: int, kind: str, k: int = 8) -> Problem:
     w = g.uniform(0.5, 1.5, k)
     mu = np.clip(0.6 * g.standard_normal((k, dim)), -1, 1)
     std = np.exp(g.uniform(math.log(s_min), math.log(s_max), (k, dim)))
-    if kind == "rotated":
-        q, r = np.linalg.qr(g.standard_normal((k, dim, dim)))
-        q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
-        cov = q @ (std[:, :, None] ** 2 * np.swapaxes(q, 1, 2))
-        model = GaussianMixture(torch.from_numpy(w), torch.from_numpy(mu),
-                                torch.from_numpy(0.5 * (cov + np.swapaxes(cov, 1, 2))))
-    else:
-        model = DiagonalMixture(torch.from_numpy(w), torch.from_numpy(mu), torch.from_numpy(std**2))
+    model = mixture(g, kind, w, mu, std)
     return Problem(seed, kind, dim, k, float(std.min()), float(std.max()), model)
 
 

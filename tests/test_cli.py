@@ -264,8 +264,8 @@ def test_ctrl_c_while_python_is_still_importing_is_one_line_and_exit_130(tmp_pat
     import time
 
     out = tmp_path / "s.png"
-    p = subprocess.Popen([sys.executable, "-m", "probflow", "sample", "--n", "256", "--steps", "500", "--out", str(out)],
-                         stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "probflow", "sample", "--n", "256", "--steps", "500", "--out", str(out)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)

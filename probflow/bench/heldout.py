@@ -38,7 +38,7 @@ from probflow.integrate import integrate
 from probflow.models import GaussianMixture
 from probflow.schedules import Schedule, linear
 
-__all__ = ["TUNING_SEEDS", "HELDOUT_SEEDS", "KINDS", "REF_TOL", "CHECK_TOL", "DiagonalMixture", "Problem",
+__all__ = ["mixture", "TUNING_SEEDS", "HELDOUT_SEEDS", "KINDS", "REF_TOL", "CHECK_TOL", "DiagonalMixture", "Problem",
            "make_problem", "family", "Setup", "setup", "rmse"]
 
 TUNING_SEEDS = tuple(range(100, 110))
@@ -114,15 +114,20 @@ def make_problem(seed: int) -> Problem:
     mu = np.clip(0.6 * g.standard_normal((k, dim)), -1, 1)
     per = (k, 1) if kind == "isotropic" else (k, dim)
     std = np.exp(g.uniform(math.log(s_min), math.log(s_max), per)) * np.ones((k, dim))
-    if kind == "rotated":
-        q, r = np.linalg.qr(g.standard_normal((k, dim, dim)))
-        q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
-        cov = q @ (std[:, :, None] ** 2 * np.swapaxes(q, 1, 2))
-        model = GaussianMixture(torch.from_numpy(w), torch.from_numpy(mu),
-                                torch.from_numpy(0.5 * (cov + np.swapaxes(cov, 1, 2))))
-    else:
-        model = DiagonalMixture(torch.from_numpy(w), torch.from_numpy(mu), torch.from_numpy(std**2))
-    return Problem(seed, kind, dim, k, float(std.min()), float(std.max()), model)
+    return Problem(seed, kind, dim, k, float(std.min()), float(std.max()), mixture(g, kind, w, mu, std))
+
+
+def mixture(g: np.random.Generator, kind: str, w: np.ndarray, mu: np.ndarray, std: np.ndarray):
+    """The mixture of weights w (K,), means mu (K, D) and per-direction stds std (K, D): axis-aligned, or for
+    `kind` "rotated" along a random orthogonal basis per component drawn from `g`."""
+    if kind != "rotated":
+        return DiagonalMixture(torch.from_numpy(w), torch.from_numpy(mu), torch.from_numpy(std**2))
+    k, dim = std.shape
+    q, r = np.linalg.qr(g.standard_normal((k, dim, dim)))
+    q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+    cov = q @ (std[:, :, None] ** 2 * np.swapaxes(q, 1, 2))
+    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))  # symmetric to round-off
+    return GaussianMixture(torch.from_numpy(w), torch.from_numpy(mu), torch.from_numpy(cov))
 
 
 def family(seeds: Iterable[int]) -> list[Problem]:
