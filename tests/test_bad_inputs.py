@@ -467,6 +467,25 @@ CASES = [
     Case("cli-seed-2-70", "`sample --seed 2**70`", lambda e, t: _sample(e, "--seed", str(2**70), "--out", t / "s.png"),
          "--seed: expected a non-negative integer below 2**63"),
     # ---- end of CLI bounds and flags ----
+    # ---- conditions of conditional models (issue 25, item 4; tests/test_cli_condition.py has the rest) ----
+    Case("cli-class-unconditional", "`sample --model DIGITS_FOLDER --class 3` (an unconditional model)",
+         lambda e, t: _sample(e, "--class", "3", "--out", t / "s.png"),
+         "is unconditional; it takes no condition or guidance"),
+    Case("cli-class-out-of-range", "`sample --model digits32 --class 11` (classes 0 … 10, 10 the null class)",
+         lambda e, t: ["sample", "--model", "digits32", "--class", "11", "--n", "1", "--steps", "1", "--quiet",
+                       "--out", t / "s.png"], "--class: unknown class 11; expected an integer in 0 … 10"),
+    Case("cli-guidance-nan", "`sample --model digits32 --class 3 --guidance nan`",
+         lambda e, t: ["sample", "--model", "digits32", "--class", "3", "--guidance", "nan", "--quiet", "--out",
+                       t / "s.png"], "--guidance: expected a finite number (the CFG weight w), got nan"),
+    Case("cli-prompt-class-model", "`sample --model digits32 --class 3 --prompt \"a cat\"` (no cross-attention)",
+         lambda e, t: ["sample", "--model", "digits32", "--class", "3", "--prompt", "a cat", "--quiet", "--out",
+                       t / "s.png"], "--prompt: this model is not text-conditioned (no cross-attention)"),
+    Case("cli-prompt-and-embeds", "`sample --prompt TEXT --prompt-embeds FILE`",
+         lambda e, t: _sample(e, "--prompt", "a cat", "--prompt-embeds", t / "e.safetensors", "--out", t / "s.png"),
+         "--prompt: pass --prompt or --prompt-embeds, not both"),
+    Case("cli-class-no-class", "`sample --model digits32` (class-conditional, no --class)",
+         lambda e, t: ["sample", "--model", "digits32", "--quiet", "--out", t / "s.png"],
+         "--class: this model is class-conditional (11 class embeddings); pass a class"),
 ]
 
 

@@ -101,6 +101,7 @@ class Context:
     ref: tuple[str | None, float | None, float | None] = (None, None, None)
     progress: bool = True
     peer_mode: str = "fair"  # `fair.PEER_MODES`: "fair" adds the fair peers and named configurations
+    condition: dict = field(default_factory=dict)  # the --model's condition (`workloads.load_model_spec`)
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -124,11 +125,11 @@ def _mixture(ctx: Context, dim: int, key: str, n: int) -> None:
         "reference": w.ref, "extra": w.extra, "rows": rows}
 
 
-def _network_or_model(ctx: Context, spec: str, name: str) -> None:
+def _network_or_model(ctx: Context, spec: str, name: str, condition: dict | None = None) -> None:
     """A workload for any model spec: networks get the network sizes (fewer NFE/grids, tolerances ≥
     network_min_tol), closed-form models the mixtures' (every grid, DOP853 at the config's tolerance)."""
     cfg = ctx.cfg
-    model = load_model_spec(spec)
+    model = load_model_spec(spec, **(condition or {}))
     network = hasattr(model, "net")
     n = ctx.samples or cfg.n_model
     method = (network and cfg.network_ref_method) or default_reference(model)[0]
@@ -174,7 +175,7 @@ SUITES: dict[str, Callable[[Context], None]] = {
     "mixture2": lambda ctx: _mixture(ctx, 2, "mixture2", ctx.cfg.n2),
     "mixture64": lambda ctx: _mixture(ctx, 64, "mixture64", ctx.cfg.n64),
     "digits": lambda ctx: _network_or_model(ctx, ctx.digits_model or "digits", "digits"),
-    "model": lambda ctx: _network_or_model(ctx, ctx.model, f"model {ctx.model}"),
+    "model": lambda ctx: _network_or_model(ctx, ctx.model, f"model {ctx.model}", ctx.condition),
     "overhead": _overhead,
 }
 DEFAULT_SUITES = ("mixture2", "mixture64", "digits", "overhead")

@@ -152,24 +152,27 @@ def with_dtype(model, dtype: torch.dtype):
     return out
 
 
-def load_model_spec(spec: str):
-    """A model from a `--model` spec: "mixture2d", "digits", a local folder (diffusers `save_pretrained` layout, or
-    a digits checkpoint folder with digits.safetensors) or "module:factory" (a Python entry point; factory() returns an
-    ε-model `model(x, σ)` with `sample_shape` or `dim`, and optionally `schedule`). ValueError names the spec."""
+def load_model_spec(spec: str, **condition):
+    """A model from a `--model` spec: "mixture2d", "digits", "digits32", a local folder (diffusers
+    `save_pretrained` layout, or a digits checkpoint folder with digits.safetensors) or "module:factory" (a Python
+    entry point; factory() returns an ε-model `model(x, σ)` with `sample_shape` or `dim`, and optionally
+    `schedule`). `condition`: a conditional model's condition (`probflow.models.load`: class_label, prompt,
+    prompt_embeds, negative, guidance). ValueError names the spec, or the condition's argument it refuses."""
+    from probflow.models import CONDITION_ARGUMENTS, load
+
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--model: expected a model spec, got {spec!r}")
-    if spec in ("mixture2d", "digits"):
-        from probflow.models import load
-
-        return load(spec)
     path = Path(spec).expanduser()
-    if path.is_dir():
-        from probflow.models import load
-
+    if spec in ("mixture2d", "digits", "digits32") or path.is_dir():
         try:
-            return load(str(path))
+            return load(str(path) if path.is_dir() else spec, **condition)
         except ValueError as e:
+            if str(e).split(":")[0] in CONDITION_ARGUMENTS:
+                raise
             raise ValueError(f"--model {spec}: {e}") from None
+    given = [k for k, v in condition.items() if v is not None]
+    if given:
+        raise ValueError(f"{given[0]}: model {spec!r} is not a conditional model folder; it takes no condition")
     if ":" in spec and not path.exists():
         return _entry_point(spec)
     raise ValueError(f"--model: {spec!r} is not 'mixture2d', 'digits', an existing local folder or 'module:factory'")

@@ -40,7 +40,8 @@ from probflow.bench.suites import (
     versions,
 )
 from probflow.bench.workloads import load_model_spec
-from probflow.cli.request import TOL_FLOOR, bounded, check_threads
+from probflow.cli.common import add_condition_arguments, condition_kwargs, flag_error
+from probflow.cli.request import TOL_FLOOR, bounded, check_threads, condition
 from probflow.schedules import linear
 from probflow.solvers import METHODS
 
@@ -80,6 +81,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    "own grids only; none: no peers")
     p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress messages")
+    add_condition_arguments(p)  # the --model's condition
 
 
 def _csv(s: str | None, conv=str, opt: str = "") -> list | None:
@@ -174,7 +176,7 @@ def _estimate(ctx: Context, suites: list[str], budget: float | None) -> None:
         spec = {"digits": ctx.digits_model or "digits", "model": ctx.model}.get(key)
         if spec is None:
             continue
-        model = load_model_spec(spec)
+        model = load_model_spec(spec, **(ctx.condition if key == "model" else {}))
         network, cfg = hasattr(model, "net"), ctx.cfg
         n = ctx.samples or cfg.n_model
         grids = ctx.grids or list(cfg.network_grids if network else cfg.grids)
@@ -194,7 +196,7 @@ def _estimate(ctx: Context, suites: list[str], budget: float | None) -> None:
 
 
 def _context(args: argparse.Namespace, cfg: Config, suites: list[str], methods: list[str],
-             grids: list[str] | None, nfe: list[int] | None) -> Context:
+             grids: list[str] | None, nfe: list[int] | None, cond: dict) -> Context:
     peers = peer_list(cfg) if args.peers != "none" else []
     results: dict = {"command": _command(args), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                      "quick": bool(args.quick), "versions": versions(), "machine": machine(), "workloads": {},
@@ -202,6 +204,8 @@ def _context(args: argparse.Namespace, cfg: Config, suites: list[str], methods: 
                      "config": {"suites": suites, "methods": methods, "grids": grids or list(cfg.grids),
                                 "nfe": nfe or list(cfg.nfe), "tolerances": list(cfg.tolerances), "peers": peers,
                                 "uniform_step_grid": UNIFORM_STEP_GRID, "model": args.model,
+                                "condition": {k: v for k in ("class_label", "prompt", "prompt_embeds", "negative",
+                                                             "guidance") if (v := getattr(args, k)) is not None},
                                 "peer_mode": args.peers,
                                 "fair_peers": fair_peers() if args.peers == "fair" else []}}
     if not _peers.available():
@@ -210,7 +214,7 @@ def _context(args: argparse.Namespace, cfg: Config, suites: list[str], methods: 
         results["skipped"].append("k-diffusion peers: k_diffusion/sampling.py could not be loaded (pip install "
                                   "--no-deps k-diffusion)")
     return Context(cfg, methods, grids, nfe, peers, results, args.samples, args.model, args.digits_model,
-                   (args.ref_method, args.ref_tol, args.check_tol), not args.no_progress, args.peers)
+                   (args.ref_method, args.ref_tol, args.check_tol), not args.no_progress, args.peers, cond)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -219,13 +223,20 @@ def run_bench(args: argparse.Namespace) -> int:
     suites = _suites(args)
     methods = _methods(args)
     grids, nfe = _check(args)
+    cond = {k: v for k, v in condition_kwargs(condition(args)).items() if v is not None}
+    if cond and not args.model:
+        raise ValueError(f"--{'class' if 'class_label' in cond else next(iter(cond)).replace('_', '-')}: a condition "
+                         "goes with --model (a conditional model)")
     if args.model:
-        load_model_spec(args.model)  # a bad spec fails here, before anything runs
+        try:
+            load_model_spec(args.model, **cond)  # a bad spec or condition fails here, before anything runs
+        except ValueError as e:
+            raise flag_error(e) from None
     out = _out(args, suites)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or 1)
     try:
-        ctx = _context(args, cfg, suites, methods, grids, nfe)
+        ctx = _context(args, cfg, suites, methods, grids, nfe, cond)
         _estimate(ctx, suites, args.budget_minutes)
         results = run_suites(ctx, suites)
     finally:
@@ -257,7 +268,8 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["probflow bench"]
     for k, v in vars(args).items():
         if k in defaults and v != defaults[k]:
-            parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+            flag = "class" if k == "class_label" else k.replace("_", "-")
+            parts.append(f"--{flag}" + ("" if v is True else f" {v}"))
     return " ".join(parts)
 
 

@@ -5,16 +5,16 @@ chunk by chunk through `probflow.distributed.solve_chunks` in one process and un
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from probflow.cli.request import TOL_FLOOR, Run, Solver, device_arg, method_arg, precision_arg
+from probflow.cli.request import TOL_FLOOR, Condition, Run, Solver, device_arg, method_arg, precision_arg
 from probflow.grids import NAMED
 from probflow.integrate import MAX_STEPS
 from probflow.precision import Precision
@@ -66,10 +66,32 @@ def add_solver_arguments(p: argparse.ArgumentParser, method: str | None, steps: 
                    help="dtypes of the model and of the ODE state, e.g. model=bfloat16,state=float32, or one of "
                         "float64/float32 for both (probflow.precision); default: the model's own dtype, state "
                         "float64")
+    add_condition_arguments(p)
     if chunked:
         p.add_argument("--chunk", type=int, default=64,
                        help="samples per batch (default 64): the unit of work spread over torchrun's ranks; the "
                             "same --chunk gives the same bytes on any number of ranks")
+
+
+def add_condition_arguments(p: argparse.ArgumentParser) -> None:
+    """--class, --prompt, --prompt-embeds, --negative, --guidance: the condition of a conditional model
+    (`probflow.models.load`; the ODE of that one fixed condition, guided with weight w)."""
+    g = p.add_argument_group("condition (conditional models: class embeddings, cross-attention, a vae/)")
+    g.add_argument("--class", dest="class_label", default=None, metavar="N",
+                   help="the class of a class-conditional model (an index, or a name from its card.json)")
+    g.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="the prompt of a text-conditioned model (needs `transformers` and the folder's "
+                        "text_encoder/ and tokenizer/)")
+    g.add_argument("--prompt-embeds", default=None, metavar="FILE",
+                   help="the prompt's embedding instead of --prompt: a .safetensors file, or a torch file read with "
+                        "weights_only=True, holding 'prompt_embeds' ((L, D) or (1, L, D)) and optionally "
+                        "'negative_prompt_embeds'")
+    g.add_argument("--negative", default=None, metavar="CLASS|TEXT",
+                   help="the condition guided against: a class (class-conditional) or a negative prompt (text); "
+                        "default the card's null class / the empty prompt")
+    g.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance weight w: ε_w = ε_∅ + w (ε_c − ε_∅); 1 (default) is the "
+                        "conditional model, 0 the unconditional one")
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,17 +131,15 @@ def device_of(run: Run, w) -> str:
     return w.device if w.size > 1 and run.device.startswith("cuda") else run.device
 
 
-def load_image_model(spec: str, device: str = "cpu", limits: bool = True):
-    """An image ε-model by `--model`: "digits", a digits checkpoint folder or a local diffusers folder
-    (`probflow.models.load`); it must have a sample shape (C, H, W). With `limits`, a checkpoint whose
-    network or noise table is beyond `probflow.models.adapters.MAX_PARAMETERS` / `MAX_TIMESTEPS` is refused
-    before it is built."""
-    from probflow import models
-
-    try:
-        model = _load_checked(spec, limits) if os.path.isdir(spec) else models.load(spec)
-    except ValueError as e:
-        raise ValueError(f"--model: {e}") from None
+def load_image_model(run: Run | str, device: str = "cpu", condition: Condition | None = None):
+    """An image ε-model by `--model` and its condition (`run.condition`, or `condition`): "digits",
+    "digits32", a digits checkpoint folder or a local diffusers folder (`_load_checked`; a plain spec
+    string: no condition, limits on); it must have a sample shape (C, H, W). With `run.limits`, a checkpoint
+    whose network or noise table is beyond `probflow.models.adapters.MAX_PARAMETERS` / `MAX_TIMESTEPS` is
+    refused before it is built."""
+    spec, limits = (run, True) if isinstance(run, str) else (run.model, run.limits)
+    cond = condition or (Condition() if isinstance(run, str) else run.condition)
+    model = _load_checked(spec, limits, cond)
     shape = getattr(model, "sample_shape", None)
     if shape is None or len(shape) != 3:
         raise ValueError(f"--model: {spec!r} is not an image model (no (C, H, W) sample shape)")
@@ -127,17 +147,119 @@ def load_image_model(spec: str, device: str = "cpu", limits: bool = True):
         if not hasattr(model, "to"):
             raise ValueError(f"--device: model {spec!r} cannot be moved to {device}")
         model.to(device)
+        ae = getattr(model, "autoencoder", None)
+        if ae is not None:
+            ae.vae.to(device)
     return model
 
 
-def _load_checked(folder: str, limits: bool):
-    """A checkpoint folder as `probflow.models.load` reads it, with the resource limits on or off."""
-    from probflow.models import adapters, digits
+# the loader's argument names, as the command line spells them
+_FLAGS = {"class_label": "--class", "prompt": "--prompt", "prompt_embeds": "--prompt-embeds",
+          "negative": "--negative", "guidance": "--guidance"}
+_HINTS = (("(negative=, --negative)", "(--negative)"), ("prompt_embeds= (a safetensors file)", "--prompt-embeds FILE"),
+          ("prompt_embeds=", "--prompt-embeds FILE"), ("prompt=", "--prompt"), ("negative=", "--negative"),
+          ("use guidance 1", "use --guidance 1"), ("use w = 1", "use --guidance 1"))
 
-    big = {} if limits else {"max_parameters": None}
-    if os.path.isfile(os.path.join(folder, "digits.safetensors")):
-        return digits.load_model(folder, **big)
-    return adapters.from_diffusers(folder, **big, **({} if limits else {"max_timesteps": None, "max_pixels": None}))
+
+def _load_checked(spec: str, limits: bool, condition: Condition):
+    """`probflow.models.load(spec, **condition)` with the resource limits on or off; its errors name the
+    command line's flags (--class, --prompt, …; else --model)."""
+    from probflow import models
+
+    try:
+        return models.load(spec, limits=limits, **condition_kwargs(condition))
+    except ValueError as e:
+        raise flag_error(e) from None
+
+
+def condition_kwargs(condition: Condition) -> dict:
+    """The request's condition as `probflow.models.load`'s keyword arguments (--prompt-embeds read here)."""
+    kw = {"class_label": condition.class_label, "prompt": condition.prompt, "negative": condition.negative,
+          "guidance": condition.guidance}
+    if condition.prompt_embeds is not None:
+        emb, neg = read_embeds(condition.prompt_embeds)
+        kw["prompt_embeds"] = emb
+        if neg is not None and condition.negative is None:
+            kw["negative"] = neg
+    return kw
+
+
+def flag_error(e: ValueError) -> ValueError:
+    """A loader's error with its argument named as the command line spells it (--class, …; else --model)."""
+    msg = str(e)
+    for a, b in _HINTS:
+        msg = msg.replace(a, b)
+    head, _, rest = msg.partition(": ")
+    if head in _FLAGS:
+        return ValueError(f"{_FLAGS[head]}: {rest}")
+    return ValueError(msg if msg.startswith("--model") else f"--model: {msg}")
+
+
+def read_embeds(path: Path) -> tuple[Tensor, Tensor | None]:
+    """--prompt-embeds: (prompt_embeds, negative_prompt_embeds or None) from a safetensors file, or a torch
+    file read with weights_only=True (a tensor, or a dict holding 'prompt_embeds')."""
+    if path.suffix.lower() == ".safetensors":
+        from probflow.models.diffusers_folders import read_prompt_embeds
+
+        sd = read_prompt_embeds(path, "--prompt-embeds")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises several types for a damaged or unsafe file
+            raise ValueError(f"--prompt-embeds: could not read {path} with weights_only=True "
+                             f"({_first_line(e)})") from None
+        sd = {"prompt_embeds": obj} if isinstance(obj, Tensor) else obj
+        if not isinstance(sd, dict) or not isinstance(sd.get("prompt_embeds"), Tensor):
+            raise ValueError(f"--prompt-embeds: {path} holds no 'prompt_embeds' tensor (expected a tensor or a dict "
+                             "with 'prompt_embeds' and optionally 'negative_prompt_embeds')")
+    neg = sd.get("negative_prompt_embeds")
+    if neg is not None and not isinstance(neg, Tensor):
+        raise ValueError(f"--prompt-embeds: {path}: 'negative_prompt_embeds' is not a tensor")
+    return sd["prompt_embeds"], neg
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def image_shape(model) -> tuple[int, int, int]:
+    """(C, H, W) of the images a model makes: its sample shape, or for latent diffusion (a vae/) the
+    shape its VAE decodes a latent of that shape to (2^(levels − 1) pixels per latent pixel)."""
+    ae = getattr(model, "autoencoder", None)
+    if ae is None:
+        return tuple(model.sample_shape)
+    cfg, (_, h, w) = ae.vae.config, model.sample_shape
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    return (int(cfg.in_channels), h * f, w * f)
+
+
+def to_latent(model, x: Tensor, chunk: int) -> Tensor:
+    """Images → the ODE's x_0: themselves, or for latent diffusion the VAE encoder's mean × scaling factor."""
+    ae = getattr(model, "autoencoder", None)
+    return x if ae is None else torch.cat([ae.encode(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def to_image(model, z: Tensor, chunk: int) -> Tensor:
+    """The ODE's x_0 → images: themselves, or for latent diffusion the VAE decoder's output."""
+    ae = getattr(model, "autoencoder", None)
+    return z if ae is None else torch.cat([ae.decode(z[i:i + chunk]) for i in range(0, len(z), chunk)])
+
+
+def condition_text(model) -> str:
+    """', class 3 (guided against class 10, w = 3)' — the condition a conditional model carries, for the
+    summary line; '' for an unconditional model."""
+    rec = getattr(model, "condition", None) or {}
+    if not rec:
+        return ""
+    what = f"class {rec['class_label']}" if "class_label" in rec else \
+        f"{rec['condition_kind']} sha256 {rec['condition_sha256'][:12]}…"
+    against = f"class {rec['negative_class_label']}" if "negative_class_label" in rec else "the negative condition"
+    w = float(rec["guidance"])
+    return f", {what}" + (f" (guided against {against}, w = {w:g})" if w != 1.0 else " (w = 1)")
+
+
+VAE_NOTE = ("the VAE is not exact: its decoder does not invert its encoder, so the images differ from the "
+            "encoded ones by the VAE's own reconstruction error (the latent ODE part is exact)")
 
 
 def precision_of(run: Run, model, state: torch.dtype = torch.float64) -> Precision:
@@ -186,10 +308,11 @@ def make_method(s: Solver, seed: int = 0, indices: range | None = None) -> Metho
 
 
 def load_inputs(run: Run, model, paths: list[str], name: str, invert: bool, device: str) -> Tensor:
-    """Images → x in the model's range, shape and channels (converted with a message)."""
+    """Images → x in the model's range, shape and channels (converted with a message); for latent diffusion
+    the images its VAE takes (`image_shape`)."""
     from probflow.io.images import load_images
 
-    c, h, w = model.sample_shape
+    c, h, w = image_shape(model)
     x = load_images(paths, (h, w), c, data_range=getattr(model, "data_range", (-1.0, 1.0)), invert=invert,
                     name=name, **({} if run.limits else {"max_pixels": None}))
     return x.to(device)

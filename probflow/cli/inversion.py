@@ -83,7 +83,7 @@ def run_encode(args: argparse.Namespace) -> int:
 def encode(req: EncodeRequest) -> int:
     """Images x_0 → latents x_T: by default exact for the decoder (`encode_exact`), else `probflow.encode`;
     written with provenance and environment."""
-    from probflow.cli.common import device_of, load_image_model, load_inputs, nfe_text, start
+    from probflow.cli.common import condition_text, device_of, load_image_model, load_inputs, nfe_text, start
     from probflow.distributed import on_rank0
     from probflow.io.atomic import check_writable
     from probflow.io.latents import save_latents
@@ -91,15 +91,18 @@ def encode(req: EncodeRequest) -> int:
     w = start(req.run)
     on_rank0(lambda: check_writable(req.out, req.run.force, "--out"), w=w)
     device = device_of(req.run, w)
-    model = load_image_model(req.run.model, device, req.run.limits)
+    model = load_image_model(req.run, device)
     x0 = load_inputs(req.run, model, list(req.images), "IMAGE", req.invert, device)
-    sol, sig, name = _encode(req, model, x0, w)
+    z0, vae = _through_vae(model, x0, req.run.chunk)
+    sol, sig, name = _encode(req, model, z0, w)
     if w.rank != 0:  # the other ranks meet rank 0's write, then stop
         return on_rank0(lambda: None, w=w) or 0
     s, mode = req.solver, req.mode
     state = sol.state.tensors() if hasattr(sol.state, "tensors") else None
     p = req.run.precision
     extra = {"invert": json.dumps(bool(req.invert)), **({"precision": str(p)} if p else {})}
+    if getattr(model, "autoencoder", None) is not None:  # decode must go back through the VAE
+        extra["autoencoder"] = "vae"
     on_rank0(lambda: save_latents(req.out, sol.x.cpu(), sig, model, method=s.name, nfe=sol.nfe, rtol=s.rtol,
                                   atol=s.atol, state=state, sources=[Path(i).name for i in req.images],
                                   grid=name if name in GRID_NAMES else "",
@@ -112,14 +115,33 @@ def encode(req: EncodeRequest) -> int:
             "pair": "with its reversible state (exact on this environment only)",
             "plain": "ordinary encode, not an exact round trip"}[mode]
     print(f"wrote {req.out}: {len(req.images)} latent(s) of shape {tuple(sol.x.shape[1:])}, {s.name} on the "
-          f"{name} grid ({len(sig) - 1} steps), {nfe_text(sol)}, {what}")
+          f"{name} grid ({len(sig) - 1} steps), {nfe_text(sol)}, {what}{condition_text(model)}{vae}")
     return 0
+
+
+def _through_vae(model, x0: Tensor, chunk: int) -> tuple[Tensor, str]:
+    """The ODE's x_0 for images `x0`: themselves, or for latent diffusion the VAE encoder's mean × scaling
+    factor, with the VAE's own reconstruction error said (its decoder does not invert its encoder)."""
+    from probflow.cli.common import VAE_NOTE, say, to_image, to_latent
+
+    if getattr(model, "autoencoder", None) is None:
+        return x0, ""
+    z0 = to_latent(model, x0, chunk)
+    err = float((to_image(model, z0, chunk).to(x0.dtype) - x0).abs().max())
+    lo, hi = getattr(model, "data_range", (-1.0, 1.0))
+    say(f"note: {VAE_NOTE}; here the VAE alone reconstructs the images to within {err:.3g} "
+        f"({err / (hi - lo) * 255:.3g} grey levels of 255)")
+    return z0, f"; VAE latents (the VAE's reconstruction is not exact: |Δx| ≤ {err:.3g})"
 
 
 def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("latents", help="latent file written by `probflow encode`")
     p.add_argument("--out", required=True, help="folder for the decoded PNGs (one per latent)")
     add_solver_arguments(p, None, None)
+    p.add_argument("--any-condition", action="store_true",
+                   help="decode latents made under another condition or guidance weight than the one given (an "
+                        "ordinary decode then: NOT exact); default: refuse them. Without --class/--prompt/"
+                        "--guidance, a class-conditional model takes the class and w the file records")
     p.set_defaults(rtol=None, atol=None)
     for a in p._actions:
         if a.dest in ("method", "steps", "rtol", "atol", "grid"):
@@ -144,7 +166,11 @@ def _exactness(lf, s: Solver, model, sig, state, device: str) -> str:
     from probflow.cli.common import say
     from probflow.io.latents import decode_exactness
 
-    claim, notes = decode_exactness(lf, s.method, sig, state_used=state is not None, device=device, model=model)
+    rec = getattr(model, "condition", None) or {}
+    claim, notes = decode_exactness(lf, s.method, sig, state_used=state is not None, device=device, model=model,
+                                    condition_sha256=rec.get("condition_sha256"),
+                                    guidance=float(rec["guidance"]) if rec else None,
+                                    negative_sha256=rec.get("negative_sha256", "") if rec else None)
     for note in notes:
         say(note)
     return claim
@@ -173,11 +199,26 @@ def _decode_state(req: DecodeRequest, s: Solver, lf, sig):
     return None
 
 
+def _file_condition(req: DecodeRequest, meta: dict[str, str]):
+    """The condition to decode under: the one given, else the class, negative class and w the file records
+    (a class-conditional encode; a text condition is recorded by its hash only, so it must be given)."""
+    from probflow.cli.common import say
+    from probflow.cli.request import Condition
+
+    if req.run.condition.given or "condition_sha256" not in meta:
+        return req.run.condition
+    c = Condition(class_label=meta.get("class_label"), negative=meta.get("negative_class_label"),
+                  guidance=float(meta["guidance"]) if "guidance" in meta else None)
+    if c.class_label is not None:
+        say(f"note: decoding under the file's condition: class {c.class_label}, w = {c.guidance:g}")
+    return c
+
+
 def decode(req: DecodeRequest) -> int:
     """Latents x_T → images x_0 down Eq. 12 (`probflow.decode`) with the method, grid, dtype and state the
     file records; "exact" is printed only when the file's exactness conditions hold here."""
     import probflow
-    from probflow.cli.common import device_of, load_image_model, nfe_text, say, solve, start
+    from probflow.cli.common import VAE_NOTE, device_of, load_image_model, nfe_text, say, solve, start, to_image
     from probflow.cli.request import with_file_defaults
     from probflow.distributed import on_rank0
     from probflow.io.atomic import check_writable_folder
@@ -192,9 +233,9 @@ def decode(req: DecodeRequest) -> int:
         names = None
     on_rank0(lambda: check_writable_folder(req.out, req.run.force, "--out"), w=w)  # before any work
     device = device_of(req.run, w)
-    model = load_image_model(req.run.model, device, req.run.limits)
-    for msg in check_compatible(lf, model, req.run.force, "latents"):
-        say(f"warning: decoding latents made with {msg} (--force)")
+    model = load_image_model(req.run, device, _file_condition(req, lf.meta))
+    for msg in check_compatible(lf, model, req.run.force, "latents", any_condition=req.any_condition):
+        say(f"warning: decoding latents made with {msg} ({'--any-condition' if 'condition' in msg else '--force'})")
     if tuple(lf.latents.shape[1:]) != tuple(model.sample_shape):
         raise ValueError(f"latents: shape {tuple(lf.latents.shape[1:])} does not fit the model's input "
                          f"{tuple(model.sample_shape)}")
@@ -206,7 +247,11 @@ def decode(req: DecodeRequest) -> int:
     lo, hi = json.loads(lf.meta["data_range"])
     if w.rank != 0:  # the other ranks meet rank 0's write, then stop
         return on_rank0(lambda: None, w=w) or 0
-    x = (lo + hi) - sol.x if json.loads(lf.meta.get("invert", "false")) else sol.x  # back to the inputs' polarity
+    x = to_image(model, sol.x, req.run.chunk)
+    if getattr(model, "autoencoder", None) is not None:
+        say(f"note: {VAE_NOTE}")
+        claim += " of the VAE latents; the VAE decoder is not exact" if claim else "; the VAE decoder is not exact"
+    x = (lo + hi) - x if json.loads(lf.meta.get("invert", "false")) else x  # back to the inputs' polarity
     paths = on_rank0(lambda: save_images(x.cpu(), req.out, req.run.force, names=names, data_range=(lo, hi)), w=w)
     print(f"wrote {len(paths)} image(s) to {req.out}/ ({s.name}, {nfe_text(sol)}{claim})")
     return 0
@@ -235,18 +280,28 @@ def interpolate(req: InterpolateRequest) -> int:
     every frame with `probflow.interpolate`: the end frames are A and B to round-off, the inner frames ordinary
     decodes of the mixed latents. Two images: one process, one chunk."""
     import probflow
-    from probflow.cli.common import load_image_model, load_inputs, nfe_text, solve, start
+    from probflow.cli.common import (
+        condition_text,
+        image_shape,
+        load_image_model,
+        load_inputs,
+        nfe_text,
+        solve,
+        start,
+        to_image,
+    )
     from probflow.cli.request import check_sizes
     from probflow.io.atomic import check_writable
     from probflow.io.images import save_grid
 
     check_writable(req.out, req.run.force, "--out")
     w = start(req.run, spread=False)
-    model = load_image_model(req.run.model, req.run.device, req.run.limits)
-    check_sizes("--frames", req.frames, tuple(model.sample_shape), req.scale, req.run.limits, nrow=req.frames)
+    model = load_image_model(req.run, req.run.device)
+    check_sizes("--frames", req.frames, image_shape(model), req.scale, req.run.limits, nrow=req.frames)
     x0 = torch.cat([load_inputs(req.run, model, [req.a], "A", req.invert, req.run.device),
                     load_inputs(req.run, model, [req.b], "B", req.invert, req.run.device)])
-    enc, sig, name = _encode(req.encode, model, x0, w)
+    z0, vae = _through_vae(model, x0, req.run.chunk)
+    enc, sig, name = _encode(req.encode, model, z0, w)
 
     def mix_and_decode(field, x, sigmas, method, state=None, **kw):  # slerp/lerp per latent over all its pixels
         return probflow.interpolate(field, x[:1], x[1:], sigmas, method, frames=req.frames, kind=req.kind,
@@ -255,11 +310,12 @@ def interpolate(req: InterpolateRequest) -> int:
     mode = req.encode.mode
     sol = solve(req.run, req.solver, model, mix_and_decode, 2, enc.x, sig, req.solver.method, "decode", w=w,
                 state=enc.state if mode == "pair" else None, dtype=enc.x.dtype)
-    frames = sol.x.reshape(req.frames, *x0.shape[1:])
+    frames = to_image(model, sol.x.reshape(req.frames, *z0.shape[1:]), req.run.chunk)
     lo, hi = getattr(model, "data_range", (-1.0, 1.0))
     frames = (lo + hi) - frames if req.invert else frames  # back to the inputs' polarity
     save_grid(frames.cpu().double(), req.out, nrow=req.frames, force=req.run.force, scale=req.scale,
               data_range=(lo, hi))
     print(f"wrote {req.out}: {req.frames} frames ({req.kind}), {req.solver.name} on the {name} grid, "
-          f"{'exact' if mode == 'exact' else mode} latents, {nfe_text(enc)} to encode + {nfe_text(sol)} to decode")
+          f"{'exact' if mode == 'exact' else mode} latents, {nfe_text(enc)} to encode + {nfe_text(sol)} to decode"
+          f"{condition_text(model)}{vae}")
     return 0

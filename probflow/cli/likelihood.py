@@ -122,7 +122,11 @@ def run_likelihood(args: argparse.Namespace) -> int:
     s, rn = solver(args, DEFAULT_METHOD, DEFAULT_STEPS), run(args)  # the request: checked once (cli.request)
     _check_args(args)
     start(rn, spread=False)
-    model = load_image_model(rn.model, rn.device, rn.limits)
+    model = load_image_model(rn, rn.device)
+    if getattr(model, "autoencoder", None) is not None:
+        raise ValueError(f"--model: {rn.model} is a latent diffusion model (vae/): the ODE gives the density of its "
+                         "VAE latents, not of images (the VAE has no exact density); bits/dim of images is not "
+                         "defined here")
     _check_files(args.images, tuple(model.sample_shape[1:]))
     x = load_inputs(rn, model, args.images, "IMAGE", args.invert, rn.device)
     data_range = getattr(model, "data_range", (-1.0, 1.0))

@@ -147,9 +147,51 @@ class Solver:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """The condition a conditional model is loaded with (`probflow.models.load`): --class (an index or a
+    name from the folder's card), --prompt or --prompt-embeds (a safetensors or torch file), --negative (the
+    class or prompt guided against) and --guidance (w; None: the loader's default 1). What the model itself
+    accepts (a class in range, a text encoder for --prompt, the embedding's width) is checked where it is
+    loaded (`probflow.cli.common.load_image_model`)."""
+
+    class_label: str | None = None
+    prompt: str | None = None
+    prompt_embeds: Path | None = None
+    negative: str | None = None
+    guidance: float | None = None
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.class_label, self.prompt, self.prompt_embeds, self.negative,
+                                           self.guidance))
+
+
+EMBED_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def condition(args: argparse.Namespace) -> Condition:
+    """--class/--prompt/--prompt-embeds/--negative/--guidance, checked once (what needs no model)."""
+    g = getattr(args, "guidance", None)
+    if g is not None and not math.isfinite(g):
+        raise ValueError(f"--guidance: expected a finite number (the CFG weight w), got {g!r}")
+    prompt, embeds = getattr(args, "prompt", None), getattr(args, "prompt_embeds", None)
+    if prompt is not None and embeds is not None:
+        raise ValueError("--prompt: pass --prompt or --prompt-embeds, not both")
+    if embeds is not None:
+        if not Path(embeds).is_file():
+            raise FileNotFoundError(f"--prompt-embeds: {embeds}: no such file")
+        if Path(embeds).suffix.lower() not in EMBED_SUFFIXES:
+            raise ValueError(f"--prompt-embeds: {embeds}: expected a .safetensors or torch (.pt, .pth) file holding "
+                             "'prompt_embeds'")
+    return Condition(getattr(args, "class_label", None), prompt, Path(embeds) if embeds is not None else None,
+                     getattr(args, "negative", None), g)
+
+
+@dataclass(frozen=True)
 class Run:
-    """How to run: the model spec, device, precision (None: the model's own dtype, state float64), samples per
-    chunk, threads (None: `probflow.distributed.default_threads`), progress, --force, and the bounds."""
+    """How to run: the model spec and its condition, device, precision (None: the model's own dtype, state
+    float64), samples per chunk, threads (None: `probflow.distributed.default_threads`), progress, --force,
+    and the bounds."""
 
     model: str
     device: str
@@ -159,6 +201,7 @@ class Run:
     quiet: bool
     force: bool
     limits: bool
+    condition: Condition = Condition()
 
 
 def _tolerance(flag: str, v: float | None, limits: bool) -> None:
@@ -208,7 +251,8 @@ def run(args: argparse.Namespace) -> Run:
     if chunk < 1:
         raise ValueError(f"--chunk: expected a positive integer, got {chunk}")
     check_threads(args.threads, limits)
-    return Run(args.model, args.device, args.precision, chunk, args.threads, args.quiet, args.force, limits)
+    return Run(args.model, args.device, args.precision, chunk, args.threads, args.quiet, args.force, limits,
+               condition(args))
 
 
 def seed(seed: int) -> int:
@@ -292,13 +336,14 @@ class DecodeRequest:
     latents: str
     out: Path
     solver: Solver  # method/steps/rtol/atol None: as the file records
-    run: Run
+    run: Run  # run.condition not given: the class and w the file records
+    any_condition: bool = False  # decode latents made under another condition or w (then NOT exact)
 
 
 def decode_request(args: argparse.Namespace) -> DecodeRequest:
     if not args.out:
         raise ValueError("--out: expected a folder name")
-    return DecodeRequest(args.latents, Path(args.out), solver(args, None, None), run(args))
+    return DecodeRequest(args.latents, Path(args.out), solver(args, None, None), run(args), args.any_condition)
 
 
 @dataclass(frozen=True)
@@ -342,6 +387,6 @@ def with_file_defaults(s: Solver, meta: dict, steps: int) -> Solver:
 
 __all__ = ["ALIASES", "BOUNDS", "MAX_BYTES", "MAX_STEPS", "TOL_FLOOR", "Solver", "Run", "SampleRequest",
            "EncodeRequest", "DecodeRequest", "InterpolateRequest", "sample_request", "encode_request",
-           "decode_request", "interpolate_request", "solver", "run", "bounded", "check_sizes", "check_threads",
-           "check_device", "check_out_file", "seed", "with_file_defaults", "method_arg", "device_arg",
-           "precision_arg"]
+           "Condition", "condition", "decode_request", "interpolate_request", "solver", "run", "bounded",
+           "check_sizes", "check_threads", "check_device", "check_out_file", "seed", "with_file_defaults",
+           "method_arg", "device_arg", "precision_arg"]

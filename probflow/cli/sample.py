@@ -27,7 +27,18 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def sample(req: SampleRequest) -> int:
     import probflow
-    from probflow.cli.common import device_of, load_image_model, make_grid, make_method, nfe_text, solve, start
+    from probflow.cli.common import (
+        condition_text,
+        device_of,
+        image_shape,
+        load_image_model,
+        make_grid,
+        make_method,
+        nfe_text,
+        solve,
+        start,
+        to_image,
+    )
     from probflow.cli.request import check_sizes
     from probflow.distributed import on_rank0
     from probflow.io.atomic import check_writable
@@ -36,16 +47,17 @@ def sample(req: SampleRequest) -> int:
     w = start(req.run)
     on_rank0(lambda: check_writable(req.out, req.run.force, "--out"), w=w)
     device = device_of(req.run, w)
-    model = load_image_model(req.run.model, device, req.run.limits)
+    model = load_image_model(req.run, device)
     shape = tuple(model.sample_shape)
-    check_sizes("--n", req.n, shape, req.scale, req.run.limits)
+    check_sizes("--n", req.n, image_shape(model), req.scale, req.run.limits)
     sigmas = make_grid(req.solver, model)
     seed = req.seed + 1  # the path noise's streams, apart from x_T's
     sol = solve(req.run, req.solver, model, probflow.sample, req.n,
                 lambda a, b: probflow.noise(b - a, shape, req.seed, start=a).to(device), sigmas,
                 lambda a, b: make_method(req.solver, seed, range(a, b)), "sample", w=w)
-    on_rank0(lambda: save_grid(sol.x.cpu(), req.out, force=req.run.force, scale=req.scale,
-                               data_range=getattr(model, "data_range", (-1.0, 1.0))), w=w)
+    on_rank0(lambda: save_grid(to_image(model, sol.x, req.run.chunk).cpu(), req.out, force=req.run.force,
+                               scale=req.scale, data_range=getattr(model, "data_range", (-1.0, 1.0))), w=w)
     if w.rank == 0:
-        print(f"wrote {req.out}: {req.n} samples, {make_method(req.solver, seed).name}, {nfe_text(sol)}")
+        print(f"wrote {req.out}: {req.n} samples, {make_method(req.solver, seed).name}, {nfe_text(sol)}"
+              f"{condition_text(model)}")
     return 0

@@ -63,7 +63,10 @@ def schedule_identity(schedule) -> dict[str, str]:
 
 def model_identity(model: Any) -> dict[str, str]:
     """The model's name and weights fingerprint (a DiscreteTimeModel's `fingerprint`, or the sha256 of an
-    analytic model's tensors), and its schedule's identity when it has one."""
+    analytic model's tensors), and its schedule's identity when it has one. A conditional model's fingerprint
+    covers its condition and w (`probflow.models.conditional`); it adds the fingerprint of the network alone
+    (`network_fingerprint`) and its `condition` record (condition_sha256, guidance, class_label, …), so that
+    another condition is told apart from another network; latent diffusion adds `autoencoder_fingerprint`."""
     from probflow.models.adapters import fingerprint
 
     fp = getattr(model, "fingerprint", None)
@@ -75,6 +78,13 @@ def model_identity(model: Any) -> dict[str, str]:
     out = {"model": str(getattr(model, "name", "") or type(model).__name__), "model_fingerprint": fp}
     if getattr(model, "schedule", None) is not None:
         out.update(schedule_identity(model.schedule))
+    condition = getattr(model, "condition", None) or {}
+    if condition:
+        out["network_fingerprint"] = fingerprint(model.net.unet)
+        out.update({str(k): str(v) for k, v in condition.items()})
+    ae = getattr(model, "autoencoder", None)
+    if ae is not None:
+        out["autoencoder_fingerprint"] = fingerprint(ae.vae)
     return out
 
 
@@ -260,7 +270,8 @@ def _validate(meta: dict[str, str], lat: Tensor, sig: Tensor, where: str) -> Non
     if "schedule_T" in meta:
         _number(meta, "schedule_T", where, integer=True, positive=True)
         _number(meta, "sigma_max", where, positive=True)
-    for k in ("model_fingerprint", "schedule_sha256", "content_sha256", "condition_sha256"):
+    for k in ("model_fingerprint", "schedule_sha256", "content_sha256", "condition_sha256", "negative_sha256",
+              "network_fingerprint", "autoencoder_fingerprint"):
         if k in meta and not re.fullmatch(r"[0-9a-f]{64}", meta[k]):
             raise ValueError(f"{where}: metadata field {k!r} is {meta[k]!r}, expected a sha256 hex digest")
     if meta["dtype"] != str(lat.dtype).replace("torch.", ""):
@@ -372,24 +383,51 @@ def _check_hash(meta: dict[str, str], tensors: dict[str, Tensor], where: str) ->
     return []
 
 
-def check_compatible(lf: LatentFile, model: Any, force: bool = False, name: str = "latents") -> list[str]:
-    """Refuse (ValueError) latents made with another model or schedule than `model`, unless `force`;
-    returns the list of mismatches (empty when compatible)."""
+def check_compatible(lf: LatentFile, model: Any, force: bool = False, name: str = "latents",
+                     any_condition: bool = False) -> list[str]:
+    """Refuse (ValueError) latents made with another model or schedule than `model`, unless `force`, and
+    latents made with the same conditional network under another condition or guidance weight, unless
+    `any_condition`; returns the list of mismatches (empty when compatible)."""
     here = model_identity(model)
     problems = []
     if lf.meta.get("model_fingerprint") != here["model_fingerprint"]:
-        fp = lf.meta.get("model_fingerprint", "?")
-        problems.append(f"model {lf.meta.get('model')!r} (weights sha256 {fp[:12]}…), "
-                        f"not {here['model']!r} (sha256 {here['model_fingerprint'][:12]}…)")
+        if "network_fingerprint" in here and lf.meta.get("network_fingerprint") == here["network_fingerprint"]:
+            other = _condition_differences(lf.meta, here)
+            if not any_condition:
+                raise ValueError(f"{name}: made under another condition ({other}); pass the encode's condition, or "
+                                 "--any-condition (any_condition=True) to decode them anyway (NOT exact)")
+            problems.append(f"another condition ({other})")
+        else:
+            fp = lf.meta.get("model_fingerprint", "?")
+            problems.append(f"model {lf.meta.get('model')!r} (weights sha256 {fp[:12]}…), "
+                            f"not {here['model']!r} (sha256 {here['model_fingerprint'][:12]}…)")
+    if lf.meta.get("autoencoder_fingerprint") != here.get("autoencoder_fingerprint"):
+        problems.append(f"autoencoder sha256 {str(lf.meta.get('autoencoder_fingerprint', 'none'))[:12]}…, not "
+                        f"{str(here.get('autoencoder_fingerprint', 'none'))[:12]}…")
     if "schedule_sha256" in here and lf.meta.get("schedule_sha256") != here["schedule_sha256"]:
         problems.append(f"schedule {lf.meta.get('schedule')!r} (T = {lf.meta.get('schedule_T')}, σ_max = "
                         f"{lf.meta.get('sigma_max')}), not {here['schedule']!r} (T = {here['schedule_T']}, "
                         f"σ_max = {here['sigma_max']}; ᾱ table sha256 {str(lf.meta.get('schedule_sha256', '?'))[:12]}… "
                         f"vs {here['schedule_sha256'][:12]}…)")
-    if problems and not force:
-        raise ValueError(f"{name}: made with {'; '.join(problems)}; pass --force (force=True) to decode anyway")
+    real = [p for p in problems if not p.startswith("another condition")]
+    if real and not force:
+        raise ValueError(f"{name}: made with {'; '.join(real)}; pass --force (force=True) to decode anyway")
     _check_grid(lf, model, name)
     return problems
+
+
+def _condition_differences(meta: dict[str, str], here: dict[str, str]) -> str:
+    """'class 3 → 5; guidance 3 → 1' — what differs between a file's condition record and a model's."""
+    out = []
+    for key, what in (("class_label", "class"), ("negative_class_label", "negative class"), ("guidance", "guidance")):
+        a, b = meta.get(key), here.get(key)
+        if a != b:
+            out.append(f"{what} {a if a is not None else 'none'} → {b if b is not None else 'none'}")
+    for key, what, label in (("condition_sha256", "condition", "class_label"),
+                             ("negative_sha256", "negative condition", "negative_class_label")):
+        if meta.get(key) != here.get(key) and meta.get(label) == here.get(label):  # not said by the class
+            out.append(f"{what} sha256 {str(meta.get(key, 'none'))[:12]}… → {str(here.get(key, 'none'))[:12]}…")
+    return "; ".join(out) or "the condition's tensors differ"
 
 
 def _check_grid(lf: LatentFile, model: Any, name: str) -> None:
@@ -413,12 +451,14 @@ def _check_grid(lf: LatentFile, model: Any, name: str) -> None:
 
 def decode_exactness(lf: LatentFile, method: Any, sigmas: Tensor, *, state_used: bool = False,
                      device: str | torch.device = "cpu", model: Any = None, condition_sha256: str | None = None,
-                     guidance: float | None = None, strict: bool = False) -> tuple[str, list[str]]:
+                     guidance: float | None = None, negative_sha256: str | None = None,
+                     strict: bool = False) -> tuple[str, list[str]]:
     """What decoding `lf` with `method` on the grid `sigmas` can promise: (claim, notes). claim is "" or
     ", exact inverse (…)" for the CLI's summary line; notes are lines to show the user (why not exact, and a
     warning when the method, grid, condition or guidance differ from the encode's: an ordinary decode then).
     Exact needs: a verified file (`load_latents`), the latent's own method and grid, its `exact_for` (or its
     reversible state, `state_used`), the same condition and guidance, and the same environment (else a note).
+    `negative_sha256` ("" for a model without one; None: not compared) likewise for the condition guided against.
     `strict`: raise ValueError instead of a warning when the decode is not the one the latent was made for."""
     from probflow.solvers import get_method
 
@@ -436,6 +476,8 @@ def decode_exactness(lf: LatentFile, method: Any, sigmas: Tensor, *, state_used:
         other.append("another condition (condition_sha256 differs)")
     if guidance is not None and "guidance" in meta and float(meta["guidance"]) != float(guidance):
         other.append(f"guidance {guidance:g} (the latents were made with {float(meta['guidance']):g})")
+    if negative_sha256 is not None and meta.get("negative_sha256", "") != negative_sha256:
+        other.append("another negative condition (negative_sha256 differs)")
     exactable = bool(exact_for) or bool(lf.state)
     if other:
         msg = (f"{'WARNING: NOT EXACT: ' if exactable else 'note: '}decoding with {'; '.join(other)}: an ordinary "

@@ -22,7 +22,7 @@ CONDITION_ARGUMENTS = ("class_label", "prompt", "prompt_embeds", "negative", "gu
 DIGITS32 = Path(__file__).resolve().parent / "weights" / "digits32"
 
 
-def load(name: str | os.PathLike, **condition):
+def load(name: str | os.PathLike, *, limits: bool = True, **condition):
     """A model by name or folder: "mixture2d" (the default 2-D mixture, exact ε), "digits" (the shipped 8×8
     digits ε-UNet), "digits32" (the shipped class-conditional 32×32 digits UNet), a digits checkpoint folder
     (digits.safetensors + digits.json, as `probflow train digits` writes), or a local diffusers folder
@@ -30,17 +30,21 @@ def load(name: str | os.PathLike, **condition):
 
     Conditional models (class embeddings, cross-attention, or a vae/) take their condition here, as keyword
     arguments of `probflow.models.diffusers_folders.load_conditional`: class_label, prompt, prompt_embeds,
-    negative, guidance (the CFG weight w; default 1). The result is one ε-model of that fixed condition."""
+    negative, guidance (the CFG weight w; default 1). The result is one ε-model of that fixed condition.
+    `limits` False lifts the loaders' bounds on network size, noise-table length and sample pixels (the CLI's
+    --no-limits)."""
     unknown = sorted(set(condition) - set(CONDITION_ARGUMENTS))
     if unknown:
         raise TypeError(f"load: unknown argument(s) {unknown}; expected some of {list(CONDITION_ARGUMENTS)}")
     given = {k: v for k, v in condition.items() if v is not None and not (k == "guidance" and v == 1.0)}
     folder = DIGITS32 if name == "digits32" else name
+    big = {} if limits else {"max_parameters": None}
+    unbounded = {} if limits else {"max_parameters": None, "max_timesteps": None}
     if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
         from probflow.models.diffusers_folders import is_conditional_folder, load_conditional
 
         if is_conditional_folder(folder):
-            return load_conditional(folder, **{k: v for k, v in condition.items() if v is not None})
+            return load_conditional(folder, **{k: v for k, v in condition.items() if v is not None}, **unbounded)
     elif name == "digits32":
         raise FileNotFoundError(f"model: the digits32 weights are missing ({DIGITS32}); train them with "
                                 "`probflow train digits32`")
@@ -57,9 +61,9 @@ def load(name: str | os.PathLike, **condition):
         if os.path.isfile(os.path.join(name, "digits.safetensors")):
             from probflow.models.digits import load_model
 
-            return load_model(name)
+            return load_model(name, **big)
         from probflow.models.adapters import from_diffusers
 
-        return from_diffusers(name)
+        return from_diffusers(name, **unbounded, **({} if limits else {"max_pixels": None}))
     raise ValueError(f"model: unknown model {str(name)!r}; expected one of {list(MODEL_NAMES)}, a digits checkpoint "
                      "folder or a local diffusers folder")
