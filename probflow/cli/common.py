@@ -5,16 +5,27 @@ chunk by chunk through `probflow.distributed.solve_chunks` in one process and un
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from probflow.cli.request import TOL_FLOOR, Condition, Run, Solver, device_arg, method_arg, precision_arg
+from probflow.cli.request import (
+    MAX_BYTES,
+    TOL_FLOOR,
+    Condition,
+    Run,
+    Solver,
+    device_arg,
+    method_arg,
+    precision_arg,
+)
 from probflow.grids import NAMED
 from probflow.integrate import MAX_STEPS
 from probflow.precision import Precision
@@ -126,31 +137,62 @@ def start(run: Run | None = None, threads: int | None = None, spread: bool = Tru
     return w
 
 
+@dataclass(frozen=True)
+class Opened:
+    """What an image command works with once it has started: the world (torchrun's ranks or one process),
+    the device this rank computes on, and the model of the request's condition."""
+
+    w: Any
+    device: str
+    model: Any
+
+
+def open_model(run: Run, out: Path | None = None, folder: bool = False, spread: bool = True,
+               condition: Condition | None = None) -> Opened:
+    """The start of every image command, each step a floor lower and none taken twice: the condition read
+    (--prompt-embeds), torch's threads and torchrun's ranks (`probflow.distributed`; a command that is not
+    `spread` refuses more than one), `out` checked writable on rank 0 before any work (`probflow.io.atomic`:
+    a file, or a `folder` of files; None: no output file), and the model loaded (`probflow.models.load`,
+    with `condition` or the request's): an image model (C, H, W), on this rank's device (--device, or
+    under torchrun with CUDA its own GPU)."""
+    from probflow import distributed, models
+    from probflow.io.atomic import check_writable, check_writable_folder
+
+    kw = condition_kwargs(condition or run.condition)
+    distributed.set_threads(run.threads)
+    cuda = run.device.startswith("cuda")
+    w = distributed.world(device="cuda" if cuda else "cpu")
+    if not spread and w.size > 1:
+        raise ValueError("not spread over ranks; run it without torchrun")
+    if out is not None:
+        check = check_writable_folder if folder else check_writable
+        distributed.on_rank0(lambda: check(out, run.force, "--out"), w=w)
+    device = w.device if w.size > 1 and cuda else run.device
+    try:
+        model = models.load(run.model, limits=run.limits, **kw)
+    except ValueError as e:
+        raise flag_error(e) from None
+    shape = getattr(model, "sample_shape", None)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"--model: {run.model!r} is not an image model (no (C, H, W) sample shape)")
+    if device != "cpu":
+        if not hasattr(model, "to"):
+            raise ValueError(f"--device: model {run.model!r} cannot be moved to {device}")
+        model.to(device)
+        if getattr(model, "autoencoder", None) is not None:
+            model.autoencoder.vae.to(device)
+    return Opened(w, device, model)
+
+
 def device_of(run: Run, w) -> str:
     """The device this rank computes on: --device, or under torchrun with CUDA its own GPU."""
     return w.device if w.size > 1 and run.device.startswith("cuda") else run.device
 
 
-def load_image_model(run: Run | str, device: str = "cpu", condition: Condition | None = None):
-    """An image ε-model by `--model` and its condition (`run.condition`, or `condition`): "digits",
-    "digits32", a digits checkpoint folder or a local diffusers folder (`_load_checked`; a plain spec
-    string: no condition, limits on); it must have a sample shape (C, H, W). With `run.limits`, a checkpoint
-    whose network or noise table is beyond `probflow.models.adapters.MAX_PARAMETERS` / `MAX_TIMESTEPS` is
-    refused before it is built."""
-    spec, limits = (run, True) if isinstance(run, str) else (run.model, run.limits)
-    cond = condition or (Condition() if isinstance(run, str) else run.condition)
-    model = _load_checked(spec, limits, cond)
-    shape = getattr(model, "sample_shape", None)
-    if shape is None or len(shape) != 3:
-        raise ValueError(f"--model: {spec!r} is not an image model (no (C, H, W) sample shape)")
-    if device != "cpu":
-        if not hasattr(model, "to"):
-            raise ValueError(f"--device: model {spec!r} cannot be moved to {device}")
-        model.to(device)
-        ae = getattr(model, "autoencoder", None)
-        if ae is not None:
-            ae.vae.to(device)
-    return model
+def load_image_model(spec: str, device: str = "cpu", limits: bool = True):
+    """An image ε-model by `--model` spec, unconditional, without a command around it (`open_model` is the
+    commands' path): "digits", "digits32" needs a class, so use `open_model` for conditional models."""
+    return open_model(Run(spec, device, None, 64, None, True, False, limits)).model
 
 
 # the loader's argument names, as the command line spells them
@@ -159,17 +201,6 @@ _FLAGS = {"class_label": "--class", "prompt": "--prompt", "prompt_embeds": "--pr
 _HINTS = (("(negative=, --negative)", "(--negative)"), ("prompt_embeds= (a safetensors file)", "--prompt-embeds FILE"),
           ("prompt_embeds=", "--prompt-embeds FILE"), ("prompt=", "--prompt"), ("negative=", "--negative"),
           ("use guidance 1", "use --guidance 1"), ("use w = 1", "use --guidance 1"))
-
-
-def _load_checked(spec: str, limits: bool, condition: Condition):
-    """`probflow.models.load(spec, **condition)` with the resource limits on or off; its errors name the
-    command line's flags (--class, --prompt, …; else --model)."""
-    from probflow import models
-
-    try:
-        return models.load(spec, limits=limits, **condition_kwargs(condition))
-    except ValueError as e:
-        raise flag_error(e) from None
 
 
 def condition_kwargs(condition: Condition) -> dict:
@@ -197,21 +228,21 @@ def flag_error(e: ValueError) -> ValueError:
 
 def read_embeds(path: Path) -> tuple[Tensor, Tensor | None]:
     """--prompt-embeds: (prompt_embeds, negative_prompt_embeds or None) from a safetensors file, or a torch
-    file read with weights_only=True (a tensor, or a dict holding 'prompt_embeds')."""
-    if path.suffix.lower() == ".safetensors":
-        from probflow.models.diffusers_folders import read_prompt_embeds
+    file read with weights_only=True (a tensor, or a dict holding 'prompt_embeds'); their shapes are checked
+    by the model's loader against its cross-attention width."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = read_prompt_embeds(path, "--prompt-embeds")
-    else:
-        try:
+            obj = load_file(str(path))
+        else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises several types for a damaged or unsafe file
-            raise ValueError(f"--prompt-embeds: could not read {path} with weights_only=True "
-                             f"({_first_line(e)})") from None
-        sd = {"prompt_embeds": obj} if isinstance(obj, Tensor) else obj
-        if not isinstance(sd, dict) or not isinstance(sd.get("prompt_embeds"), Tensor):
-            raise ValueError(f"--prompt-embeds: {path} holds no 'prompt_embeds' tensor (expected a tensor or a dict "
-                             "with 'prompt_embeds' and optionally 'negative_prompt_embeds')")
+    except Exception as e:  # noqa: BLE001 - safetensors and torch raise several types for a damaged file
+        raise ValueError(f"--prompt-embeds: could not read {path} ({_first_line(e)})") from None
+    sd = {"prompt_embeds": obj} if isinstance(obj, Tensor) else obj
+    if not isinstance(sd, dict) or not isinstance(sd.get("prompt_embeds"), Tensor):
+        raise ValueError(f"--prompt-embeds: {path} holds no 'prompt_embeds' tensor (expected a tensor or a dict "
+                         "with 'prompt_embeds' and optionally 'negative_prompt_embeds')")
     neg = sd.get("negative_prompt_embeds")
     if neg is not None and not isinstance(neg, Tensor):
         raise ValueError(f"--prompt-embeds: {path}: 'negative_prompt_embeds' is not a tensor")
@@ -239,6 +270,20 @@ def to_latent(model, x: Tensor, chunk: int) -> Tensor:
     return x if ae is None else torch.cat([ae.encode(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
 
+def decoded(fn: Callable, model) -> Callable:
+    """A chunk's solve `fn` (`solve`) whose x_0 is taken to images: as it is, or for latent diffusion through
+    the VAE decoder, chunk by chunk on the chunk's rank."""
+    ae = getattr(model, "autoencoder", None)
+    if ae is None:
+        return fn
+
+    def solve_then_decode(*a, **kw):
+        sol = fn(*a, **kw)
+        return replace(sol, x=ae.decode(sol.x))
+
+    return solve_then_decode
+
+
 def to_image(model, z: Tensor, chunk: int) -> Tensor:
     """The ODE's x_0 → images: themselves, or for latent diffusion the VAE decoder's output."""
     ae = getattr(model, "autoencoder", None)
@@ -260,6 +305,40 @@ def condition_text(model) -> str:
 
 VAE_NOTE = ("the VAE is not exact: its decoder does not invert its encoder, so the images differ from the "
             "encoded ones by the VAE's own reconstruction error (the latent ODE part is exact)")
+
+
+def check_sizes(flag: str, count: int, shape: tuple[int, ...], scale: int | None, limits: bool,
+                nrow: int | None = None) -> None:
+    """Before allocating: `count` samples of `shape` (C, H, W) fit `MAX_BYTES` in float64, and their PNG grid
+    (`probflow.io.images.save_grid`: `nrow` per row, default ⌈√count⌉, 2-pixel pad, `scale`, default to at
+    least 32 px) fits `MAX_PIXELS`. `flag` names the count's flag (--n, --frames)."""
+    from probflow.io.images import MAX_PIXELS
+
+    if not limits:
+        return
+    c, h, w = shape
+    nbytes = count * c * h * w * 8
+    if nbytes > MAX_BYTES:
+        raise ValueError(f"{flag}: {count} samples of {c}×{h}×{w} need {nbytes / 2**30:.3g} GiB in float64, above the "
+                         f"bound of {MAX_BYTES / 2**30:g} GiB (pass --no-limits to lift it)")
+    s = scale if scale is not None else max(1, math.ceil(32 / min(h, w)))
+    per_row = nrow or max(1, math.ceil(math.sqrt(count)))
+    rows = math.ceil(count / per_row)
+    pixels = (per_row * (w * s + 2) + 2) * (rows * (h * s + 2) + 2)
+    if pixels > MAX_PIXELS:
+        flags = f"{flag} and --scale" if scale is not None else flag
+        raise ValueError(f"{flags}: the PNG would have {pixels} pixels, above the bound of {MAX_PIXELS} "
+                         "(pass --no-limits to lift it)")
+
+
+def sample_plan(req, model) -> tuple[tuple[int, ...], Tensor, Callable]:
+    """What `probflow sample` needs from the model before it solves, all command-line work: --n and --scale
+    checked against the images' size (`check_sizes`), the shape of x_T (the model's; latents for latent
+    diffusion), the grid, and the chunk's solve (`probflow.sample`, then the VAE decoder where there is one)."""
+    import probflow
+
+    check_sizes("--n", req.n, image_shape(model), req.scale, req.run.limits)
+    return tuple(model.sample_shape), make_grid(req.solver, model), decoded(probflow.sample, model)
 
 
 def precision_of(run: Run, model, state: torch.dtype = torch.float64) -> Precision:

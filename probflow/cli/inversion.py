@@ -36,34 +36,46 @@ def _add_encode_mode(p: argparse.ArgumentParser, chunked: bool = True) -> None:
             a.help = f"{a.help.split(';')[0]}; default {EXACT_GRID} for exact latents, else uniform"
 
 
-def _encode(req: EncodeRequest, model, x0: Tensor, w):
-    """(Solution, grid, grid name): the latent of `x0` for the request's method and mode, chunk by chunk over
-    the ranks of `w` (None on ranks other than 0). An exact latent is made in the network's own dtype for both
-    model and state unless --precision says otherwise (exact to the network's own precision)."""
+def _encode_plan(req: EncodeRequest, model, x0: Tensor) -> dict:
+    """What the encode's solve is, all command-line work before it: the grid (its name and σ's), the chunk's
+    solve (`probflow.encode`, or `encode_exact` for an exact latent) and its precision. An exact latent is
+    made in the network's own dtype for both model and state unless --precision says otherwise (exact to the
+    network's own precision)."""
     import probflow
-    from probflow.cli.common import grid_name, make_grid, precision_of, solve
-    from probflow.inversion import InversionError, encode_exact
+    from probflow.cli.common import grid_name, make_grid, precision_of
+    from probflow.inversion import encode_exact
 
     s, mode = req.solver, req.mode
     default = EXACT_GRID if mode == "exact" else "uniform"
-    name, sig = grid_name(s, default), make_grid(s, model, default)
+    plan = {"name": grid_name(s, default), "sigmas": make_grid(s, model, default)}
     if mode != "exact":
-        return solve(req.run, s, model, probflow.encode, len(x0), x0, sig, s.method, "encode", w=w,
-                     dtype=x0.dtype), sig, name
+        return {**plan, "fn": probflow.encode, "what": "encode", "dtype": x0.dtype, "precision": None}
     md = getattr(model, "model_dtype", None)
     precision = precision_of(req.run, model, state=md if md is not None and md.is_floating_point else torch.float64)
 
     def exact(field, x, sigmas, method, rtol, atol, state=None):
         return encode_exact(field, x, sigmas, method)
 
+    return {**plan, "fn": exact, "what": "encode (exact)", "dtype": x0.dtype, "precision": precision}
+
+
+def _encode(req: EncodeRequest, model, x0: Tensor, plan: dict, w):
+    """The latent of `x0` by the `plan` (`_encode_plan`), chunk by chunk over the ranks of `w` (None on ranks
+    other than 0); an exact encode that cannot be made exact is refused with what to try."""
+    from probflow.cli.common import solve
+    from probflow.inversion import InversionError
+
+    s = req.solver
     try:
-        sol = solve(req.run, s, model, exact, len(x0), x0, sig, s.method, "encode (exact)", w=w, precision=precision)
+        return solve(req.run, s, model, plan["fn"], len(x0), x0, plan["sigmas"], s.method, plan["what"], w=w,
+                     precision=plan["precision"], dtype=plan["dtype"])
     except InversionError:
         raise  # its own message names σ, the residual and what to try
     except ValueError as e:
+        if req.mode != "exact":
+            raise
         msg = str(e).removeprefix("method: ")
         raise ValueError(f"--method: {msg}; pass --plain for the ordinary encode") from None
-    return sol, sig, name
 
 
 def add_encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,24 +89,23 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
 def run_encode(args: argparse.Namespace) -> int:
     from probflow.cli.request import encode_request
 
-    return encode(encode_request(args))
+    req = encode_request(args)  # read and checked once; `args` is not used after this line
+    return encode(req)
 
 
 def encode(req: EncodeRequest) -> int:
     """Images x_0 → latents x_T: by default exact for the decoder (`encode_exact`), else `probflow.encode`;
     written with provenance and environment."""
-    from probflow.cli.common import condition_text, device_of, load_image_model, load_inputs, nfe_text, start
+    from probflow.cli.common import condition_text, load_inputs, nfe_text, open_model
     from probflow.distributed import on_rank0
-    from probflow.io.atomic import check_writable
     from probflow.io.latents import save_latents
 
-    w = start(req.run)
-    on_rank0(lambda: check_writable(req.out, req.run.force, "--out"), w=w)
-    device = device_of(req.run, w)
-    model = load_image_model(req.run, device)
+    job = open_model(req.run, req.out)
+    model, device, w = job.model, job.device, job.w
     x0 = load_inputs(req.run, model, list(req.images), "IMAGE", req.invert, device)
     z0, vae = _through_vae(model, x0, req.run.chunk)
-    sol, sig, name = _encode(req, model, z0, w)
+    plan = _encode_plan(req, model, z0)
+    sol, sig, name = _encode(req, model, z0, plan, w), plan["sigmas"], plan["name"]
     if w.rank != 0:  # the other ranks meet rank 0's write, then stop
         return on_rank0(lambda: None, w=w) or 0
     s, mode = req.solver, req.mode
@@ -179,7 +190,8 @@ def _exactness(lf, s: Solver, model, sig, state, device: str) -> str:
 def run_decode(args: argparse.Namespace) -> int:
     from probflow.cli.request import decode_request
 
-    return decode(decode_request(args))
+    req = decode_request(args)  # read and checked once; `args` is not used after this line
+    return decode(req)
 
 
 def _decode_state(req: DecodeRequest, s: Solver, lf, sig):
@@ -218,22 +230,19 @@ def decode(req: DecodeRequest) -> int:
     """Latents x_T → images x_0 down Eq. 12 (`probflow.decode`) with the method, grid, dtype and state the
     file records; "exact" is printed only when the file's exactness conditions hold here."""
     import probflow
-    from probflow.cli.common import VAE_NOTE, device_of, load_image_model, nfe_text, say, solve, start, to_image
+    from probflow.cli.common import VAE_NOTE, decoded, nfe_text, open_model, say, solve
     from probflow.cli.request import with_file_defaults
     from probflow.distributed import on_rank0
-    from probflow.io.atomic import check_writable_folder
     from probflow.io.images import save_images
     from probflow.io.latents import check_compatible, load_latents
 
     lf = load_latents(req.latents, "latents")  # every field validated, naming the field
     s = with_file_defaults(req.solver, lf.meta, len(lf.sigmas) - 1)
-    w = start(req.run)
     names = [Path(n).stem + ".png" for n in lf.sources] if len(lf.sources) == len(lf.latents) else None
     if names is not None and len(set(names)) != len(names):
         names = None
-    on_rank0(lambda: check_writable_folder(req.out, req.run.force, "--out"), w=w)  # before any work
-    device = device_of(req.run, w)
-    model = load_image_model(req.run, device, _file_condition(req, lf.meta))
+    job = open_model(req.run, req.out, folder=True, condition=_file_condition(req, lf.meta))  # --out before work
+    model, device, w = job.model, job.device, job.w
     for msg in check_compatible(lf, model, req.run.force, "latents", any_condition=req.any_condition):
         say(f"warning: decoding latents made with {msg} ({'--any-condition' if 'condition' in msg else '--force'})")
     if tuple(lf.latents.shape[1:]) != tuple(model.sample_shape):
@@ -242,12 +251,13 @@ def decode(req: DecodeRequest) -> int:
     sig = _decode_grid(req.solver, s, lf, model)
     state = _decode_state(req, s, lf, sig)
     claim = _exactness(lf, s, model, sig, state, device) if w.rank == 0 else ""
-    sol = solve(req.run, s, model, probflow.decode, len(lf.latents), lambda a, b: lf.latents[a:b].to(device), sig,
-                s.method, "decode", w=w, state=state, dtype=lf.latents.dtype)
+    fn = decoded(probflow.decode, model)
+    sol = solve(req.run, s, model, fn, len(lf.latents), lambda a, b: lf.latents[a:b].to(device), sig, s.method,
+                "decode", w=w, state=state, dtype=lf.latents.dtype)
     lo, hi = json.loads(lf.meta["data_range"])
     if w.rank != 0:  # the other ranks meet rank 0's write, then stop
         return on_rank0(lambda: None, w=w) or 0
-    x = to_image(model, sol.x, req.run.chunk)
+    x = sol.x  # images: through the VAE decoder chunk by chunk for latent diffusion (`decoded`)
     if getattr(model, "autoencoder", None) is not None:
         say(f"note: {VAE_NOTE}")
         claim += " of the VAE latents; the VAE decoder is not exact" if claim else "; the VAE decoder is not exact"
@@ -272,7 +282,8 @@ def add_interpolate_arguments(p: argparse.ArgumentParser) -> None:
 def run_interpolate(args: argparse.Namespace) -> int:
     from probflow.cli.request import interpolate_request
 
-    return interpolate(interpolate_request(args))
+    req = interpolate_request(args)  # read and checked once; `args` is not used after this line
+    return interpolate(req)
 
 
 def interpolate(req: InterpolateRequest) -> int:
@@ -281,27 +292,25 @@ def interpolate(req: InterpolateRequest) -> int:
     decodes of the mixed latents. Two images: one process, one chunk."""
     import probflow
     from probflow.cli.common import (
+        check_sizes,
         condition_text,
         image_shape,
-        load_image_model,
         load_inputs,
         nfe_text,
+        open_model,
         solve,
-        start,
         to_image,
     )
-    from probflow.cli.request import check_sizes
-    from probflow.io.atomic import check_writable
     from probflow.io.images import save_grid
 
-    check_writable(req.out, req.run.force, "--out")
-    w = start(req.run, spread=False)
-    model = load_image_model(req.run, req.run.device)
+    job = open_model(req.run, req.out, spread=False)
+    model, w = job.model, job.w
     check_sizes("--frames", req.frames, image_shape(model), req.scale, req.run.limits, nrow=req.frames)
     x0 = torch.cat([load_inputs(req.run, model, [req.a], "A", req.invert, req.run.device),
                     load_inputs(req.run, model, [req.b], "B", req.invert, req.run.device)])
     z0, vae = _through_vae(model, x0, req.run.chunk)
-    enc, sig, name = _encode(req.encode, model, z0, w)
+    plan = _encode_plan(req.encode, model, z0)
+    enc, sig, name = _encode(req.encode, model, z0, plan, w), plan["sigmas"], plan["name"]
 
     def mix_and_decode(field, x, sigmas, method, state=None, **kw):  # slerp/lerp per latent over all its pixels
         return probflow.interpolate(field, x[:1], x[1:], sigmas, method, frames=req.frames, kind=req.kind,

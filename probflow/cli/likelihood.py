@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from probflow.cli.common import add_solver_arguments, load_image_model, load_inputs, make_grid, say, start
+from probflow.cli.common import add_solver_arguments, load_inputs, make_grid, open_model, say
 from probflow.cli.request import bounded, run, solver
 
 _EIGHT_BIT = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
@@ -121,8 +121,7 @@ def run_likelihood(args: argparse.Namespace) -> int:
 
     s, rn = solver(args, DEFAULT_METHOD, DEFAULT_STEPS), run(args)  # the request: checked once (cli.request)
     _check_args(args)
-    start(rn, spread=False)
-    model = load_image_model(rn, rn.device)
+    model = open_model(rn, spread=False).model
     if getattr(model, "autoencoder", None) is not None:
         raise ValueError(f"--model: {rn.model} is a latent diffusion model (vae/): the ODE gives the density of its "
                          "VAE latents, not of images (the VAE has no exact density); bits/dim of images is not "

@@ -3,7 +3,7 @@
 Each command's `argparse.Namespace` is turned into one frozen dataclass by `*_request(args)`; every value is
 checked there, once (ranges, bounds, the flags that cannot go together), and the commands read only the
 request afterwards — `args` is never written to. What depends on the model (the sample shape) is checked by
-`check_sizes` once the model is loaded, before anything of that size is allocated.
+`probflow.cli.common.check_sizes` once the model is loaded, before anything of that size is allocated.
 
 **Bounds.** Flags whose value sets how much memory or work a run takes are bounded (`BOUNDS`); a value above
 its bound is refused with a line naming the flag and the bound, and `--no-limits` lifts every bound (the
@@ -262,30 +262,6 @@ def seed(seed: int) -> int:
     return seed
 
 
-def check_sizes(flag: str, count: int, shape: tuple[int, ...], scale: int | None, limits: bool,
-                nrow: int | None = None) -> None:
-    """Before allocating: `count` samples of `shape` (C, H, W) fit `MAX_BYTES` in float64, and their PNG grid
-    (`probflow.io.images.save_grid`: `nrow` per row, default ⌈√count⌉, 2-pixel pad, `scale`, default to at
-    least 32 px) fits `MAX_PIXELS`. `flag` names the count's flag (--n, --frames)."""
-    from probflow.io.images import MAX_PIXELS
-
-    if not limits:
-        return
-    c, h, w = shape
-    nbytes = count * c * h * w * 8
-    if nbytes > MAX_BYTES:
-        raise ValueError(f"{flag}: {count} samples of {c}×{h}×{w} need {nbytes / 2**30:.3g} GiB in float64, above the "
-                         f"bound of {MAX_BYTES / 2**30:g} GiB (pass --no-limits to lift it)")
-    s = scale if scale is not None else max(1, math.ceil(32 / min(h, w)))
-    per_row = nrow or max(1, math.ceil(math.sqrt(count)))
-    rows = math.ceil(count / per_row)
-    pixels = (per_row * (w * s + 2) + 2) * (rows * (h * s + 2) + 2)
-    if pixels > MAX_PIXELS:
-        flags = f"{flag} and --scale" if scale is not None else flag
-        raise ValueError(f"{flags}: the PNG would have {pixels} pixels, above the bound of {MAX_PIXELS} "
-                         "(pass --no-limits to lift it)")
-
-
 # ---------------------------------------------------------------- one request per command
 
 
@@ -388,5 +364,5 @@ def with_file_defaults(s: Solver, meta: dict, steps: int) -> Solver:
 __all__ = ["ALIASES", "BOUNDS", "MAX_BYTES", "MAX_STEPS", "TOL_FLOOR", "Solver", "Run", "SampleRequest",
            "EncodeRequest", "DecodeRequest", "InterpolateRequest", "sample_request", "encode_request",
            "Condition", "condition", "decode_request", "interpolate_request", "solver", "run", "bounded",
-           "check_sizes", "check_threads", "check_device", "check_out_file", "seed", "with_file_defaults",
+           "check_threads", "check_device", "check_out_file", "seed", "with_file_defaults",
            "method_arg", "device_arg", "precision_arg"]

@@ -1,11 +1,15 @@
-"""`probflow sample`: new images from seeded noise, down Eq. 12 (or a stochastic sampler), as a PNG grid."""
+"""`probflow sample`: new images from seeded noise, down Eq. 12 (or a stochastic sampler), as a PNG grid.
+
+One path, each step a floor lower: the arguments become a checked request (`probflow.cli.request`), the
+command opens its world, output and model (`probflow.cli.common.open_model`), sizes its output and builds its
+grid from the model, and hands the solve to the chunk runner (`probflow.cli.common.solve` →
+`probflow.distributed.solve_chunks`); rank 0 writes the PNG."""
 
 from __future__ import annotations
 
 import argparse
 
 from probflow.cli.common import add_solver_arguments
-from probflow.cli.request import SampleRequest, sample_request
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,43 +25,23 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     """n samples x_0 from `probflow.noise(n, shape, seed)` by `probflow.sample`, written as one PNG grid."""
-    req = sample_request(args)  # read and checked once; `args` is not used after this line
-    return sample(req)
-
-
-def sample(req: SampleRequest) -> int:
     import probflow
-    from probflow.cli.common import (
-        condition_text,
-        device_of,
-        image_shape,
-        load_image_model,
-        make_grid,
-        make_method,
-        nfe_text,
-        solve,
-        start,
-        to_image,
-    )
-    from probflow.cli.request import check_sizes
+    from probflow.cli.common import condition_text, make_method, nfe_text, open_model, sample_plan, solve
+    from probflow.cli.request import sample_request
     from probflow.distributed import on_rank0
-    from probflow.io.atomic import check_writable
     from probflow.io.images import save_grid
 
-    w = start(req.run)
-    on_rank0(lambda: check_writable(req.out, req.run.force, "--out"), w=w)
-    device = device_of(req.run, w)
-    model = load_image_model(req.run, device)
-    shape = tuple(model.sample_shape)
-    check_sizes("--n", req.n, image_shape(model), req.scale, req.run.limits)
-    sigmas = make_grid(req.solver, model)
+    req = sample_request(args)  # read and checked once; `args` is not used after this line
+    job = open_model(req.run, req.out)
+    model, device, w = job.model, job.device, job.w
+    shape, sigmas, fn = sample_plan(req, model)
     seed = req.seed + 1  # the path noise's streams, apart from x_T's
-    sol = solve(req.run, req.solver, model, probflow.sample, req.n,
+    sol = solve(req.run, req.solver, model, fn, req.n,
                 lambda a, b: probflow.noise(b - a, shape, req.seed, start=a).to(device), sigmas,
                 lambda a, b: make_method(req.solver, seed, range(a, b)), "sample", w=w)
-    on_rank0(lambda: save_grid(to_image(model, sol.x, req.run.chunk).cpu(), req.out, force=req.run.force,
-                               scale=req.scale, data_range=getattr(model, "data_range", (-1.0, 1.0))), w=w)
+    on_rank0(lambda: save_grid(sol.x.cpu(), req.out, force=req.run.force, scale=req.scale,
+                               data_range=getattr(model, "data_range", (-1.0, 1.0))), w=w)
     if w.rank == 0:
-        print(f"wrote {req.out}: {req.n} samples, {make_method(req.solver, seed).name}, {nfe_text(sol)}"
+            print(f"wrote {req.out}: {req.n} samples, {make_method(req.solver, seed).name}, {nfe_text(sol)}"
               f"{condition_text(model)}")
     return 0
