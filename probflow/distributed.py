@@ -422,11 +422,10 @@ def solve_chunks(fn: Callable[..., Any], model: Any, n: int, inputs: Tensor | Ca
 
     def one(a: int, b: int, abort: Abort):
         x = inputs(a, b) if callable(inputs) else inputs[a:b]
-        if p is not None:
-            p.check_device(x.device)  # the device runs the precision's dtypes (cached per dtype and device)
+        x = x if p is None else p.state_tensor(x)  # checks that the device runs the precision's dtypes
         field = DDIMField(_Watched(base.model, abort, hook), base.model_dtype)
         m = method(a, b) if callable(method) else method
-        return fn(field, x if p is None else p.state_tensor(x), sigmas, m, state=slice_state(state, a, b), **kw)
+        return fn(field, x, sigmas, m, state=slice_state(state, a, b), **kw)
 
     parts = map_chunks(one, n, chunk, w=w, everywhere=everywhere, _with_abort=True)
     return None if parts is None else concat_solutions(parts)

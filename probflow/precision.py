@@ -149,7 +149,8 @@ class Precision:
         return DDIMField(self.cast_model(model), model_dtype=self.model)
 
     def state_tensor(self, x: Tensor) -> Tensor:
-        """x in the state's dtype."""
+        """x in the state's dtype, once x's device is known to run this precision's dtypes (`check_device`)."""
+        self.check_device(x.device)
         return x.to(self.state)
 
 

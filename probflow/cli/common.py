@@ -204,14 +204,11 @@ _HINTS = (("(negative=, --negative)", "(--negative)"), ("prompt_embeds= (a safet
 
 
 def condition_kwargs(condition: Condition) -> dict:
-    """The request's condition as `probflow.models.load`'s keyword arguments (--prompt-embeds read here)."""
+    """The request's condition as `probflow.models.load`'s keyword arguments (--prompt-embeds passed as its path)."""
     kw = {"class_label": condition.class_label, "prompt": condition.prompt, "negative": condition.negative,
           "guidance": condition.guidance}
-    if condition.prompt_embeds is not None:
-        emb, neg = read_embeds(condition.prompt_embeds)
-        kw["prompt_embeds"] = emb
-        if neg is not None and condition.negative is None:
-            kw["negative"] = neg
+    if condition.prompt_embeds is not None:  # read by the loader (models.diffusers_folders.read_prompt_embeds)
+        kw["prompt_embeds"] = str(condition.prompt_embeds)
     return kw
 
 
@@ -224,33 +221,6 @@ def flag_error(e: ValueError) -> ValueError:
     if head in _FLAGS:
         return ValueError(f"{_FLAGS[head]}: {rest}")
     return ValueError(msg if msg.startswith("--model") else f"--model: {msg}")
-
-
-def read_embeds(path: Path) -> tuple[Tensor, Tensor | None]:
-    """--prompt-embeds: (prompt_embeds, negative_prompt_embeds or None) from a safetensors file, or a torch
-    file read with weights_only=True (a tensor, or a dict holding 'prompt_embeds'); their shapes are checked
-    by the model's loader against its cross-attention width."""
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - safetensors and torch raise several types for a damaged file
-        raise ValueError(f"--prompt-embeds: could not read {path} ({_first_line(e)})") from None
-    sd = {"prompt_embeds": obj} if isinstance(obj, Tensor) else obj
-    if not isinstance(sd, dict) or not isinstance(sd.get("prompt_embeds"), Tensor):
-        raise ValueError(f"--prompt-embeds: {path} holds no 'prompt_embeds' tensor (expected a tensor or a dict "
-                         "with 'prompt_embeds' and optionally 'negative_prompt_embeds')")
-    neg = sd.get("negative_prompt_embeds")
-    if neg is not None and not isinstance(neg, Tensor):
-        raise ValueError(f"--prompt-embeds: {path}: 'negative_prompt_embeds' is not a tensor")
-    return sd["prompt_embeds"], neg
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def image_shape(model) -> tuple[int, int, int]:

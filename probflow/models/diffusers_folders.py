@@ -93,20 +93,32 @@ class Autoencoder:
 
 
 def read_prompt_embeds(path: str | os.PathLike, name: str = "prompt_embeds") -> dict[str, Tensor]:
-    """The tensors of a prompt-embedding safetensors file: `prompt_embeds` and optionally
-    `negative_prompt_embeds`, each (L, D) or (1, L, D)."""
-    from safetensors.torch import load_file
-
+    """The tensors of a prompt-embedding file: `prompt_embeds` and optionally `negative_prompt_embeds`, each
+    (L, D) or (1, L, D). A safetensors file, or a torch file read with weights_only=True holding a tensor or a
+    dict of those names; shapes are checked against the UNet's cross-attention width by the caller."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{name}: {str(path)!r} is not a file (expected a safetensors file with 'prompt_embeds')")
+        raise ValueError(f"{name}: {str(path)!r} is not a file (expected a safetensors or torch file with "
+                         "'prompt_embeds')")
     try:
-        sd = load_file(str(p))
-    except Exception as e:
-        raise ValueError(f"{name}: could not read {p} as safetensors: {e}") from None
-    if "prompt_embeds" not in sd:
-        raise ValueError(f"{name}: {p} has no 'prompt_embeds' tensor (keys: {sorted(sd)})")
-    return sd
+        if p.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors and torch raise several types for a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{name}: could not read {p} ({first})") from None
+    sd = {"prompt_embeds": obj} if isinstance(obj, Tensor) else obj
+    if not isinstance(sd, dict) or not isinstance(sd.get("prompt_embeds"), Tensor):
+        keys = sorted(map(str, sd)) if isinstance(sd, dict) else type(sd).__name__
+        raise ValueError(f"{name}: {p} holds no 'prompt_embeds' tensor (found {keys}; expected a tensor or a "
+                         "dict with 'prompt_embeds' and optionally 'negative_prompt_embeds')")
+    neg = sd.get("negative_prompt_embeds")
+    if neg is not None and not isinstance(neg, Tensor):
+        raise ValueError(f"{name}: {p}: 'negative_prompt_embeds' is not a tensor")
+    return {k: v for k, v in sd.items() if k in ("prompt_embeds", "negative_prompt_embeds")}
 
 
 def _embedding(e, dim: int, name: str) -> Tensor:
