@@ -11,7 +11,7 @@ from probflow.inversion.common import HINT, InversionError, bmask, maxabs, model
 from probflow.inversion.surrogate import surrogate_slopes
 from probflow.newton import Anderson, newton_krylov
 
-__all__ = ["backward", "fallback"]
+__all__ = ["backward", "fallback", "resolution"]
 
 
 def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, patience=3, floor_eps=0.0, pre=None):
@@ -106,12 +106,24 @@ def fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=No
                             "calls": nk.evals, "residual": float(nk.res[bad].max()), "converged": bool(nk.done.all())}
 
 
-def _step_error(m, sigmas, i, n, r, b, how):
+def resolution(field, m, y: Tensor, s: Tensor, s_next: Tensor, pre=None) -> Tensor:
+    """The step's own round-off floor per sample: |Φ(y') − Φ(y)|_∞ with y' = y moved by one ulp of its dtype
+    (alternating signs), what no solve in that dtype can go below (two calls of the step)."""
+    sign = torch.ones_like(y).reshape(len(y), -1)
+    sign[:, 1::2] = -1
+    y1 = torch.nextafter(y, torch.where(sign.reshape(y.shape) > 0, torch.inf, -torch.inf).to(y))
+    ys = torch.cat([y1, y]) if pre is None else torch.cat([pre(y1), pre(y)])
+    out = run_step(field, m, ys, s, s_next)[0]
+    return maxabs(out[:len(y)] - out[len(y):])
+
+
+def _step_error(m, sigmas, i, n, r, b, how, floor):
     j = int(torch.argmax(r / b))
     return InversionError(
         f"encode_exact: the {m.name} step σ = {float(sigmas[i]):.6g} → {float(sigmas[i + 1]):.6g} (step {i} of {n}) "
-        f"did not converge ({how}): residual {float(r[j]):.3e} > tolerance {float(b[j]):.3e} (sample {j}); the "
-        f"latent would not be exact; {HINT}")
+        f"did not converge ({how}): residual {float(r[j]):.3e} > tolerance {float(b[j]):.3e} (sample {j}; the step's "
+        f"own round-off floor there is {float(floor[j]):.1e}, so this is not round-off: the step map is hard to invert "
+        f"there); the latent would not be exact; {HINT}")
 
 
 def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep):
@@ -134,7 +146,8 @@ def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep):
             k += kk
             bad = r > b
         if bad.any():
-            raise _step_error(m, sigmas, i, n, r, b, f"{k} calls of the step, Anderson then Newton–Krylov")
+            raise _step_error(m, sigmas, i, n, r, b, f"{k} calls of the step, Anderson then Newton–Krylov",
+                              resolution(field, m, y, sigmas[i], sigmas[i + 1], pre))
         xs[i] = y
         if not keep:
             xs.pop(i + 3, None)
