@@ -229,8 +229,9 @@ def tiny_folders(root: Path) -> dict:
 
 def markdown(res: dict) -> str:
     lines = ["# Classifier-free guidance: diffusers equivalence, overhead, exact inversion under CFG", "",
-             f"Command: `{res['command']}` ({res['wall_s']:.0f} s, {res['threads']} thread(s), "
-             f"torch {res['torch']}). Written by benchmarks/guidance.py; see its docstring for the method.", ""]
+             f"Command: `{res['command']}`{res.get('command_note', '')} ({res['wall_s']:.0f} s, "
+             f"{res['threads']} thread(s), torch {res['torch']}). Written by benchmarks/guidance.py; see its docstring "
+             "for the method.", ""]
     if res.get("inversion_command"):
         lines += [f"The inversion and latent-diffusion sections were rerun on their own, spliced into the file above: "
                   f"`{res['inversion_command']}` ({res['inversion_wall_s']:.0f} s, {res['threads']} thread(s)).", ""]
@@ -250,7 +251,8 @@ def markdown(res: dict) -> str:
 
 def inversion_markdown(res: dict) -> list[str]:
     lines = ["## Inversion under CFG: exact (encode_exact) vs plain DDIM inversion", "",
-             f"{res['model']}, first {res['inversion'][0]['n']} held-out test images (each with its own label), "
+             f"{res.get('inversion_model', res['model'])}, first {res['inversion'][0]['n']} held-out test images "
+             "(each with its own label), "
              "float32, euler. Calls: the encode's model calls (solve and verification) ÷ the decoder's.", "",
              "| grid | w | exact: ok | exact: max abs | exact: PNG identical | exact: calls ÷ decoder (median) | "
              "DDIM inversion: max abs | DDIM inversion: median abs | DDIM inversion: PNG identical |",
@@ -272,8 +274,10 @@ def inversion_markdown(res: dict) -> list[str]:
             else:
                 msg = i["error"].split(" did not converge")[0].replace("encode_exact: the euler ", "")
                 res_ = i["error"].split("residual ")[1].split(" (")[0] if "residual " in i["error"] else ""
+                floor = i["error"].split("round-off floor there is ")[1].split(",")[0] if "floor there" in i[
+                    "error"] else "?"
                 lines.append(f"| {r['grid']} | {r['w']:g} | {i['index']} ({i['label']}) | failed: {msg}, "
-                             f"residual {res_} | — | — | — |")
+                             f"residual {res_} (the step's own round-off floor {floor}) | — | — | — |")
     if res.get("latent"):
         la = res["latent"]
         ode = f"max abs {la['ode_max_abs']:.2e}" if "ode_max_abs" in la else f"failed ({la['ode_error']})"
@@ -352,6 +356,7 @@ def splice_inversion(model, a, out_json: Path, command: str, t0: float) -> dict:
     res["latent"] = _latent()
     res["inversion"] = inversion(model, a.n, a.steps)
     res["inversion_command"], res["inversion_wall_s"] = command, time.time() - t0
+    res["inversion_model"] = a.model
     return res
 
 

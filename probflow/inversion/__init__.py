@@ -11,11 +11,13 @@ x̄_N = x_0·sqrt(1+σ_N²) (docs/MATH.md §9), matrix-free: only forward calls 
 backward pass, no Jacobian matrix), memory O(k·state) (`estimate_memory`; a batch that would not fit is refused
 before anything is allocated).
 
-Preconditioner: the Gaussian surrogate. For data N(0, s²I) the denoiser is D = s²/(s²+σ²)·x̄, linear, and every
-decoder step is a linear map in x̄; its coefficients (one scalar per step, or per pair of steps for multistep
-history) are computed by running the method's own step function on that scalar model, with s² the mean square
-of each sample's x_0. This is the exact Jacobian of (X1) when ∂D/∂x̄ = s²/(s²+σ²)·I; the iterations below correct
-what the network's D does beyond it.
+Preconditioner: the Gaussian surrogate (`probflow.inversion.surrogate`): for data N(0, s²I) every decoder step
+is linear in x̄, with coefficients from the method's own step function; the iterations correct what the network's
+denoiser does beyond it.
+
+Module map: `common` (the error, the step as the decoder runs it, teacher-forced residuals), `memory` (the
+estimate and the refusal), `surrogate`, `steps` (per-step solves), `trajectory` (trajectory solves), `verify`
+(the round trip and the shooting polish); this module holds the API.
 
 Single-step decoders (euler, heun2, rk4, …): the steps are solved one at a time, i = N−1 … 0 (backward
 substitution), each by Anderson acceleration (`probflow.newton.Anderson`, memory m) of
@@ -40,8 +42,10 @@ alone and must return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain 
 sample whose verified round trip has an RMS error above 16·max(tol, eps, 1e-13) (the round-trip targets, 1e-12 MSE in
 float32 and 1e-24 in float64 on the [0, 1] scale, at the default tol) is polished by Newton–Krylov on x_T
 (shooting, decode(x_T) = x_0; to half that bound in max norm), forward calls only. A solve that does not
-converge, or a failed verification, raises `InversionError` naming σ, the residual and what to try; never a
-silently inexact latent. Measured costs and limits: benchmarks/INVERSION.md.
+converge, or a failed verification, raises `InversionError` naming σ, the residual and what to try (a failed
+step also names its own round-off floor, |Φ_i(y') − Φ_i(y)|_∞ for y' one ulp from the iterate, so that a miss of
+the tolerance by round-off is told apart from a step map the solvers do not resolve); never a silently inexact
+latent. Measured costs and limits: benchmarks/INVERSION.md (under guidance: benchmarks/GUIDANCE.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from probflow.solvers import Method
 
 __all__ = ["HINT", "InversionError", "bmask", "maxabs", "model_eps", "residuals", "run_step", "ulp_tol"]
 
-HINT = "try more steps, another grid (e.g. quadratic_open, which ends above σ = 0), or a float64 state and network"
+HINT = ("try more steps (a shorter last step), another grid (one that ends above σ = 0, e.g. quadratic_open), or a "
+        "float64 state and network")
 
 
 class InversionError(ValueError):
