@@ -52,6 +52,7 @@ def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
     if not bool((e <= lim).all()):
         j = int(torch.argmax(e / lim))
         raise InversionError(f"encode_exact: the {m.name} decoder from the solved latent misses x_0 by "
-                             f"{float(e[j]):.3e} > {float(lim[j]):.3e} (sample {j}; is the model deterministic?); "
+                             f"{float(e[j]):.3e} > {float(lim[j]):.3e} (sample {j}; the decoder amplified the "
+                             "steps' residuals along its chain beyond the polish, or the model is not deterministic); "
                              f"the latent would not be exact; {HINT}")
     return xT, float(e.max()), record
