@@ -2,7 +2,7 @@
 under CFG against plain DDIM inversion.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance.py [--model digits32|FOLDER] [--n 20]
-        [--steps 20] [--repeats 5] [--force]
+        [--steps 20] [--repeats 5] [--part all|inversion] [--force]
 
 1. Equivalence: probflow's DDIM (Euler on the trailing grid, `probflow.sample`) of the guided model vs diffusers'
    own loop (DDIMScheduler, trailing spacing, set_alpha_to_one, no clipping; the unet on [x; x] with
@@ -14,13 +14,17 @@ under CFG against plain DDIM inversion.
 2. Overhead: wall time of both loops at equal NFE (the same steps, one thread), alternated `--repeats` times;
    the ratio of the medians, measured in this one run.
 3. Inversion under CFG (trained model, w = 1, 3, 7.5): the first n held-out test images (each conditioned on its
-   own label), float32 state, `--steps` steps of the DDIM trailing grid ending at the table's σ_0 (diffusers'
+   own label), float32 state, euler with `--steps` steps on two grids: quadratic_open (`probflow encode`'s
+   default, ending at the table's smallest σ) and the DDIM trailing grid ending at the table's σ_0 (diffusers'
    DDIM with set_alpha_to_one=False; the step into σ = 0 would invert the denoiser itself, probflow.inversion).
-   Exact: `probflow.inversion.encode_exact`; plain DDIM inversion: Euler up the flipped grid
-   (`probflow.encode`). Each latent is decoded with the same condition and w; reported: max abs distance from
-   the input (in [−1, 1]) and how many decoded images are byte-identical to the input as 8-bit PNG pixels.
-   The UNet runs diffusers' classic attention processor here (`classic_attention`): encode_exact's per-step
-   Newton fallback uses forward-mode AD, which torch's CPU scaled_dot_product_attention lacks.
+   Exact: `probflow.inversion.encode_exact` (matrix-free: forward calls only, torch's scaled-dot-product
+   attention as loaded); plain DDIM inversion: Euler up the flipped grid (`probflow.encode`). Each latent is
+   decoded with the same condition and w; reported per image: ok or the InversionError, max abs distance from
+   the input (in [−1, 1]), whether the decoded image is byte-identical to the input as 8-bit PNG pixels, and the
+   encode's model calls ÷ the decoder's. `--part inversion` reruns only this table and the latent-diffusion
+   check (4.) and splices them into the existing guidance.json / GUIDANCE.md, naming both commands.
+4. Latent diffusion (tiny random AutoencoderKL + text UNet2DConditionModel, w = 3): the ODE part of the round
+   trip (encode_exact of the VAE latent) apart from the VAE's own reconstruction error.
 
 Writes benchmarks/GUIDANCE.md and benchmarks/guidance.json (refuses to replace them without --force).
 """
@@ -114,41 +118,60 @@ def overhead(model, folder: Path, steps: int, w: float, n: int, repeats: int) ->
             "diffusers_s": statistics.median(td), "ratio": statistics.median(tp) / statistics.median(td)}
 
 
-def inversion(model, n: int, steps: int) -> list[dict]:
-    from probflow.digits.conditional import load_split32
-    from probflow.models.diffusers_folders import classic_attention
+def _grid(model, name: str, steps: int):
+    """(σ grid, label): `probflow encode`'s default (quadratic_open) or diffusers' DDIM trailing grid ending at the
+    table's σ_0 (set_alpha_to_one=False)."""
+    if name == "ddim":
+        g = torch.cat([grids.ddim(model.schedule, steps, final_zero=False), model.schedule.sigmas[:1]])
+        return g, f"ddim trailing {steps} → σ_0 = {float(g[-1]):.4g}"
+    g = grids.named(name, model.schedule, steps)
+    return g, f"{name} {steps} (probflow encode's default) → σ = {float(g[-1]):.4g}"
 
-    classic_attention(model)  # the Newton fallback of encode_exact needs forward-mode AD through attention
+
+def _exact_case(m, x, grid) -> dict:
+    """encode_exact of one image, decoded with the same condition and w: ok/failed, round trip, PNG, calls."""
+    t0 = time.time()
+    try:
+        sol = encode_exact(m, x, grid)
+    except InversionError as e:
+        return {"ok": False, "error": str(e), "wall_s": round(time.time() - t0, 1)}
+    back = probflow.decode(m, sol.x, grid).x
+    n = len(grid) - 1
+    return {"ok": True, "max_abs": (back - x).abs().max().item(),
+            "png_identical": bool(torch.equal(_png(back), _png(x))),
+            "calls_over_decoder": (sol.info["nfe_solve"] + sol.info["nfe_verify"]) / n,
+            "last_step_calls": sol.info["iterations"][-1], "wall_s": round(time.time() - t0, 1)}
+
+
+def inversion(model, n: int, steps: int, grid_names=("quadratic_open", "ddim")) -> list[dict]:
+    """Per grid and w: exact vs plain DDIM inversion on the first n held-out test images (one row per image too)."""
+    from probflow.digits.data32 import load_split32
+
     split = load_split32()
     x0s, ys = split["x_test"][:n], split["y_test"][:n]
-    grid = torch.cat([grids.ddim(model.schedule, steps, final_zero=False), model.schedule.sigmas[:1]])
     rows = []
-    for w in WS:
-        row = {"w": w, "steps": steps, "n": n, "grid": f"ddim trailing {steps} → σ_0 = {float(grid[-1]):.4g}"}
-        exact_err, plain_err, exact_png, plain_png, fails, t_exact = [], [], 0, 0, 0, 0.0
-        for x0, y in zip(x0s, ys):
-            m = with_guidance(model, w, {"class_labels": torch.tensor([int(y)])})
-            x = x0[None].float()
-            t0 = time.time()
-            try:
-                lat = encode_exact(m, x, grid).x
-                back = probflow.decode(m, lat, grid).x
-                exact_err.append((back - x).abs().max().item())
-                exact_png += int(torch.equal(_png(back), _png(x)))
-            except (InversionError, NotImplementedError, RuntimeError) as e:  # Newton fallback: forward-mode AD
-                fails += 1
-                row.setdefault("exact_errors", []).append(str(e)[:200])
-            t_exact += time.time() - t0
-            pl = probflow.decode(m, probflow.encode(m, x, grid).x, grid).x
-            plain_err.append((pl - x).abs().max().item())
-            plain_png += int(torch.equal(_png(pl), _png(x)))
-        row.update({"exact_max_abs": max(exact_err) if exact_err else None,
-                    "exact_median_abs": statistics.median(exact_err) if exact_err else None,
-                    "exact_png_identical": exact_png, "exact_failed": fails, "exact_wall_s": round(t_exact, 1),
-                    "ddim_inversion_max_abs": max(plain_err), "ddim_inversion_median_abs": statistics.median(plain_err),
-                    "ddim_inversion_png_identical": plain_png})
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for gname in grid_names:
+        grid, label = _grid(model, gname, steps)
+        for w in WS:
+            row = {"w": w, "steps": steps, "n": n, "grid": label, "images": []}
+            for k, (x0, y) in enumerate(zip(x0s, ys)):
+                m = with_guidance(model, w, {"class_labels": torch.tensor([int(y)])})
+                x = x0[None].float()
+                ex = _exact_case(m, x, grid)
+                pl = probflow.decode(m, probflow.encode(m, x, grid).x, grid).x
+                row["images"].append({"index": k, "label": int(y), **ex, "ddim_max_abs": (pl - x).abs().max().item(),
+                                      "ddim_png_identical": bool(torch.equal(_png(pl), _png(x)))})
+            ims = row["images"]
+            oks = [i for i in ims if i["ok"]]
+            row.update({"exact_max_abs": max(i["max_abs"] for i in oks) if oks else None,
+                        "exact_png_identical": sum(i["png_identical"] for i in oks),
+                        "exact_failed": len(ims) - len(oks),
+                        "exact_calls_median": statistics.median(i["calls_over_decoder"] for i in oks) if oks else None,
+                        "ddim_inversion_max_abs": max(i["ddim_max_abs"] for i in ims),
+                        "ddim_inversion_median_abs": statistics.median(i["ddim_max_abs"] for i in ims),
+                        "ddim_inversion_png_identical": sum(i["ddim_png_identical"] for i in ims)})
+            print(json.dumps({k: v for k, v in row.items() if k != "images"}), flush=True)
+            rows.append(row)
     return rows
 
 
@@ -206,10 +229,14 @@ def tiny_folders(root: Path) -> dict:
 
 def markdown(res: dict) -> str:
     lines = ["# Classifier-free guidance: diffusers equivalence, overhead, exact inversion under CFG", "",
-             f"Command: `{res['command']}` ({res['wall_s']:.0f} s, {res['threads']} thread(s), "
-             f"torch {res['torch']}). Written by benchmarks/guidance.py; see its docstring for the method.", "",
-             "## DDIM of the guided model vs diffusers' pipeline loop (float32, same noise)", "",
-             "| model | w | steps | max abs difference | samples' max abs | relative |", "|---|---|---|---|---|---|"]
+             f"Command: `{res['command']}`{res.get('command_note', '')} ({res['wall_s']:.0f} s, "
+             f"{res['threads']} thread(s), torch {res['torch']}). Written by benchmarks/guidance.py; see its docstring "
+             "for the method.", ""]
+    if res.get("inversion_command"):
+        lines += [f"The inversion and latent-diffusion sections were rerun on their own, spliced into the file above: "
+                  f"`{res['inversion_command']}` ({res['inversion_wall_s']:.0f} s, {res['threads']} thread(s)).", ""]
+    lines += ["## DDIM of the guided model vs diffusers' pipeline loop (float32, same noise)", "",
+              "| model | w | steps | max abs difference | samples' max abs | relative |", "|---|---|---|---|---|---|"]
     for r in res["equivalence"]:
         lines.append(f"| {r['model']} | {r['w']:g} | {r['steps']} | {r['max_abs']:.2e} | {r['sample_max_abs']:.3g} "
                      f"| {r['relative']:.2e} |")
@@ -217,24 +244,49 @@ def markdown(res: dict) -> str:
     lines += ["", "## Sampling overhead at equal NFE (one thread)", "",
               f"{res['model']}, w = {o['w']:g}, {o['steps']} steps, batch {o['batch']}, median of {o['repeats']} "
               f"alternated runs: probflow {o['probflow_s']:.3f} s, diffusers' loop {o['diffusers_s']:.3f} s, "
-              f"**ratio {o['ratio']:.3f}**.", "",
-              "## Inversion under CFG: exact (encode_exact) vs plain DDIM inversion", "",
-              "| w | grid | images | exact: max abs | exact: PNG identical | DDIM inversion: max abs | "
-              "DDIM inversion: median abs | DDIM inversion: PNG identical |", "|---|---|---|---|---|---|---|---|"]
+              f"**ratio {o['ratio']:.3f}**.", ""]
+    lines += inversion_markdown(res)
+    return "\n".join(lines) + "\n"
+
+
+def inversion_markdown(res: dict) -> list[str]:
+    lines = ["## Inversion under CFG: exact (encode_exact) vs plain DDIM inversion", "",
+             f"{res.get('inversion_model', res['model'])}, first {res['inversion'][0]['n']} held-out test images "
+             "(each with its own label), "
+             "float32, euler. Calls: the encode's model calls (solve and verification) ÷ the decoder's.", "",
+             "| grid | w | exact: ok | exact: max abs | exact: PNG identical | exact: calls ÷ decoder (median) | "
+             "DDIM inversion: max abs | DDIM inversion: median abs | DDIM inversion: PNG identical |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["inversion"]:
         ex = "—" if r["exact_max_abs"] is None else f"{r['exact_max_abs']:.2e}"
-        lines.append(f"| {r['w']:g} | {r['grid']} | {r['n']} | {ex} ({r['exact_failed']} failed) | "
-                     f"{r['exact_png_identical']}/{r['n']} | {r['ddim_inversion_max_abs']:.3f} | "
+        ca = "—" if r.get("exact_calls_median") is None else f"{r['exact_calls_median']:.1f}"
+        lines.append(f"| {r['grid']} | {r['w']:g} | {r['n'] - r['exact_failed']}/{r['n']} | {ex} | "
+                     f"{r['exact_png_identical']}/{r['n']} | {ca} | {r['ddim_inversion_max_abs']:.3f} | "
                      f"{r['ddim_inversion_median_abs']:.3f} | {r['ddim_inversion_png_identical']}/{r['n']} |")
+    lines += ["", "Per image (exact): ok, or the InversionError's step and residual.", "",
+              "| grid | w | image (label) | exact | round trip max abs | PNG identical | calls ÷ decoder |",
+              "|---|---|---|---|---|---|---|"]
+    for r in res["inversion"]:
+        for i in r.get("images", []):
+            if i["ok"]:
+                lines.append(f"| {r['grid']} | {r['w']:g} | {i['index']} ({i['label']}) | ok | {i['max_abs']:.2e} | "
+                             f"{'yes' if i['png_identical'] else 'no'} | {i['calls_over_decoder']:.1f} |")
+            else:
+                msg = i["error"].split(" did not converge")[0].replace("encode_exact: the euler ", "")
+                res_ = i["error"].split("residual ")[1].split(" (")[0] if "residual " in i["error"] else ""
+                floor = i["error"].split("round-off floor there is ")[1].split(",")[0] if "floor there" in i[
+                    "error"] else "?"
+                lines.append(f"| {r['grid']} | {r['w']:g} | {i['index']} ({i['label']}) | failed: {msg}, "
+                             f"residual {res_} (the step's own round-off floor {floor}) | — | — | — |")
     if res.get("latent"):
         la = res["latent"]
         ode = f"max abs {la['ode_max_abs']:.2e}" if "ode_max_abs" in la else f"failed ({la['ode_error']})"
         lines += ["", "## Latent diffusion (tiny random AutoencoderKL + UNet, w = 3)", "",
-                  f"ODE part (latent → exact latent → decoded latent): {ode}; "
+                  f"ODE part (latent → exact latent → decoded latent, torch's scaled-dot-product attention): {ode}; "
                   f"VAE part (decoder(encoder mean) vs image, random untrained VAE, so not a quality figure): "
                   f"max abs {la['vae_max_abs']:.3f}. The VAE's encoder is not the inverse of its decoder: that part "
                   "of the round trip is the VAE's own reconstruction error, reported apart from the ODE's."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def latent_case(folder: Path, kw: dict) -> dict:
@@ -260,6 +312,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "GUIDANCE.md"))
     p.add_argument("--force", action="store_true")
+    p.add_argument("--part", choices=("all", "inversion"), default="all",
+                   help="inversion: rerun only the inversion table and the latent-diffusion check, spliced into the "
+                        "existing guidance.json / GUIDANCE.md (needs --force)")
     a = p.parse_args(argv)
     out_md = Path(a.out)
     out_json = out_md.with_name("guidance.json")
@@ -272,8 +327,41 @@ def main(argv=None) -> int:
     t0 = time.time()
     model = load(a.model, class_label=0, guidance=3.0)
     folder = DIGITS32 if a.model == "digits32" else Path(a.model)
-    res = {"command": "python benchmarks/guidance.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "model": a.model}
+    command = "python benchmarks/guidance.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.part == "inversion":
+        res = splice_inversion(model, a, out_json, command, t0)
+    else:
+        res = full_run(model, folder, a, command, t0)
+
+    def write_text(text):
+        return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
+
+    atomic_write(out_json, write_text(json.dumps(res, indent=2) + "\n"), force=a.force, name="--out")
+    atomic_write(out_md, write_text(markdown(res)), force=a.force, name="--out")
+    print(f"wrote {out_md} and {out_json}")
+    return 0
+
+
+def _latent() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        kinds = tiny_folders(Path(tmp))
+        return latent_case(*next(v for k, v in kinds.items() if k.startswith("latent")))
+
+
+def splice_inversion(model, a, out_json: Path, command: str, t0: float) -> dict:
+    """The existing run's results with the inversion table and the latent check replaced by this run's."""
+    if not out_json.exists():
+        raise SystemExit(f"guidance.py: --part inversion: {out_json} does not exist; run the full benchmark first")
+    res = json.loads(out_json.read_text(encoding="utf-8"))
+    res["latent"] = _latent()
+    res["inversion"] = inversion(model, a.n, a.steps)
+    res["inversion_command"], res["inversion_wall_s"] = command, time.time() - t0
+    res["inversion_model"] = a.model
+    return res
+
+
+def full_run(model, folder: Path, a, command: str, t0: float) -> dict:
+    res = {"command": command, "threads": torch.get_num_threads(), "torch": torch.__version__, "model": a.model}
     eq = [{"model": a.model, **equivalence(model, folder, a.steps, w)} for w in WS]
     with tempfile.TemporaryDirectory() as tmp:
         kinds = tiny_folders(Path(tmp))
@@ -287,14 +375,7 @@ def main(argv=None) -> int:
     print(json.dumps(res["overhead"]), flush=True)
     res["inversion"] = inversion(model, a.n, a.steps)
     res["wall_s"] = time.time() - t0
-
-    def write_text(text):
-        return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write(out_json, write_text(json.dumps(res, indent=2) + "\n"), force=a.force, name="--out")
-    atomic_write(out_md, write_text(markdown(res)), force=a.force, name="--out")
-    print(f"wrote {out_md} and {out_json}")
-    return 0
+    return res
 
 
 if __name__ == "__main__":

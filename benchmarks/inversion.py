@@ -303,9 +303,9 @@ def _implied_latent_mse(field, method: str, g: torch.Tensor, z: torch.Tensor, fr
     (dense per sample, forward-mode tangents: `probflow.newton.jacobian`). Returns the per-dimension MSE of J⁻¹ e,
     to set beside the measured latent MSE against the ODE latent (their ratio is 1 where the decoder is linear
     between the two latents)."""
-    from probflow.inversion import _decoder_x
+    from probflow.inversion.verify import decoder_x
 
-    j = _fd_jacobian(_decoder_x(field, get_method(method), g), z)
+    j = _fd_jacobian(decoder_x(field, get_method(method), g), z)
     e = (from_ode - x0).reshape(len(x0), -1).double()
     return float(torch.linalg.solve(j.double(), e[..., None]).pow(2).mean())
 

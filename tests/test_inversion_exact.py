@@ -146,7 +146,7 @@ def test_single_step_newton_krylov_fallback_where_anderson_fails(monkeypatch):
     """Euler, 10 trailing steps, a sharp 64-D mixture, with plain fixed-point iteration (memory 0) limited to 8
     iterations per step: the matrix-free Newton–Krylov fallback (forward differences only) finishes the steps
     exactly; with the fallback disabled the same solve raises, naming σ and the residual."""
-    import probflow.inversion as inv
+    import probflow.inversion.steps as inv
 
     gm = GaussianMixture.random(64, 8, seed=3, std_range=(0.1, 0.5))
     x0 = gm.sample(8, generator=torch.Generator().manual_seed(0))[:2]
@@ -159,7 +159,7 @@ def test_single_step_newton_krylov_fallback_where_anderson_fails(monkeypatch):
     def no_fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None):
         return y, r, 0, {}
 
-    monkeypatch.setattr(inv, "_fallback", no_fallback)
+    monkeypatch.setattr(inv, "fallback", no_fallback)
     with pytest.raises(InversionError, match=r"σ = .*residual .* float64"):
         encode_exact(gm, x0, g, "euler", max_iter=8, memory=0)
 

@@ -1,0 +1,156 @@
+"""The per-step solve of (X1) for single-step decoders: backward substitution, one step at a time (docs/MATH.md §9;
+the method in `probflow.inversion`'s docstring)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from probflow.integrate import scale_in, scale_out
+from probflow.inversion.common import HINT, InversionError, bmask, maxabs, model_eps, run_step, ulp_tol
+from probflow.inversion.surrogate import surrogate_slopes
+from probflow.newton import Anderson, newton_krylov
+
+__all__ = ["backward", "fallback", "resolution"]
+
+
+def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, patience=3, floor_eps=0.0, pre=None):
+    """(X1) for one single-step decoder step: y with Φ(y) = target per sample, by Anderson on y ← y + g/a
+    (a: the surrogate slope per sample). Once every open sample has stalled for `patience` iterations (or half
+    of max_iter is spent), plain iteration from the best iterate (where a lower-precision network's output is
+    piecewise constant it lands on an exact fixed point); a diverging solve restarts from its best iterate with
+    half the step. After the first iteration the step size per sample is the secant's (`_secant_beta`).
+    Returns (y, calls, best residual, failure bound) per sample."""
+    bound, y, b = ulp_tol(target, tol), guess, target.shape[0]
+    fail, acc = 256 * bound, Anderson(memory, (1.0 / a).clamp(0.5, 1e6))
+    done, stall = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long)
+    best_r = torch.full((b,), float("inf"), dtype=torch.float64)
+    best_y = y.clone()
+    iters, polish, prev = 0, False, None
+    while True:
+        phi = run_step(field, m, y if pre is None else pre(y), s, s_next)[0]
+        g = target - phi
+        res = maxabs(g)
+        if floor_eps and iters == 0:  # the network's own precision bounds what the step can resolve
+            fail = fail + 32 * floor_eps * maxabs(phi - y)
+        better = (res < best_r) & ~done
+        best_r = torch.where(better, res, best_r)
+        best_y = torch.where(bmask(better, y), y, best_y)
+        stall = torch.where(better, torch.zeros_like(stall), stall + 1)
+        done = done | (best_r <= bound) | (polish & (stall >= patience) & (best_r <= fail))
+        iters += 1
+        if bool(done.all()) or iters > max_iter:
+            break
+        beta = acc._beta(g).reshape(-1).cpu() if isinstance(acc.beta, Tensor) else torch.full((b,), acc.beta)
+        if bool((res[~done] > 10 * best_r[~done]).any()) and float(beta.min()) > 1 / 16:
+            acc = Anderson(memory if not polish else 0, beta / 2)  # diverging: from the best iterate, half the step
+            y = best_y
+            continue
+        if not polish and (bool((stall[~done] >= patience).all()) or iters >= max_iter // 2):
+            polish, acc = True, Anderson(0, beta)
+            stall.zero_()
+            y = best_y
+            continue
+        y = torch.where(bmask(done, y), best_y, acc.next(y, g))  # converged samples keep their solution
+        if acc.dy:  # the step's own secant slope per sample replaces the surrogate's from now on
+            acc.beta = _secant_beta(acc.dy[-1], acc.dg[-1], beta)
+        if prev is not None and not polish:  # contracting fast: take the next iterate without its own call
+            rate = res / prev.clamp_min(1e-300)
+            take = ~done & better & (rate < 0.25) & (res * rate <= bound / 4)
+            best_y = torch.where(bmask(take, y), y, best_y)
+            best_r = torch.where(take, res * rate, best_r)
+            done = done | take
+            if bool(done.all()):
+                break
+        prev = res
+    return best_y, iters, best_r, fail
+
+
+def _secant_beta(dy: Tensor, dg: Tensor, beta: Tensor) -> Tensor:
+    """1/a per sample, a = <ΔΦ, Δy>/|Δy|² = −<Δg, Δy>/|Δy|² the Rayleigh quotient of ∂Φ/∂y along the last step
+    (a network whose ε does not scale like the Gaussian surrogate's, e.g. random weights, is far from a_i);
+    clamped to [1/4, 4]× the current value and [0.5, 1e6] (a sample without a usable secant keeps it)."""
+    den = (dy * dy).sum(1)
+    a = (-(dg * dy).sum(1) / den.clamp_min(1e-300)).cpu()
+    new = torch.where((den.cpu() > 0) & (a > 0), 1.0 / a.clamp_min(1e-300), beta)
+    return torch.minimum(torch.maximum(new, beta / 4), beta * 4).clamp(0.5, 1e6)
+
+
+def _guess(xs: dict[int, Tensor], sigmas: Tensor, i: int) -> Tensor:
+    """Warm start for x̄_i: the slope of the solved steps above, extrapolated linearly in σ (a constant slope
+    with one solved step, x̄_{i+1} itself with none)."""
+    if i + 2 not in xs:
+        return xs[i + 1].clone()
+    sg = [float(sigmas[k]) for k in range(i, min(i + 4, len(sigmas)))]
+    v1 = (xs[i + 2] - xs[i + 1]) / (sg[2] - sg[1])
+    if i + 3 in xs:
+        v2 = (xs[i + 3] - xs[i + 2]) / (sg[3] - sg[2])
+        m0, m1, m2 = (sg[0] + sg[1]) / 2, (sg[1] + sg[2]) / 2, (sg[2] + sg[3]) / 2
+        w = (m0 - m1) / (m1 - m2)
+        if w <= 1.0:  # extrapolating beyond the last interval's length (grids that widen fast): constant slope
+            v1 = v1 + w * (v1 - v2)
+    return xs[i + 1] - (sg[1] - sg[0]) * v1
+
+
+def fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None):
+    """Newton–Krylov on the step for the samples whose Anderson solve failed (the others count as converged:
+    never moved, still evaluated). Returns (y, r, calls, record)."""
+    inf = torch.full_like(r, float("inf"))
+    nk = newton_krylov(lambda v: run_step(field, m, v if pre is None else pre(v), s, s_next)[0], target, y,
+                       torch.where(bad, ulp_tol(target, tol), inf), torch.where(bad, fail, inf),
+                       max_iter=min(max_iter, 20))
+    better = bad & (nk.res < r)
+    y = torch.where(bmask(better, y), nk.z, y)
+    r = torch.where(better, nk.res, r)
+    return y, r, nk.evals, {"samples": bad.nonzero()[:, 0].tolist(), "newton_iterations": int(nk.iterations.max()),
+                            "calls": nk.evals, "residual": float(nk.res[bad].max()), "converged": bool(nk.done.all())}
+
+
+def resolution(field, m, y: Tensor, s: Tensor, s_next: Tensor, pre=None) -> Tensor:
+    """The step's own round-off floor per sample: |Φ(y') − Φ(y)|_∞ with y' = y moved by one ulp of its dtype
+    (alternating signs), what no solve in that dtype can go below (two calls of the step)."""
+    sign = torch.ones_like(y).reshape(len(y), -1)
+    sign[:, 1::2] = -1
+    y1 = torch.nextafter(y, torch.where(sign.reshape(y.shape) > 0, torch.inf, -torch.inf).to(y))
+    ys = torch.cat([y1, y]) if pre is None else torch.cat([pre(y1), pre(y)])
+    out = run_step(field, m, ys, s, s_next)[0]
+    return maxabs(out[:len(y)] - out[len(y):])
+
+
+def _step_error(m, sigmas, i, n, r, b, how, floor):
+    j = int(torch.argmax(r / b))
+    return InversionError(
+        f"encode_exact: the {m.name} step σ = {float(sigmas[i]):.6g} → {float(sigmas[i + 1]):.6g} (step {i} of {n}) "
+        f"did not converge ({how}): residual {float(r[j]):.3e} > tolerance {float(b[j]):.3e} (sample {j}; the step's "
+        f"own round-off floor there is {float(floor[j]):.1e}, so this is not round-off: the step map is hard to invert "
+        f"there); the latent would not be exact; {HINT}")
+
+
+def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep):
+    """Backward substitution of (X1) from x̄_N = x_end, one step at a time. Returns (x̄_0, trajectory or None,
+    per-step calls, residuals, bounds, fallback records), per-step lists indexed by decoder step (σ_0 first)."""
+    n = len(sigmas) - 1
+    slopes = surrogate_slopes(m, sigmas, s2)
+    xs = {n: x_end}
+    calls, res, bounds, fallbacks = [0] * n, [0.0] * n, [0.0] * n, []
+    feps = model_eps(field, x_end.dtype)
+    for i in range(n - 1, -1, -1):
+        # step 0 sees x̄_0 as the decoder will, through the stored (rounded) latent x_T = x̄_0/sqrt(1+σ_0²)
+        pre = (lambda v: scale_in(scale_out(v, sigmas[0]), sigmas[0])) if i == 0 else None
+        y, k, r, b = _solve_step(field, m, xs[i + 1], _guess(xs, sigmas, i), sigmas[i], sigmas[i + 1], slopes[i],
+                                 tol, max_iter, memory, floor_eps=feps, pre=pre)
+        bad = r > b
+        if bad.any():  # Anderson stalled or diverged: Newton–Krylov on those samples
+            y, r, kk, fb = fallback(field, m, xs[i + 1], y, r, b, bad, sigmas[i], sigmas[i + 1], tol, max_iter, pre)
+            fallbacks.append({"step": i, **fb})
+            k += kk
+            bad = r > b
+        if bad.any():
+            raise _step_error(m, sigmas, i, n, r, b, f"{k} calls of the step, Anderson then Newton–Krylov",
+                              resolution(field, m, y, sigmas[i], sigmas[i + 1], pre))
+        xs[i] = y
+        if not keep:
+            xs.pop(i + 3, None)
+        calls[i], res[i], bounds[i] = k, float(r.max()), float(b.max())
+    traj = [xs[i] for i in range(n + 1)] if keep else None
+    return xs[0], traj, calls, res, bounds, fallbacks

@@ -1,0 +1,67 @@
+"""The trajectory solve of (X1) for multistep decoders: all N steps as one unknown (docs/MATH.md §9; the method in
+`probflow.inversion`'s docstring)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from probflow.integrate import integrate
+from probflow.inversion.common import HINT, InversionError, bmask, model_eps, residuals
+from probflow.inversion.surrogate import surrogate_inverse
+from probflow.newton import Anderson
+
+__all__ = ["solve_trajectory", "trajectory_error"]
+
+
+def solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patience=2):
+    """(X1) on the whole trajectory: Anderson on X ← X − A⁻¹R(X) (module docstring). Returns (X (N, B, *S),
+    passes, best relative residual per sample, its bound, history)."""
+    n, b = len(sigmas) - 1, x_end.shape[0]
+    ainv = surrogate_inverse(m, sigmas, s2).to(x_end.device)  # (B, N, N)
+    scale = torch.rsqrt(1 + sigmas.double() ** 2)[:n].to(x_end.device).reshape(n, 1, *([1] * (x_end.ndim - 1)))
+    up = integrate(field, x_end, sigmas.flip(0), m, trajectory=True).trajectory  # warm start: the explicit encode
+    xs = up.flip(0)[:n].contiguous()
+    bound = torch.full((b,), tol, dtype=torch.float64)
+    fail = 256 * bound + 64 * n * model_eps(field, x_end.dtype)
+    acc = Anderson(memory)
+    best_r = torch.full((b,), float("inf"), dtype=torch.float64)
+    best = xs.clone()
+    stall = torch.zeros(b, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    history, passes = [], 0
+    while True:
+        r = residuals(field, m, xs, x_end, sigmas)
+        passes += 1
+        rel = rel_res(r, torch.cat([xs[1:], x_end[None]]))
+        better = (rel < best_r) & ~done
+        best_r = torch.where(better, rel, best_r)
+        best[:, better.to(xs.device)] = xs[:, better.to(xs.device)]
+        stall = torch.where(better, torch.zeros_like(stall), stall + 1)
+        done = done | (best_r <= bound) | ((stall >= patience) & (best_r <= fail))
+        history.append(float(rel[~done].max()) if bool((~done).any()) else float(best_r.max()))
+        if bool(done.all()) or passes > max_iter:
+            break
+        if bool((rel[~done] > 1e3 * best_r[~done]).any()):  # diverging: restart from the best iterate
+            acc, xs = Anderson(memory), best.clone()
+            continue
+        delta = -torch.einsum("bij,jb...->ib...", ainv, r.double()).to(xs.dtype)  # Newton with the surrogate
+        u = (xs * scale).transpose(0, 1)  # (B, N, *S): per-sample vectors for Anderson, on the data's scale
+        nxt = acc.next(u, (delta * scale).transpose(0, 1)).transpose(0, 1) / scale
+        xs = torch.where(bmask(done, xs[0])[None], best, nxt.to(xs.dtype))
+    return best, passes, best_r, fail, history
+
+
+def rel_res(r: Tensor, nxt: Tensor) -> Tensor:
+    """max_i |R_i|_∞ / max(1, |x̄_{i+1}|_∞) per sample (r, nxt: (N, B, *S)), float64 on the CPU."""
+    n, b = r.shape[:2]
+    ra, na = r.reshape(n, b, -1).abs().amax(2), nxt.reshape(n, b, -1).abs().amax(2).clamp_min(1.0)
+    return (ra / na).amax(0).double().cpu()
+
+
+def trajectory_error(m, sigmas, r, b, passes, history) -> InversionError:
+    j = int(torch.argmax(r / b))
+    return InversionError(
+        f"encode_exact: the {m.name} trajectory solve (σ = {float(sigmas[0]):.6g} → {float(sigmas[-1]):.6g}, "
+        f"{len(sigmas) - 1} steps) did not converge in {passes} passes: residual {float(r[j]):.3e} > tolerance "
+        f"{float(b[j]):.3e} (sample {j}, relative to max(1, |x̄|)); the latent would not be exact; {HINT}")
