@@ -24,7 +24,7 @@ Problems. Tuning: `heldout.TUNING_SEEDS`; held-out: `heldout.HELDOUT_SEEDS` and 
 Calibrated row (`--fit`, opt-in per model): `probflow.calibrate.fit_recipe` per held-out problem and NFE: on 32
 calibration samples of the model's own noise (seed + 7), unipc/unipc_3 × the start grids
 `calibrate.candidate_grids` (power-in-t and log-SNR, ends σ_0 … 0.1), the best then warped by Nelder–Mead (end
-point and step density on 8 bins, ≤ 200 solves), kept only if better on 32 validation samples (seed + 8); judged
+point and step density on 12 bins, ≤ 400 solves), kept only if better on 32 validation samples (seed + 8); judged
 on the evaluation noise (seed + 1). Its cost in model calls is reported. Adaptive study (`--adaptive N`):
 `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error, ending at σ_0 and at σ = 0, and torchdiffeq's
 adaptive methods' error ÷ tolerance.

@@ -390,7 +390,7 @@ def _batch(name: str, b, like: Tensor | None = None) -> Tensor:
 
 
 def fit_recipe(model, x: Tensor, x_val: Tensor, schedule: Schedule, nfe: int, methods: tuple[str, ...] = FIT_METHODS,
-               *, bins: int = 8, max_evals: int = 200, ref_tol: float = 1e-10,
+               *, bins: int = 12, max_evals: int = 400, ref_tol: float = 1e-10,
                references: tuple[Tensor, Tensor] | None = None) -> Fitted:
     """A per-model recipe at `nfe` model calls per sample, fitted on the model's own noise (opt-in):
 
