@@ -40,7 +40,7 @@ def test_recipe_for_takes_the_table_entry_or_the_nearest():
         sig = grid_sigmas(g, sch, METHODS[m].steps_for_nfe(n))
         assert float(sig[-1]) == 0.0 and len(sig) == METHODS[m].steps_for_nfe(n) + 1
     # each entry's grid ends at the σ_min its name says before its last step into 0
-    for n, (m, g) in recipes.RECOMMENDED.items():
+    for _, g in recipes.RECOMMENDED.values():
         end = g.__name__.rsplit("/", 1)[1] if "/" in g.__name__ else None
         if end is not None:
             want = sch.sigma_min if end == "s0" else float(end)
