@@ -2,13 +2,14 @@
 
 `RECOMMENDED`: the README's recommendation for a fixed NFE ("Recommendation, from the held-out numbers"),
 {nfe: (probflow method, grid builder)}. `FAIR_CHOSEN`: the configurations chosen on the tuning problems of
-benchmarks/FAIR.md (`benchmarks/fair_fewstep.py`: per NFE, the smallest median over tuning problems of log(error /
+benchmarks/FAIR.md (`benchmarks/fair_fewstep.py`: per NFE, the smallest maximum over tuning problems of log(error /
 best of any configuration)) for each side: "probflow" (a probflow method) and "peer" (a k-diffusion sampler
 `k_*` of `probflow.bench.kdiffusion`, or a diffusers scheduler `d_*` of `probflow.bench.peers` run on that grid).
 `FAIR_PEERS`: the peers every grid of a run is given (`probflow bench --peers fair`): k-diffusion's DPM++(2M),
 DPM++(3M) (eta = 0), LMS, Heun, DPM++(2S) (eta = 0) and diffusers' DPM-Solver++ and UniPC of orders 2 and 3.
 
-Grid builders are `f(schedule, steps) -> σ grid` (σ_max … 0, decreasing), named by their `__name__` in the rows.
+Grid builders are `f(schedule, steps) -> σ grid` (σ_max … 0, decreasing), named by their `__name__` in the rows
+(FAIR.md's grid names, `family_grid`).
 For an NFE not in a table, `recipe_for` takes the entry of the nearest NFE (the smaller on a tie).
 """
 
@@ -81,17 +82,16 @@ def _table(entries: dict[int, str]) -> dict[int, tuple[str, GridBuilder]]:
 
 
 # The README's "Recommendation" paragraph, NFE → (method, grid): benchmarks/FAIR.md's probflow configuration
-# chosen on its tuning problems (the same rule as the peers'), so the README's recipe is FAIR.md's chosen row.
-RECOMMENDED_NAMES: dict[int, str] = {
-    5: "unipc_3|t^2/0.1", 10: "unipc|t^2.5/0.03", 20: "unipc_3|t^2/0.02", 50: "unipc_3|t^2.5/s0",
-    100: "unipc_3|logsnr/s0"}
+# chosen on its tuning problems (minimax regret, the same rule as the peers'), so that the README's recipe is
+# FAIR.md's chosen row. FAIR.md measured NFE 5–50; other NFEs take the nearest entry (`recipe_for`).
+RECOMMENDED_NAMES: dict[int, str] = {5: "unipc|t^2/0.1", 10: "unipc_3|t^2/0.1", 20: "unipc_3|t^2/0.02",
+                                     50: "unipc_3|t^2.5/s0"}
 RECOMMENDED: dict[int, tuple[str, GridBuilder]] = _table(RECOMMENDED_NAMES)
 
 # benchmarks/FAIR.md's table, columns "probflow chosen" and "peer chosen" (d_: diffusers, k_: k-diffusion).
 FAIR_CHOSEN: dict[str, dict[int, tuple[str, GridBuilder]]] = {
     "probflow": dict(RECOMMENDED),
-    "peer": _table({5: "d_unipc|t^2/0.1", 10: "k_dpmpp_2m|t^2.5/0.02", 20: "d_unipc_3|logsnr/s0",
-                    50: "k_lms|quadratic", 100: "k_lms|quadratic"}),
+    "peer": _table({5: "d_unipc_3|t^2/0.1", 10: "d_unipc|quadratic", 20: "d_unipc_3|t^3/s0", 50: "k_lms|quadratic"}),
 }
 
 # probflow's methods of benchmarks/FAIR.md's study (they also get every named configuration's grid)
