@@ -69,17 +69,18 @@ def test_fit_recipe_refuses_bad_batches_and_methods():
                         "unipc", sigma_floor=sch.sigma_min, bins=0)
 
 
-def test_trimmed_error_leaves_out_the_worst_samples_only():
+def test_error_leaves_out_the_worst_samples_only():
     sch, model = linear(), _mixture()
     xb = noise(4, (8,), 5) * math.sqrt(1 + sch.sigma_max**2)
     grid = C.candidate_grids(sch, 6)["logsnr/0.03"]
     out = integrate(DDIMField(model), xb, grid, "unipc").x
     ref = out.clone()
-    ref[2] += 1.0  # one sample 1.0 off in every coordinate, the others exact
+    ref[2] += 1.0  # one sample 1.0 off in every coordinate
+    ref[0] += 0.1  # another 0.1 off, the others exact
     field = DDIMField(model)
-    assert C._solve_error(field, xb, grid, "unipc", ref) == pytest.approx(0.5, rel=1e-9)  # sqrt(1/4)
-    assert C._solve_error(field, xb, grid, "unipc", ref, trim=0.25) == pytest.approx(0.0, abs=1e-12)
-    # a fraction that does not make a whole sample leaves none out: ⌈(1 − 0.2)·4⌉ = 4 kept
-    assert C._solve_error(field, xb, grid, "unipc", ref, trim=0.2) == pytest.approx(0.5, rel=1e-9)
-    with pytest.raises(ValueError, match="trim"):
-        C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, trim=1.0)
+    assert C._solve_error(field, xb, grid, "unipc", ref) == pytest.approx(math.sqrt(1.01 / 4), rel=1e-9)
+    assert C._solve_error(field, xb, grid, "unipc", ref, 1) == pytest.approx(math.sqrt(0.01 / 3), rel=1e-9)
+    assert C._solve_error(field, xb, grid, "unipc", ref, 2) == pytest.approx(0.0, abs=1e-12)
+    for bad in (4, -1, 0.5, True):
+        with pytest.raises(ValueError, match="drop_worst"):
+            C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, drop_worst=bad)
