@@ -296,7 +296,7 @@ def fit_table(held: list[dict], fits: list[dict], tuning: list[dict], nfe=NFE) -
                 "(medians)")
         starts = sorted({f"{x['method']}|{x['start']}" for x in pr})
         lines.append(f"| {n} | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / {max(ro):.2f} | {cost} "
-                     f"| {sum(x['kept'] for x in pr)} of {len(pr)} | {', '.join(starts)} |")
+                     f"| {sum(x['kept'] for x in pr)} of {len(pr)} | {', '.join(map(_cell, starts))} |")
     return "\n".join(lines)
 
 
@@ -316,6 +316,11 @@ def _mw(v: list[float]) -> str:
     return f"{np.median(v):.2f} / {max(v):.2f}"
 
 
+def _cell(key: str) -> str:
+    """A configuration "method|grid" in a markdown table cell (its pipe escaped, as GFM tables need)."""
+    return f"`{key}`".replace("|", "\\|")
+
+
 def table(tuning: list[dict], held: list[dict], names: list[str], nfe=NFE) -> tuple[str, dict]:
     lines = ["| NFE | probflow chosen | peer chosen | chosen ÷ chosen: median / worst "
              "| pf chosen ÷ peer oracle: median / worst | oracle ÷ oracle: median / worst "
@@ -332,8 +337,8 @@ def table(tuning: list[dict], held: list[dict], names: list[str], nfe=NFE) -> tu
         mp, mq = choose(tuning, n, "pf", "median"), choose(tuning, n, "peer", "median")
         w = int(np.argmax(rc))
         wr = held[w]
-        lines.append(f"| {n} | `{cp}` | `{cq}` | {_mw(rc)} | {_mw(ro)} | {_mw(oo)} | {readme} "
-                     f"| {_mw(_ratios(held, n, mp, mq))} (`{mp}`; `{mq}`) | {names[w]}: "
+        lines.append(f"| {n} | {_cell(cp)} | {_cell(cq)} | {_mw(rc)} | {_mw(ro)} | {_mw(oo)} | {readme} "
+                     f"| {_mw(_ratios(held, n, mp, mq))} ({_cell(mp)}; {_cell(mq)}) | {names[w]}: "
                      f"{_at(wr['pf'], n).get(cp, math.inf):.1e} vs {_at(wr['peer'], n).get(cq, math.inf):.1e} |")
         data[n] = {"pf": cp, "peer": cq, "chosen": rc, "vs_oracle": ro, "oracle": oo}
     return "\n".join(lines), data
