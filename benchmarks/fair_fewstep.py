@@ -4,28 +4,33 @@ chosen on the tuning problems by the same rule, judged on held-out problems (iss
 Grid family (the same for every solver, `grid_family`): DDIM trailing uniform and quadratic, and for ρ ∈ {3, 5, 7, ∞}
 (∞: log-SNR uniform) × σ_min ∈ {σ_0, 0.03, 0.05, 0.1} the grid σ_max → σ_min with exponent ρ, then one last
 step to σ = 0 (18 grids, family "base"; σ_0 = 0.01 is the DDPM table's smallest σ); family "tpow": the power-in-t
-grids `probflow.grids.t_power` with q ∈ {2, 2.5, 3} × σ_min ∈ {0.02, 0.03, 0.05, 0.1}, then one step to 0 (12 grids).
+grids `probflow.grids.t_power` with q ∈ {2, 2.5, 3} × σ_min ∈ {σ_0, 0.02, 0.03, 0.05, 0.1}, then one step to 0 (15).
 
 Sides.  probflow: `dpmpp_2m`, `dpmpp_3m`, `unipc`, `unipc_3` (probflow.integrate).  Peers: k-diffusion's
 DPM++(2M), DPM++(3M) (eta = 0), LMS (order 4), Heun, DPM++(2S) (eta = 0) (`probflow.bench.kdiffusion`) and
 diffusers' DPM-Solver++(3M) and UniPC (orders 2 and 3) on every grid of the family (`peers.run_peer(sigmas=…)`),
 and with `--native` diffusers' Euler, Heun and LMS on their own grids (`peers.peer_grids`).
 
-Choice (the same rule for both sides): per NFE, the configuration (solver, grid) with the smallest median over
-the TUNING problems of log(error / the best error of any configuration of either side on that problem).
-"chosen" = that configuration on each held-out problem; "oracle" = the side's best configuration per held-out
-problem. Error = RMSE of x_0 against DOP853 at rtol = atol = 1e-10 (`probflow.bench.heldout.setup`).
+Choice (the same rule for both sides): per NFE, the configuration (solver, grid) with the smallest MAXIMUM over
+the tuning problems of log(error / the best error of any configuration of either side on that problem) (minimax
+regret: a configuration that is far behind on one tuning problem is not chosen; the previous rule, the median,
+is shown beside it). "chosen" = that configuration on each held-out problem; "oracle" = the side's best
+configuration per held-out problem. Error = RMSE of x_0 against DOP853 at rtol = atol = 1e-10
+(`probflow.bench.heldout.setup`).
 
 Problems. Tuning: `heldout.TUNING_SEEDS`; held-out: `heldout.HELDOUT_SEEDS` and the "outside" mixtures
 (`outside_problem`: D ∈ {16, 64, 256}, rotated anisotropic and diagonal, K = 8; never used for a choice).
 
-Calibrated row (`--pilot`, opt-in per model): `heldout_study.pilot_select` (unipc/unipc_3 × log-SNR grids ending at
-σ_min ∈ {0.01, 0.02, 0.03, 0.05, 0.1}) chosen on the model's own calibration noise; its cost in model calls is
-reported. Adaptive study (`--adaptive N`): `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error,
-ending at σ_0 and at σ = 0, and torchdiffeq's adaptive methods' error ÷ tolerance.
+Calibrated row (`--fit`, opt-in per model): `probflow.calibrate.fit_recipe` per held-out problem and NFE: on 32
+calibration samples of the model's own noise (seed + 7), unipc/unipc_3 × the start grids
+`calibrate.candidate_grids` (power-in-t and log-SNR, ends σ_0 … 0.1), the best then warped by Nelder–Mead (end
+point and step density on 12 bins, ≤ 400 solves), kept only if better on 32 validation samples (seed + 8); judged
+on the evaluation noise (seed + 1). Its cost in model calls is reported. Adaptive study (`--adaptive N`):
+`adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error, ending at σ_0 and at σ = 0, and torchdiffeq's
+adaptive methods' error ÷ tolerance.
 
 Run: `python benchmarks/fair_fewstep.py --out benchmarks/FAIR.md [--tuning N --heldout N --outside N --samples S
---pilot --adaptive N]` (per-problem results cached under --cache, so that a run resumes; `--only` computes one phase).
+--fit --adaptive N]` (per-problem results cached under --cache, so that a run resumes; `--only` computes one phase).
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from probflow import calibrate as C
 from probflow import grids as G
 from probflow.bench import kdiffusion as kd
 from probflow.bench import peers as P
+from probflow.bench import recipes as R
 from probflow.bench.heldout import (
     HELDOUT_SEEDS,
     TUNING_SEEDS,
@@ -58,7 +65,7 @@ from probflow.flows import noise
 from probflow.integrate import integrate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the held-out study beside this script
-from heldout_study import pilot_select, power_grid, steps_for  # noqa: E402
+from heldout_study import steps_for  # noqa: E402
 
 NFE = (5, 10, 20, 50, 100)
 RHOS = (3.0, 5.0, 7.0, math.inf)
@@ -94,14 +101,15 @@ def grid_name(rho: float, end) -> str:
 
 
 T_POWERS = (2.0, 2.5, 3.0)
-T_ENDS = (0.02, 0.03, 0.05, 0.1)
+T_ENDS = ("s0", 0.02, 0.03, 0.05, 0.1)
 
 
 def grid_family(schedule, steps: int, family: str = "base") -> dict[str, torch.Tensor]:
     """Every grid of the family with `steps` steps (the last into σ = 0); "tpow": the power-in-t grids
     (`probflow.grids.t_power`, q ∈ T_POWERS × σ_min ∈ T_ENDS)."""
     if family == "tpow":
-        return {f"t^{q:g}/{e:g}": G.t_power(schedule, steps, q, e) for q in T_POWERS for e in T_ENDS}
+        return {f"t^{q:g}/{e if e == 's0' else f'{e:g}'}": G.t_power(schedule, steps, q, _end(schedule, e))
+                for q in T_POWERS for e in T_ENDS}
     out = {"uniform": G.ddim(schedule, steps, "uniform"), "quadratic": G.ddim(schedule, steps, "quadratic")}
     for rho in RHOS:
         for end in ENDS:
@@ -152,38 +160,28 @@ def run_problem(s, nfe=NFE, native: bool = False, family: str = "base") -> dict:
 
 # ------------------------------------------------------------------------------------------------ calibrated
 
-PILOT_ENDS = (1.0, 2.0, 3.0, 5.0, 10.0)  # × σ_0 = 0.01: σ_min 0.01 … 0.1, the family's ends
-PILOT_METHODS = ("unipc", "unipc_3")
+CAL_SAMPLES = 32  # calibration and validation batches of `fit_recipe` (noise seeds seed + 7 and seed + 8)
 
 
-class _Counted:
-    """An ε-model that counts its calls (model calls = batched forward passes)."""
-
-    def __init__(self, model) -> None:
-        self.model, self.calls = model, 0
-
-    def __call__(self, x, sigma):
-        self.calls += 1
-        return self.model(x, sigma)
-
-
-def pilot_run(s, nfe=NFE, n_cal: int = 8) -> dict:
-    """Per NFE: `heldout_study.pilot_select` (method × log-SNR grid end chosen on the model's own calibration noise,
-    seed + 7, against an adaptive_exp reference at 1e-7; never the evaluation noise) evaluated on the problem's
-    noise. Records the choice, its RMSE and the model calls spent (reference once, then per NFE)."""
-    p, out = s.problem, {}
-    cm = _Counted(p.model)  # the reference of pilot_select, computed once here as it computes it
-    xb = noise(n_cal, (p.dim,), p.seed + 7) * math.sqrt(1.0 + s.schedule.sigma_max**2)
-    ends = torch.tensor([s.schedule.sigma_max, 0.0], dtype=torch.float64)
-    ref = integrate(cm, xb, ends, "adaptive_exp", rtol=1e-7, atol=1e-7).x
-    ref_calls = cm.calls
+def fit_run(s, nfe=NFE, n_cal: int = CAL_SAMPLES) -> dict:
+    """Per NFE: `probflow.calibrate.fit_recipe` on the model's own calibration noise (seed + 7) and validation
+    noise (seed + 8), never the evaluation noise (seed + 1), then evaluated on the problem's evaluation noise.
+    Records the method, start grid, RMSE and the model calls spent (the two references once per model, then per
+    NFE)."""
+    p, sch, out = s.problem, s.schedule, {}
+    field = DDIMField(p.model)
+    x, xv = noise(n_cal, (p.dim,), p.seed + 7), noise(n_cal, (p.dim,), p.seed + 8)
+    ends = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    scale = math.sqrt(1.0 + sch.sigma_max**2)
+    refs = tuple(integrate(field, b * scale, ends, "scipy_dop853", rtol=1e-10, atol=1e-10,
+                           options={"group": n_cal}).x for b in (x, xv))
+    ref_calls = field.nfe
     for n in nfe:
-        cm = _Counted(p.model)
-        m, end, _ = pilot_select(cm, s.schedule, p.dim, p.seed, n, ref, PILOT_METHODS, PILOT_ENDS, n_cal)
-        g = power_grid(s.schedule, steps_for(m, n), math.inf, end)
-        x = integrate(DDIMField(p.model), s.xbar, g, m).x
-        out[str(n)] = {"choice": f"{m}|logsnr/{end * s.schedule.sigma_min:g}", "rmse": rmse(x, s.reference),
-                       "ref_calls": ref_calls, "select_calls": cm.calls}
+        f = C.fit_recipe(p.model, x, xv, sch, n, references=refs)
+        xe = integrate(DDIMField(p.model), s.xbar, f.grid, f.method).x
+        out[str(n)] = {"method": f.method, "start": f.start, "rmse": rmse(xe, s.reference), "ref_calls": ref_calls,
+                       "fit_calls": f.calls, "kept": bool(f.val_rmse[1] < f.val_rmse[0]),
+                       "grid": f.grid.tolist()}
     return out
 
 
@@ -268,57 +266,79 @@ def best_any(r: dict, n: int) -> float:
     return min(list(_at(r["pf"], n).values()) + list(_at(r["peer"], n).values()))
 
 
-def choose(tuning: list[dict], n: int, side: str) -> str:
-    """The configuration of `side` with the smallest median over tuning problems of log(error / best of any)."""
+RULES = ("max", "median")
+
+
+def choose(tuning: list[dict], n: int, side: str, rule: str = "max") -> str:
+    """The configuration of `side` with the smallest max (rule "max": minimax regret) or median (rule "median") over
+    tuning problems of log(error / best of any configuration of either side on that problem)."""
     keys = set.intersection(*[set(_at(r[side], n)) for r in tuning])
     ref = [best_any(r, n) for r in tuning]
+    agg = {"max": max, "median": lambda v: float(np.median(v))}[rule]
 
     def score(k):
-        return float(np.median([math.log(_at(r[side], n)[k] / b) for r, b in zip(tuning, ref)]))
+        return agg([math.log(_at(r[side], n)[k] / b) for r, b in zip(tuning, ref)])
 
     return min(sorted(keys), key=score)
 
 
-def pilot_table(held: list[dict], pilots: list[dict], nfe=NFE, tuning: list[dict] | None = None) -> str:
-    """The calibrated choice (`pilot_run`) ÷ the peer's configuration chosen on tuning, and ÷ the peer's oracle."""
-    lines = ["| NFE | calibrated ÷ peer chosen: median / worst | calibrated ÷ peer oracle: median / worst "
-             "| calibration cost (model calls on 8 samples): reference + selection | choices |",
-             "|---|---|---|---|---|"]
+def fit_table(held: list[dict], fits: list[dict], tuning: list[dict], nfe=NFE) -> str:
+    """The fitted recipe (`fit_run`) ÷ the peer's configuration chosen on tuning, and ÷ the peer's oracle."""
+    lines = ["| NFE | fitted ÷ peer chosen: median / worst | fitted ÷ peer oracle: median / worst "
+             f"| model calls on batches of {CAL_SAMPLES}: references (once per model) + fit | fitted grid kept "
+             "(validation) | start grids |", "|---|---|---|---|---|---|"]
     for n in nfe:
         cq = choose(tuning, n, "peer")
-        pr = [q[str(n)] for q in pilots]
+        pr = [q[str(n)] for q in fits]
         rc = [x["rmse"] / _at(r["peer"], n).get(cq, math.inf) for x, r in zip(pr, held)]
         ro = [x["rmse"] / min(_at(r["peer"], n).values()) for x, r in zip(pr, held)]
-        cost = f"{np.median([x['ref_calls'] for x in pr]):.0f} (median, once per model) + {pr[0]['select_calls']}"
-        picks = sorted({(lambda m, e: f"{m}|logsnr/{float(e):.2g}")(*x["choice"].split("|logsnr/")) for x in pr})
+        cost = (f"{np.median([x['ref_calls'] for x in pr]):.0f} + {np.median([x['fit_calls'] for x in pr]):.0f} "
+                "(medians)")
+        starts = sorted({f"{x['method']}|{x['start']}" for x in pr})
         lines.append(f"| {n} | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / {max(ro):.2f} | {cost} "
-                     f"| {', '.join(picks)} |")
+                     f"| {sum(x['kept'] for x in pr)} of {len(pr)} | {', '.join(map(_cell, starts))} |")
     return "\n".join(lines)
 
 
-# the README's recommendation before this study, as the nearest configuration of the family (NFE 20: its end 2σ_0
-# is not in the family; log-SNR to 0.03 is the nearest)
-README = {5: "dpmpp_2m|quadratic", 10: "unipc|logsnr/0.03", 20: "unipc_3|logsnr/0.03", 50: "unipc_3|logsnr/s0",
-          100: "unipc_3|logsnr/s0"}
+def _readme(n: int) -> str | None:
+    """The README's recommended configuration at `n` (`recipes.RECOMMENDED`) as a key of the family, if it is one."""
+    if n not in R.RECOMMENDED:
+        return None
+    m, g = R.RECOMMENDED[n]
+    return f"{m}|{g.__name__}"
+
+
+def _ratios(held: list[dict], n: int, cp: str, cq: str) -> list[float]:
+    return [_at(r["pf"], n).get(cp, math.inf) / _at(r["peer"], n).get(cq, math.inf) for r in held]
+
+
+def _mw(v: list[float]) -> str:
+    return f"{np.median(v):.2f} / {max(v):.2f}"
+
+
+def _cell(key: str) -> str:
+    """A configuration "method|grid" in a markdown table cell (its pipe escaped, as GFM tables need)."""
+    return f"`{key}`".replace("|", "\\|")
 
 
 def table(tuning: list[dict], held: list[dict], names: list[str], nfe=NFE) -> tuple[str, dict]:
     lines = ["| NFE | probflow chosen | peer chosen | chosen ÷ chosen: median / worst "
              "| pf chosen ÷ peer oracle: median / worst | oracle ÷ oracle: median / worst "
-             "| README's recipe ÷ peer chosen: median / worst | worst problem (chosen÷chosen) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| README's recipe ÷ peer chosen: median / worst | median rule: chosen ÷ chosen (pf; peer) "
+             "| worst problem (chosen÷chosen) |", "|---|---|---|---|---|---|---|---|---|"]
     data = {}
     for n in nfe:
         cp, cq = choose(tuning, n, "pf"), choose(tuning, n, "peer")
-        rc = [_at(r["pf"], n).get(cp, math.inf) / _at(r["peer"], n).get(cq, math.inf) for r in held]
+        rc = _ratios(held, n, cp, cq)
         ro = [_at(r["pf"], n).get(cp, math.inf) / min(_at(r["peer"], n).values()) for r in held]
         oo = [min(_at(r["pf"], n).values()) / min(_at(r["peer"], n).values()) for r in held]
-        rr = [_at(r["pf"], n).get(README.get(n, ""), math.nan) / _at(r["peer"], n).get(cq, math.inf) for r in held]
-        readme = f"{np.median(rr):.2f} / {max(rr):.2f}" if n in README else "—"
+        rk = _readme(n)
+        readme = _mw(_ratios(held, n, rk, cq)) if rk and all(rk in _at(r["pf"], n) for r in held) else "—"
+        mp, mq = choose(tuning, n, "pf", "median"), choose(tuning, n, "peer", "median")
         w = int(np.argmax(rc))
         wr = held[w]
-        lines.append(f"| {n} | `{cp}` | `{cq}` | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / "
-                     f"{max(ro):.2f} | {np.median(oo):.2f} / {max(oo):.2f} | {readme} | {names[w]}: "
+        lines.append(f"| {n} | {_cell(cp)} | {_cell(cq)} | {_mw(rc)} | {_mw(ro)} | {_mw(oo)} | {readme} "
+                     f"| {_mw(_ratios(held, n, mp, mq))} ({_cell(mp)}; {_cell(mq)}) | {names[w]}: "
                      f"{_at(wr['pf'], n).get(cp, math.inf):.1e} vs {_at(wr['peer'], n).get(cq, math.inf):.1e} |")
         data[n] = {"pf": cp, "peer": cq, "chosen": rc, "vs_oracle": ro, "oracle": oo}
     return "\n".join(lines), data
@@ -373,7 +393,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nfe", default=",".join(map(str, NFE)))
     ap.add_argument("--cache", default="out/fair_cache")
     ap.add_argument("--native", action="store_true", help="also diffusers' Euler/Heun/LMS on their own grids")
-    ap.add_argument("--pilot", action="store_true", help="also the calibrated choice per held-out problem")
+    ap.add_argument("--fit", action="store_true", help="also the calibrated recipe (`calibrate.fit_recipe`) per "
+                    "held-out problem")
     ap.add_argument("--adaptive", type=int, default=0, help="adaptive study on the first N held-out problems")
     ap.add_argument("--families", default="base,tpow", help="grid families (base: DDIM/Karras/log-SNR; tpow)")
     ap.add_argument("--only", choices=("tuning", "heldout", "extras"), help="compute and cache one phase, no report")
@@ -399,16 +420,16 @@ def main(argv=None) -> int:
         return 0
     held_p = [outside_problem(*o) for o in OUTSIDE[:a.outside]] + [make_problem(s) for s in HELDOUT_SEEDS[:a.heldout]]
     held = [] if a.only == "extras" else [_results(cache, p, a, nfe) for p in held_p]
-    pilots = ([_cached(cache, f"pilot_p{p.seed}", lambda p=p: pilot_run(setup(p, a.samples), nfe)) for p in held_p]
-              if a.pilot else None)
+    fits = ([_cached(cache, f"fit_p{p.seed}", lambda p=p: fit_run(setup(p, a.samples), nfe)) for p in held_p]
+            if a.fit else None)
     ad = [_cached(cache, f"adaptive_p{p.seed}", lambda p=p: adaptive_run(setup(p, a.samples)))
           for p in held_p[:a.adaptive]]
     if a.only:
         return 0
     md, data = table(tun, held, [p.describe() for p in held_p], nfe)
-    if pilots:
-        md += "\n\nCalibrated (opt-in, per model; `heldout_study.pilot_select` over unipc/unipc_3 × log-SNR ends "
-        md += f"{[e * 0.01 for e in PILOT_ENDS]}):\n\n" + pilot_table(held, pilots, nfe, tun)
+    if fits:
+        md += ("\n\nCalibrated (opt-in, per model: `probflow.calibrate.fit_recipe` on the model's own noise, judged "
+               "on the evaluation noise):\n\n" + fit_table(held, fits, tun, nfe))
     if ad:
         md += "\n\n## Adaptive\n\n" + adaptive_table(ad, [p.describe() for p in held_p[:a.adaptive]])
     cmd = "python benchmarks/fair_fewstep.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -37,7 +37,7 @@ from probflow.solvers import get_method
 NFE = (5, 10, 20, 50, 100)
 METHODS = ("dpmpp_2m", "unipc", "unipc_3")
 # diffusers peers compared (first-order Euler/DDIM never won a tuning problem at any NFE and are left out for time)
-PEERS = ("dpmpp_2m", "dpmpp_3m", "unipc", "heun_d", "lms_d")
+PEERS = ("dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3", "heun_d", "lms_d")
 
 # The `tuned` grid: σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_end^{1/ρ} − σ_max^{1/ρ}))^ρ, i < N, then 0,
 # with σ_end = end·σ_0 of the table and ρ = inf meaning log-uniform; (ρ, end) per NFE fitted on TUNING_SEEDS

@@ -39,14 +39,32 @@ def test_recipe_for_takes_the_table_entry_or_the_nearest():
 
         sig = grid_sigmas(g, sch, METHODS[m].steps_for_nfe(n))
         assert float(sig[-1]) == 0.0 and len(sig) == METHODS[m].steps_for_nfe(n) + 1
-    # the README's NFE 20 grid ends at 2σ_0 before its last step into 0
-    assert math.isclose(float(grid_sigmas(recipes.RECOMMENDED[20][1], sch, 20)[-2]), 2 * sch.sigma_min, rel_tol=1e-12)
+    # each entry's grid ends at the σ_min its name says before its last step into 0
+    for _, g in recipes.RECOMMENDED.values():
+        end = g.__name__.rsplit("/", 1)[1] if "/" in g.__name__ else None
+        if end is not None:
+            want = sch.sigma_min if end == "s0" else float(end)
+            assert math.isclose(float(grid_sigmas(g, sch, 20)[-2]), want, rel_tol=1e-9)
+
+
+def test_family_grid_builds_the_fair_families_grids_by_name():
+    sch = linear()
+    assert torch.equal(recipes.family_grid("logsnr/s0")(sch, 7), recipes.logsnr(sch, 7))
+    assert torch.equal(recipes.family_grid("quadratic")(sch, 7), recipes.quadratic(sch, 7))
+    from probflow import grids as G
+
+    assert torch.equal(recipes.family_grid("t^2.5/0.03")(sch, 7), G.t_power(sch, 7, 2.5, 0.03))
+    assert torch.equal(recipes.family_grid("karras7/0.05")(sch, 7), G.karras(sch.sigma_max, 0.05, 7, 7.0))
+    for bad in ("karras/0.1", "t^x/0.1", "logsnr", "nope/s0"):
+        with pytest.raises(ValueError, match="grid"):
+            recipes.family_grid(bad)
 
 
 def test_the_recommended_table_drives_the_plan(small, monkeypatch):
     rows = [t() for t in fair.fair_plan(small, [], [10], peers=[])]
     rec = [r for r in rows if r.get("role") == "recommended"]
-    assert [(r["method"], r["grid"]) for r in rec] == [("unipc", "log_snr_tuned")]
+    m, g = recipes.RECOMMENDED[10]
+    assert [(r["method"], r["grid"]) for r in rec] == [(m, g.__name__)]
     monkeypatch.setitem(recipes.RECOMMENDED, 10, ("dpmpp_3m", recipes.quadratic))
     rows = [t() for t in fair.fair_plan(small, [], [10], peers=[])]
     assert [(r["method"], r["grid"]) for r in rows if r.get("role") == "recommended"] == [("dpmpp_3m", "quadratic")]

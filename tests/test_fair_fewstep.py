@@ -39,13 +39,22 @@ def _res(pf, peer, n=10):
 
 def test_choice_uses_tuning_results_only_and_the_same_rule_for_both_sides():
     tuning = [_res({"a|g": 1.0, "b|g": 2.0}, {"x|g": 3.0, "y|g": 1.5}),
-              _res({"a|g": 1.0, "b|g": 0.5}, {"x|g": 0.9, "y|g": 1.8}),
+              _res({"a|g": 1.0, "b|g": 0.5}, {"x|g": 0.9, "y|g": 1.0}),
               _res({"a|g": 1.0, "b|g": 3.0}, {"x|g": 1.2, "y|g": 1.1})]
-    assert F.choose(tuning, 10, "pf") == "a|g" and F.choose(tuning, 10, "peer") == "y|g"
+    for rule in F.RULES:
+        assert F.choose(tuning, 10, "pf", rule) == "a|g" and F.choose(tuning, 10, "peer", rule) == "y|g"
     held = [_res({"a|g": 9.0, "b|g": 0.1}, {"x|g": 0.1, "y|g": 3.0})]
     _, data = F.table(tuning, held, ["h"], (10,))
     assert data[10]["pf"] == "a|g" and data[10]["peer"] == "y|g"  # held-out errors change nothing
     assert data[10]["chosen"] == [3.0] and data[10]["vs_oracle"] == [90.0] and data[10]["oracle"] == [1.0]
+
+
+def test_minimax_rule_avoids_a_configuration_far_behind_on_one_tuning_problem():
+    # "b" is best on two of three tuning problems (smaller median regret) but 20× behind on the third
+    tuning = [_res({"a|g": 1.2, "b|g": 1.0}, {"x|g": 1.0}), _res({"a|g": 1.2, "b|g": 1.0}, {"x|g": 1.0}),
+              _res({"a|g": 1.5, "b|g": 20.0}, {"x|g": 1.0})]
+    assert F.choose(tuning, 10, "pf", "median") == "b|g"
+    assert F.choose(tuning, 10, "pf") == F.choose(tuning, 10, "pf", "max") == "a|g"
 
 
 def test_calibrated_row_never_sees_the_evaluation_noise():
@@ -61,9 +70,11 @@ def test_calibrated_row_never_sees_the_evaluation_noise():
             return model(x, sigma)
 
     p.model = Spy()
-    out = F.pilot_run(s, (5,), n_cal=4)
-    assert out["5"]["select_calls"] > 0 and out["5"]["ref_calls"] > 0
-    calls_before_eval = out["5"]["ref_calls"] + out["5"]["select_calls"]
+    out = F.fit_run(s, (5,), n_cal=4)
+    assert out["5"]["fit_calls"] > 0 and out["5"]["ref_calls"] > 0
+    calls_before_eval = out["5"]["ref_calls"] + out["5"]["fit_calls"]
+    assert len(seen) == calls_before_eval + 5  # then one evaluation solve of 5 calls on the evaluation noise
     for x in seen[:calls_before_eval]:
         assert x.shape[0] == 4 and not any(torch.allclose(r, e) for r in x for e in s.z)
+    assert all(x.shape[0] == 3 for x in seen[calls_before_eval:])
     assert math.isfinite(out["5"]["rmse"])

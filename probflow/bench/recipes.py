@@ -2,13 +2,14 @@
 
 `RECOMMENDED`: the README's recommendation for a fixed NFE ("Recommendation, from the held-out numbers"),
 {nfe: (probflow method, grid builder)}. `FAIR_CHOSEN`: the configurations chosen on the tuning problems of
-benchmarks/FAIR.md (`benchmarks/fair_fewstep.py`: per NFE, the smallest median over tuning problems of log(error /
+benchmarks/FAIR.md (`benchmarks/fair_fewstep.py`: per NFE, the smallest maximum over tuning problems of log(error /
 best of any configuration)) for each side: "probflow" (a probflow method) and "peer" (a k-diffusion sampler
 `k_*` of `probflow.bench.kdiffusion`, or a diffusers scheduler `d_*` of `probflow.bench.peers` run on that grid).
 `FAIR_PEERS`: the peers every grid of a run is given (`probflow bench --peers fair`): k-diffusion's DPM++(2M),
 DPM++(3M) (eta = 0), LMS, Heun, DPM++(2S) (eta = 0) and diffusers' DPM-Solver++ and UniPC of orders 2 and 3.
 
-Grid builders are `f(schedule, steps) -> σ grid` (σ_max … 0, decreasing), named by their `__name__` in the rows.
+Grid builders are `f(schedule, steps) -> σ grid` (σ_max … 0, decreasing), named by their `__name__` in the rows
+(FAIR.md's grid names, `family_grid`).
 For an NFE not in a table, `recipe_for` takes the entry of the nearest NFE (the smaller on a tie).
 """
 
@@ -20,8 +21,8 @@ from probflow import grids as G
 from probflow.bench.grids import GridBuilder
 from probflow.schedules import Schedule
 
-__all__ = ["RECOMMENDED", "FAIR_CHOSEN", "FAIR_PEERS", "FAIR_METHODS", "K_PEERS", "D_PEERS", "recipe_for",
-           "peer_library"]
+__all__ = ["RECOMMENDED", "RECOMMENDED_NAMES", "FAIR_CHOSEN", "FAIR_PEERS", "FAIR_METHODS", "K_PEERS", "D_PEERS",
+           "recipe_for", "peer_library", "family_grid"]
 
 
 def quadratic(s: Schedule, n: int) -> Tensor:
@@ -34,42 +35,63 @@ def log_snr_tuned(s: Schedule, n: int) -> Tensor:
     return G.log_snr_tuned(s, n)
 
 
-def logsnr_2s0(s: Schedule, n: int) -> Tensor:
-    """Log-SNR uniform from σ_max to 2σ_0, then 0 (`grids.log_uniform(σ_max, 2σ_0, steps)`)."""
-    return G.log_uniform(s.sigma_max, 2.0 * s.sigma_min, n)
-
-
 def logsnr(s: Schedule, n: int) -> Tensor:
     """Log-SNR uniform from σ_max to σ_0, then 0."""
     return G.log_uniform(s.sigma_max, s.sigma_min, n)
 
 
-def _t_power(q: float, end: float) -> GridBuilder:
-    def f(s: Schedule, n: int) -> Tensor:
-        return G.t_power(s, n, q, end)
+def family_grid(name: str) -> GridBuilder:
+    """The builder of a grid of benchmarks/FAIR.md's family by its name there: "uniform", "quadratic" (DDIM
+    trailing), "karras{ρ}/{end}" (`grids.karras`), "logsnr/{end}" (`grids.log_uniform`), "t^{q}/{end}"
+    (`grids.t_power`), each from σ_max to σ_min = end ("s0": the schedule's σ_0), then one step to 0."""
+    if name in ("uniform", "quadratic"):
+        def f(s: Schedule, n: int) -> Tensor:
+            return G.ddim(s, n, name)
+    else:
+        try:
+            kind, end = name.split("/")
+            e = None if end == "s0" else float(end)
+            if kind.startswith("t^"):
+                q = float(kind[2:])
 
-    f.__name__ = f"t^{q:g}/{end:g}"
-    f.__doc__ = f"`grids.t_power(schedule, steps, {q:g}, {end:g})`: power {q:g} in t down to σ = {end:g}, then 0."
+                def f(s: Schedule, n: int) -> Tensor:
+                    return G.t_power(s, n, q, s.sigma_min if e is None else e)
+            elif kind == "logsnr" or kind.startswith("karras"):
+                rho = None if kind == "logsnr" else float(kind[6:])
+
+                def f(s: Schedule, n: int) -> Tensor:
+                    lo = s.sigma_min if e is None else e
+                    return G.log_uniform(s.sigma_max, lo, n) if rho is None else G.karras(s.sigma_max, lo, n, rho)
+            else:
+                raise ValueError(kind)
+        except ValueError:
+            raise ValueError(f"grid: expected a FAIR.md family name (uniform, quadratic, karras<ρ>/<end>, "
+                             f"logsnr/<end>, t^<q>/<end>; end a number or s0), got {name!r}") from None
+    f.__name__ = name
+    f.__doc__ = f"benchmarks/FAIR.md's grid {name!r} (`recipes.family_grid`)."
     return f
 
 
-# The README's "Recommendation" paragraph, NFE → (method, grid). At NFE 50 the README allows log-SNR uniform to
-# any end in σ_0 … 4σ_0; the table takes σ_0 (`logsnr`), the end benchmarks/FAIR.md measured as the README's recipe.
-RECOMMENDED: dict[int, tuple[str, GridBuilder]] = {
-    5: ("dpmpp_2m", quadratic),
-    10: ("unipc", log_snr_tuned),
-    20: ("unipc_3", logsnr_2s0),
-    50: ("unipc_3", logsnr),
-    100: ("unipc_3", logsnr),
-}
+def _table(entries: dict[int, str]) -> dict[int, tuple[str, GridBuilder]]:
+    """{nfe: "method|grid"} → {nfe: (method, builder)}."""
+    out = {}
+    for n, key in entries.items():
+        m, g = key.split("|")
+        out[n] = (m, family_grid(g))
+    return out
+
+
+# The README's "Recommendation" paragraph, NFE → (method, grid): benchmarks/FAIR.md's probflow configuration
+# chosen on its tuning problems (minimax regret, the same rule as the peers'), so that the README's recipe is
+# FAIR.md's chosen row. FAIR.md measured NFE 5–50; other NFEs take the nearest entry (`recipe_for`).
+RECOMMENDED_NAMES: dict[int, str] = {5: "unipc|t^2/0.1", 10: "unipc_3|t^2/0.1", 20: "unipc_3|t^2/0.02",
+                                     50: "unipc_3|t^2.5/s0"}
+RECOMMENDED: dict[int, tuple[str, GridBuilder]] = _table(RECOMMENDED_NAMES)
 
 # benchmarks/FAIR.md's table, columns "probflow chosen" and "peer chosen" (d_: diffusers, k_: k-diffusion).
 FAIR_CHOSEN: dict[str, dict[int, tuple[str, GridBuilder]]] = {
-    "probflow": {5: ("unipc_3", _t_power(2.5, 0.1)), 10: ("unipc", _t_power(2.5, 0.03)),
-                 20: ("unipc_3", _t_power(2.0, 0.02)), 50: ("unipc_3", _t_power(2.5, 0.02)),
-                 100: ("unipc_3", logsnr)},
-    "peer": {5: ("d_unipc", _t_power(2.0, 0.1)), 10: ("k_dpmpp_2m", _t_power(2.5, 0.02)),
-             20: ("d_unipc_3", logsnr), 50: ("k_lms", quadratic), 100: ("k_lms", quadratic)},
+    "probflow": dict(RECOMMENDED),
+    "peer": _table({5: "d_unipc_3|t^2/0.1", 10: "d_unipc|quadratic", 20: "d_unipc_3|t^3/s0", 50: "k_lms|quadratic"}),
 }
 
 # probflow's methods of benchmarks/FAIR.md's study (they also get every named configuration's grid)

@@ -1,0 +1,86 @@
+"""`probflow.calibrate.fit_recipe` / `optimise_grid` / `warped`: the per-model fitted grid lowers the error on
+fresh noise (never fitted on) against its start grid on an analytic mixture (exact ε), the warp is a monotone
+reparametrisation of the start grid, and the fit counts its model calls."""
+
+import math
+
+import pytest
+import torch
+
+from probflow import calibrate as C
+from probflow.bench.heldout import DiagonalMixture
+from probflow.field import DDIMField
+from probflow.flows import noise
+from probflow.integrate import integrate
+from probflow.schedules import linear
+
+
+def _mixture():
+    """Three sharp anisotropic components (std 0.03–0.15) with means 2 apart: far enough that no sample ends in
+    another component than its exact solution, so the RMSE measures the grid, not which samples switch mode."""
+    g = torch.Generator().manual_seed(3)
+    k, d = 3, 8
+    means = 2.0 * torch.eye(k, d, dtype=torch.float64)
+    std = 0.03 * torch.exp(torch.rand(k, d, generator=g, dtype=torch.float64) * math.log(5.0))
+    return DiagonalMixture(torch.ones(k, dtype=torch.float64), means, std**2)
+
+
+def _rmse(model, sch, grid, method, z):
+    xb = z * math.sqrt(1 + sch.sigma_max**2)
+    ends = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    ref = integrate(model, xb, ends, "scipy_dop853", rtol=1e-11, atol=1e-11, options={"group": len(z)}).x
+    return float((integrate(DDIMField(model), xb, grid, method).x - ref).pow(2).mean().sqrt())
+
+
+def test_warped_is_the_start_at_zero_and_monotone_with_its_end_clipped():
+    sch = linear()
+    start = C.candidate_grids(sch, 12)["t^2.5/0.03"]
+    assert torch.allclose(C.warped(start, [0.0] * 5, sch.sigma_min), start, rtol=1e-12, atol=0)
+    g = C.warped(start, [1.5, 2.0, -1.0, 0.5, -3.0], sch.sigma_min)
+    assert len(g) == len(start) and float(g[0]) == float(start[0]) and float(g[-1]) == 0.0
+    assert (g[1:] < g[:-1]).all() and float(g[-2]) == pytest.approx(0.03 * math.exp(1.5), rel=1e-9)
+    low = C.warped(start, [-10.0, 0.0, 0.0], sch.sigma_min)  # the end never goes below the floor σ_0
+    assert float(low[-2]) == pytest.approx(sch.sigma_min, rel=1e-9)
+
+
+def test_fitted_grid_beats_its_start_grid_on_fresh_noise():
+    torch.set_num_threads(1)
+    sch, model = linear(), _mixture()
+    x, xv = noise(16, (8,), 11), noise(16, (8,), 12)
+    f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80)
+    start = C.candidate_grids(sch, 10)[f.start]
+    assert f.method in C.FIT_METHODS and len(f.grid) == 11 and float(f.grid[-1]) == 0.0
+    assert f.cal_rmse[1] <= f.cal_rmse[0] and f.val_rmse[1] < f.val_rmse[0]  # kept on validation
+    fresh = noise(64, (8,), 99)  # neither batch it was fitted or validated on
+    e_fit, e_start = _rmse(model, sch, f.grid, f.method, fresh), _rmse(model, sch, start, f.method, fresh)
+    assert e_fit < 0.8 * e_start, (e_fit, e_start)  # measured 0.53
+    # cost: two references + 2 methods × 20 candidates + the optimiser's ≤ 80 + 1 solves + 2 validations, × 10
+    assert 10 * (40 + 2) < f.calls <= 10 * (40 + 81 + 2) + 20_000
+
+
+def test_fit_recipe_refuses_bad_batches_and_methods():
+    sch, model = linear(), _mixture()
+    with pytest.raises(ValueError, match="x_val"):
+        C.fit_recipe(model, noise(4, (8,), 1), noise(4, (7,), 2), sch, 10)
+    with pytest.raises(ValueError, match="methods"):
+        C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, methods=("unipc", "dpmpp_3m"))
+    with pytest.raises(ValueError, match="bins"):
+        C.optimise_grid(model, noise(4, (8,), 1), noise(4, (8,), 1), C.candidate_grids(sch, 5)["logsnr/0.03"],
+                        "unipc", sigma_floor=sch.sigma_min, bins=0)
+
+
+def test_error_leaves_out_the_worst_samples_only():
+    sch, model = linear(), _mixture()
+    xb = noise(4, (8,), 5) * math.sqrt(1 + sch.sigma_max**2)
+    grid = C.candidate_grids(sch, 6)["logsnr/0.03"]
+    out = integrate(DDIMField(model), xb, grid, "unipc").x
+    ref = out.clone()
+    ref[2] += 1.0  # one sample 1.0 off in every coordinate
+    ref[0] += 0.1  # another 0.1 off, the others exact
+    field = DDIMField(model)
+    assert C._solve_error(field, xb, grid, "unipc", ref) == pytest.approx(math.sqrt(1.01 / 4), rel=1e-9)
+    assert C._solve_error(field, xb, grid, "unipc", ref, 1) == pytest.approx(math.sqrt(0.01 / 3), rel=1e-9)
+    assert C._solve_error(field, xb, grid, "unipc", ref, 2) == pytest.approx(0.0, abs=1e-12)
+    for bad in (4, -1, 0.5, True):
+        with pytest.raises(ValueError, match="drop_worst"):
+            C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, drop_worst=bad)
