@@ -44,7 +44,7 @@ import torch
 from probflow import grids, models
 from probflow.cli.likelihood import DEFAULT_GRID, DEFAULT_METHOD, DEFAULT_STEPS
 from probflow.io.atomic import atomic_write
-from probflow.likelihood import DEFAULT_PROBES, bits_per_dim, estimate
+from probflow.likelihood import DEFAULT_PROBES, bits_per_dim, estimate, likelihood
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "likelihood_images.json"
@@ -207,32 +207,56 @@ def bpd_part(spec: str, images: str | None, n: int, n_check: int, batch: int) ->
 
 
 def check_part(spec: str, images: str | None, n_check: int, out: dict | None = None,
-               probes: tuple[int, ...] = (DEFAULT_PROBES,), steps: int = DEFAULT_STEPS) -> None:
+               probes: tuple[int, ...] = (DEFAULT_PROBES,), steps: int = DEFAULT_STEPS, seeds: int = 1) -> None:
     """On the first n_check images: Hutchinson (each count of fresh probes per call in `probes`) against the exact
-    divergence, both on the default method's Karras grid of `steps` steps, z = (Hutchinson − exact)/SE per image;
-    added to the bpd part's record."""
+    divergence, both on the default method's Karras grid of `steps` steps, z = (Hutchinson − exact)/SE per image
+    (probe seed 0, the bpd part's); then `seeds` probe seeds (0 … seeds − 1) on the same dequantised images against
+    the same exact solve: the z's over images × seeds with the pooled standard error (`Likelihood.stderr`) and, for
+    comparison, with the spread of the P accumulators std_j ℓ_j/sqrt(P) (P − 1 degrees of freedom). Added to the
+    bpd part's record."""
     m, x, levels, info = load(spec, images, n_check)
     g = _grid(m, DEFAULT_METHOD, steps)
     key = _key(spec)
     xs = x[:n_check]
     ex = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="exact")
     print(f"exact: {ex.bpd.tolist()} in {ex.likelihood.seconds:.0f} s", flush=True)
+    to_bpd = 1 / (xs[0].numel() * math.log(2))  # (B1): nats per image → bits/dim
     rows = {}
     for p in probes:
-        hu = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="hutchinson",
-                          probes_per_sample=p)
-        z = (hu.bpd - ex.bpd) / hu.bpd_stderr
+        zs, old, secs = [], [], 0.0
+        for s in range(seeds):
+            r = likelihood(m, ex.x_dequantised[0], g, DEFAULT_METHOD, divergence="hutchinson", probes_per_sample=p,
+                           seed=s)
+            dz = (ex.likelihood.log_prob - r.log_prob) * to_bpd  # Hutchinson − exact, bits/dim
+            zs.append(dz / (r.stderr * to_bpd))
+            old.append(dz / (r.divergence_probes.std(1) / math.sqrt(p) * to_bpd))
+            secs += r.seconds
+            if s == 0:
+                hu = (-r.log_prob * to_bpd + ex.offset, r.stderr * to_bpd, r.nfe, r.seconds)
+        z, zold = torch.stack(zs), torch.stack(old)
         name = "check" if p == DEFAULT_PROBES else f"check_{p}"
         rows[name if steps == DEFAULT_STEPS else f"{name}_steps{steps}"] = {
             "images": n_check, "probes": p, "grid": f"{DEFAULT_METHOD}, karras {steps} steps",
-            "exact_calls": ex.likelihood.nfe, "exact": ex.bpd.tolist(), "hutchinson": hu.bpd.tolist(),
-            "se": hu.bpd_stderr.tolist(), "z": z.tolist(), "hutchinson_calls": hu.likelihood.nfe,
-            "hutchinson_seconds": round(hu.likelihood.seconds, 1), "exact_seconds": round(ex.likelihood.seconds, 1)}
+            "exact_calls": ex.likelihood.nfe, "exact": ex.bpd.tolist(), "hutchinson": hu[0].tolist(),
+            "se": hu[1].tolist(), "z": z[0].tolist(), "hutchinson_calls": hu[2],
+            "hutchinson_seconds": round(hu[3], 1), "exact_seconds": round(ex.likelihood.seconds, 1),
+            "se_kind": "pooled", "seeds": seeds, "seeds_seconds": round(secs, 1),
+            "z_seeds": _zsummary(z), "z_seeds_accumulator_spread": _zsummary(zold)}
+        print(name, steps, json.dumps(rows[list(rows)[-1]]["z_seeds"]), flush=True)
     if out is None:  # read now, not at the start: a bpd run may have written the record meanwhile
         out = json.loads(OUT.read_text()).get(key, dict(info)) if OUT.exists() else dict(info)
     out.update(rows)
     _merge(key, out)
     print(json.dumps(rows, indent=1), flush=True)
+
+
+def _zsummary(z: torch.Tensor) -> dict:
+    """z's over (seeds, images): count, mean, sd, the largest |z| and the fractions beyond 2 and 3 (4.6 % and
+    0.27 % for a standard normal)."""
+    f = z.reshape(-1)
+    return {"n": f.numel(), "mean": float(f.mean()), "sd": float(f.std()), "max_abs": float(f.abs().max()),
+            "frac_gt2": float((f.abs() > 2).double().mean()), "frac_gt3": float((f.abs() > 3).double().mean()),
+            "all": [[round(v, 3) for v in row] for row in z.tolist()]}
 
 
 def main() -> None:
@@ -247,6 +271,7 @@ def main() -> None:
     p.add_argument("--probes", type=int, nargs="+", default=[DEFAULT_PROBES],
                    help="check: Hutchinson probes per call (several: one row each against one exact solve)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="check: steps of the grid (both divergences)")
+    p.add_argument("--seeds", type=int, default=1, help="check: probe seeds against the one exact solve")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.part == "solvers":
@@ -254,7 +279,7 @@ def main() -> None:
     elif a.part == "variance":
         variance_part(a.model, a.n)
     elif a.part == "check":
-        check_part(a.model, a.images, a.n_check, probes=tuple(a.probes), steps=a.steps)
+        check_part(a.model, a.images, a.n_check, probes=tuple(a.probes), steps=a.steps, seeds=a.seeds)
     else:
         bpd_part(a.model, a.images, a.n, a.n_check, a.batch)
 
