@@ -186,7 +186,8 @@ def bpd_part(spec: str, images: str | None, n: int, n_check: int, batch: int) ->
     est.samples = len(x)
     out = {**info, "grid": f"{DEFAULT_METHOD}, {DEFAULT_GRID} {DEFAULT_STEPS} steps", "levels": levels,
            "batch": batch, "estimate": est.describe(), "estimated_seconds": est.seconds,
-           "divergence": est.divergence, "probes": est.probes if est.divergence == "hutchinson" else None}
+           "divergence": est.divergence, "probes": est.probes if est.divergence == "hutchinson" else None,
+           "se_kind": "pooled" if est.divergence == "hutchinson" else None}
     bpd, se, secs, calls = [], [], 0.0, 0
     for lo in range(0, len(x), batch):
         r = bits_per_dim(m, x[lo:lo + batch], g, DEFAULT_METHOD, levels=levels, seed=0, first_index=lo)
