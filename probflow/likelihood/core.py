@@ -20,7 +20,7 @@ probe index j has its own accumulator ℓ_j; the estimate is their mean. Probes 
   leave ℓ out of their error norm, `path_norm`), and its variance Σ_c a_c² σ_c²/P is a sum over evaluations
   (σ_c²: one probe's variance at call c) instead of the square of a sum.
 
-Pooled standard error (fresh probes, P ≥ 2; docs/MATH.md §13). s_c², the sample variance of the P probes at call
+Pooled standard error (fresh probes, P ≥ 2; (L2) of docs/MATH.md §13). s_c², the sample variance of the P probes at call
 c, is unbiased for σ_c², so V = Σ_c a_c² s_c²/P is unbiased for the estimate's variance and pools C·(P − 1)
 degrees of freedom over the C calls (std_j ℓ_j/sqrt(P) has P − 1). The solver's weights a_c are not known to
 the field, so K = `SE_CHANNELS` more accumulators u_k are integrated along, with derivative r_{c,k}·s_c/sqrt(P)
