@@ -267,8 +267,9 @@ DIGITS32_NOTES = [
     "2-core machine, upper bounds.",
     "- Standard error per image: pooled over the solve's calls (`probflow.likelihood.core`, docs/MATH.md §13): "
     "Σ_c a_c² s_c²/P with s_c² the variance of the P probes at call c and a_c the solver's weight of call c, "
-    "estimated through 128 sign channels integrated along; C·(P − 1) degrees of freedom (36 on the 3-step grid with "
-    "4 probes, 240 on the 20-step grid) where the spread of the P accumulators has P − 1 (3).",
+    "estimated through 128 sign channels integrated along; up to C·(P − 1) degrees of freedom (36 on the 3-step grid "
+    "with 4 probes, 240 on the 20-step grid; fewer where a few calls dominate the sum) where the spread of the P "
+    "accumulators has P − 1 (3).",
 ]
 
 
