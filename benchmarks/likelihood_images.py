@@ -251,6 +251,43 @@ def check_part(spec: str, images: str | None, n_check: int, out: dict | None = N
     print(json.dumps(rows, indent=1), flush=True)
 
 
+def dof_part(spec: str, n: int, steps_list: tuple[int, ...], probes: int = 16) -> None:
+    """How the variance of the fresh-probe estimate spreads over the solve's calls: `probes` probes per call on the
+    default method's Karras grids of `steps_list` steps, w_c = a_c²·s_c² (a_c the rk4 3/8-rule weights written out,
+    s_c² the probes' variance at call c), and the pooled standard error's effective degrees of freedom with
+    P = DEFAULT_PROBES, (P − 1)(Σ w_c)²/Σ w_c² (Satterthwaite), beside the accumulators' spread's P − 1."""
+    from probflow.field import as_field
+    from probflow.integrate import integrate
+    from probflow.likelihood import AugmentedField, ProbeStream, dequantise
+
+    assert DEFAULT_METHOD == "rk4", "the weights below are torchdiffeq's rk4 (3/8 rule)"
+    m, x, levels, info = load(spec, None, n)
+    xq = dequantise(x, 1, levels, seed=0)[0]
+    out = {**info, "images": n, "probes": probes, "rows": []}
+    rec = []
+
+    class Recorded(AugmentedField):
+        def _hutchinson(self, f, xbar, v):
+            r = super()._hutchinson(f, xbar, v)
+            rec.append(r.detach().clone())
+            return r
+
+    for steps in steps_list:
+        g = _grid(m, DEFAULT_METHOD, steps).double()
+        rec.clear()
+        aug = Recorded(as_field(m), tuple(x.shape[1:]), ProbeStream(n, probes, x[0].numel(), seed=0, channels=0))
+        integrate(aug, torch.cat([xq.reshape(n, -1), xq.new_zeros(n, probes)], 1), g, DEFAULT_METHOD)
+        h = g[1:] - g[:-1]
+        a = (h[:, None] * torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64) / 8).reshape(-1)
+        w = torch.stack([a[c] ** 2 * d.var(1) for c, d in enumerate(rec)])  # (C, n)
+        p = DEFAULT_PROBES
+        out["rows"].append({"steps": steps, "calls": len(rec), "max_dof": (p - 1) * len(rec),
+                            "dof": ((p - 1) * w.sum(0) ** 2 / w.pow(2).sum(0)).tolist(),
+                            "top_share": (w.max(0).values / w.sum(0)).tolist()})
+        print(out["rows"][-1], flush=True)
+        _merge(f"dof_{spec}", out)
+
+
 def _zsummary(z: torch.Tensor) -> dict:
     """z's over (seeds, images): count, mean, sd, the largest |z| and the fractions beyond 2 and 3 (4.6 % and
     0.27 % for a standard normal)."""
@@ -262,7 +299,7 @@ def _zsummary(z: torch.Tensor) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("solvers", "variance", "bpd", "check"), required=True)
+    p.add_argument("--part", choices=("solvers", "variance", "bpd", "check", "dof"), required=True)
     p.add_argument("--model", default="digits", help="digits, digits32 (unconditional), unet (random-weight stress "
                    "case) or a model folder")
     p.add_argument("--images", default=None, help="a glob of 8-bit images (with a model folder)")
@@ -272,6 +309,7 @@ def main() -> None:
     p.add_argument("--probes", type=int, nargs="+", default=[DEFAULT_PROBES],
                    help="check: Hutchinson probes per call (several: one row each against one exact solve)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="check: steps of the grid (both divergences)")
+    p.add_argument("--steps-list", type=int, nargs="+", default=[1, 3, DEFAULT_STEPS], help="dof: grids")
     p.add_argument("--seeds", type=int, default=1, help="check: probe seeds against the one exact solve")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -279,6 +317,8 @@ def main() -> None:
         solvers_part(a.model)
     elif a.part == "variance":
         variance_part(a.model, a.n)
+    elif a.part == "dof":
+        dof_part(a.model, a.n, tuple(a.steps_list))
     elif a.part == "check":
         check_part(a.model, a.images, a.n_check, probes=tuple(a.probes), steps=a.steps, seeds=a.seeds)
     else:

@@ -28,6 +28,10 @@ at call c, r_{c,k} independent Rademacher signs from their own stream (seed, sam
 the same linear combination of them, u_k = Σ_c a_c r_{c,k} s_c/sqrt(P), and E_r[u_k²] = Σ_c a_c² s_c²/P (the
 cross terms have mean 0), so mean_k u_k² estimates V without bias, to a relative standard deviation below
 sqrt(2/K). No model call, no VJP: K numbers per sample in the state, left out of adaptive step control like ℓ.
+The pooling adds degrees of freedom only as far as the variance is spread over the calls: about
+(P − 1)(Σ_c w_c)²/Σ_c w_c², w_c = a_c²σ_c² (Satterthwaite), which falls to P − 1 when one call carries it all (a
+coarse grid whose first step is long and starts near σ = 0, where the divergence is large); benchmarks/LIKELIHOOD.md
+measures it per grid. Where it is small, more probes (P) are what makes one sample's standard error reliable.
 
 Batched VJPs assume the model treats the samples of a batch independently (no batch statistics).
 """
@@ -53,9 +57,10 @@ __all__ = ["AugmentedField", "Likelihood", "probes", "ProbeStream", "per_sample_
 # divergence="auto": exact up to this many dimensions, Hutchinson above (benchmarks/LIKELIHOOD.md, "exact or
 # Hutchinson": the measured cost ratio of the two at equal standard error).
 EXACT_MAX_DIM = 256
-# Hutchinson probes per evaluation by default, all sharing one forward pass: enough for a per-sample standard
-# error, but with P − 1 = 3 degrees of freedom one sample's can be far off (benchmarks/LIKELIHOOD.md); the
-# standard error of a mean over many samples pools them.
+# Hutchinson probes per evaluation by default, all sharing one forward pass. With fresh probes a sample's standard
+# error pools the calls' spreads (module docstring): reliable where the variance is spread over many calls (the
+# default 20-step grid), not on coarse grids where one call carries it (P − 1 = 3 degrees of freedom;
+# benchmarks/LIKELIHOOD.md); the standard error of a mean over many samples pools them in any case.
 DEFAULT_PROBES = 4
 # Sign channels of the pooled standard error (module docstring): its relative error from the signs is below
 # sqrt(2/K)/2 ≈ 6% at K = 128, small beside the probes' own (pooled) sampling error, for 128 numbers per sample.
