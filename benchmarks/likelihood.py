@@ -265,12 +265,15 @@ DIGITS32_NOTES = [
     "its standard error, not the 20-step value, and the 1-step exact values (about −3000 bits/dim) are far from it). "
     "Wall times: one thread on a shared "
     "2-core machine, upper bounds.",
-    "- Standard error per image: pooled over the solve's calls (`probflow.likelihood.core`, docs/MATH.md §13): "
+    "- Standard error per image: pooled over the solve's calls (`probflow.likelihood.core`, docs/MATH.md §13, (L2)): "
     "Σ_c a_c² s_c²/P with s_c² the variance of the P probes at call c and a_c the solver's weight of call c, "
     "estimated through 128 sign channels integrated along; up to C·(P − 1) degrees of freedom (36 on the 3-step grid "
-    "with 4 probes, 240 on the 20-step grid; fewer where a few calls dominate the sum) where the spread of the P "
-    "accumulators has P − 1 (3).",
+    "with 4 probes, 240 on the 20-step grid; fewer where a few calls dominate the sum, below) where the spread of "
+    "the P accumulators has P − 1 (3).",
 ]
+
+
+DEFAULT_PROBES_REPORT = 4  # probflow.likelihood.DEFAULT_PROBES, the P of --part dof
 
 
 def _dur(seconds: float) -> str:
@@ -341,6 +344,7 @@ def images_report() -> list[str]:
                 + (f"{r['estimated_seconds']:.0f} s" if r.get("estimated_seconds") is not None else "n/a") + ")."]
         if key == "bpd_digits32":
             out += DIGITS32_NOTES
+            out += _dof_lines(res.get("dof_digits32"))
             v = res.get("variance_digits32")
             out.append(f"- Probes: {r['probes']} fresh per call (the default), chosen by standard error "
                        "per model call: "
@@ -358,6 +362,22 @@ def images_report() -> list[str]:
                        "tests/test_likelihood.py.")
         out += _check_lines(r)
     return out
+
+
+def _dof_lines(r: dict | None) -> list[str]:
+    """Where the fresh-probe variance sits along the solve (likelihood_images.py --part dof)."""
+    if not r:
+        return []
+    rows = "; ".join(f"{w['steps']} steps ({w['calls']} calls): "
+                     + ", ".join(f"{d:.1f}" for d in w["dof"]) + f" of at most {w['max_dof']}, the largest call's "
+                     f"share of the variance {min(w['top_share']):.4f}–{max(w['top_share']):.4f}" for w in r["rows"])
+    return [f"- Degrees of freedom of the pooled SE with {DEFAULT_PROBES_REPORT} probes, "
+            f"(P − 1)(Σ_c w_c)²/Σ_c w_c², w_c = a_c² s_c² from {r['probes']} probes per call, first {r['images']} "
+            f"images (`... --part dof --model digits32 --n {r['images']} --steps-list "
+            + " ".join(str(w["steps"]) for w in r["rows"]) + f"`): {rows}. On the 1- and 3-step check grids one "
+            "call (the first of the long first step, at σ = 0 or σ_min, where the divergence is about 10⁵ nats) "
+            "carries the variance, so pooling cannot add degrees of freedom there and the checks below with 4 "
+            "probes behave like a t distribution with 3; the default 20-step grid spreads it over many calls."]
 
 
 def _check_lines(r: dict) -> list[str]:
