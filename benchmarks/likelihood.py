@@ -257,11 +257,12 @@ DIGITS32_NOTES = [
     "- Model: `models.load(\"digits32\", class_label=10)`, the null class at guidance 1, i.e. ε_∅, the "
     "unconditional field (CFG weight w = 0).",
     "- Commands: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 "
-    "--n 64 --n-check 0`; the checks: `... --part check --model digits32 --n-check 8 --steps 1 --probes 4 16 "
-    "--seeds 32` and the same with `--steps 3`; the probe-variance table: `... --part variance --model digits32 --n 1` "
-    "(the exact divergence at D = 1024 costs 1024 VJPs per call, about 17 s per call per image or more here, so the "
-    "20-step grid's 80 calls × 8 images would take over 3 h: the checks use rk4 on 1- and "
-    "3-step Karras grids (`--steps 1`, `--steps 3`) for both divergences, like for like; they test the estimator and "
+    "--n 64 --n-check 0`; the checks: `... --part check --model digits32 --n-check 4 --steps 1 --probes 4 16 "
+    "--seeds 32`, `... --n-check 8 --steps 3 --probes 4 16 --seeds 32` and `... --n-check 2 --steps 10 --probes 4 16 "
+    "--seeds 32`; the probe-variance table: `... --part variance --model digits32 --n 1` "
+    "(the exact divergence at D = 1024 costs 1024 VJPs per call, 10–25 s per call per image here, so the "
+    "20-step grid's 80 calls × 8 images would take over 2 h: the checks use rk4 on 1-, 3- and "
+    "10-step Karras grids for both divergences, like for like; they test the estimator and "
     "its standard error, not the 20-step value, and the 1-step exact values (about −3000 bits/dim) are far from it). "
     "Wall times: one thread on a shared "
     "2-core machine, upper bounds.",

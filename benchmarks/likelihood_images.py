@@ -7,17 +7,20 @@ interrupted run keeps what it measured); `python benchmarks/likelihood.py --part
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part solvers --model unet
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part variance --model unet --n 1
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits --n 32
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4 \
-        --probes 16
+        --probes 4 16 --seeds 8
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model unet --n 8
     # the trained 32×32 model (digits32, unconditional; its test split as 8-bit images, 256 levels):
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 --n 64 \
         --n-check 0
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
-        --n-check 4 --steps 1 --probes 4 16
+        --n-check 4 --steps 1 --probes 4 16 --seeds 32
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
-        --n-check 4 --steps 3 --probes 4 16
+        --n-check 8 --steps 3 --probes 4 16 --seeds 32
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
+        --n-check 2 --steps 10 --probes 4 16 --seeds 32
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part dof --model digits32 --n 4 \
+        --steps-list 1 3 6 10 20
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part variance --model digits32 --n 1
     # any other diffusers folder with 8-bit images:
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model FOLDER \
