@@ -355,7 +355,9 @@ def images_report() -> list[str]:
                        "forward + P × reverse"
                        + (f" ({v['seconds_forward']:.3f} + P × {v['seconds_reverse']:.3f} s per call on one image, "
                           "the probe-variance table above)" if v and v.get("seconds_forward") else "")
-                       + " for a standard error that falls only as 1/√P.")
+                       + " for a standard error that falls only as 1/√P. One image's standard error with 4 probes "
+                       "is as reliable as its degrees of freedom (above): fair on the default grid, not on grids "
+                       "whose variance sits in one call (1–6 steps here), where `--probes 16` makes it so.")
         c = r.get("check")
         if not c and r["divergence"] == "hutchinson" and key != "bpd_digits32":
             out.append("- Against the exact divergence: not run at this D (it costs D reverse passes per call; see the "
