@@ -257,15 +257,24 @@ DIGITS32_NOTES = [
     "- Model: `models.load(\"digits32\", class_label=10)`, the null class at guidance 1, i.e. ε_∅, the "
     "unconditional field (CFG weight w = 0).",
     "- Commands: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 "
-    "--n 64 --n-check 0`; the checks: `... --part check --model digits32 --n-check 4 --steps 1 --probes 4 16` "
-    "and the same with `--steps 3`; the probe-variance table: `... --part variance --model digits32 --n 1` "
-    "(the exact divergence at D = 1024 costs 1024 VJPs per call, about 17 s per call per image here (279 s for 4 calls "
-    "× 4 images), so the 20-step grid's 80 calls × 4 images would take about 1.5 h: the checks use rk4 on 1- and "
-    "3-step Karras grids (`--steps 1`, `--steps 3`) for both divergences, like for like; they test the estimator and "
+    "--n 64 --n-check 0`; the checks: `... --part check --model digits32 --n-check 4 --steps 1 --probes 4 16 "
+    "--seeds 32`, `... --n-check 8 --steps 3 --probes 4 16 --seeds 32` and `... --n-check 2 --steps 10 --probes 4 16 "
+    "--seeds 32`; the probe-variance table: `... --part variance --model digits32 --n 1` "
+    "(the exact divergence at D = 1024 costs 1024 VJPs per call, 10–25 s per call per image here, so the "
+    "20-step grid's 80 calls × 8 images would take over 2 h: the checks use rk4 on 1-, 3- and "
+    "10-step Karras grids for both divergences, like for like; they test the estimator and "
     "its standard error, not the 20-step value, and the 1-step exact values (about −3000 bits/dim) are far from it). "
     "Wall times: one thread on a shared "
     "2-core machine, upper bounds.",
+    "- Standard error per image: pooled over the solve's calls (`probflow.likelihood.core`, docs/MATH.md §13, (L2)): "
+    "Σ_c a_c² s_c²/P with s_c² the variance of the P probes at call c and a_c the solver's weight of call c, "
+    "estimated through 128 sign channels integrated along; up to C·(P − 1) degrees of freedom (36 on the 3-step grid "
+    "with 4 probes, 240 on the 20-step grid; fewer where a few calls dominate the sum, below) where the spread of "
+    "the P accumulators has P − 1 (3).",
 ]
+
+
+DEFAULT_PROBES_REPORT = 4  # probflow.likelihood.DEFAULT_PROBES, the P of --part dof
 
 
 def _dur(seconds: float) -> str:
@@ -328,12 +337,15 @@ def images_report() -> list[str]:
                 f"batches of {r['batch']}.", "",
                 f"- {r['n']} images: **{r['mean']:.4f} bits/dim**, standard error over images "
                 f"{r['se_over_images']:.4f}; "
-                f"the estimator's own standard error of this mean {r['estimator_se']:.4f}.",
+                f"the estimator's own standard error of this mean {r['estimator_se']:.4f}"
+                + (" (from the accumulators' spread, measured before the pooled SE; not regenerated)"
+                   if r["divergence"] == "hutchinson" and r.get("se_kind") != "pooled" else "") + ".",
                 f"- {r['calls_per_image']} model calls per image, {r['seconds_per_image']} s per image "
                 f"({r['seconds']} s in all; the pilot estimated "
                 + (f"{r['estimated_seconds']:.0f} s" if r.get("estimated_seconds") is not None else "n/a") + ")."]
         if key == "bpd_digits32":
             out += DIGITS32_NOTES
+            out += _dof_lines(res.get("dof_digits32"))
             v = res.get("variance_digits32")
             out.append(f"- Probes: {r['probes']} fresh per call (the default), chosen by standard error "
                        "per model call: "
@@ -343,26 +355,62 @@ def images_report() -> list[str]:
                        "forward + P × reverse"
                        + (f" ({v['seconds_forward']:.3f} + P × {v['seconds_reverse']:.3f} s per call on one image, "
                           "the probe-variance table above)" if v and v.get("seconds_forward") else "")
-                       + " for a standard error that falls only as 1/√P. The mean's standard error pools "
-                       f"{r['n']} × {r['probes'] - 1} degrees of freedom, so it is not fragile the way one image's "
-                       "is (below): per-image checks want 16 probes (`--probes`).")
+                       + " for a standard error that falls only as 1/√P. One image's standard error with 4 probes "
+                       "is as reliable as its degrees of freedom (above): fair on the default grid, not on grids "
+                       "whose variance sits in one call (1–6 steps here), where `--probes 16` makes it so.")
         c = r.get("check")
         if not c and r["divergence"] == "hutchinson" and key != "bpd_digits32":
             out.append("- Against the exact divergence: not run at this D (it costs D reverse passes per call; see the "
                        "pilot line above); Hutchinson against the exact value: the digits section and "
                        "tests/test_likelihood.py.")
-        for c in [r[k] for k in sorted(r) if k.startswith("check")]:
-            zs = ", ".join(f"{z:+.2f}" for z in c["z"])
-            ses = ", ".join(f"{v:.4f}" for v in c["se"])
-            grid = f" ({c['grid']}, {c['exact_calls']} calls)" if c.get("grid") and c["grid"] != r["grid"] else ""
-            out.append(f"- Hutchinson ({c['probes']} fresh probes per call) against the exact divergence on the same "
-                       f"solve grid{grid}, first {c['images']} images: z = (Hutchinson − exact)/SE = {zs} (SE {ses} "
-                       f"bits/dim); exact {c['exact_seconds']} s, Hutchinson {c['hutchinson_seconds']} s for the "
-                       f"{c['images']}.")
-        if any(abs(z) > 3 for k in r if k.startswith("check") for z in r[k]["z"]):
-            out.append("- A per-image standard error from P probes has P − 1 degrees of freedom: with the default 4 "
-                       "(3 degrees) one image's SE can come out several times too small, which is what a |z| > 3 "
-                       "above with an SE well below its neighbours' shows; more probes (--probes) make it reliable.")
+        out += _check_lines(r)
+    return out
+
+
+def _dof_lines(r: dict | None) -> list[str]:
+    """Where the fresh-probe variance sits along the solve (likelihood_images.py --part dof)."""
+    if not r:
+        return []
+    rows = "; ".join(f"{w['steps']} steps ({w['calls']} calls): "
+                     + ", ".join(f"{d:.1f}" for d in w["dof"]) + f" of at most {w['max_dof']}, the largest call's "
+                     f"share of the variance {min(w['top_share']):.4f}–{max(w['top_share']):.4f}" for w in r["rows"])
+    return [f"- Degrees of freedom of the pooled SE with {DEFAULT_PROBES_REPORT} probes, "
+            f"(P − 1)(Σ_c w_c)²/Σ_c w_c², w_c = a_c² s_c² from {r['probes']} probes per call, first {r['images']} "
+            f"images (`... --part dof --model digits32 --n {r['images']} --steps-list "
+            + " ".join(str(w["steps"]) for w in r["rows"]) + f"`): {rows}. On the 1- and 3-step check grids one "
+            "call (the first of the long first step, at σ = 0 or σ_min, where the divergence is about 10⁵ nats) "
+            "carries the variance, so pooling cannot add degrees of freedom there and the checks below with 4 "
+            "probes behave like a t distribution with 3; the default 20-step grid spreads it over many calls."]
+
+
+def _check_lines(r: dict) -> list[str]:
+    """The Hutchinson-against-exact checks of one bpd record: per-image z's (probe seed 0) and, where measured, the
+    z's over probe seeds with the pooled standard error and with the accumulators' spread."""
+    out = []
+    for c in [r[k] for k in sorted(r) if k.startswith("check")]:
+        zs = ", ".join(f"{z:+.2f}" for z in c["z"])
+        ses = ", ".join(f"{v:.4f}" for v in c["se"])
+        grid = f" ({c['grid']}, {c['exact_calls']} calls)" if c.get("grid") and c["grid"] != r["grid"] else ""
+        kind = ("pooled SE" if c.get("se_kind") == "pooled" else
+                "SE from the spread of the P accumulators, measured before the pooled SE")
+        out.append(f"- Hutchinson ({c['probes']} fresh probes per call) against the exact divergence on the same "
+                   f"solve grid{grid}, first {c['images']} images: z = (Hutchinson − exact)/SE = {zs} (SE {ses} "
+                   f"bits/dim; {kind}); exact {c['exact_seconds']} s, Hutchinson {c['hutchinson_seconds']} s for the "
+                   f"{c['images']}.")
+        if c.get("seeds", 1) > 1:
+            a, b = c["z_seeds"], c["z_seeds_accumulator_spread"]
+            out.append(f"  - Over {c['seeds']} probe seeds × {c['images']} images ({a['n']} z's, one exact solve): "
+                       f"pooled SE: z mean {a['mean']:+.2f}, sd {a['sd']:.2f}, max |z| {a['max_abs']:.2f}, "
+                       f"|z| > 2: {100 * a['frac_gt2']:.1f} %, |z| > 3: {100 * a['frac_gt3']:.1f} % (standard "
+                       "normal: 4.6 %, 0.27 %); the accumulators' spread std_j ℓ_j/√P instead: sd "
+                       f"{b['sd']:.2f}, max |z| {b['max_abs']:.2f}, |z| > 2: {100 * b['frac_gt2']:.1f} %, |z| > 3: "
+                       f"{100 * b['frac_gt3']:.1f} %.")
+    old = [r[k] for k in r if k.startswith("check") and r[k].get("se_kind") != "pooled"]
+    if any(abs(z) > 3 for c in old for z in c["z"]):
+        out.append("- A per-image standard error from the spread of P probes' accumulators has P − 1 degrees of "
+                   "freedom: with the default 4 (3 degrees) one image's SE can come out several times too small, "
+                   "which is what a |z| > 3 above with an SE well below its neighbours' shows; the pooled SE "
+                   "(`Likelihood.stderr` with fresh probes) has C·(P − 1).")
     return out
 
 

@@ -7,17 +7,20 @@ interrupted run keeps what it measured); `python benchmarks/likelihood.py --part
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part solvers --model unet
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part variance --model unet --n 1
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits --n 32
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits --n-check 4 \
-        --probes 16
+        --probes 4 16 --seeds 8
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model unet --n 8
     # the trained 32×32 model (digits32, unconditional; its test split as 8-bit images, 256 levels):
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 --n 64 \
         --n-check 0
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
-        --n-check 4 --steps 1 --probes 4 16
+        --n-check 4 --steps 1 --probes 4 16 --seeds 32
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
-        --n-check 4 --steps 3 --probes 4 16
+        --n-check 8 --steps 3 --probes 4 16 --seeds 32
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part check --model digits32 \
+        --n-check 2 --steps 10 --probes 4 16 --seeds 32
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part dof --model digits32 --n 4 \
+        --steps-list 1 3 6 10 20
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part variance --model digits32 --n 1
     # any other diffusers folder with 8-bit images:
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model FOLDER \
@@ -44,7 +47,7 @@ import torch
 from probflow import grids, models
 from probflow.cli.likelihood import DEFAULT_GRID, DEFAULT_METHOD, DEFAULT_STEPS
 from probflow.io.atomic import atomic_write
-from probflow.likelihood import DEFAULT_PROBES, bits_per_dim, estimate
+from probflow.likelihood import DEFAULT_PROBES, bits_per_dim, estimate, likelihood
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "likelihood_images.json"
@@ -186,7 +189,8 @@ def bpd_part(spec: str, images: str | None, n: int, n_check: int, batch: int) ->
     est.samples = len(x)
     out = {**info, "grid": f"{DEFAULT_METHOD}, {DEFAULT_GRID} {DEFAULT_STEPS} steps", "levels": levels,
            "batch": batch, "estimate": est.describe(), "estimated_seconds": est.seconds,
-           "divergence": est.divergence, "probes": est.probes if est.divergence == "hutchinson" else None}
+           "divergence": est.divergence, "probes": est.probes if est.divergence == "hutchinson" else None,
+           "se_kind": "pooled" if est.divergence == "hutchinson" else None}
     bpd, se, secs, calls = [], [], 0.0, 0
     for lo in range(0, len(x), batch):
         r = bits_per_dim(m, x[lo:lo + batch], g, DEFAULT_METHOD, levels=levels, seed=0, first_index=lo)
@@ -207,27 +211,42 @@ def bpd_part(spec: str, images: str | None, n: int, n_check: int, batch: int) ->
 
 
 def check_part(spec: str, images: str | None, n_check: int, out: dict | None = None,
-               probes: tuple[int, ...] = (DEFAULT_PROBES,), steps: int = DEFAULT_STEPS) -> None:
+               probes: tuple[int, ...] = (DEFAULT_PROBES,), steps: int = DEFAULT_STEPS, seeds: int = 1) -> None:
     """On the first n_check images: Hutchinson (each count of fresh probes per call in `probes`) against the exact
-    divergence, both on the default method's Karras grid of `steps` steps, z = (Hutchinson − exact)/SE per image;
-    added to the bpd part's record."""
+    divergence, both on the default method's Karras grid of `steps` steps, z = (Hutchinson − exact)/SE per image
+    (probe seed 0, the bpd part's); then `seeds` probe seeds (0 … seeds − 1) on the same dequantised images against
+    the same exact solve: the z's over images × seeds with the pooled standard error (`Likelihood.stderr`) and, for
+    comparison, with the spread of the P accumulators std_j ℓ_j/sqrt(P) (P − 1 degrees of freedom). Added to the
+    bpd part's record."""
     m, x, levels, info = load(spec, images, n_check)
     g = _grid(m, DEFAULT_METHOD, steps)
     key = _key(spec)
     xs = x[:n_check]
     ex = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="exact")
     print(f"exact: {ex.bpd.tolist()} in {ex.likelihood.seconds:.0f} s", flush=True)
+    to_bpd = 1 / (xs[0].numel() * math.log(2))  # (B1): nats per image → bits/dim
     rows = {}
     for p in probes:
-        hu = bits_per_dim(m, xs, g, DEFAULT_METHOD, levels=levels, seed=0, divergence="hutchinson",
-                          probes_per_sample=p)
-        z = (hu.bpd - ex.bpd) / hu.bpd_stderr
+        zs, old, secs = [], [], 0.0
+        for s in range(seeds):
+            r = likelihood(m, ex.x_dequantised[0], g, DEFAULT_METHOD, divergence="hutchinson", probes_per_sample=p,
+                           seed=s)
+            dz = (ex.likelihood.log_prob - r.log_prob) * to_bpd  # Hutchinson − exact, bits/dim
+            zs.append(dz / (r.stderr * to_bpd))
+            old.append(dz / (r.divergence_probes.std(1) / math.sqrt(p) * to_bpd))
+            secs += r.seconds
+            if s == 0:
+                hu = (-r.log_prob * to_bpd + ex.offset, r.stderr * to_bpd, r.nfe, r.seconds)
+        z, zold = torch.stack(zs), torch.stack(old)
         name = "check" if p == DEFAULT_PROBES else f"check_{p}"
         rows[name if steps == DEFAULT_STEPS else f"{name}_steps{steps}"] = {
             "images": n_check, "probes": p, "grid": f"{DEFAULT_METHOD}, karras {steps} steps",
-            "exact_calls": ex.likelihood.nfe, "exact": ex.bpd.tolist(), "hutchinson": hu.bpd.tolist(),
-            "se": hu.bpd_stderr.tolist(), "z": z.tolist(), "hutchinson_calls": hu.likelihood.nfe,
-            "hutchinson_seconds": round(hu.likelihood.seconds, 1), "exact_seconds": round(ex.likelihood.seconds, 1)}
+            "exact_calls": ex.likelihood.nfe, "exact": ex.bpd.tolist(), "hutchinson": hu[0].tolist(),
+            "se": hu[1].tolist(), "z": z[0].tolist(), "hutchinson_calls": hu[2],
+            "hutchinson_seconds": round(hu[3], 1), "exact_seconds": round(ex.likelihood.seconds, 1),
+            "se_kind": "pooled", "seeds": seeds, "seeds_seconds": round(secs, 1),
+            "z_seeds": _zsummary(z), "z_seeds_accumulator_spread": _zsummary(zold)}
+        print(name, steps, json.dumps(rows[list(rows)[-1]]["z_seeds"]), flush=True)
     if out is None:  # read now, not at the start: a bpd run may have written the record meanwhile
         out = json.loads(OUT.read_text()).get(key, dict(info)) if OUT.exists() else dict(info)
     out.update(rows)
@@ -235,9 +254,55 @@ def check_part(spec: str, images: str | None, n_check: int, out: dict | None = N
     print(json.dumps(rows, indent=1), flush=True)
 
 
+def dof_part(spec: str, n: int, steps_list: tuple[int, ...], probes: int = 16) -> None:
+    """How the variance of the fresh-probe estimate spreads over the solve's calls: `probes` probes per call on the
+    default method's Karras grids of `steps_list` steps, w_c = a_c²·s_c² (a_c the rk4 3/8-rule weights written out,
+    s_c² the probes' variance at call c), and the pooled standard error's effective degrees of freedom with
+    P = DEFAULT_PROBES, (P − 1)(Σ w_c)²/Σ w_c² (Satterthwaite), beside the accumulators' spread's P − 1."""
+    from probflow.field import as_field
+    from probflow.integrate import integrate
+    from probflow.likelihood import AugmentedField, ProbeStream, dequantise
+
+    assert DEFAULT_METHOD == "rk4", "the weights below are torchdiffeq's rk4 (3/8 rule)"
+    m, x, levels, info = load(spec, None, n)
+    xq = dequantise(x, 1, levels, seed=0)[0]
+    out = {**info, "images": n, "probes": probes, "rows": []}
+    rec = []
+
+    class Recorded(AugmentedField):
+        def _hutchinson(self, f, xbar, v):
+            r = super()._hutchinson(f, xbar, v)
+            rec.append(r.detach().clone())
+            return r
+
+    for steps in steps_list:
+        g = _grid(m, DEFAULT_METHOD, steps).double()
+        rec.clear()
+        aug = Recorded(as_field(m), tuple(x.shape[1:]), ProbeStream(n, probes, x[0].numel(), seed=0, channels=0))
+        integrate(aug, torch.cat([xq.reshape(n, -1), xq.new_zeros(n, probes)], 1), g, DEFAULT_METHOD)
+        h = g[1:] - g[:-1]
+        a = (h[:, None] * torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64) / 8).reshape(-1)
+        w = torch.stack([a[c] ** 2 * d.var(1) for c, d in enumerate(rec)])  # (C, n)
+        p = DEFAULT_PROBES
+        out["rows"].append({"steps": steps, "calls": len(rec), "max_dof": (p - 1) * len(rec),
+                            "dof": ((p - 1) * w.sum(0) ** 2 / w.pow(2).sum(0)).tolist(),
+                            "top_share": (w.max(0).values / w.sum(0)).tolist()})
+        print(out["rows"][-1], flush=True)
+        _merge(f"dof_{spec}", out)
+
+
+def _zsummary(z: torch.Tensor) -> dict:
+    """z's over (seeds, images): count, mean, sd, the largest |z| and the fractions beyond 2 and 3 (4.6 % and
+    0.27 % for a standard normal)."""
+    f = z.reshape(-1)
+    return {"n": f.numel(), "mean": float(f.mean()), "sd": float(f.std()), "max_abs": float(f.abs().max()),
+            "frac_gt2": float((f.abs() > 2).double().mean()), "frac_gt3": float((f.abs() > 3).double().mean()),
+            "all": [[round(v, 3) for v in row] for row in z.tolist()]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("solvers", "variance", "bpd", "check"), required=True)
+    p.add_argument("--part", choices=("solvers", "variance", "bpd", "check", "dof"), required=True)
     p.add_argument("--model", default="digits", help="digits, digits32 (unconditional), unet (random-weight stress "
                    "case) or a model folder")
     p.add_argument("--images", default=None, help="a glob of 8-bit images (with a model folder)")
@@ -247,14 +312,18 @@ def main() -> None:
     p.add_argument("--probes", type=int, nargs="+", default=[DEFAULT_PROBES],
                    help="check: Hutchinson probes per call (several: one row each against one exact solve)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="check: steps of the grid (both divergences)")
+    p.add_argument("--steps-list", type=int, nargs="+", default=[1, 3, DEFAULT_STEPS], help="dof: grids")
+    p.add_argument("--seeds", type=int, default=1, help="check: probe seeds against the one exact solve")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.part == "solvers":
         solvers_part(a.model)
     elif a.part == "variance":
         variance_part(a.model, a.n)
+    elif a.part == "dof":
+        dof_part(a.model, a.n, tuple(a.steps_list))
     elif a.part == "check":
-        check_part(a.model, a.images, a.n_check, probes=tuple(a.probes), steps=a.steps)
+        check_part(a.model, a.images, a.n_check, probes=tuple(a.probes), steps=a.steps, seeds=a.seeds)
     else:
         bpd_part(a.model, a.images, a.n, a.n_check, a.batch)
 

@@ -20,6 +20,7 @@ from probflow.likelihood.bpd import BitsPerDim, bits_per_dim, dequantise
 from probflow.likelihood.core import (
     DEFAULT_PROBES,
     EXACT_MAX_DIM,
+    SE_CHANNELS,
     AugmentedField,
     Likelihood,
     ProbeStream,
@@ -32,4 +33,4 @@ from probflow.likelihood.cost import BudgetError, Cost, estimate
 
 __all__ = ["AugmentedField", "Likelihood", "BitsPerDim", "Cost", "BudgetError", "likelihood", "bits_per_dim",
            "estimate", "probes", "dequantise", "per_sample_norm", "path_norm", "choose_divergence", "EXACT_MAX_DIM",
-           "DEFAULT_PROBES", "ProbeStream"]
+           "DEFAULT_PROBES", "SE_CHANNELS", "ProbeStream"]

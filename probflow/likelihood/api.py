@@ -80,6 +80,19 @@ def _fresh(fresh_probes: bool | None, m: Method, kind: str) -> bool:
     return bool(fresh_probes)
 
 
+def _stderr(kind: str, ells: Tensor, signs: Tensor) -> Tensor:
+    """The standard error of the mean of the P accumulators ells (B, P): 0 for the exact divergence; with the
+    K sign channels of fresh probes (B, K) the pooled one, sqrt(mean_k u_k²) (`probflow.likelihood.core`);
+    otherwise std_j ℓ_j/sqrt(P) (fixed probes), NaN for one probe."""
+    if kind == "exact":
+        return torch.zeros_like(ells[:, 0])
+    if signs.shape[1] > 0:
+        return signs.pow(2).mean(1).sqrt()
+    if ells.shape[1] > 1:
+        return ells.std(1) / math.sqrt(ells.shape[1])
+    return torch.full_like(ells[:, 0], float("nan"))
+
+
 def likelihood(
     model: EpsModel | DDIMField,
     x0: Tensor,
@@ -106,11 +119,13 @@ def likelihood(
     divergence: "auto" (exact up to `EXACT_MAX_DIM` dimensions, Hutchinson above), "exact" (D VJPs per
     evaluation) or "hutchinson" (`probes_per_sample` VJPs per evaluation sharing one model call, default
     `DEFAULT_PROBES`; `probe_kind` "rademacher" or "gaussian"; probes of sample i from (seed, first_index + i);
-    `fresh_probes`: redrawn at every evaluation, default True except for scipy_dop853). prior: "normal", "exact"
-    or a callable (module docstring). rtol/atol: adaptive methods. chunk: unit vectors per batched VJP of the
-    exact divergence (memory ∝ chunk·B·D). budget_seconds: refuse (`BudgetError`, a ValueError) a fixed-grid
-    request whose pilot estimate (`probflow.likelihood.estimate`) is over it, and stop an adaptive one when its
-    wall time passes it. progress: True for a progress bar with ETA on stderr, or a callable (done, total).
+    `fresh_probes`: redrawn at every evaluation, default True except for scipy_dop853; the standard error
+    `Likelihood.stderr` is then pooled over the solve's calls, C·(P − 1) degrees of freedom, else it has P − 1).
+    prior: "normal", "exact" or a callable (module docstring). rtol/atol: adaptive methods. chunk: unit vectors
+    per batched VJP of the exact divergence (memory ∝ chunk·B·D). budget_seconds: refuse (`BudgetError`, a
+    ValueError) a fixed-grid request whose pilot estimate (`probflow.likelihood.estimate`) is over it, and stop an
+    adaptive one when its wall time passes it. progress: True for a progress bar with ETA on stderr, or a callable
+    (done, total).
     """
     field = as_field(model)
     x0 = check_state(x0, "x0")
@@ -149,15 +164,10 @@ def likelihood(
         watch.close()
     seconds = time.perf_counter() - t0
     sigma_max = float(grid[-1])
-    xbar_t, ells = sol.x[:, :d], sol.x[:, d:] * aug.scale
+    xbar_t, ells = sol.x[:, :d], sol.x[:, d:d + aug.probes] * aug.scale
     lp_prior = _prior(prior, field.model, xbar_t, sigma_max)
     div = ells.mean(1)
-    if kind == "exact":
-        se = torch.zeros_like(div)
-    elif ells.shape[1] > 1:
-        se = ells.std(1) / math.sqrt(ells.shape[1])
-    else:
-        se = torch.full_like(div, float("nan"))
+    se = _stderr(kind, ells, sol.x[:, d + aug.probes:] * aug.scale)
     latent = (xbar_t / math.sqrt(1.0 + sigma_max**2)).reshape(b, *shape)
     return Likelihood(lp_prior + div, latent, lp_prior, div, ells, se, sol.nfe, aug.vjps, sigma_max,
                       m.name, kind, fresh, seconds)

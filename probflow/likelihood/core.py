@@ -8,15 +8,30 @@ divergence 0 there; autograd's "unused input" is read as that zero, not raised.
 "hutchinson": ∇·f ≈ vᵀ(∂f/∂x̄)v with E[vvᵀ] = I (Rademacher ±1 or standard normal v). The P probes of an
 evaluation share its one forward pass: P reverse passes over the same graph (`retain_graph`), so P probes cost
 one model call and P VJPs (vmap's batched gradients are not used: diffusers' UNets do not support them). Each
-probe index j has its own accumulator ℓ_j; the estimate is their mean and its standard error their standard
-deviation / sqrt(P) (NaN for P = 1). Probes come from a stream seeded by (seed, sample index), so a sample's
-estimate does not depend on the batch it is in, and are either
+probe index j has its own accumulator ℓ_j; the estimate is their mean. Probes come from a stream seeded by
+(seed, sample index), so a sample's estimate does not depend on the batch it is in, and are either
 
-- fixed along the solve (`fresh=False`): each ℓ_j is one probe's integral ∫ vᵀ(∂f/∂x̄)v dσ; or
-- fresh at every evaluation (`fresh=True`): each ℓ_j is the solver's weighted sum of independent one-probe
-  estimates, which is unbiased for the exact-divergence value of the same solve as long as the x̄ path does not
-  depend on ℓ (every method's x̄ update ignores ℓ; adaptive methods must leave ℓ out of their error norm,
-  `path_norm`), and its variance is a sum over evaluations instead of the square of a sum.
+- fixed along the solve (`fresh=False`): each ℓ_j is one probe's integral ∫ vᵀ(∂f/∂x̄)v dσ, P independent
+  estimates, so the standard error is their standard deviation / sqrt(P) (P − 1 degrees of freedom; NaN for
+  P = 1); the pooled form below does not apply, the calls' estimates being correlated through the shared probes;
+- fresh at every evaluation (`fresh=True`): each ℓ_j is the solver's weighted sum Σ_c a_c d_{c,j} of independent
+  one-probe estimates d_{c,j} (call c, probe j), which is unbiased for the exact-divergence value of the same
+  solve as long as the x̄ path does not depend on ℓ (every method's x̄ update ignores ℓ; adaptive methods must
+  leave ℓ out of their error norm, `path_norm`), and its variance Σ_c a_c² σ_c²/P is a sum over evaluations
+  (σ_c²: one probe's variance at call c) instead of the square of a sum.
+
+Pooled standard error (fresh probes, P ≥ 2; (L2) of docs/MATH.md §13). s_c², the sample variance of the P probes at call
+c, is unbiased for σ_c², so V = Σ_c a_c² s_c²/P is unbiased for the estimate's variance and pools C·(P − 1)
+degrees of freedom over the C calls (std_j ℓ_j/sqrt(P) has P − 1). The solver's weights a_c are not known to
+the field, so K = `SE_CHANNELS` more accumulators u_k are integrated along, with derivative r_{c,k}·s_c/sqrt(P)
+at call c, r_{c,k} independent Rademacher signs from their own stream (seed, sample index): the solver forms
+the same linear combination of them, u_k = Σ_c a_c r_{c,k} s_c/sqrt(P), and E_r[u_k²] = Σ_c a_c² s_c²/P (the
+cross terms have mean 0), so mean_k u_k² estimates V without bias, to a relative standard deviation below
+sqrt(2/K). No model call, no VJP: K numbers per sample in the state, left out of adaptive step control like ℓ.
+The pooling adds degrees of freedom only as far as the variance is spread over the calls: about
+(P − 1)(Σ_c w_c)²/Σ_c w_c², w_c = a_c²σ_c² (Satterthwaite), which falls to P − 1 when one call carries it all (a
+coarse grid whose first step is long and starts near σ = 0, where the divergence is large); benchmarks/LIKELIHOOD.md
+measures it per grid. Where it is small, more probes (P) are what makes one sample's standard error reliable.
 
 Batched VJPs assume the model treats the samples of a batch independently (no batch statistics).
 """
@@ -37,16 +52,21 @@ from probflow.solvers import Method, get_method
 
 __all__ = ["AugmentedField", "Likelihood", "probes", "ProbeStream", "per_sample_norm", "path_norm",
            "choose_divergence", "check_method", "check_grid_for", "check_shape", "probe_count", "EXACT_MAX_DIM",
-           "DEFAULT_PROBES"]
+           "DEFAULT_PROBES", "SE_CHANNELS"]
 
 # divergence="auto": exact up to this many dimensions, Hutchinson above (benchmarks/LIKELIHOOD.md, "exact or
 # Hutchinson": the measured cost ratio of the two at equal standard error).
 EXACT_MAX_DIM = 256
-# Hutchinson probes per evaluation by default, all sharing one forward pass: enough for a per-sample standard
-# error, but with P − 1 = 3 degrees of freedom one sample's can be far off (benchmarks/LIKELIHOOD.md); the
-# standard error of a mean over many samples pools them.
+# Hutchinson probes per evaluation by default, all sharing one forward pass. With fresh probes a sample's standard
+# error pools the calls' spreads (module docstring): reliable where the variance is spread over many calls (the
+# default 20-step grid), not on coarse grids where one call carries it (P − 1 = 3 degrees of freedom;
+# benchmarks/LIKELIHOOD.md); the standard error of a mean over many samples pools them in any case.
 DEFAULT_PROBES = 4
-_PROBE_STREAM, DEQUANT_STREAM = 1, 2  # stream tags: probes and dequantisation noise never share a stream
+# Sign channels of the pooled standard error (module docstring): its relative error from the signs is below
+# sqrt(2/K)/2 ≈ 6% at K = 128, small beside the probes' own (pooled) sampling error, for 128 numbers per sample.
+SE_CHANNELS = 128
+# stream tags: probes, dequantisation noise and the standard error's signs never share a stream
+_PROBE_STREAM, DEQUANT_STREAM, _SIGN_STREAM = 1, 2, 3
 
 
 def stream(seed: int, i: int, tag: int) -> torch.Generator:
@@ -75,27 +95,39 @@ def probes(n: int, count: int, dim: int, kind: str = "rademacher", seed: int = 0
 
 class ProbeStream:
     """Successive draws of `probes`: draw k gives every sample its k-th block of `count` vectors from its own
-    stream (fresh probes at every evaluation, still independent of the batch)."""
+    stream (fresh probes at every evaluation, still independent of the batch). `channels`: the sign channels of
+    the pooled standard error (module docstring; `SE_CHANNELS`, none with one probe), whose signs `signs` draws
+    from each sample's own stream (seed, sample index) of another tag."""
 
     def __init__(self, n: int, count: int, dim: int, kind: str = "rademacher", seed: int = 0, first: int = 0,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                 channels: int = SE_CHANNELS) -> None:
         _check_kind(kind)
         self.count, self.dim, self.kind, self.dtype, self.device = count, dim, kind, dtype, device
+        self.channels = int(channels) if count >= 2 else 0
         self.gens = [stream(seed, first + i, _PROBE_STREAM) for i in range(n)]
+        self.sign_gens = [stream(seed, first + i, _SIGN_STREAM) for i in range(n)] if self.channels else []
 
     def draw(self) -> Tensor:
         out = torch.stack([_draw(g, self.count, self.dim, self.kind) for g in self.gens])
         return out.transpose(0, 1).to(dtype=self.dtype, device=self.device)
 
+    def signs(self) -> Tensor:
+        """(B, channels) independent ±1, the next draw of each sample's sign stream."""
+        out = torch.stack([_draw(g, 1, self.channels, "rademacher")[0] for g in self.sign_gens])
+        return out.to(dtype=self.dtype, device=self.device)
+
 
 class AugmentedField(DDIMField):
-    """g(σ, y) = (f(σ, x̄), ∇·f(σ, x̄)) for y = [x̄ flattened, ℓ_1 … ℓ_P] of shape (B, D + P) (docs/MATH.md §8).
+    """g(σ, y) = (f(σ, x̄), ∇·f(σ, x̄)) for y = [x̄ flattened, ℓ_1 … ℓ_P, u_1 … u_K] of shape (B, D + P + K)
+    (docs/MATH.md §8, §13).
 
     A `DDIMField` (so `integrate` takes it as it is and counts its evaluations in `Solution.nfe`): `nfe` counts
     evaluations of g (one model call on the batch each for Hutchinson, ⌈D/chunk⌉ over copies for exact), `vjps`
     the vector–Jacobian products per sample. `hutchinson`: None for the exact divergence (P = 1), fixed probes
-    (P, B, D), or a `ProbeStream` (fresh probes at every evaluation). The accumulators hold ℓ/scale (see
-    `per_sample_norm`). `callback(self)` runs after every evaluation (progress, budget).
+    (P, B, D), or a `ProbeStream` (fresh probes at every evaluation, with its K sign channels u_k of the pooled
+    standard error; K = 0 otherwise). The accumulators hold ℓ/scale and u/scale (see `per_sample_norm`).
+    `callback(self)` runs after every evaluation (progress, budget).
     """
 
     def __init__(self, field: DDIMField, shape: tuple[int, ...], hutchinson: Tensor | ProbeStream | None = None,
@@ -108,9 +140,20 @@ class AugmentedField(DDIMField):
         self.callback = callback
 
     @property
-    def accumulators(self) -> int:
+    def probes(self) -> int:
+        """P: the divergence accumulators ℓ_j (1 for the exact divergence)."""
         h = self.hutchinson
         return 1 if h is None else (h.count if isinstance(h, ProbeStream) else h.shape[0])
+
+    @property
+    def channels(self) -> int:
+        """K: the sign channels of the pooled standard error (fresh probes only)."""
+        return self.hutchinson.channels if isinstance(self.hutchinson, ProbeStream) else 0
+
+    @property
+    def accumulators(self) -> int:
+        """P + K: the numbers per sample after x̄ in the state."""
+        return self.probes + self.channels
 
     def __call__(self, sigma: Tensor | float, y: Tensor) -> Tensor:
         self.nfe += 1
@@ -126,6 +169,8 @@ class AugmentedField(DDIMField):
                 xg = xbar.requires_grad_(True)
                 f = self.inner(sigma, xg)
                 div = self._hutchinson(f, xg, v)
+                if self.channels:
+                    div = torch.cat([div, self._sign_channels(div)], dim=1)
         out = torch.cat([f.detach().reshape(b, d), div.to(y.dtype) / self.scale], dim=1)
         if self.callback is not None:
             self.callback(self)
@@ -149,6 +194,11 @@ class AugmentedField(DDIMField):
             f = fr.detach()[:b] if f is None else f
             self.vjps += k
         return f, total.unsqueeze(1)
+
+    def _sign_channels(self, div: Tensor) -> Tensor:
+        """r_{c,k}·s_c/sqrt(P) (B, K): s_c² the sample variance of this call's P probe estimates div (B, P)."""
+        spread = (div.detach().var(1, correction=1) / div.shape[1]).sqrt()
+        return self.hutchinson.signs().to(div) * spread.unsqueeze(1)
 
     def _hutchinson(self, f: Tensor, xbar: Tensor, v: Tensor) -> Tensor:
         """vᵀ(∂f/∂x̄)v for each probe v (P, B, D): one forward, P reverse passes. (B, P)."""
@@ -187,8 +237,9 @@ def per_sample_norm(dim: int) -> Callable[[Tensor], Tensor]:
 
 def path_norm(dim: int) -> Callable[[Tensor], Tensor]:
     """The error norm of adaptive solves with Hutchinson's divergence: x̄'s part only (largest per-sample RMS).
-    The accumulators are left out so that their probe noise does not drive the step size (and, with fresh
-    probes, so that the path, hence the estimate's expectation, does not depend on the probes)."""
+    The accumulators (ℓ and the standard error's sign channels) are left out so that their probe noise does not
+    drive the step size (and, with fresh probes, so that the path, hence the estimate's expectation and the
+    solver's weights a_c of the pooled standard error, do not depend on the probes)."""
 
     def norm(e: Tensor) -> Tensor:
         return e[:, :dim].pow(2).mean(1).sqrt().max()
@@ -202,9 +253,10 @@ class Likelihood:
 
     latent: x_T = x̄(σmax)/sqrt(1 + σmax²) (B, *S). prior: log p_{σmax}(x̄_T) in x̄. divergence: ℓ(σmax), the
     mean over probes for Hutchinson; divergence_probes: (B, P) per-probe integrals; stderr: the Hutchinson
-    standard error of `divergence` (0 for exact, NaN with one probe). nfe: evaluations of the augmented field;
-    vjps: vector–Jacobian products per sample. divergence_kind: "exact" or "hutchinson"; fresh_probes: whether
-    the probes were redrawn at every evaluation; seconds: wall time of the solve.
+    standard error of `divergence` (0 for exact, NaN with one probe): pooled over the solve's calls with fresh
+    probes (sqrt(mean_k u_k²), module docstring), std_j ℓ_j/sqrt(P) with fixed ones. nfe: evaluations of the
+    augmented field; vjps: vector–Jacobian products per sample. divergence_kind: "exact" or "hutchinson";
+    fresh_probes: whether the probes were redrawn at every evaluation; seconds: wall time of the solve.
     """
 
     log_prob: Tensor

@@ -6,7 +6,8 @@ Seconds per evaluation come from a pilot on the request's own batch: one forward
 gradients and one reverse pass, timed; an evaluation then costs forward + P × reverse (Hutchinson, P probes
 sharing the forward) or ⌈D/chunk⌉ forward and reverse passes over `chunk` copies of the batch (exact; a pass
 over the copies is timed itself when the pilot predicts it under 2 s, else extrapolated linearly from the
-pilot's rows, which overestimates where batching pays).
+pilot's rows, which overestimates where batching pays). The pooled standard error's sign channels (`SE_CHANNELS`
+numbers per sample in the state, a few arithmetic operations per call) cost no model call and no VJP.
 """
 
 from __future__ import annotations
