@@ -33,6 +33,7 @@ import torch
 
 from probflow.digits.data import SPLIT_SEED, TEST_FRACTION
 from probflow.digits.data32 import downsample, load_split32
+from probflow.digits.train import adam_ema_step
 from probflow.models.adapters import fingerprint
 
 __all__ = ["CONFIG32", "UNET32", "NULL_CLASS", "load_split32", "downsample", "build_unet", "train32", "save_folder",
@@ -122,15 +123,7 @@ def train32(seed: int = 0, steps: int = CONFIG32["steps"], *, batch: int = CONFI
         xt = a.sqrt() * x0[idx] + (1 - a).sqrt() * eps
         target = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0[idx]
         loss = (net(xt, t, class_labels=y).sample - target).pow(2).mean()
-        for group in opt.param_groups:
-            group["lr"] = _lr(i, steps, lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        decay = min(ema, (1 + i) / (10 + i))
-        with torch.no_grad():
-            for pa, pn in zip(avg.parameters(), net.parameters()):
-                pa.lerp_(pn, 1 - decay)
+        adam_ema_step(opt, loss, _lr(i, steps, lr, warmup), net, avg, ema, i)
         losses.append(loss.item())
         if log_every and (i + 1) % log_every == 0:
             print(f"step {i + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  {time.time() - t_start:.0f}s",

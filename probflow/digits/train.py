@@ -25,7 +25,22 @@ from probflow.io.atomic import atomic_write
 from probflow.models.digits import CONFIG, as_model, schedule
 from probflow.models.unet import UNet
 
-__all__ = ["train", "save", "train_digits"]
+__all__ = ["train", "save", "train_digits", "adam_ema_step"]
+
+
+def adam_ema_step(opt: torch.optim.Optimizer, loss: Tensor, lr: float, net: torch.nn.Module, avg: torch.nn.Module,
+                  ema: float, i: int) -> None:
+    """One optimiser step of `net` on `loss` at learning rate `lr`, then `avg` ← the exponential moving average of
+    its weights with decay min(ema, (1 + i)/(10 + i)) (a short memory early, when the weights move most)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    decay = min(ema, (1 + i) / (10 + i))
+    with torch.no_grad():
+        for pa, pn in zip(avg.parameters(), net.parameters()):
+            pa.lerp_(pn, 1 - decay)
 
 
 def train(
@@ -79,15 +94,7 @@ def train(
         a = ab[t].reshape(-1, 1, 1, 1)
         xt = a.sqrt() * x0[idx] + (1 - a).sqrt() * eps
         loss = (net(xt, t.to(torch.float32)) - eps).pow(2).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        decay = min(ema, (1 + i) / (10 + i))
-        with torch.no_grad():
-            for pa, pn in zip(avg.parameters(), net.parameters()):
-                pa.lerp_(pn, 1 - decay)
+        adam_ema_step(opt, loss, lr_at(i), net, avg, ema, i)
         losses.append(loss.item())
         if log_every and (i + 1) % log_every == 0:
             recent = float(np.mean(losses[-log_every:]))
