@@ -258,7 +258,7 @@ DIGITS32_NOTES = [
     "unconditional field (CFG weight w = 0).",
     "- Commands: `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/likelihood_images.py --part bpd --model digits32 "
     "--n 64 --n-check 0`; the checks: `... --part check --model digits32 --n-check 4 --steps 1 --probes 4 16 "
-    "--seeds 32`, `... --n-check 8 --steps 3 --probes 4 16 --seeds 32` and `... --n-check 2 --steps 10 --probes 4 16 "
+    "--seeds 32`, `... --n-check 8 --steps 3 --probes 4 16 --seeds 32` and `... --n-check 4 --steps 10 --probes 4 16 "
     "--seeds 32`; the probe-variance table: `... --part variance --model digits32 --n 1` "
     "(the exact divergence at D = 1024 costs 1024 VJPs per call, 10–25 s per call per image here, so the "
     "20-step grid's 80 calls × 8 images would take over 2 h: the checks use rk4 on 1-, 3- and "
