@@ -1,30 +1,29 @@
-"""Latent files: the x_T of `encode` (docs/MATH.md §2: x_T = x̄(σ_max)/sqrt(1+σ_max²), in the model's variable x)
-in safetensors, with the provenance needed to decode them again.
+"""Latent files: the x_T of `encode` (docs/MATH.md §2: x_T = x̄(σ_max)/sqrt(1+σ_max²), in the model's variable x) in
+safetensors, with the provenance needed to decode them again.
 
-Tensors: `latents` (B, *S), `sigmas` (the decreasing sampling grid, float64) and, for a reversible method,
-its final state as `state.<name>` (reversible_heun's fixed-point pair). Metadata: one safetensors metadata
-key, "probflow", holding a JSON object with sorted keys (so the same content gives the same bytes), every
-value a string: the format tag, probflow's version, the model (name and sha256 `fingerprint` of its weights),
-the schedule (name, T, σ_max and a sha256 of its ᾱ table), the method, the grid's name, rtol/atol, NFE,
-steps, dtype, shape, the data range, the source images' names, `exact_for` (the decoder an exact latent is
-exact for, else ""), the environment its exactness depends on (`env_torch`, `env_device`, `env_threads`,
-`env_deterministic`, `env_model_dtype`; the batch is `shape` and `sources`), optionally the condition's
-sha256 and the guidance weight w (`condition_sha256`, `guidance`) and `content_sha256`: a sha256 over every
-tensor AND every other metadata field (format probflow-latents/2).
+Tensors: `latents` (B, *S), `sigmas` (the decreasing sampling grid, float64) and, for a reversible method, its final
+state as `state.<name>` (reversible_heun's fixed-point pair). Metadata: one safetensors metadata key, "probflow",
+holding a JSON object with sorted keys (so the same content gives the same bytes), every value a string: the format
+tag, probflow's version, the model (name and sha256 `fingerprint` of its weights), the schedule (name, T, σ_max and
+a sha256 of its ᾱ table), the method, the grid's name, rtol/atol, NFE, steps, dtype, shape, the data range, the
+source images' names, `exact_for` (the decoder an exact latent is exact for, else ""), the environment its exactness
+depends on (`env_torch`, `env_device`, `env_threads`, `env_deterministic`, `env_model_dtype`; the batch is `shape`
+and `sources`), optionally the condition's sha256 and the guidance weight w (`condition_sha256`, `guidance`) and
+`content_sha256`: a sha256 over every tensor AND every other metadata field (format probflow-latents/2).
 
-What "exact" promises: a latent is decoded as exact only when the file says it was made exact for this
-decoder (`exact_for`, or a reversible pair's state), is decoded with that method on its own grid, its
-content hash matches (so no tensor and no field that changes the decoded image — data_range, invert,
-exact_for, method, grid, steps, dtype, … — changed since it was written), and the environment it records
-matches (else a loud note). The hash detects accidents (a damaged, edited or mixed-up file), not forgery:
-anyone can rewrite a file and its hash. A file without a content hash, or in the older format
-probflow-latents/1 whose hash covered only the tensors, is never called exact (`LatentFile.verified`).
+What "exact" promises: a latent is decoded as exact only when the file says it was made exact for this decoder
+(`exact_for`, or a reversible pair's state), is decoded with that method on its own grid, its content hash matches
+(so no tensor and no field that changes the decoded image — data_range, invert, exact_for, method, grid, steps,
+dtype, … — changed since it was written), and the environment it records matches (else a loud note). The hash
+detects accidents (a damaged, edited or mixed-up file), not forgery: anyone can rewrite a file and its hash. A file
+without a content hash, or in the older format probflow-latents/1 whose hash covered only the tensors, is never
+called exact (`LatentFile.verified`).
 
-`load_latents` validates every field's type and range and names the field it refuses. `check_compatible`
-refuses another model or schedule unless `force`, and a grid that differs from the one its name and step
-count recompute. `decode_exactness` says what a decode with a given method and grid can promise (the CLI's
-claim and warnings). `environment_differences` lists what differs from the decoding machine. Files are
-written atomically and never overwrite an existing file unless `force`.
+`load_latents` validates every field's type and range and names the field it refuses. `check_compatible` refuses
+another model or schedule unless `force`, and a grid that differs from the one its name and step count recompute.
+`decode_exactness` says what a decode with a given method and grid can promise (the CLI's claim and warnings).
+`environment_differences` lists what differs from the decoding machine. Files are written atomically and never
+overwrite an existing file unless `force`.
 """
 
 from __future__ import annotations
