@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from probflow.io.atomic import atomic_write
+from probflow.models.adapters import loads_json
 from probflow.version import __version__
 
 __all__ = ["FORMAT", "LatentFile", "MAX_HEADER_BYTES", "MAX_LATENT_BYTES", "content_sha256", "model_identity",
@@ -101,7 +102,7 @@ class LatentFile:
 
     @property
     def sources(self) -> list[str]:
-        return _loads(self.meta.get("sources", "[]"), "sources")
+        return loads_json(self.meta.get("sources", "[]"), "sources", max_bytes=MAX_HEADER_BYTES)
 
 
 def environment(device: str | torch.device = "cpu", model: Any = None) -> dict[str, str]:
@@ -143,12 +144,6 @@ def content_sha256(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
     rest = {k: v for k, v in meta.items() if k != "content_sha256"}
     h.update(json.dumps(rest, sort_keys=True, ensure_ascii=True).encode())
     return h.hexdigest()
-
-
-def _loads(text: str, what: str, max_bytes: int | None = MAX_HEADER_BYTES):
-    from probflow.models.adapters import loads_json
-
-    return loads_json(text, what, max_bytes=max_bytes)
 
 
 def save_latents(
@@ -207,7 +202,7 @@ def save_latents(
 
 def _json_field(meta: dict[str, str], key: str, where: str, kind: str):
     try:
-        return _loads(meta[key], key)
+        return loads_json(meta[key], key, max_bytes=MAX_HEADER_BYTES)
     except ValueError as e:
         shown = meta[key] if len(meta[key]) <= 80 else f"{meta[key][:40]}…"
         detail = "not valid JSON" if "not valid JSON" in str(e) else str(e).removeprefix(f"{key}: ")
@@ -353,7 +348,7 @@ def _check_size(path: Path, where: str, max_bytes: int | None) -> None:
 
 def _meta(raw: dict[str, str], where: str) -> dict[str, str]:
     if "probflow" in raw:
-        meta = _loads(raw["probflow"], f"{where}: metadata field 'probflow'")
+        meta = loads_json(raw["probflow"], f"{where}: metadata field 'probflow'", max_bytes=MAX_HEADER_BYTES)
         if not isinstance(meta, dict):
             raise ValueError(f"{where}: metadata field 'probflow' is not a JSON object")
     else:
