@@ -13,12 +13,15 @@ under CFG against plain DDIM inversion.
    predict ε ≈ x at σ_max), so their difference is also given relative to the samples' size.
 2. Overhead: wall time of both loops at equal NFE (the same steps, one thread), alternated `--repeats` times;
    the ratio of the medians, measured in this one run.
-3. Inversion under CFG (trained model, w = 1, 3, 7.5): the first n held-out test images (each conditioned on its
-   own label), float32 state, euler with `--steps` steps on two grids: quadratic_open (`probflow encode`'s
-   default, ending at the table's smallest σ) and the DDIM trailing grid ending at the table's σ_0 (diffusers'
-   DDIM with set_alpha_to_one=False; the step into σ = 0 would invert the denoiser itself, probflow.inversion).
-   Exact: `probflow.inversion.encode_exact` (matrix-free: forward calls only, torch's scaled-dot-product
-   attention as loaded); plain DDIM inversion: Euler up the flipped grid (`probflow.encode`). Each latent is
+3. Inversion under CFG (trained model, w = 1, 3, 7.5): the first n held-out test images as 8-bit PNG pixels
+   (what `probflow encode` reads; each conditioned on its own label), float32 state, euler with `--steps` steps
+   on two grids: quadratic_open (`probflow encode`'s default, ending at the table's smallest σ) and the DDIM
+   trailing grid ending at the table's σ_0 (diffusers' DDIM with set_alpha_to_one=False; the step into σ = 0
+   would invert the denoiser itself, probflow.inversion).
+   Exact: `probflow.inversion.encode_exact` with quantum = 2/255 as `probflow encode` calls it (matrix-free:
+   forward calls only, torch's scaled-dot-product attention as loaded): exact to round-off, or where a step map
+   folds (the guided last step) a step accepted below a quarter of an 8-bit level and the round trip verified
+   below it ("to 8-bit levels"); plain DDIM inversion: Euler up the flipped grid (`probflow.encode`). Each latent is
    decoded with the same condition and w; reported per image: ok or the InversionError, max abs distance from
    the input (in [−1, 1]), whether the decoded image is byte-identical to the input as 8-bit PNG pixels, and the
    encode's model calls ÷ the decoder's. `--part inversion` reruns only this table and the latent-diffusion
@@ -132,12 +135,12 @@ def _exact_case(m, x, grid) -> dict:
     """encode_exact of one image, decoded with the same condition and w: ok/failed, round trip, PNG, calls."""
     t0 = time.time()
     try:
-        sol = encode_exact(m, x, grid)
+        sol = encode_exact(m, x, grid, quantum=2 / 255)
     except InversionError as e:
         return {"ok": False, "error": str(e), "wall_s": round(time.time() - t0, 1)}
     back = probflow.decode(m, sol.x, grid).x
     n = len(grid) - 1
-    return {"ok": True, "max_abs": (back - x).abs().max().item(),
+    return {"ok": True, "max_abs": (back - x).abs().max().item(), "exact": sol.info["exact"],
             "png_identical": bool(torch.equal(_png(back), _png(x))),
             "calls_over_decoder": (sol.info["nfe_solve"] + sol.info["nfe_verify"]) / n,
             "last_step_calls": sol.info["iterations"][-1], "wall_s": round(time.time() - t0, 1)}
@@ -146,9 +149,10 @@ def _exact_case(m, x, grid) -> dict:
 def inversion(model, n: int, steps: int, grid_names=("quadratic_open", "ddim")) -> list[dict]:
     """Per grid and w: exact vs plain DDIM inversion on the first n held-out test images (one row per image too)."""
     from probflow.digits.data32 import load_split32
+    from probflow.io.images import from_uint8, to_uint8
 
     split = load_split32()
-    x0s, ys = split["x_test"][:n], split["y_test"][:n]
+    x0s, ys = from_uint8(to_uint8(split["x_test"][:n]), dtype=torch.float32), split["y_test"][:n]  # PNG pixels
     rows = []
     for gname in grid_names:
         grid, label = _grid(model, gname, steps)
@@ -156,7 +160,7 @@ def inversion(model, n: int, steps: int, grid_names=("quadratic_open", "ddim")) 
             row = {"w": w, "steps": steps, "n": n, "grid": label, "images": []}
             for k, (x0, y) in enumerate(zip(x0s, ys)):
                 m = with_guidance(model, w, {"class_labels": torch.tensor([int(y)])})
-                x = x0[None].float()
+                x = x0[None]
                 ex = _exact_case(m, x, grid)
                 pl = probflow.decode(m, probflow.encode(m, x, grid).x, grid).x
                 row["images"].append({"index": k, "label": int(y), **ex, "ddim_max_abs": (pl - x).abs().max().item(),
@@ -165,6 +169,7 @@ def inversion(model, n: int, steps: int, grid_names=("quadratic_open", "ddim")) 
             oks = [i for i in ims if i["ok"]]
             row.update({"exact_max_abs": max(i["max_abs"] for i in oks) if oks else None,
                         "exact_png_identical": sum(i["png_identical"] for i in oks),
+                        "exact_roundoff": sum(i["exact"] == "round-off" for i in oks),
                         "exact_failed": len(ims) - len(oks),
                         "exact_calls_median": statistics.median(i["calls_over_decoder"] for i in oks) if oks else None,
                         "ddim_inversion_max_abs": max(i["ddim_max_abs"] for i in ims),
@@ -252,15 +257,19 @@ def markdown(res: dict) -> str:
 def inversion_markdown(res: dict) -> list[str]:
     lines = ["## Inversion under CFG: exact (encode_exact) vs plain DDIM inversion", "",
              f"{res.get('inversion_model', res['model'])}, first {res['inversion'][0]['n']} held-out test images "
-             "(each with its own label), "
-             "float32, euler. Calls: the encode's model calls (solve and verification) ÷ the decoder's.", "",
-             "| grid | w | exact: ok | exact: max abs | exact: PNG identical | exact: calls ÷ decoder (median) | "
-             "DDIM inversion: max abs | DDIM inversion: median abs | DDIM inversion: PNG identical |",
+             "as 8-bit PNG pixels (each with its own label), float32, euler; `encode_exact(..., quantum=2/255)` as "
+             "`probflow encode` calls it. Exact: to round-off, or to 8-bit levels where the guided last step's map "
+             "folds (a step accepted below a quarter level, the round trip verified below it). Calls: the encode's "
+             "model calls (solve and verification) ÷ the decoder's.", "",
+             "| grid | w | exact: ok (of them to round-off) | exact: max abs | exact: PNG identical | "
+             "exact: calls ÷ decoder (median) | DDIM inversion: max abs | DDIM inversion: median abs | "
+             "DDIM inversion: PNG identical |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["inversion"]:
         ex = "—" if r["exact_max_abs"] is None else f"{r['exact_max_abs']:.2e}"
         ca = "—" if r.get("exact_calls_median") is None else f"{r['exact_calls_median']:.1f}"
-        lines.append(f"| {r['grid']} | {r['w']:g} | {r['n'] - r['exact_failed']}/{r['n']} | {ex} | "
+        ro = f" ({r['exact_roundoff']})" if "exact_roundoff" in r else ""
+        lines.append(f"| {r['grid']} | {r['w']:g} | {r['n'] - r['exact_failed']}/{r['n']}{ro} | {ex} | "
                      f"{r['exact_png_identical']}/{r['n']} | {ca} | {r['ddim_inversion_max_abs']:.3f} | "
                      f"{r['ddim_inversion_median_abs']:.3f} | {r['ddim_inversion_png_identical']}/{r['n']} |")
     lines += ["", "Per image (exact): ok, or the InversionError's step and residual.", "",
@@ -269,8 +278,10 @@ def inversion_markdown(res: dict) -> list[str]:
     for r in res["inversion"]:
         for i in r.get("images", []):
             if i["ok"]:
-                lines.append(f"| {r['grid']} | {r['w']:g} | {i['index']} ({i['label']}) | ok | {i['max_abs']:.2e} | "
-                             f"{'yes' if i['png_identical'] else 'no'} | {i['calls_over_decoder']:.1f} |")
+                kind = {"round-off": "ok, round-off", "quantum": "ok, to 8-bit levels"}.get(i.get("exact"), "ok")
+                lines.append(f"| {r['grid']} | {r['w']:g} | {i['index']} ({i['label']}) | {kind} | "
+                             f"{i['max_abs']:.2e} | {'yes' if i['png_identical'] else 'no'} | "
+                             f"{i['calls_over_decoder']:.1f} |")
             else:
                 msg = i["error"].split(" did not converge")[0].replace("encode_exact: the euler ", "")
                 res_ = i["error"].split("residual ")[1].split(" (")[0] if "residual " in i["error"] else ""

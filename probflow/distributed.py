@@ -366,7 +366,8 @@ def concat_solutions(parts: Sequence[Any]):
     carried over: state None. `nfe` is per sample — the model calls on each sample's path, i.e. its chunk's
     (the largest over chunks where an adaptive solve made them differ) — and `info` holds `nfe_total` (every
     batched model call, summed over the chunks), `nfe_min` and `chunks`; a round-trip bound
-    (`roundtrip_max_abs`, `probflow.inversion.encode_exact`) is the largest over the chunks."""
+    (`roundtrip_max_abs`, `probflow.inversion.encode_exact`) is the largest over the chunks, and its `exact` is
+    "quantum" where any chunk's is."""
     from probflow.integrate import Solution
 
     st = parts[0].state
@@ -381,6 +382,9 @@ def concat_solutions(parts: Sequence[Any]):
     bounds = [p.info["roundtrip_max_abs"] for p in parts if p.info and "roundtrip_max_abs" in p.info]
     if len(bounds) == len(parts):
         info["roundtrip_max_abs"] = max(bounds)
+    kinds = {p.info["exact"] for p in parts if p.info and "exact" in p.info}
+    if kinds:
+        info["exact"] = "quantum" if "quantum" in kinds else "round-off"
     return Solution(torch.cat([p.x for p in parts]), max(nfes), parts[0].sigmas, traj, st, parts[0].method, info)
 
 

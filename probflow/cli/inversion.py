@@ -52,9 +52,13 @@ def _encode_plan(req: EncodeRequest, model, x0: Tensor) -> dict:
         return {**plan, "fn": probflow.encode, "what": "encode", "dtype": x0.dtype, "precision": None}
     md = getattr(model, "model_dtype", None)
     precision = precision_of(req.run, model, state=md if md is not None and md.is_floating_point else torch.float64)
+    lo, hi = getattr(model, "data_range", (-1.0, 1.0))
+    # images come from 8-bit files: where a step map folds (guided models' last steps), the latent is exact to
+    # those levels (verified: the decoded PNG has the input's bytes); a VAE's latents have no such levels
+    quantum = None if getattr(model, "autoencoder", None) is not None else (hi - lo) / 255
 
     def exact(field, x, sigmas, method, rtol, atol, state=None):
-        return encode_exact(field, x, sigmas, method)
+        return encode_exact(field, x, sigmas, method, quantum=quantum)
 
     return {**plan, "fn": exact, "what": "encode (exact)", "dtype": x0.dtype, "precision": precision}
 
@@ -114,6 +118,9 @@ def encode(req: EncodeRequest) -> int:
     extra = {"invert": json.dumps(bool(req.invert)), **({"precision": str(p)} if p else {})}
     if getattr(model, "autoencoder", None) is not None:  # decode must go back through the VAE
         extra["autoencoder"] = "vae"
+    coarse = mode == "exact" and (sol.info or {}).get("exact") == "quantum"
+    if coarse:  # what decode may promise: the image's 8-bit levels, not round-off
+        extra["exact_to"] = "8-bit levels"
     on_rank0(lambda: save_latents(req.out, sol.x.cpu(), sig, model, method=s.name, nfe=sol.nfe, rtol=s.rtol,
                                   atol=s.atol, state=state, sources=[Path(i).name for i in req.images],
                                   grid=name if name in GRID_NAMES else "",
@@ -122,7 +129,9 @@ def encode(req: EncodeRequest) -> int:
                                   extra=extra), w=w)
     bound = (sol.info or {}).get("roundtrip_max_abs")
     what = {"exact": f"exact for the {s.name} decoder (verified"
-                     + (f" round trip |Δx| ≤ {bound:.1e})" if bound is not None else ")"),
+                     + (f" round trip |Δx| ≤ {bound:.1e}" if bound is not None else "")
+                     + ("; to the images' 8-bit levels: a step map that folds stops above round-off)" if coarse
+                        else ")"),
             "pair": "with its reversible state (exact on this environment only)",
             "plain": "ordinary encode, not an exact round trip"}[mode]
     print(f"wrote {req.out}: {len(req.images)} latent(s) of shape {tuple(sol.x.shape[1:])}, {s.name} on the "

@@ -7,7 +7,7 @@ A fixed-grid decoder on the decreasing grid σ_0 > σ_1 > … > σ_N is a chain 
 each Φ_i one step of the registered method on [σ_i, σ_{i+1}], h_i the history a multistep method carries from the
 steps before (its earlier denoiser values; UniPC also its corrected state). Decoding is explicit; encoding is not
 (plain DDIM inversion is an O(h²) inverse of each step). `encode_exact` solves (X1) for x̄_0 … x̄_{N−1} given
-x̄_N = x_0·sqrt(1+σ_N²) (docs/MATH.md §9), matrix-free: only forward calls of the model (no forward-mode AD, no
+x̄_N = x_0·sqrt(1+σ_N²) (docs/MATH.md §12), matrix-free: only forward calls of the model (no forward-mode AD, no
 backward pass, no Jacobian matrix), memory O(k·state) (`estimate_memory`; a batch that would not fit is refused
 before anything is allocated).
 
@@ -45,7 +45,10 @@ float32 and 1e-24 in float64 on the [0, 1] scale, at the default tol) is polishe
 converge, or a failed verification, raises `InversionError` naming σ, the residual and what to try (a failed
 step also names its own round-off floor, |Φ_i(y') − Φ_i(y)|_∞ for y' one ulp from the iterate, so that a miss of
 the tolerance by round-off is told apart from a step map the solvers do not resolve); never a silently inexact
-latent. Measured costs and limits: benchmarks/INVERSION.md (under guidance: benchmarks/GUIDANCE.md).
+latent. For quantised data (`quantum`: 8-bit images) a step whose map folds, so that
+x_0 has no preimage near the solve (a guided model's last step, docs/MATH.md (X3)), may end below a quarter of a
+level; the verified round trip must then be too, and `info["exact"]` says "quantum" instead of "round-off".
+Measured costs and limits: benchmarks/INVERSION.md (under guidance: benchmarks/GUIDANCE.md).
 """
 
 from __future__ import annotations
@@ -86,6 +89,19 @@ def _default_tol(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).eps, 1e-13)
 
 
+def _check_options(dtype: torch.dtype, tol, max_iter, memory, quantum) -> tuple[float, float | None]:
+    """(tol, level): the step tolerance (default `_default_tol`) and the level bound quantum/4 (None without
+    quantum), the options checked."""
+    tol = _default_tol(dtype) if tol is None else float(tol)
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
+    if not (isinstance(max_iter, int) and max_iter >= 1) or not (isinstance(memory, int) and memory >= 0):
+        raise ValueError(f"max_iter, memory: expected integers >= 1 and >= 0, got {max_iter!r}, {memory!r}")
+    if quantum is not None and not (isinstance(quantum, (int, float)) and 0 < quantum < math.inf):
+        raise ValueError(f"quantum: expected a positive finite level spacing (e.g. 2/255), got {quantum!r}")
+    return tol, None if quantum is None else quantum / 4
+
+
 def encode_exact(
     model: EpsModel | DDIMField,
     x0: Tensor,
@@ -101,6 +117,7 @@ def encode_exact(
     verify_tol: float | None = None,
     polish: bool = True,
     max_memory: int | None = None,
+    quantum: float | None = None,
 ) -> Solution:
     """x_0 → x_T such that `probflow.decode(model, x_T, sigmas, method)` returns x_0 to round-off (module docstring).
 
@@ -113,12 +130,17 @@ def encode_exact(
     max(1, |x_0|_∞) (default 64·len(sigmas)·tol). polish: Newton–Krylov on x_T where the chain amplified
     round-off. max_memory: bytes the solve may keep beyond the model (default half the available memory; the
     estimate is `estimate_memory`), else ValueError before allocating. Only forward calls of the model are made.
+    quantum: the spacing of the levels x_0 was quantised to, in x's units (2/255 for 8-bit images on [−1, 1]; the
+    command line passes it for images), or None. With it, a step that neither solver brings to its tolerance (a
+    step map that folds, as a guided model's last step can) is accepted where its residual is below quantum/4, and
+    the verified round trip must then be below quantum/4 everywhere: the decoded values round to x_0's levels.
 
     Returns a Solution on the flipped (increasing) grid with x = x_T and `info`: `solve` ("step"/"trajectory"),
     `iterations` (per-step calls, decoder step order σ_0 first; or [passes]), `residuals`, `tolerances`,
     `nfe_solve` (model calls, warm start included), `nfe_verify` (the verification decode and any polish),
     `newton_fallbacks`, `shooting` (the polish record or None), `roundtrip_max_abs` (verified |decode(x_T) − x_0|_∞),
-    `memory_bytes` (the estimate) and `decoder`. Raises InversionError if a solve does not converge or the
+    `memory_bytes` (the estimate), `decoder` and `exact`: "round-off", or "quantum" with `coarse_steps` (the
+    steps accepted below quantum/4, {"step", "residual"}). Raises InversionError if a solve does not converge or the
     verification fails.
     """
     field = as_field(model)
@@ -128,11 +150,7 @@ def encode_exact(
                          f"got {m.name!r}")
     x0 = check_state(x0, "x0")
     sigmas = sampling_grid(sigmas).to(dtype=x0.dtype, device=x0.device)
-    tol = _default_tol(x0.dtype) if tol is None else float(tol)
-    if not (tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol: expected a positive tolerance, got {tol!r}")
-    if not (isinstance(max_iter, int) and max_iter >= 1) or not (isinstance(memory, int) and memory >= 0):
-        raise ValueError(f"max_iter, memory: expected integers >= 1 and >= 0, got {max_iter!r}, {memory!r}")
+    tol, level = _check_options(x0.dtype, tol, max_iter, memory, quantum)
     verify_tol = 64 * len(sigmas) * tol if verify_tol is None else float(verify_tol)
     traj_solve = uses_trajectory(m, solve)
     need = estimate_memory(x0, sigmas, m, memory=memory, solve=solve, trajectory=trajectory)
@@ -142,21 +160,25 @@ def encode_exact(
     s2 = scales(x0)
     n = len(sigmas) - 1
     fallbacks: list[dict] = []
+    coarse: list[dict] = []
     if traj_solve:
         xs, passes, r, b, hist = solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory)
-        if bool((r > b).any()):
-            raise trajectory_error(m, sigmas, r, b, passes, hist)
+        if bool((r > b).any()) and level is not None and bool((r <= b.clamp_min(level)).all()):
+            coarse = [{"step": None, "residual": float(r.max())}]  # relative residual over the whole trajectory
+        elif bool((r > b).any()):
+            raise trajectory_error(m, sigmas, r, b if level is None else b.clamp_min(level), passes, hist)
         xbar_T, traj, iters = xs[0], (list(xs) + [x_end] if trajectory else None), [passes]
         res, bounds = [float(r.max())], [float(b.max())]
     else:
-        xbar_T, traj, iters, res, bounds, fallbacks = backward(field, m, x_end, sigmas, s2, tol, max_iter, memory,
-                                                                trajectory)
+        xbar_T, traj, iters, res, bounds, fallbacks, coarse = backward(field, m, x_end, sigmas, s2, tol, max_iter,
+                                                                        memory, trajectory, level)
         hist = None
     nfe_solve = field.nfe - nfe0
     xT = scale_out(xbar_T, sigmas[0])
     err, shoot = None, None
     if verify:
-        xT, err, shoot = verify_roundtrip(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter)
+        xT, err, shoot = verify_roundtrip(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter,
+                                          level if coarse else None)
     nfe_verify = field.nfe - nfe0 - nfe_solve
     up = sigmas.flip(0)
     sc = torch.rsqrt(1 + up**2).reshape(-1, *([1] * x0.ndim))
@@ -164,5 +186,5 @@ def encode_exact(
     info = {"decoder": m.name, "solve": "trajectory" if traj_solve else "step", "iterations": iters,
             "residuals": res, "tolerances": bounds, "nfe_solve": nfe_solve, "nfe_verify": nfe_verify,
             "newton_fallbacks": fallbacks, "shooting": shoot, "history": hist, "roundtrip_max_abs": err,
-            "memory_bytes": need, "steps": n}
+            "memory_bytes": need, "steps": n, "exact": "quantum" if coarse else "round-off", "coarse_steps": coarse}
     return Solution(xT, nfe_solve + nfe_verify, up, out_traj, None, m.name, info)

@@ -1,5 +1,5 @@
 """What every part of the exact inversion (`probflow.inversion`) shares: its error, the decoder step as the
-decoder runs it, the teacher-forced residuals of a trajectory (docs/MATH.md §9, (X1)), and per-sample norms."""
+decoder runs it, the teacher-forced residuals of a trajectory (docs/MATH.md §12, (X1)), and per-sample norms."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The per-step solve of (X1) for single-step decoders: backward substitution, one step at a time (docs/MATH.md §9;
+"""The per-step solve of (X1) for single-step decoders: backward substitution, one step at a time (docs/MATH.md §12;
 the method in `probflow.inversion`'s docstring)."""
 
 from __future__ import annotations
@@ -126,13 +126,15 @@ def _step_error(m, sigmas, i, n, r, b, how, floor):
         f"there); the latent would not be exact; {HINT}")
 
 
-def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep):
+def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep, level=None):
     """Backward substitution of (X1) from x̄_N = x_end, one step at a time. Returns (x̄_0, trajectory or None,
-    per-step calls, residuals, bounds, fallback records), per-step lists indexed by decoder step (σ_0 first)."""
+    per-step calls, residuals, bounds, fallback records, level steps), per-step lists indexed by decoder step (σ_0
+    first). level: a residual bound a step that neither solver resolves may still end below (`encode_exact`'s
+    `quantum`), else None; such steps are listed as {"step", "residual"} records."""
     n = len(sigmas) - 1
     slopes = surrogate_slopes(m, sigmas, s2)
     xs = {n: x_end}
-    calls, res, bounds, fallbacks = [0] * n, [0.0] * n, [0.0] * n, []
+    calls, res, bounds, fallbacks, coarse = [0] * n, [0.0] * n, [0.0] * n, [], []
     feps = model_eps(field, x_end.dtype)
     for i in range(n - 1, -1, -1):
         # step 0 sees x̄_0 as the decoder will, through the stored (rounded) latent x_T = x̄_0/sqrt(1+σ_0²)
@@ -145,12 +147,17 @@ def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep):
             fallbacks.append({"step": i, **fb})
             k += kk
             bad = r > b
+        if bad.any() and level is not None:  # below the data's own level is enough there: verified at the end
+            bad = r > b.clamp_min(level)
+            if not bad.any():
+                coarse.append({"step": i, "residual": float(r.max())})
         if bad.any():
-            raise _step_error(m, sigmas, i, n, r, b, f"{k} calls of the step, Anderson then Newton–Krylov",
+            raise _step_error(m, sigmas, i, n, r, b if level is None else b.clamp_min(level),
+                              f"{k} calls of the step, Anderson then Newton–Krylov",
                               resolution(field, m, y, sigmas[i], sigmas[i + 1], pre))
         xs[i] = y
         if not keep:
             xs.pop(i + 3, None)
         calls[i], res[i], bounds[i] = k, float(r.max()), float(b.max())
     traj = [xs[i] for i in range(n + 1)] if keep else None
-    return xs[0], traj, calls, res, bounds, fallbacks
+    return xs[0], traj, calls, res, bounds, fallbacks, coarse

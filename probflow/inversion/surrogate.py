@@ -1,4 +1,4 @@
-"""The Gaussian surrogate that preconditions the exact inversion's solves (docs/MATH.md §9).
+"""The Gaussian surrogate that preconditions the exact inversion's solves (docs/MATH.md §12).
 
 For data N(0, s²I) the denoiser is D = s²/(s²+σ²)·x̄, linear, and every decoder step is a linear map in x̄; its
 coefficients (one scalar per step, or per pair of steps for multistep history) are computed by running the

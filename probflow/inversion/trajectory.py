@@ -1,4 +1,4 @@
-"""The trajectory solve of (X1) for multistep decoders: all N steps as one unknown (docs/MATH.md §9; the method in
+"""The trajectory solve of (X1) for multistep decoders: all N steps as one unknown (docs/MATH.md §12; the method in
 `probflow.inversion`'s docstring)."""
 
 from __future__ import annotations

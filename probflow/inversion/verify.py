@@ -1,5 +1,5 @@
 """The verification of an exact latent: the ordinary decoder from x_T alone, and the shooting polish (docs/MATH.md
-§9)."""
+§12)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ def decoder_x(field: DDIMField, m: Method, sigmas: Tensor):
     return decode_x
 
 
-def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
+def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=None):
     """Decode from x_T alone; samples whose RMS error exceeds 16·max(tol, eps, 1e-13)·max(1, |x_0|_∞), or whose
-        max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
-    Newton–Krylov on x_T (shooting). Returns (x_T, max |round trip|_∞, polish record or None); raises
-    InversionError when the verified round trip misses verify_tol."""
+    max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
+    Newton–Krylov on x_T (shooting). level: with a step accepted below the data's level (`encode_exact`'s
+    `quantum`), the bound on |round trip|_∞ instead (no polish: the step map itself is what stops at it).
+    Returns (x_T, max |round trip|_∞, polish record or None); raises InversionError when the verified round
+    trip misses its bound."""
     decode_x = decoder_x(field, m, sigmas)
     back = decode_x(xT)
     e = maxabs(back - x0)
@@ -37,6 +39,8 @@ def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
     lim, rms_lim = ulp_tol(x0, verify_tol), ulp_tol(x0, 16 * max(tol, torch.finfo(x0.dtype).eps, 1e-13))
     miss = (rms > rms_lim) | (e > lim)
     record = None
+    if level is not None:
+        lim, polish = torch.full_like(lim, level), False
     if polish and bool(miss.any()):
         # the polish only has to bring the amplified round-off under the RMS bound, not to the step tolerance
         bound = torch.maximum(ulp_tol(x0, tol), rms_lim / 2)
@@ -51,8 +55,9 @@ def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter):
                   "decodes": nk.evals + 1, "residual": float(nk.res[miss].max())}
     if not bool((e <= lim).all()):
         j = int(torch.argmax(e / lim))
+        what = "" if level is None else " (a quarter of the data's quantum, a step having stopped above round-off)"
         raise InversionError(f"encode_exact: the {m.name} decoder from the solved latent misses x_0 by "
-                             f"{float(e[j]):.3e} > {float(lim[j]):.3e} (sample {j}; the decoder amplified the "
+                             f"{float(e[j]):.3e} > {float(lim[j]):.3e}{what} (sample {j}; the decoder amplified the "
                              "steps' residuals along its chain beyond the polish, or the model is not deterministic); "
                              f"the latent would not be exact; {HINT}")
     return xT, float(e.max()), record

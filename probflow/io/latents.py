@@ -486,7 +486,7 @@ def decode_exactness(lf: LatentFile, method: Any, sigmas: Tensor, *, state_used:
     diff = environment_differences(lf, device, model)
     if not state_used:
         if not diff:
-            return ", exact inverse (round-off)", notes
+            return f", exact inverse ({meta.get('exact_to', 'round-off')})", notes
         notes.append(f"note: decoding on another environment than the encode ({'; '.join(diff)}): {exact_for} is an "
                      "ordinary stable decoder, so expect agreement to about the network's precision, not bit for bit")
         return ", ordinary decode of an exact latent (environment differs)", notes

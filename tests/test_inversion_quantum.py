@@ -1,0 +1,67 @@
+"""encode_exact's `quantum`: where a step map folds so that the input has no preimage near the solve, the latent
+is exact to the data's levels (a step accepted below quantum/4, the round trip verified below it), said in
+`info["exact"]`; without `quantum` the same solve is an InversionError; a reachable input stays exact to
+round-off with or without it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from probflow.field import DDIMField
+from probflow.flows import decode
+from probflow.inversion import InversionError, encode_exact
+
+SIGMAS = torch.tensor([2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+FOLD_AT, H = 0.5, -0.25  # the last Euler step, σ = 0.5 → 0.25
+
+
+def _fold_field() -> DDIMField:
+    """ε of N(0, I) on every step but the last, whose Euler map is Φ(y) = y − y³/3 (x̄ units): a local maximum
+    2/3 at y = 1, so targets just above 2/3 have no preimage near it (the next one lies below y = −2)."""
+    def eps(x, sigma):
+        s = float(sigma)
+        xbar = x * math.sqrt(1 + s * s)
+        if abs(s - FOLD_AT) < 1e-12:
+            return (-(xbar ** 3) / 3) / H
+        return xbar * s / (1 + s * s)
+    return DDIMField(eps)
+
+
+def _x0(value: float) -> torch.Tensor:
+    return torch.full((2, 3), value / math.sqrt(1 + 0.25 ** 2), dtype=torch.float64)
+
+
+def test_folded_step_is_an_error_without_quantum():
+    with pytest.raises(InversionError, match=r"σ = 0.5 → 0.25"):
+        encode_exact(_fold_field(), _x0(2 / 3 + 1e-4), SIGMAS)
+
+
+def test_folded_step_is_exact_to_the_levels_with_quantum():
+    x0 = _x0(2 / 3 + 1e-4)
+    sol = encode_exact(_fold_field(), x0, SIGMAS, quantum=4e-3)
+    assert sol.info["exact"] == "quantum"
+    assert [c["step"] for c in sol.info["coarse_steps"]] == [2]
+    err = (decode(_fold_field(), sol.x, SIGMAS).x - x0).abs().max().item()
+    assert 1e-6 < err <= 1e-3  # not round-off (no preimage), but below a quarter level
+    assert sol.info["roundtrip_max_abs"] == pytest.approx(err, rel=1e-6)
+
+
+def test_folded_step_beyond_the_level_is_still_an_error():
+    with pytest.raises(InversionError, match="tolerance 1.000e-04"):
+        encode_exact(_fold_field(), _x0(2 / 3 + 1e-3), SIGMAS, quantum=4e-4)
+
+
+def test_reachable_input_stays_exact_to_roundoff_with_quantum():
+    x0 = _x0(0.5)
+    sol = encode_exact(_fold_field(), x0, SIGMAS, quantum=4e-3)
+    assert sol.info["exact"] == "round-off" and sol.info["coarse_steps"] == []
+    assert (decode(_fold_field(), sol.x, SIGMAS).x - x0).abs().max().item() < 1e-13
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "2/255"])
+def test_quantum_must_be_positive_and_finite(bad):
+    with pytest.raises(ValueError, match="quantum"):
+        encode_exact(_fold_field(), _x0(0.5), SIGMAS, quantum=bad)
