@@ -8,9 +8,10 @@ under CFG against plain DDIM inversion.
    own loop (DDIMScheduler, trailing spacing, set_alpha_to_one, no clipping; the unet on [x; x] with
    [negative; positive] conditions; u + w (c − u); scheduler.step) on the same noise, float32 state, max abs
    difference. On the trained model at w = 1, 3, 7.5 and on tiny random folders of each kind (class
-   UNet2DModel, class UNet2DConditionModel, text UNet2DConditionModel with prompt embeddings, latent diffusion
-   with an AutoencoderKL); the random folders' samples keep the size σ_max·x_T (an untrained network does not
-   predict ε ≈ x at σ_max), so their difference is also given relative to the samples' size.
+   UNet2DModel with ε- and v-prediction, class UNet2DConditionModel, text UNet2DConditionModel with prompt
+   embeddings, latent diffusion with an AutoencoderKL); the random ε-prediction folder's samples keep about the
+   size σ_max·x_T (an untrained network does not predict ε ≈ x at σ_max, and a float32 ulp at 500 is 3e-5), so
+   every difference is also given relative to the samples' size.
 2. Overhead: wall time of both loops at equal NFE (the same steps, one thread), alternated `--repeats` times;
    the ratio of the medians, measured in this one run.
 3. Inversion under CFG (trained model, w = 1, 3, 7.5): the first n held-out test images as 8-bit PNG pixels
@@ -198,13 +199,15 @@ def tiny_folders(root: Path) -> dict:
                   attention_head_dim=4)
     out = {}
     torch.manual_seed(0)
-    f = root / "class_unet2d"
-    diffusers.UNet2DModel(in_channels=2, out_channels=2, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                          up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=4,
-                          **common).save_pretrained(f / "unet")
-    sched(f)
-    (f / "card.json").write_text(json.dumps({"null_class": 3}))
-    out["class UNet2DModel (epsilon, linear)"] = (f, {"class_label": 1})
+    for pred in ("epsilon", "v_prediction"):  # random ε-prediction weights leave samples of size ~500: both kinds
+        f = root / f"class_unet2d_{pred}"
+        torch.manual_seed(0)
+        diffusers.UNet2DModel(in_channels=2, out_channels=2, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                              up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=4,
+                              **common).save_pretrained(f / "unet")
+        sched(f, prediction_type=pred)
+        (f / "card.json").write_text(json.dumps({"null_class": 3}))
+        out[f"class UNet2DModel ({pred}, linear)"] = (f, {"class_label": 1})
     f = root / "class_unet2dcond"
     diffusers.UNet2DConditionModel(in_channels=2, out_channels=2, down_block_types=("DownBlock2D",) * 2,
                                    up_block_types=("UpBlock2D",) * 2, mid_block_type="UNetMidBlock2D",
