@@ -97,7 +97,8 @@ def run_chunks(fn: Callable[..., Any], model: EpsModel | DDIMField, n: int,
     def one(a: int, b: int, abort: Abort):
         x = inputs(a, b) if callable(inputs) else inputs[a:b]
         x = x if dtype is None else x.to(dtype)
-        field = DDIMField(_Watched(model, abort, hook), model_dtype)
+        watched = _Watched(model, abort, hook)
+        field = DDIMField(watched, model_dtype)
         m = method(a, b) if callable(method) else method
         return fn(field, x, sigmas, m, state=slice_state(state, a, b), **kw)
 

@@ -66,13 +66,13 @@ def solve_chunks(fn: Callable[..., Any], model: Any, n: int, inputs: Tensor | Ca
     model cast once (`Precision.cast_model`) and run in the model dtype, each chunk's x put in the state's
     dtype. None runs `model` as it is (a DDIMField keeps its own dtype boundary).
     """
+    where = torch.device(device) if device is not None else _device_of(model, inputs)
     p = Precision.parse(precision)
-    if p is None:
-        return run_chunks(fn, model, n, inputs, sigmas, method, chunk=chunk, state=state, hook=hook, w=w,
-                          everywhere=everywhere, **kw)
-    p.check_device(device if device is not None else _device_of(model, inputs))
-    return run_chunks(fn, p.cast_model(model), n, inputs, sigmas, method, chunk=chunk, state=state,
-                      model_dtype=p.model, dtype=p.state, hook=hook, w=w, everywhere=everywhere, **kw)
+    if p is not None:
+        model = p.check_device(where).cast_model(model)
+    return run_chunks(fn, model, n, inputs, sigmas, method, chunk=chunk, state=state,
+                      model_dtype=None if p is None else p.model, dtype=None if p is None else p.state, hook=hook,
+                      w=w, everywhere=everywhere, **kw)
 
 
 def _device_of(model: Any, inputs: Any) -> torch.device:
