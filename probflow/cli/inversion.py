@@ -87,19 +87,14 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from probflow.cli.request import encode_request
-
-    req = encode_request(args)  # read and checked once; `args` is not used after this line
-    return encode(req)
-
-
-def encode(req: EncodeRequest) -> int:
     """Images x_0 → latents x_T: by default exact for the decoder (`encode_exact`), else `probflow.encode`;
     written with provenance and environment."""
     from probflow.cli.common import condition_text, load_inputs, nfe_text, open_model
+    from probflow.cli.request import encode_request
     from probflow.io.latents import save_latents
     from probflow.ranks import on_rank0
 
+    req = encode_request(args)  # read and checked once; `args` is not used after this line
     job = open_model(req.run, req.out)
     model, device, w = job.model, job.device, job.w
     x0 = load_inputs(req.run, model, list(req.images), "IMAGE", req.invert, device)
