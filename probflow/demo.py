@@ -11,7 +11,7 @@ import torch
 
 import probflow
 from probflow import grids, schedules
-from probflow.io.atomic import atomic_write
+from probflow.files.atomic import atomic_write
 from probflow.models import default_mixture
 
 EULER_STEPS = (5, 10, 20, 50, 100)

@@ -1,438 +1,87 @@
-"""Runs over `torch.distributed` ranks whose results do not depend on the world size.
+"""Runs over `torch.distributed` ranks whose results do not depend on the world size: the public face of
+`probflow.ranks` (torchrun's world, torch's threads, work in chunks over the ranks, `on_rank0`) and
+`probflow.chunks` (the one chunk runner), with the precision applied once (`solve_chunks`) and the
+conveniences `sample` and `solve`.
 
-**Unit of work.** n samples are cut into chunks of `chunk` consecutive sample indices,
-chunk k = [k·chunk, min((k+1)·chunk, n)), and chunk k runs on rank k mod W as ONE batch, by a function
-`fn(start, stop)` that sees only its indices. A chunk's batch is therefore the same for every world size W:
-the network sees the same batch-mates and an adaptive solver the same batch-wide error norm (Eq. 12 solved
-for that batch alone), so on a deterministic device (CPU; same torch build and thread count) each
-sample's bytes do not depend on W. Changing `chunk` changes batch-mates: fixed-grid methods then differ by
-round-off only (the network's kernels), adaptive ones by up to their tolerance.
+A chunk of `chunk` consecutive samples runs on one rank as ONE batch, so a sample's bytes do not depend on the
+number of ranks (on a deterministic device: CPU, same torch build and thread count); changing `chunk` changes
+batch-mates. Ranks never synchronise inside a solve; a rank that fails makes the others stop within about a
+second, and every rank raises `RankFailed` naming it (`probflow.ranks` says how).
 
-**No collective inside a solve.** Ranks never synchronise per step; they meet only after all their local
-work, in `map_chunks`, to exchange a per-rank status (ok, or the error message of a rank that raised) with
-`all_gather_object`, and then the results. A rank whose `fn` raises still reaches that meeting with its
-error, so every rank learns of the failure at the same point and raises `RankFailed` naming the failing
-rank and its message; rank 0 writes nothing (`on_rank0` runs writers only after success, and shares their
-own status the same way). A rank that dies without raising (killed, segfault) is handled by torchrun, which
-stops the other workers; one that hangs hits the process group's `timeout`.
-
-**Launch.** `torchrun --nproc-per-node N -m probflow ...` (add `--nnodes M --node-rank R
---rdzv-endpoint HOST:PORT` or `--master-addr/--master-port` on several machines) sets RANK, WORLD_SIZE,
-LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `world()` joins the process group from them
-(gloo on CPU, NCCL on CUDA). Without them it is a world of one process and no process group is made.
+Launch: `torchrun --nproc-per-node N -m probflow ...` (or `probflow launch ...`); `world()` joins the process
+group from torchrun's variables (gloo on CPU, NCCL on CUDA), and without them is a world of one process.
 
 Python::
 
     from probflow import distributed as dist
     w = dist.world()                                       # rank/size from torchrun's variables, or 0/1
-    parts = dist.map_chunks(lambda a, b: solve(a, b), n, chunk=64)   # list of chunk results on rank 0
+    sol = dist.sample(model, 64, sigmas, "euler", chunk=16, seed=0)  # Solution on rank 0, None elsewhere
     if w.rank == 0: ...                                    # combine and write (see `on_rank0`)
     dist.finish()
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import sys
-import time
-import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from probflow.integrate import MaxStepsError
+from probflow.chunks import concat_solutions, run_chunks, slice_state
+from probflow.precision import Precision
+from probflow.ranks import (
+    Abort,
+    RankFailed,
+    World,
+    cat_batch,
+    chunk_bounds,
+    default_threads,
+    finish,
+    joined,
+    map_cells,
+    map_chunks,
+    on_rank0,
+    set_threads,
+    world,
+)
 
 __all__ = ["World", "RankFailed", "world", "joined", "finish", "chunk_bounds", "map_chunks", "map_cells", "on_rank0",
            "default_threads", "set_threads", "concat_solutions", "slice_state", "cat_batch", "solve_chunks",
            "sample", "solve", "Abort"]
 
-T = TypeVar("T")
-TIMEOUT_S = float(os.environ.get("PROBFLOW_DIST_TIMEOUT", 1800))
-_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-class RankFailed(RuntimeError):
-    """Raised on every rank when one or more ranks failed; the message names them and their errors.
-    `user_error`: every failure was bad input (ValueError, a file error, a number out of range), not a crash."""
-
-    def __init__(self, message: str, user_error: bool = False) -> None:
-        super().__init__(message)
-        self.user_error = user_error
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the run: `rank` of `size` (global), `local_rank` of `local_size` on its
-    machine, the `device` its work should use, and whether a process group is live."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    local_size: int = 1
-    device: str = "cpu"
-    grouped: bool = False
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    if v is None:
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer from torchrun, got {v!r}") from None
-
-
-def _grouped(tdist) -> World:
-    """The World of the live process group (its backend decides the device: NCCL → cuda:LOCAL_RANK)."""
-    local_rank = _env_int("LOCAL_RANK", 0)
-    device = f"cuda:{local_rank}" if tdist.get_backend() == "nccl" else "cpu"
-    return World(tdist.get_rank(), tdist.get_world_size(), local_rank, _env_int("LOCAL_WORLD_SIZE", 1), device, True)
-
-
-def world(device: str | None = None, timeout: float | None = None) -> World:
-    """This process's place in the run started by torchrun, joining its process group on the first call.
-
-    Nothing is kept in this module: the World is read from torch.distributed's process group (once it is
-    made, later calls return the same ranks and device whatever they ask) and torchrun's variables.
-    device: "cpu" (gloo) or "cuda" (NCCL, GPU LOCAL_RANK); default cuda when available. timeout: seconds
-    any collective may wait (default $PROBFLOW_DIST_TIMEOUT or 1800: it must exceed the longest imbalance
-    of local work between ranks). Without torchrun's variables: World() — one process, no process group.
-    """
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        return _grouped(tdist)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-    size = _env_int("WORLD_SIZE", 1)
-    if size == 1:
-        return World(device=device if device == "cpu" else f"cuda:{_env_int('LOCAL_RANK', 0)}")
-    missing = [k for k in _ENV if k not in os.environ]
-    if missing:
-        raise ValueError(f"WORLD_SIZE={size} but {', '.join(missing)} unset: launch with torchrun")
-    if device == "cuda":
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
-    tdist.init_process_group("nccl" if device == "cuda" else "gloo",
-                             timeout=datetime.timedelta(seconds=timeout or TIMEOUT_S))
-    return _grouped(tdist)
-
-
-def joined() -> bool:
-    """Whether this process is in a live process group (`world()` under torchrun, or the caller's own)."""
-    import torch.distributed as tdist
-
-    return tdist.is_available() and tdist.is_initialized()
-
-
-def finish() -> None:
-    """Leave the process group, if one is live; `world()` may then be called again."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
-
-
-def default_threads(local_size: int | None = None, cores: int | None = None) -> int:
-    """Torch intra-op threads per rank: ⌊usable cores / ranks on this machine⌋, at least 1.
-
-    usable cores: the CPUs this process may run on (`os.sched_getaffinity`), less those already busy by
-    the 1-minute load average (other processes), at least 1 — so ranks × threads never exceeds the cores,
-    and a shared machine is not oversubscribed (two threads on two cores that other processes also use run
-    an 8×8-digit batch ~15× slower than one). `local_size` defaults to torchrun's LOCAL_WORLD_SIZE.
-    """
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        try:
-            busy = os.getloadavg()[0]
-        except (OSError, AttributeError):
-            busy = 0.0
-        cores = max(1, cores - int(busy + 0.5)) if busy >= 0.5 else cores
-    local_size = local_size or _env_int("LOCAL_WORLD_SIZE", 1)
-    return max(1, cores // max(1, local_size))
-
-
-def set_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads (default `default_threads()`); returns the number set."""
-    n = default_threads() if threads is None else threads
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"--threads: expected a positive integer, got {threads!r}")
-    torch.set_num_threads(n)
-    return n
-
-
-def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
-    """[(start, stop)] of the chunks of n sample indices, `chunk` each (the last may be shorter)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive number of items, got {n!r}")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"--chunk: expected a positive integer, got {chunk!r}")
-    return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Tensors (in containers and dataclasses) moved to the CPU so they pickle device-free."""
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return replace(obj, **{f.name: _to_cpu(getattr(obj, f.name)) for f in fields(obj) if f.init})
-    return obj
-
-
-# what the CLI reports as bad input (or a bound the user set: --max-steps)
-_USER_ERRORS = (ValueError, OSError, OverflowError, FloatingPointError, MaxStepsError)
-
-
-def _error_text(e: BaseException) -> str:
-    return f"{'!' if isinstance(e, _USER_ERRORS) else ''}{type(e).__name__}: {e}"
-
-
-def _agree(w: World, error: str | None) -> None:
-    """Every rank contributes its status (None = ok, or its error message); all raise RankFailed if any
-    rank failed. The only collective besides the result gather, reached by every rank."""
-    if w.size == 1:
-        statuses = [error]
-    else:
-        import torch.distributed as tdist
-
-        statuses: list[str | None] = [None] * w.size
-        tdist.all_gather_object(statuses, error)
-    failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
-    if failed:  # a leading "!" marks a user error (bad input)
-        raise RankFailed("; ".join(f"rank {r} of {w.size} failed: {s.lstrip('!')}" for r, s in failed),
-                         all(s.startswith("!") for _, s in failed))
-
-
-class _Stopped(BaseException):
-    """Another rank failed: this rank stops its local work (a BaseException, so that no `except Exception`
-    on the way up mistakes it for a failure of its own)."""
-
-
-class Abort:
-    """Early abort without a collective and without a second thread: a rank whose work raises sets a key in
-    the rendezvous key-value store (a point-to-point request); every rank's main thread looks for that key
-    between chunks and — through the models that `solve_chunks` runs — before each model evaluation, at most
-    every `poll` seconds, and stops (`_Stopped`), so the others stop within about a second and go to the
-    status meeting instead of finishing their chunks. The key is numbered per `map_chunks` call by a counter
-    kept in the store itself (each rank counts its own calls, which every rank makes in the same order)."""
-
-    def __init__(self, w: World, poll: float = 0.2) -> None:
-        self.store, self.key, self.poll, self.next = None, "", poll, 0.0
-        if w.size > 1:
-            try:
-                from torch.distributed.distributed_c10d import _get_default_store
-
-                self.store = _get_default_store()
-                self.key = f"probflow/failed/{self.store.add(f'probflow/calls/{w.rank}', 1)}"
-            except Exception:  # no store: failures are still reported at the meeting, only later
-                self.store = None
-
-    def check(self) -> None:
-        """Raise `_Stopped` when another rank has failed (polls the store at most every `poll` s)."""
-        if self.store is None or time.monotonic() < self.next:
-            return
-        self.next = time.monotonic() + self.poll
-        try:
-            hit = self.store.check([self.key])
-        except Exception:
-            return
-        if hit:
-            raise _Stopped
-
-    def fail(self) -> None:
-        if self.store is not None:
-            try:
-                self.store.set(self.key, "1")
-            except Exception:
-                pass
-
-
-def _run_local(w: World, fn: Callable[..., Any], bounds: list[tuple[int, int]], abort: Abort, with_abort: bool):
-    """This rank's chunks → ({k: result}, error message or None); stops early when another rank failed."""
-    local: dict[int, Any] = {}
-    try:
-        for k in range(w.rank, len(bounds), w.size):
-            abort.check()
-            local[k] = _to_cpu(fn(*bounds[k], abort) if with_abort else fn(*bounds[k]))
-    except _Stopped:
-        return {}, None  # another rank failed: its message comes from the meeting
-    except Exception as e:  # reach the meeting with the error instead of leaving the others waiting
-        if w.size == 1:  # one process: the error itself, as a plain loop would raise it
-            raise
-        abort.fail()
-        if not isinstance(e, _USER_ERRORS):  # a crash: its traceback, on this rank's stderr
-            traceback.print_exc(file=sys.stderr)
-        return {}, _error_text(e)
-    return local, None
-
-
-def map_chunks(fn: Callable[[int, int], T], n: int, chunk: int, *, w: World | None = None,
-               everywhere: bool = False, _with_abort: bool = False) -> list[T] | None:
-    """Run `fn(start, stop)` on every chunk of n indices (`chunk_bounds`), chunk k on rank k mod W, and
-    gather the results in chunk order: the list on rank 0 (on every rank with `everywhere`), None on the
-    others. `fn` must not use collectives. If any rank's `fn` raises, the others stop at their next chunk (or,
-    under `solve_chunks`, their next model evaluation; `Abort`) and every rank raises `RankFailed` with that
-    rank's message (a crash's traceback — anything but ValueError or a file error — is printed on its own
-    stderr). In a world of one, `fn`'s error is raised as is."""
-    w = w or world()
-    bounds = chunk_bounds(n, chunk)
-    local, error = _run_local(w, fn, bounds, Abort(w), _with_abort)
-    _agree(w, error)
-    if w.size == 1:
-        parts = [local]
-    else:
-        import torch.distributed as tdist
-
-        if everywhere:
-            parts = [None] * w.size
-            tdist.all_gather_object(parts, local)
-        else:
-            parts = [None] * w.size if w.rank == 0 else None
-            tdist.gather_object(local, parts, dst=0)
-    if parts is None:
-        return None
-    merged = {k: v for p in parts for k, v in p.items()}
-    return [merged[k] for k in range(len(bounds))]
-
-
-def map_cells(fn: Callable[[int], T], cells: int, *, w: World | None = None) -> list[T]:
-    """`fn(i)` for i in range(cells), cell i on rank i mod W, results in cell order on every rank (for
-    independent benchmark cells; a cell's result must not depend on which rank computed it)."""
-    return map_chunks(lambda a, b: fn(a), cells, 1, w=w, everywhere=True)
-
-
-def on_rank0(write: Callable[[], T], *, w: World | None = None) -> T | None:
-    """Run `write()` on rank 0 only, then share its status: every rank raises RankFailed if it failed (use
-    probflow's atomic writer inside, so a failure leaves no partial file). Returns write()'s value on rank 0."""
-    w = w or world()
-    out, error = None, None
-    if w.rank == 0:
-        try:
-            out = write()
-        except Exception as e:
-            if w.size == 1:
-                raise
-            if not isinstance(e, _USER_ERRORS):
-                traceback.print_exc(file=sys.stderr)
-            error = _error_text(e)
-    _agree(w, error)
-    return out
-
-
-def cat_batch(parts: Sequence[Any], dim: int = 0) -> Any:
-    """Concatenate chunk results along the batch: tensors with `torch.cat` (0-d tensors and plain values
-    must agree and are kept once), tuples/lists/dicts item by item, None stays None."""
-    first = parts[0]
-    if first is None:
-        return None
-    if isinstance(first, Tensor):
-        if first.ndim == 0:
-            if any(not torch.equal(p, first) for p in parts):
-                raise ValueError("chunks: a scalar tensor differs between chunks")
-            return first
-        return torch.cat(list(parts), dim=dim)
-    if isinstance(first, (list, tuple)):
-        return type(first)(cat_batch([p[i] for p in parts], dim) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: cat_batch([p[k] for p in parts], dim) for k in first}
-    if any(p != first for p in parts):
-        raise ValueError(f"chunks: value {first!r} differs between chunks")
-    return first
-
-
-def slice_state(state: Any, a: int, b: int) -> Any:
-    """Rows a:b of a solver state that exposes `tensors()`/`from_tensors` (e.g. reversible_heun's pair);
-    0-d entries are kept. None → None."""
-    if state is None:
-        return None
-    if not hasattr(state, "tensors"):
-        raise ValueError(f"state: {type(state).__name__} cannot be split into chunks (no tensors())")
-    t = {k: (v if v.ndim == 0 else v[a:b]) for k, v in state.tensors().items()}
-    return type(state).from_tensors(t)
-
-
-def concat_solutions(parts: Sequence[Any]):
-    """One Solution from the chunks' Solutions (in chunk order): x and trajectory concatenated along the
-    batch, a `tensors()` state concatenated row-wise; any other state (a multistep method's history) is not
-    carried over: state None. `nfe` is per sample — the model calls on each sample's path, i.e. its chunk's
-    (the largest over chunks where an adaptive solve made them differ) — and `info` holds `nfe_total` (every
-    batched model call, summed over the chunks), `nfe_min` and `chunks`; a round-trip bound
-    (`roundtrip_max_abs`, `probflow.inversion.encode_exact`) is the largest over the chunks, and its `exact` is
-    "quantum" where any chunk's is."""
-    from probflow.integrate import Solution
-
-    st = parts[0].state
-    if st is not None and hasattr(st, "tensors"):
-        st = type(st).from_tensors(cat_batch([p.state.tensors() for p in parts]))
-    else:
-        st = None
-    traj = parts[0].trajectory
-    traj = None if traj is None else torch.cat([p.trajectory for p in parts], dim=1)
-    nfes = [p.nfe for p in parts]
-    info: dict[str, Any] = {"nfe_total": sum(nfes), "nfe_min": min(nfes), "chunks": len(parts)}
-    bounds = [p.info["roundtrip_max_abs"] for p in parts if p.info and "roundtrip_max_abs" in p.info]
-    if len(bounds) == len(parts):
-        info["roundtrip_max_abs"] = max(bounds)
-    kinds = {p.info["exact"] for p in parts if p.info and "exact" in p.info}
-    if kinds:
-        info["exact"] = "quantum" if "quantum" in kinds else "round-off"
-    return Solution(torch.cat([p.x for p in parts]), max(nfes), parts[0].sigmas, traj, st, parts[0].method, info)
-
-
-class _Watched:
-    """The ε-model as `solve_chunks` runs it: the abort is looked for before each evaluation (`Abort.check`)
-    and `hook(eps, sigma)` sees every output (a progress bar, a finiteness check)."""
-
-    def __init__(self, model: Any, abort: Abort, hook: Callable[[Tensor, Tensor], None] | None) -> None:
-        self.model, self.abort, self.hook = model, abort, hook
-
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        self.abort.check()
-        out = self.model(x, sigma)
-        if self.hook is not None:
-            self.hook(out, sigma)
-        return out
-
 
 def solve_chunks(fn: Callable[..., Any], model: Any, n: int, inputs: Tensor | Callable[[int, int], Tensor],
                  sigmas: Tensor, method: Any = "euler", *, chunk: int = 64, state: Any = None,
-                 precision: Any = None, hook: Callable[[Tensor, Tensor], None] | None = None,
-                 w: World | None = None, everywhere: bool = False, **kw: Any):
-    """The chunk runner, for one process and for torchrun's ranks alike: `fn(field, x, sigmas, method,
-    state=…, **kw)` (`probflow.sample`/`encode`/`decode`, or a function of their signature) on every chunk
-    [a, b) of n samples (`map_chunks`), and the chunks' Solutions concatenated (`concat_solutions`: on rank
-    0, every rank with `everywhere`, None on the others).
+                 precision: Any = None, device: torch.device | str | None = None,
+                 hook: Callable[[Tensor, Tensor], None] | None = None, w: World | None = None,
+                 everywhere: bool = False, **kw: Any):
+    """`fn(field, x, sigmas, method, state=…, **kw)` (`probflow.sample`/`encode`/`decode`, or a function of
+    their signature) on every chunk [a, b) of n samples, over the ranks, by the one chunk runner
+    (`probflow.chunks.run_chunks`, which says what inputs, method, state and hook may be); the chunks'
+    Solutions concatenated on rank 0 (every rank with `everywhere`), None on the others.
 
-    inputs: the batch (rows a:b are chunk [a, b)'s x) or `inputs(a, b)`. method: a name or Method, or
-    `method(a, b)` (a stochastic method's noise is indexed by sample). state: a reversible state whose rows
-    a:b go with the chunk. precision (`probflow.precision`, the one precision path): the model is cast once
-    (`Precision.field`) and each chunk's x put in the state's dtype; None runs `model` as it is (a DDIMField
-    keeps its own dtype boundary). hook(eps, sigma): called after every model evaluation.
+    precision (`probflow.precision`, the one precision path), applied once before the runner: `device` checked
+    to run its dtypes (default: the inputs' device, else the device of the model's weights, else the CPU), the
+    model cast once (`Precision.cast_model`) and run in the model dtype, each chunk's x put in the state's
+    dtype. None runs `model` as it is (a DDIMField keeps its own dtype boundary).
     """
-    from probflow.field import DDIMField, as_field
-    from probflow.precision import Precision
-
+    where = torch.device(device) if device is not None else _device_of(model, inputs)
     p = Precision.parse(precision)
-    base = p.field(model) if p is not None else as_field(model)
+    if p is not None:
+        model = p.check_device(where).cast_model(model)
+    return run_chunks(fn, model, n, inputs, sigmas, method, chunk=chunk, state=state,
+                      model_dtype=None if p is None else p.model, dtype=None if p is None else p.state, hook=hook,
+                      w=w, everywhere=everywhere, **kw)
 
-    def one(a: int, b: int, abort: Abort):
-        x = inputs(a, b) if callable(inputs) else inputs[a:b]
-        x = x if p is None else p.state_tensor(x)  # checks that the device runs the precision's dtypes
-        field = DDIMField(_Watched(base.model, abort, hook), base.model_dtype)
-        m = method(a, b) if callable(method) else method
-        return fn(field, x, sigmas, m, state=slice_state(state, a, b), **kw)
 
-    parts = map_chunks(one, n, chunk, w=w, everywhere=everywhere, _with_abort=True)
-    return None if parts is None else concat_solutions(parts)
+def _device_of(model: Any, inputs: Any) -> torch.device:
+    """Where a solve runs: the inputs' device, else that of the model's first weight, else the CPU."""
+    if isinstance(inputs, Tensor):
+        return inputs.device
+    net = getattr(model, "net", model)
+    weight = next(iter(net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+    return weight.device if weight is not None else torch.device("cpu")
 
 
 def sample(model: Any, n: int, sigmas: Tensor, method: Any = "euler", *, chunk: int = 64, seed: int = 0,

@@ -227,7 +227,10 @@ def _run(m: Method, field: DDIMField, xbar: Tensor, sigmas: Tensor, ctl: Control
 
 
 class MaxStepsError(RuntimeError):
-    """An adaptive solve that took `max_steps` steps before reaching the end; `sigma` is where it stopped."""
+    """An adaptive solve that took `max_steps` steps before reaching the end; `sigma` is where it stopped.
+    A bound the user set, so bad input to the command line and over torchrun's ranks (`user_error`)."""
+
+    user_error = True
 
     def __init__(self, message: str, sigma: float) -> None:
         super().__init__(message)

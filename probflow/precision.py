@@ -129,7 +129,12 @@ class Precision:
     def cast_model(self, model: EpsModel) -> EpsModel:
         """The ε-model evaluated in `self.model`: a copy whose network weights are cast (a model with an
         `nn.Module` `net` and a `model_dtype`, like `DiscreteTimeModel`, or an `nn.Module` itself); any
-        other callable is returned as is and sees inputs in the model dtype through DDIMField's boundary."""
+        other callable is returned as is and sees inputs in the model dtype through DDIMField's boundary.
+        A DDIMField is refused: it already fixes its model dtype (build it as `DDIMField(p.cast_model(model),
+        model_dtype=p.model)` to keep its counter)."""
+        if isinstance(model, DDIMField):
+            raise ValueError("precision: pass the ε-model, not a DDIMField (a field fixes its own model dtype; "
+                             "build it with Precision.cast_model and model_dtype=precision.model)")
         net = getattr(model, "net", None)
         if isinstance(net, nn.Module) and hasattr(model, "model_dtype"):
             out = copy.copy(model)
@@ -141,11 +146,7 @@ class Precision:
         return model
 
     def field(self, model: EpsModel | DDIMField) -> DDIMField:
-        """A new DDIMField running `model` in `self.model`. A DDIMField is refused: it already fixes its
-        model dtype (build it as `DDIMField(p.cast_model(model), model_dtype=p.model)` to keep its counter)."""
-        if isinstance(model, DDIMField):
-            raise ValueError("precision: pass the ε-model, not a DDIMField (a field fixes its own model dtype; "
-                             "build it with Precision.cast_model and model_dtype=precision.model)")
+        """A new DDIMField running `model` in `self.model` (`cast_model`; a DDIMField is refused)."""
         return DDIMField(self.cast_model(model), model_dtype=self.model)
 
     def state_tensor(self, x: Tensor) -> Tensor:

@@ -547,8 +547,8 @@ def test_an_interrupted_folder_write_leaves_nothing(tmp_path):
 
 
 def test_force_replaces_a_folder_as_a_whole_and_survives_an_interrupt_between_renames(tmp_path, monkeypatch):
-    from probflow.io import atomic
-    from probflow.io.images import save_images
+    from probflow.files import atomic
+    from probflow.files.images import save_images
 
     old = _folder_with(tmp_path, "out", ["0000.png", "0001.png", "0002.png"])
     x = torch.zeros(1, 1, 8, 8)

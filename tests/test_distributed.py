@@ -390,7 +390,9 @@ def test_distributed_keeps_no_module_state_and_starts_no_thread():
     import threading
     import types
 
-    mutable = {k: type(v).__name__ for k, v in vars(dist).items()
+    from probflow import chunks, ranks
+
+    mutable = {f"{m.__name__}.{k}": type(v).__name__ for m in (dist, ranks, chunks) for k, v in vars(m).items()
                if not k.startswith("__") and not isinstance(v, (types.ModuleType, type, types.FunctionType))
                and isinstance(v, (list, dict, set, dist.World))}
     assert mutable == {}, mutable

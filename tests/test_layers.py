@@ -16,7 +16,8 @@ LAYERS = {
         "probflow.integrate", "probflow.newton"],
     3: ["probflow", "probflow.flows", "probflow.sde", "probflow.calibrate", "probflow.likelihood",
         "probflow.inversion"],
-    4: ["probflow.digits", "probflow.io", "probflow.demo", "probflow.distributed", "probflow.bench"],
+    4: ["probflow.digits", "probflow.files", "probflow.io", "probflow.demo", "probflow.ranks", "probflow.chunks",
+        "probflow.distributed", "probflow.bench"],
     5: ["probflow.cli", "probflow.__main__"],
 }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from probflow.bench.grids import DEFAULT_GRIDS
-from probflow.io.atomic import atomic_write
+from probflow.files.atomic import atomic_write
 
 __all__ = ["plot_workload", "plot_headline", "plot_names", "write_text", "HEADLINE"]
 

@@ -19,8 +19,8 @@ import sys
 import threading
 
 from probflow.cli.common import add_runtime_arguments
-from probflow.distributed import RankFailed, finish, joined
 from probflow.integrate import MaxStepsError
+from probflow.ranks import RankFailed, finish, joined
 from probflow.version import __version__
 
 # name: (module, one-line help)

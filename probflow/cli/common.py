@@ -1,6 +1,7 @@
 """What the image commands share, after their arguments became a request (`probflow.cli.request`): the
-arguments themselves, the model, grid and method a request names, and the one solve (`solve`), which runs
-chunk by chunk through `probflow.distributed.solve_chunks` in one process and under torchrun alike."""
+arguments themselves, the model, grid and method a request names, and the one solve (`solve_in_chunks`),
+which runs chunk by chunk through `probflow.distributed.solve_chunks` in one process and under torchrun
+alike."""
 
 from __future__ import annotations
 
@@ -127,11 +128,11 @@ def start(run: Run | None = None, threads: int | None = None, spread: bool = Tru
     `default_threads`) and join torchrun's ranks (world size 1
     without torchrun; a command that is not `spread` refuses more). Returns the World; on a CUDA device
     each rank works on GPU LOCAL_RANK (`World.device`)."""
-    from probflow import distributed as dist
+    from probflow import ranks
 
-    dist.set_threads(run.threads if run is not None else threads)
+    ranks.set_threads(run.threads if run is not None else threads)
     cuda = run is not None and run.device.startswith("cuda")
-    w = dist.world(device="cuda" if cuda else "cpu")
+    w = ranks.world(device="cuda" if cuda else "cpu")
     if not spread and w.size > 1:
         raise ValueError("not spread over ranks; run it without torchrun")
     return w
@@ -150,24 +151,16 @@ class Opened:
 def open_model(run: Run, out: Path | None = None, folder: bool = False, spread: bool = True,
                condition: Condition | None = None) -> Opened:
     """The start of every image command, each step a floor lower and none taken twice: the condition read
-    (--prompt-embeds), torch's threads and torchrun's ranks (`probflow.distributed`; a command that is not
-    `spread` refuses more than one), `out` checked writable on rank 0 before any work (`probflow.io.atomic`:
-    a file, or a `folder` of files; None: no output file), and the model loaded (`probflow.models.load`,
-    with `condition` or the request's): an image model (C, H, W), on this rank's device (--device, or
-    under torchrun with CUDA its own GPU)."""
-    from probflow import distributed, models
-    from probflow.io.atomic import check_writable, check_writable_folder
+    (--prompt-embeds) and the model loaded on the CPU (`probflow.models.load`, with `condition` or the
+    request's; an image model, (C, H, W)), then the run's ranks (`probflow.ranks`): torch's threads, torchrun's
+    world (a command that is not `spread` refuses more than one rank) and `out` checked writable on rank 0
+    (`probflow.files.atomic`: a file, or a `folder` of files; None: no output file), all before any solve;
+    last the model moved to this rank's device (--device, or under torchrun with CUDA its own GPU). The load
+    comes first because it needs none of them: it makes no batched computation for the threads to share."""
+    from probflow import models, ranks
+    from probflow.files.atomic import check_writable, check_writable_folder
 
     kw = condition_kwargs(condition or run.condition)
-    distributed.set_threads(run.threads)
-    cuda = run.device.startswith("cuda")
-    w = distributed.world(device="cuda" if cuda else "cpu")
-    if not spread and w.size > 1:
-        raise ValueError("not spread over ranks; run it without torchrun")
-    if out is not None:
-        check = check_writable_folder if folder else check_writable
-        distributed.on_rank0(lambda: check(out, run.force, "--out"), w=w)
-    device = w.device if w.size > 1 and cuda else run.device
     try:
         model = models.load(run.model, limits=run.limits, **kw)
     except ValueError as e:
@@ -175,6 +168,15 @@ def open_model(run: Run, out: Path | None = None, folder: bool = False, spread: 
     shape = getattr(model, "sample_shape", None)
     if shape is None or len(shape) != 3:
         raise ValueError(f"--model: {run.model!r} is not an image model (no (C, H, W) sample shape)")
+    ranks.set_threads(run.threads)
+    cuda = run.device.startswith("cuda")
+    w = ranks.world(device="cuda" if cuda else "cpu")
+    if not spread and w.size > 1:
+        raise ValueError("not spread over ranks; run it without torchrun")
+    if out is not None:
+        check = check_writable_folder if folder else check_writable
+        ranks.on_rank0(lambda: check(out, run.force, "--out"), w=w)
+    device = w.device if w.size > 1 and cuda else run.device
     if device != "cpu":
         if not hasattr(model, "to"):
             raise ValueError(f"--device: model {run.model!r} cannot be moved to {device}")
@@ -280,9 +282,9 @@ VAE_NOTE = ("the VAE is not exact: its decoder does not invert its encoder, so t
 def check_sizes(flag: str, count: int, shape: tuple[int, ...], scale: int | None, limits: bool,
                 nrow: int | None = None) -> None:
     """Before allocating: `count` samples of `shape` (C, H, W) fit `MAX_BYTES` in float64, and their PNG grid
-    (`probflow.io.images.save_grid`: `nrow` per row, default ⌈√count⌉, 2-pixel pad, `scale`, default to at
+    (`probflow.files.images.save_grid`: `nrow` per row, default ⌈√count⌉, 2-pixel pad, `scale`, default to at
     least 32 px) fits `MAX_PIXELS`. `flag` names the count's flag (--n, --frames)."""
-    from probflow.io.images import MAX_PIXELS
+    from probflow.files.images import MAX_PIXELS
 
     if not limits:
         return
@@ -313,7 +315,7 @@ def sample_plan(req, model) -> tuple[tuple[int, ...], Tensor, Callable]:
 
 def precision_of(run: Run, model, state: torch.dtype = torch.float64) -> Precision:
     """--precision, else the model's own dtype with the ODE state in `state` (the one precision path:
-    `probflow.distributed.solve_chunks` casts through `Precision.field`)."""
+    `probflow.distributed.solve_chunks` applies it once, before the chunk runner)."""
     if run.precision is not None:
         return run.precision
     md = getattr(model, "model_dtype", None)
@@ -359,7 +361,7 @@ def make_method(s: Solver, seed: int = 0, indices: range | None = None) -> Metho
 def load_inputs(run: Run, model, paths: list[str], name: str, invert: bool, device: str) -> Tensor:
     """Images → x in the model's range, shape and channels (converted with a message); for latent diffusion
     the images its VAE takes (`image_shape`)."""
-    from probflow.io.images import load_images
+    from probflow.files.images import load_images
 
     c, h, w = image_shape(model)
     x = load_images(paths, (h, w), c, data_range=getattr(model, "data_range", (-1.0, 1.0)), invert=invert,
@@ -370,14 +372,14 @@ def load_inputs(run: Run, model, paths: list[str], name: str, invert: bool, devi
 # ---------------------------------------------------------------- the one solve
 
 
-def solve(run: Run, s: Solver, model, fn: Callable, n: int, inputs: Tensor | Callable, sigmas: Tensor,
-          method: Method | Callable, what: str, *, w=None, state: Any = None, precision: Precision | None = None,
-          dtype: torch.dtype = torch.float64):
+def solve_in_chunks(run: Run, s: Solver, model, fn: Callable, n: int, inputs: Tensor | Callable, sigmas: Tensor,
+                    method: Method | Callable, what: str, *, w=None, state: Any = None,
+                    precision: Precision | None = None, dtype: torch.dtype = torch.float64):
     """`fn` (probflow.sample/encode/decode, or one of their signature) on n samples, chunk by chunk over the
     ranks (`probflow.distributed.solve_chunks`; --chunk samples each, world `w`), in `precision` (default
-    `precision_of` with the state in `dtype`, the inputs' own), with a progress bar, NaN/Inf ε refused with its
-    σ, and a solver's internal failure or an unstable solve turned into a one-line error. Returns the Solution
-    on rank 0, None on the others."""
+    `precision_of` with the state in `dtype`, the inputs' own; checked once on this rank's device), with a
+    progress bar, NaN/Inf ε refused with its σ, and a solver's internal failure or an unstable solve turned
+    into a one-line error. Returns the Solution on rank 0, None on the others."""
     from tqdm import tqdm
 
     from probflow import distributed as dist
@@ -393,7 +395,8 @@ def solve(run: Run, s: Solver, model, fn: Callable, n: int, inputs: Tensor | Cal
             warnings.simplefilter("always", RuntimeWarning)
             sol = guarded(dist.solve_chunks, name)(
                 fn, model, n, inputs, sigmas, method, chunk=run.chunk, state=state, w=w, rtol=s.rtol, atol=s.atol,
-                precision=precision or precision_of(run, model, dtype), hook=_Progress(bar), **kw)
+                precision=precision or precision_of(run, model, dtype), device=device_of(run, w),
+                hook=_Progress(bar), **kw)
     for c in caught:  # an unstable solve is refused, not written (probflow.reversible: stability limits)
         if issubclass(c.category, RuntimeWarning) and "unstable" in str(c.message):
             raise ValueError(f"--method: {c.message}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from probflow.io.atomic import check_writable
+from probflow.files.atomic import check_writable
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:

@@ -66,13 +66,13 @@ def _encode_plan(req: EncodeRequest, model, x0: Tensor) -> dict:
 def _encode(req: EncodeRequest, model, x0: Tensor, plan: dict, w):
     """The latent of `x0` by the `plan` (`_encode_plan`), chunk by chunk over the ranks of `w` (None on ranks
     other than 0); an exact encode that cannot be made exact is refused with what to try."""
-    from probflow.cli.common import solve
+    from probflow.cli.common import solve_in_chunks
     from probflow.inversion import InversionError
 
     s = req.solver
     try:
-        return solve(req.run, s, model, plan["fn"], len(x0), x0, plan["sigmas"], s.method, plan["what"], w=w,
-                     precision=plan["precision"], dtype=plan["dtype"])
+        return solve_in_chunks(req.run, s, model, plan["fn"], len(x0), x0, plan["sigmas"], s.method, plan["what"],
+                               w=w, precision=plan["precision"], dtype=plan["dtype"])
     except InversionError:
         raise  # its own message names σ, the residual and what to try
     except ValueError as e:
@@ -91,19 +91,14 @@ def add_encode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from probflow.cli.request import encode_request
-
-    req = encode_request(args)  # read and checked once; `args` is not used after this line
-    return encode(req)
-
-
-def encode(req: EncodeRequest) -> int:
     """Images x_0 → latents x_T: by default exact for the decoder (`encode_exact`), else `probflow.encode`;
     written with provenance and environment."""
     from probflow.cli.common import condition_text, load_inputs, nfe_text, open_model
-    from probflow.distributed import on_rank0
+    from probflow.cli.request import encode_request
     from probflow.io.latents import save_latents
+    from probflow.ranks import on_rank0
 
+    req = encode_request(args)  # read and checked once; `args` is not used after this line
     job = open_model(req.run, req.out)
     model, device, w = job.model, job.device, job.w
     x0 = load_inputs(req.run, model, list(req.images), "IMAGE", req.invert, device)
@@ -239,11 +234,11 @@ def decode(req: DecodeRequest) -> int:
     """Latents x_T → images x_0 down Eq. 12 (`probflow.decode`) with the method, grid, dtype and state the
     file records; "exact" is printed only when the file's exactness conditions hold here."""
     import probflow
-    from probflow.cli.common import VAE_NOTE, decoded, nfe_text, open_model, say, solve
+    from probflow.cli.common import VAE_NOTE, decoded, nfe_text, open_model, say, solve_in_chunks
     from probflow.cli.request import with_file_defaults
-    from probflow.distributed import on_rank0
-    from probflow.io.images import save_images
+    from probflow.files.images import save_images
     from probflow.io.latents import check_compatible, load_latents
+    from probflow.ranks import on_rank0
 
     lf = load_latents(req.latents, "latents")  # every field validated, naming the field
     s = with_file_defaults(req.solver, lf.meta, len(lf.sigmas) - 1)
@@ -261,8 +256,8 @@ def decode(req: DecodeRequest) -> int:
     state = _decode_state(req, s, lf, sig)
     claim = _exactness(lf, s, model, sig, state, device) if w.rank == 0 else ""
     fn = decoded(probflow.decode, model)
-    sol = solve(req.run, s, model, fn, len(lf.latents), lambda a, b: lf.latents[a:b].to(device), sig, s.method,
-                "decode", w=w, state=state, dtype=lf.latents.dtype)
+    sol = solve_in_chunks(req.run, s, model, fn, len(lf.latents), lambda a, b: lf.latents[a:b].to(device), sig,
+                          s.method, "decode", w=w, state=state, dtype=lf.latents.dtype)
     lo, hi = json.loads(lf.meta["data_range"])
     if w.rank != 0:  # the other ranks meet rank 0's write, then stop
         return on_rank0(lambda: None, w=w) or 0
@@ -307,10 +302,10 @@ def interpolate(req: InterpolateRequest) -> int:
         load_inputs,
         nfe_text,
         open_model,
-        solve,
+        solve_in_chunks,
         to_image,
     )
-    from probflow.io.images import save_grid
+    from probflow.files.images import save_grid
 
     job = open_model(req.run, req.out, spread=False)
     model, w = job.model, job.w
@@ -326,8 +321,8 @@ def interpolate(req: InterpolateRequest) -> int:
                                     state=state, **kw)
 
     mode = req.encode.mode
-    sol = solve(req.run, req.solver, model, mix_and_decode, 2, enc.x, sig, req.solver.method, "decode", w=w,
-                state=enc.state if mode == "pair" else None, dtype=enc.x.dtype)
+    sol = solve_in_chunks(req.run, req.solver, model, mix_and_decode, 2, enc.x, sig, req.solver.method, "decode",
+                          w=w, state=enc.state if mode == "pair" else None, dtype=enc.x.dtype)
     frames = to_image(model, sol.x.reshape(req.frames, *z0.shape[1:]), req.run.chunk)
     lo, hi = getattr(model, "data_range", (-1.0, 1.0))
     frames = (lo + hi) - frames if req.invert else frames  # back to the inputs' polarity

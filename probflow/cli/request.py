@@ -7,7 +7,7 @@ request afterwards — `args` is never written to. What depends on the model (th
 
 **Bounds.** Flags whose value sets how much memory or work a run takes are bounded (`BOUNDS`); a value above
 its bound is refused with a line naming the flag and the bound, and `--no-limits` lifts every bound (the
-caller then owns the cost). The PNG a command writes is bounded by `probflow.io.images.MAX_PIXELS`, which
+caller then owns the cost). The PNG a command writes is bounded by `probflow.files.images.MAX_PIXELS`, which
 bounds `--n`, `--frames` and `--scale` together; the arrays the CLI holds by `MAX_BYTES`.
 """
 
@@ -116,7 +116,7 @@ method_arg, device_arg, precision_arg = _typed(_method_of), _typed(check_device)
 
 
 def check_out_file(out: str, flag: str = "--out") -> Path:
-    """A file name for an output (its folder and --force are checked by `probflow.io.atomic` before work)."""
+    """A file name for an output (its folder and --force are checked by `probflow.files.atomic` before work)."""
     if not out or out.endswith(("/", os.sep)) or os.path.basename(out) in ("", ".", ".."):
         raise ValueError(f"{flag}: {out!r} names a folder; expected a file name (e.g. {out.rstrip('/') or '.'}"
                          "/out.png)")

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from probflow.digits.conditional import CONFIG32
-from probflow.io.atomic import check_writable
+from probflow.files.atomic import check_writable
 from probflow.models.digits import CONFIG
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from probflow.digits.data import SPLIT_SEED, TEST_FRACTION, load_split
 from probflow.digits.metrics import evaluate
-from probflow.io.atomic import atomic_write
+from probflow.files.atomic import atomic_write
 from probflow.models.digits import CONFIG, as_model, schedule
 from probflow.models.unet import UNet
 

@@ -1,2 +1,3 @@
-"""Files in and out: atomic writes (`atomic`), image files ↔ tensors (`images`), latent files with their
-provenance (`latents`)."""
+"""Files in and out: latent files with their provenance (`latents`); atomic writes and image files ↔ tensors
+live in `probflow.files` (below everything that computes), reachable here under their former names
+(`probflow.io.atomic`, `probflow.io.images`)."""

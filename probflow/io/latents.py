@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probflow.io.atomic import atomic_write
+from probflow.files.atomic import atomic_write
 from probflow.models.adapters import loads_json
 from probflow.version import __version__
 

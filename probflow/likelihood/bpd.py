@@ -1,7 +1,7 @@
 """Uniformly dequantised bits/dim of quantised images under an ε-model, through `likelihood`.
 
 Convention. A pixel at level k ∈ {0 … L−1} (L = `levels`, 256 for 8-bit) is x_k = lo + k·Δ in the model's
-range, Δ = (hi − lo)/(L − 1) (how probflow.io.images reads 8-bit files: x = v/127.5 − 1). Its dequantised value
+range, Δ = (hi − lo)/(L − 1) (how probflow.files.images reads 8-bit files: x = v/127.5 − 1). Its dequantised value
 is y = k + u, u ~ U[0, 1), a point of [0, L) with unit bins, placed in the model's range by the affine map
 x = lo + (y − ½)·Δ (each bin centred on its level). With D pixels,
 
@@ -49,7 +49,7 @@ def levels_of(x: Tensor, levels: int, data_range: tuple[float, float]) -> Tensor
     if bad.any():
         v = x.reshape(-1)[bad.reshape(-1).nonzero()[0, 0]].item()
         raise ValueError(f"x: bits/dim needs {levels}-level data lo + k·(hi − lo)/{levels - 1} in {data_range} "
-                         f"(e.g. 8-bit images converted by probflow.io.images); found the value {v!r}")
+                         f"(e.g. 8-bit images converted by probflow.files.images); found the value {v!r}")
     return kr
 
 
