@@ -51,3 +51,20 @@ def test_anderson_accelerates_a_slow_linear_fixed_point():
 
     fast, slow = run(8), run(0)
     assert fast < 150 and slow > 2 * fast
+
+
+def test_newton_krylov_patience_ends_a_sample_stalled_at_its_noise_floor_only():
+    """z + 1e-9·sin(1e9·z) = t (a map with a 1e-9 noise floor, as round-off is): with patience, a sample below
+    stall_bound whose residual stops halving ends as done in fewer calls than without; a sample with no root
+    (z² + 1 = 0, residual ≥ 1 above stall_bound) is not ended by patience."""
+    def fn(z):
+        return torch.cat([z[:1] + 1e-9 * torch.sin(1e9 * z[:1]), z[1:] * z[1:] + 1])
+
+    target = torch.tensor([[0.7], [0.0]], dtype=torch.float64)
+    z0 = torch.tensor([[0.2], [1.0]], dtype=torch.float64)
+    bound, stall = torch.full((2,), 1e-16, dtype=torch.float64), torch.full((2,), 1e-7, dtype=torch.float64)
+    plain = newton_krylov(fn, target, z0, bound, stall, max_iter=30, krylov=1)
+    quick = newton_krylov(fn, target, z0, bound, stall, max_iter=30, krylov=1, patience=2)
+    assert quick.done.tolist() == [True, False] and float(quick.res[0]) <= 1e-7
+    assert int(quick.iterations[0]) < int(plain.iterations[0])
+    assert int(quick.iterations[1]) == int(plain.iterations[1])
