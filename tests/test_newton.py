@@ -68,3 +68,20 @@ def test_newton_krylov_patience_ends_a_sample_stalled_at_its_noise_floor_only():
     assert quick.done.tolist() == [True, False] and float(quick.res[0]) <= 1e-7
     assert int(quick.iterations[0]) < int(plain.iterations[0])
     assert int(quick.iterations[1]) == int(plain.iterations[1])
+
+
+def test_newton_krylov_give_up_ends_a_sample_that_is_not_converging():
+    """1/ln z = 0 has no root: Newton's step z ← z(1 + ln z) lowers the residual ever more slowly (never halving
+    it within 4 steps once z is large). With give_up = 4 the sample ends early, not done; without it the solve runs
+    to max_iter. A sample with a regular root (z² = 4) converges either way."""
+    def fn(z):
+        return torch.cat([1 / torch.log(z[:1]), z[1:] * z[1:]])
+
+    target = torch.tensor([[0.0], [4.0]], dtype=torch.float64)
+    z0 = torch.tensor([[20.0], [1.0]], dtype=torch.float64)
+    bound = torch.full((2,), 1e-12, dtype=torch.float64)
+    plain = newton_krylov(fn, target, z0, bound, 1e3 * bound, max_iter=30, krylov=1)
+    quick = newton_krylov(fn, target, z0, bound, 1e3 * bound, max_iter=30, krylov=1, give_up=4)
+    assert int(plain.iterations[0]) == 30 and int(quick.iterations[0]) < 15
+    assert quick.done.tolist() == [False, True] and plain.done.tolist() == [False, True]
+    assert abs(float(quick.z[1, 0]) - 2.0) < 1e-11
