@@ -110,13 +110,16 @@ def _gmres(jv: Callable[[Tensor], Tensor], b: Tensor, krylov: int, rtol: float) 
 
 
 def newton_krylov(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bound: Tensor, stall_bound: Tensor, *,
-                  max_iter: int = 20, krylov: int = 10, rtol: float = 1e-3, r0: Tensor | None = None) -> NewtonResult:
+                  max_iter: int = 20, krylov: int = 10, rtol: float = 1e-3, r0: Tensor | None = None,
+                  patience: int | None = None, give_up: int | None = None) -> NewtonResult:
     """Solve fn(z) = target per sample from z0 by inexact Newton (module docstring, (A2)).
 
     bound, stall_bound: per-sample tensors (B,) of the accepted |residual|_∞ (converged; stalled at round-off: a
     Newton step whose backtracking finds no decrease ends the sample, done if below stall_bound). krylov: GMRES
-    vectors per Newton step (one call of fn each); rtol: GMRES's relative residual. Samples already within bound
-    are not moved."""
+    vectors per Newton step (one call of fn each); rtol: GMRES's relative residual. patience: if set, a sample
+    already below stall_bound whose residual has not halved in that many Newton steps has stalled at round-off
+    too (ends, done). give_up: if set, a sample whose residual has not halved in that many Newton steps is not
+    converging (ends, not done unless below stall_bound). Samples already within bound are not moved."""
     bound, stall_bound = bound.double().cpu(), stall_bound.double().cpu()
     z = z0.detach().clone()
     evals = 0
@@ -129,6 +132,7 @@ def newton_krylov(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bo
         done = res <= bound
         stuck = torch.zeros_like(done)
         iters = torch.zeros(z.shape[0], dtype=torch.long)
+        mark, slow = res.clone(), torch.zeros_like(iters)  # the residual at the last halving, steps since
         history: list[float] = []
         eps = torch.finfo(z.dtype).eps
         for _ in range(max_iter):
@@ -144,6 +148,12 @@ def newton_krylov(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bo
             evals += e
             done |= res <= bound
             stuck |= open_ & ~ok & ~done
+            halved = res <= mark / 2
+            mark, slow = torch.where(halved, res, mark), torch.where(halved, 0, slow + open_.long())
+            if patience is not None:
+                stuck |= open_ & ~done & (slow >= patience) & (res <= stall_bound)
+            if give_up is not None:
+                stuck |= open_ & ~done & (slow >= give_up)
             history.append(float(res[open_].max()))
     settled = done | (stuck & (res <= stall_bound))
     return NewtonResult(z=z, res=res, done=settled, iterations=iters, evals=evals, history=history)

@@ -51,3 +51,37 @@ def test_anderson_accelerates_a_slow_linear_fixed_point():
 
     fast, slow = run(8), run(0)
     assert fast < 150 and slow > 2 * fast
+
+
+def test_newton_krylov_patience_ends_a_sample_stalled_at_its_noise_floor_only():
+    """z + 1e-9·sin(1e9·z) = t (a map with a 1e-9 noise floor, as round-off is): with patience, a sample below
+    stall_bound whose residual stops halving ends as done in fewer calls than without; a sample with no root
+    (z² + 1 = 0, residual ≥ 1 above stall_bound) is not ended by patience."""
+    def fn(z):
+        return torch.cat([z[:1] + 1e-9 * torch.sin(1e9 * z[:1]), z[1:] * z[1:] + 1])
+
+    target = torch.tensor([[0.7], [0.0]], dtype=torch.float64)
+    z0 = torch.tensor([[0.2], [1.0]], dtype=torch.float64)
+    bound, stall = torch.full((2,), 1e-16, dtype=torch.float64), torch.full((2,), 1e-7, dtype=torch.float64)
+    plain = newton_krylov(fn, target, z0, bound, stall, max_iter=30, krylov=1)
+    quick = newton_krylov(fn, target, z0, bound, stall, max_iter=30, krylov=1, patience=2)
+    assert quick.done.tolist() == [True, False] and float(quick.res[0]) <= 1e-7
+    assert int(quick.iterations[0]) < int(plain.iterations[0])
+    assert int(quick.iterations[1]) == int(plain.iterations[1])
+
+
+def test_newton_krylov_give_up_ends_a_sample_that_is_not_converging():
+    """1/ln z = 0 has no root: Newton's step z ← z(1 + ln z) lowers the residual ever more slowly (never halving
+    it within 4 steps once z is large). With give_up = 4 the sample ends early, not done; without it the solve runs
+    to max_iter. A sample with a regular root (z² = 4) converges either way."""
+    def fn(z):
+        return torch.cat([1 / torch.log(z[:1]), z[1:] * z[1:]])
+
+    target = torch.tensor([[0.0], [4.0]], dtype=torch.float64)
+    z0 = torch.tensor([[20.0], [1.0]], dtype=torch.float64)
+    bound = torch.full((2,), 1e-12, dtype=torch.float64)
+    plain = newton_krylov(fn, target, z0, bound, 1e3 * bound, max_iter=30, krylov=1)
+    quick = newton_krylov(fn, target, z0, bound, 1e3 * bound, max_iter=30, krylov=1, give_up=4)
+    assert int(plain.iterations[0]) == 30 and int(quick.iterations[0]) < 15
+    assert quick.done.tolist() == [False, True] and plain.done.tolist() == [False, True]
+    assert abs(float(quick.z[1, 0]) - 2.0) < 1e-11

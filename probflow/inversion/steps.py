@@ -94,11 +94,14 @@ def _guess(xs: dict[int, Tensor], sigmas: Tensor, i: int) -> Tensor:
 
 def fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None):
     """Newton–Krylov on the step for the samples whose Anderson solve failed (the others count as converged:
-    never moved, still evaluated). Returns (y, r, calls, record)."""
+    never moved, still evaluated); a sample below the failure bound whose residual stops halving for two Newton
+    steps has stalled at round-off and ends there (the Anderson solve's rule), one whose residual has not halved in
+    four is not converging (a step map that folds: Newton's own rate would halve it every step near a regular
+    root). Returns (y, r, calls, record)."""
     inf = torch.full_like(r, float("inf"))
     nk = newton_krylov(lambda v: run_step(field, m, v if pre is None else pre(v), s, s_next)[0], target, y,
                        torch.where(bad, ulp_tol(target, tol), inf), torch.where(bad, fail, inf),
-                       max_iter=min(max_iter, 20))
+                       max_iter=min(max_iter, 20), patience=2, give_up=4)
     better = bad & (nk.res < r)
     y = torch.where(bmask(better, y), nk.z, y)
     r = torch.where(better, nk.res, r)

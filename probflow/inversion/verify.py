@@ -46,13 +46,23 @@ def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=No
         bound = torch.maximum(ulp_tol(x0, tol), rms_lim / 2)
         stall = 256 * bound + 64 * len(sigmas) * model_eps(field, x0.dtype) * maxabs(x0)
         inf = torch.full_like(bound, float("inf"))
-        nk = newton_krylov(decode_x, x0, xT, torch.where(miss, bound, inf), torch.where(miss, stall, inf),
+        last: list[Tensor] = []
+
+        def decode_kept(z: Tensor) -> Tensor:  # keeps the polish's last decode (input, output)
+            out = decode_x(z)
+            last[:] = [z, out]
+            return out
+
+        nk = newton_krylov(decode_kept, x0, xT, torch.where(miss, bound, inf), torch.where(miss, stall, inf),
                            max_iter=3, krylov=4, r0=back - x0)
         better = miss & (nk.res < e)
         xT = torch.where(bmask(better, xT), nk.z, xT)
-        e = maxabs(decode_x(xT) - x0)
+        # the verified round trip of the polished latent: the polish's last decode where it ran on this very batch
+        # (the decoder is deterministic: the same batch gives the same bytes), else one more decode
+        reuse = bool(last) and last[0].shape == xT.shape and torch.equal(last[0], xT)
+        e = maxabs((last[1] if reuse else decode_x(xT)) - x0)
         record = {"samples": miss.nonzero()[:, 0].tolist(), "newton_iterations": int(nk.iterations.max()),
-                  "decodes": nk.evals + 1, "residual": float(nk.res[miss].max())}
+                  "decodes": nk.evals + (0 if reuse else 1), "residual": float(nk.res[miss].max())}
     if not bool((e <= lim).all()):
         j = int(torch.argmax(e / lim))
         what = "" if level is None else " (a quarter of the data's quantum, a step having stopped above round-off)"
