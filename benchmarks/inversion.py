@@ -605,15 +605,18 @@ def _unet(size: int, seed: int = 0):
 
 
 class _ImageEps(torch.nn.Module):
-    def __init__(self, unet, kind: str) -> None:
+    """The network in the row's dtype (float64 rows run it in float64: a float32 network cannot give a float64
+    round trip, and encode_exact says so)."""
+
+    def __init__(self, unet, kind: str, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.unet, self.kind = unet, kind
-        self.model_dtype = torch.float32
+        self.unet, self.kind = unet.to(dtype), kind
+        self.model_dtype = dtype
 
     def forward(self, x, sigma):
         with torch.no_grad():
             t = (250 * torch.log(sigma.double().clamp_min(1e-3)) + 500).float().reshape(1).expand(x.shape[0])
-            e = self.unet(x.float(), t).sample.to(x.dtype)
+            e = self.unet(x.to(self.model_dtype), t).sample.to(x.dtype)
         if self.kind == "unet":
             return e
         xbar = x * torch.sqrt(1 + sigma**2)
@@ -642,13 +645,13 @@ def _image_row(q, size, kind, method, steps, dtype, n, what):
     from probflow.inversion import InversionError, encode_exact
 
     torch.set_num_threads(1)
-    model = _ImageEps(_unet(size), kind)
     dt = getattr(torch, dtype)
+    model = _ImageEps(_unet(size), kind, dt)
     x0 = _smooth_images(n, size).to(dt)
     g = grids.named("quadratic_open", probflow.schedules.linear(), steps)
     out = {"per_image": []}
     for i in range(n):
-        f = DDIMField(model, torch.float32)
+        f = DDIMField(model, dt)
         t0 = time.time()
         if what == "decode":
             probflow.decode(f, x0[i:i + 1], g, method)
@@ -660,7 +663,7 @@ def _image_row(q, size, kind, method, steps, dtype, n, what):
             out["per_image"].append({"failed": str(e)[:240], "nfe": f.nfe, "seconds": time.time() - t0})
             continue
         sec = time.time() - t0
-        back = probflow.decode(DDIMField(model, torch.float32), enc.x, g, method).x
+        back = probflow.decode(DDIMField(model, dt), enc.x, g, method).x
         out["per_image"].append({"nfe": enc.nfe, "nfe_solve": enc.info["nfe_solve"], "seconds": sec,
                                  "mse": float(((back.double() - x0[i:i + 1].double()) ** 2).mean())})
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
