@@ -163,10 +163,10 @@ def encode_exact(
     coarse: list[dict] = []
     if traj_solve:
         xs, passes, r, b, hist = solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory)
-        if bool((r > b).any()) and level is not None and bool((r <= b.clamp_min(level)).all()):
+        if bool((r > b).any()):  # below the data's own level is enough there: verified at the end
+            if level is None or bool((r > b.clamp_min(level)).any()):
+                raise trajectory_error(m, sigmas, r, b if level is None else b.clamp_min(level), passes, hist)
             coarse = [{"step": None, "residual": float(r.max())}]  # relative residual over the whole trajectory
-        elif bool((r > b).any()):
-            raise trajectory_error(m, sigmas, r, b if level is None else b.clamp_min(level), passes, hist)
         xbar_T, traj, iters = xs[0], (list(xs) + [x_end] if trajectory else None), [passes]
         res, bounds = [float(r.max())], [float(b.max())]
     else:
