@@ -156,7 +156,7 @@ def test_single_step_newton_krylov_fallback_where_anderson_fails(monkeypatch):
     assert fb and all(f["converged"] for f in fb)
     assert _mse(probflow.decode(gm, enc.x, g, "euler").x, x0) <= 1e-24
 
-    def no_fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None):
+    def no_fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None, level=None):
         return y, r, 0, {}
 
     monkeypatch.setattr(inv, "fallback", no_fallback)

@@ -65,3 +65,13 @@ def test_reachable_input_stays_exact_to_roundoff_with_quantum():
 def test_quantum_must_be_positive_and_finite(bad):
     with pytest.raises(ValueError, match="quantum"):
         encode_exact(_fold_field(), _x0(0.5), SIGMAS, quantum=bad)
+
+
+def test_folded_step_costs_a_bounded_number_of_calls():
+    """A step with no preimage near the solve is not ground at for max_iter calls: Anderson hands over once its
+    residual has not halved in 16 calls, Newton–Krylov ends once stalled below the level, and no further solve runs
+    on a step already below it (the rules before spent 107 calls on this step: Anderson to max_iter, then Newton)."""
+    sol = encode_exact(_fold_field(), _x0(2 / 3 + 1e-4), SIGMAS, quantum=4e-3)
+    fb = sol.info["newton_fallbacks"]
+    assert [f["step"] for f in fb] == [2]
+    assert sol.info["iterations"][2] <= 50

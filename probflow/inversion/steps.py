@@ -14,12 +14,15 @@ from probflow.newton import Anderson, newton_krylov
 __all__ = ["backward", "fallback", "resolution"]
 
 
-def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, patience=3, floor_eps=0.0, pre=None):
+def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, patience=3, floor_eps=0.0, pre=None,
+                give_up=16, settle=None):
     """(X1) for one single-step decoder step: y with Φ(y) = target per sample, by Anderson on y ← y + g/a
     (a: the surrogate slope per sample). Once every open sample has stalled for `patience` iterations (or half
     of max_iter is spent), plain iteration from the best iterate (where a lower-precision network's output is
     piecewise constant it lands on an exact fixed point); a diverging solve restarts from its best iterate with
-    half the step. After the first iteration the step size per sample is the secant's (`_secant_beta`).
+    half the step. After the first iteration the step size per sample is the secant's (`_secant_beta`). A solve
+    whose best residual has not halved in `give_up` calls ends (Newton–Krylov takes over); settle: a residual a
+    stalled sample may end below (a level bound), besides the failure bound.
     Returns (y, calls, best residual, failure bound) per sample."""
     # the residual of Φ(y) is computed from numbers of size |y| as well as |target|: going up the grid y is the
     # larger (up to σ_i/σ_{i+1}×), and one ulp of it is what any solve can resolve there
@@ -28,6 +31,7 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
     done, stall = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long)
     best_r = torch.full((b,), float("inf"), dtype=torch.float64)
     best_y = y.clone()
+    ref, slow = best_r.clone(), torch.zeros(b, dtype=torch.long)  # iterations since the best residual last halved
     iters, polish, prev = 0, False, None
     while True:
         phi = run_step(field, m, y if pre is None else pre(y), s, s_next)[0]
@@ -35,14 +39,18 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
         res = maxabs(g)
         if floor_eps and iters == 0:  # the network's own precision bounds what the step can resolve
             fail = fail + 32 * floor_eps * maxabs(phi - y)
+        if iters == 0:
+            stop = fail if settle is None else fail.clamp_min(settle)
         better = (res < best_r) & ~done
         best_r = torch.where(better, res, best_r)
         best_y = torch.where(bmask(better, y), y, best_y)
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
-        done = done | (best_r <= bound) | (polish & (stall >= patience) & (best_r <= fail))
+        done = done | (best_r <= bound) | (polish & (stall >= patience) & (best_r <= stop))
+        halved = best_r <= ref / 2
+        ref, slow = torch.where(halved, best_r, ref), torch.where(halved, torch.zeros_like(slow), slow + 1)
         iters += 1
-        if bool(done.all()) or iters > max_iter:
-            break
+        if bool(done.all()) or iters > max_iter or bool((slow[~done] >= give_up).all()):
+            break  # not converging (no halving in give_up calls): Newton–Krylov takes over (`fallback`)
         beta = acc._beta(g).reshape(-1).cpu() if isinstance(acc.beta, Tensor) else torch.full((b,), acc.beta)
         if bool((res[~done] > 10 * best_r[~done]).any()) and float(beta.min()) > 1 / 16:
             acc = Anderson(memory if not polish else 0, beta / 2)  # diverging: from the best iterate, half the step
@@ -94,22 +102,26 @@ def _guess(xs: dict[int, Tensor], sigmas: Tensor, i: int) -> Tensor:
     return xs[i + 1] - (sg[1] - sg[0]) * v1
 
 
-def fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None):
+def fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=None, level=None):
     """Newton–Krylov on the step for the samples whose Anderson solve failed (the others count as converged:
     never moved, still evaluated); a sample below the failure bound whose residual stops halving for two Newton
     steps has stalled at round-off and ends there (the Anderson solve's rule), one whose residual has not halved in
     four is not converging (a step map that folds: Newton's own rate would halve it every step near a regular
-    root). Returns (y, r, calls, record)."""
+    root). With a level bound (`backward`'s), a sample below it that stops halving ends there too: the step is
+    then accepted at the level, and a root Newton could still reach would keep halving. Returns (y, r, calls,
+    record)."""
     inf = torch.full_like(r, float("inf"))
+    settle = fail if level is None else fail.clamp_min(level)
     nk = newton_krylov(lambda v: run_step(field, m, v if pre is None else pre(v), s, s_next)[0], target, y,
                        torch.where(bad, torch.maximum(ulp_tol(target, tol), ulp_tol(y, tol)), inf),
-                       torch.where(bad, fail, inf),
+                       torch.where(bad, settle, inf),
                        max_iter=min(max_iter, 20), patience=2, give_up=4)
     better = bad & (nk.res < r)
     y = torch.where(bmask(better, y), nk.z, y)
     r = torch.where(better, nk.res, r)
     return y, r, nk.evals, {"samples": bad.nonzero()[:, 0].tolist(), "newton_iterations": int(nk.iterations.max()),
-                            "calls": nk.evals, "residual": float(nk.res[bad].max()), "converged": bool(nk.done.all())}
+                            "calls": nk.evals, "residual": float(nk.res[bad].max()),
+                            "converged": bool((nk.res[bad] <= fail[bad]).all())}
 
 
 def resolution(field, m, y: Tensor, s: Tensor, s_next: Tensor, pre=None) -> Tensor:
@@ -149,9 +161,16 @@ def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep, level=Non
                                  tol, max_iter, memory, floor_eps=feps, pre=pre)
         bad = r > b
         if bad.any():  # Anderson stalled or diverged: Newton–Krylov on those samples
-            y, r, kk, fb = fallback(field, m, xs[i + 1], y, r, b, bad, sigmas[i], sigmas[i + 1], tol, max_iter, pre)
+            y, r, kk, fb = fallback(field, m, xs[i + 1], y, r, b, bad, sigmas[i], sigmas[i + 1], tol, max_iter, pre,
+                                    level)
             fallbacks.append({"step": i, **fb})
             k += kk
+            bad = r > b
+        short = r > (b if level is None else b.clamp_min(level))  # what the step would still be refused with
+        if short.any() and k < max_iter:  # neither finished: Anderson resumes from Newton's iterate, no give-up
+            y2, k2, r2, _ = _solve_step(field, m, xs[i + 1], y, sigmas[i], sigmas[i + 1], slopes[i], tol,
+                                        max_iter - k, memory, floor_eps=feps, pre=pre, give_up=max_iter, settle=level)
+            y, r, k = torch.where(bmask(r2 < r, y), y2, y), torch.minimum(r, r2), k + k2
             bad = r > b
         if bad.any() and level is not None:  # below the data's own level is enough there: verified at the end
             bad = r > b.clamp_min(level)
