@@ -144,6 +144,28 @@ def _step_error(m, sigmas, i, n, r, b, how, floor):
         f"there); the latent would not be exact; {HINT}")
 
 
+def _settle(field, m, target, guess, s, s_next, a, tol, max_iter, memory, feps, pre, level):
+    """One step of (X1), cheapest first: Anderson (handing over once it stops halving), Newton–Krylov on the
+    samples it left; only where the step would still be refused (above its bound, or above the level with one),
+    Anderson again from there with its whole budget and no hand-over, then Newton–Krylov once more. Returns (y,
+    calls, residual, failure bound, fallback records)."""
+    y, k, r, b = _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, floor_eps=feps, pre=pre)
+    records = []
+    for again in (False, True):
+        bad = r > b
+        if bad.any():  # Anderson stalled or diverged: Newton–Krylov on those samples
+            y, r, kk, fb = fallback(field, m, target, y, r, b, bad, s, s_next, tol, max_iter, pre, level)
+            records.append(fb)
+            k += kk
+        short = r > (b if level is None else b.clamp_min(level))  # what the step would still be refused with
+        if again or not short.any():
+            break
+        y2, k2, r2, _ = _solve_step(field, m, target, y, s, s_next, a, tol, max_iter, memory, floor_eps=feps,
+                                    pre=pre, give_up=max_iter + 1, settle=level)
+        y, r, k = torch.where(bmask(r2 < r, y), y2, y), torch.minimum(r, r2), k + k2
+    return y, k, r, b, records
+
+
 def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep, level=None):
     """Backward substitution of (X1) from x̄_N = x_end, one step at a time. Returns (x̄_0, trajectory or None,
     per-step calls, residuals, bounds, fallback records, level steps), per-step lists indexed by decoder step (σ_0
@@ -157,21 +179,10 @@ def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep, level=Non
     for i in range(n - 1, -1, -1):
         # step 0 sees x̄_0 as the decoder will, through the stored (rounded) latent x_T = x̄_0/sqrt(1+σ_0²)
         pre = (lambda v: scale_in(scale_out(v, sigmas[0]), sigmas[0])) if i == 0 else None
-        y, k, r, b = _solve_step(field, m, xs[i + 1], _guess(xs, sigmas, i), sigmas[i], sigmas[i + 1], slopes[i],
-                                 tol, max_iter, memory, floor_eps=feps, pre=pre)
+        y, k, r, b, fbs = _settle(field, m, xs[i + 1], _guess(xs, sigmas, i), sigmas[i], sigmas[i + 1], slopes[i],
+                                  tol, max_iter, memory, feps, pre, level)
+        fallbacks += [{"step": i, **fb} for fb in fbs]
         bad = r > b
-        if bad.any():  # Anderson stalled or diverged: Newton–Krylov on those samples
-            y, r, kk, fb = fallback(field, m, xs[i + 1], y, r, b, bad, sigmas[i], sigmas[i + 1], tol, max_iter, pre,
-                                    level)
-            fallbacks.append({"step": i, **fb})
-            k += kk
-            bad = r > b
-        short = r > (b if level is None else b.clamp_min(level))  # what the step would still be refused with
-        if short.any() and k < max_iter:  # neither finished: Anderson resumes from Newton's iterate, no give-up
-            y2, k2, r2, _ = _solve_step(field, m, xs[i + 1], y, sigmas[i], sigmas[i + 1], slopes[i], tol,
-                                        max_iter - k, memory, floor_eps=feps, pre=pre, give_up=max_iter, settle=level)
-            y, r, k = torch.where(bmask(r2 < r, y), y2, y), torch.minimum(r, r2), k + k2
-            bad = r > b
         if bad.any() and level is not None:  # below the data's own level is enough there: verified at the end
             bad = r > b.clamp_min(level)
             if not bad.any():
