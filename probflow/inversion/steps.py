@@ -24,9 +24,7 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
     whose best residual has not halved in `give_up` calls ends (Newton–Krylov takes over); settle: a residual a
     stalled sample may end below (a level bound), besides the failure bound.
     Returns (y, calls, best residual, failure bound) per sample."""
-    # the residual of Φ(y) is computed from numbers of size |y| as well as |target|: going up the grid y is the
-    # larger (up to σ_i/σ_{i+1}×), and one ulp of it is what any solve can resolve there
-    bound, y, b = torch.maximum(ulp_tol(target, tol), ulp_tol(guess, tol)), guess, target.shape[0]
+    bound, y, b = ulp_tol(target, tol), guess, target.shape[0]
     fail, acc = 256 * bound, Anderson(memory, (1.0 / a).clamp(0.5, 1e6))
     done, stall = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long)
     best_r = torch.full((b,), float("inf"), dtype=torch.float64)
@@ -113,8 +111,7 @@ def fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=No
     inf = torch.full_like(r, float("inf"))
     settle = fail if level is None else fail.clamp_min(level)
     nk = newton_krylov(lambda v: run_step(field, m, v if pre is None else pre(v), s, s_next)[0], target, y,
-                       torch.where(bad, torch.maximum(ulp_tol(target, tol), ulp_tol(y, tol)), inf),
-                       torch.where(bad, settle, inf),
+                       torch.where(bad, ulp_tol(target, tol), inf), torch.where(bad, settle, inf),
                        max_iter=min(max_iter, 20), patience=2, give_up=4)
     better = bad & (nk.res < r)
     y = torch.where(bmask(better, y), nk.z, y)
