@@ -266,6 +266,30 @@ def test_multistep_any_batch_shape():
     assert _mse(probflow.decode(model, enc.x, g, "dpmpp_3m").x, x0) <= 1e-24
 
 
+def _aniso_eps(s2: torch.Tensor):
+    """ε of N(0, diag(s2)) (variances per coordinate of the last axis): linear, but no per-sample scalar (the
+    solver's Gaussian surrogate) is its Jacobian."""
+    def eps(x, sigma):
+        xb = x * torch.sqrt(1 + sigma**2)
+        return xb * sigma / (s2 + sigma**2)
+    return eps
+
+
+@pytest.mark.parametrize("method", MULTISTEP)
+def test_multistep_latent_is_the_closed_form_inverse_of_a_linear_decoder(method):
+    # for a linear ε the decoder is x_0 = diag(gain)·x_T per coordinate; gain from decoding the unit latent
+    # (the decoder alone, no inversion), so the exact latent is x_0/gain, known independently of encode_exact
+    s2 = torch.tensor([0.01, 0.09, 0.25, 1.0, 4.0], dtype=torch.float64)
+    model = _aniso_eps(s2)
+    g = grids.named("logsnr", SCH, 10)
+    gain = probflow.decode(model, torch.ones(1, 5, dtype=torch.float64), g, method).x
+    x0 = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    enc = encode_exact(model, x0, g, method)
+    exact = x0 / gain
+    assert torch.allclose(enc.x, exact, rtol=1e-11, atol=0)
+    assert _mse(probflow.encode(model, x0, g, method).x, exact) > 1e-8  # the explicit encode is not it
+
+
 def test_multistep_non_convergence_raises(small_mixture):
     gm, x0 = small_mixture
     with pytest.raises(InversionError, match=r"σ = .*residual"):

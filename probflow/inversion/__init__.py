@@ -65,7 +65,6 @@ from probflow.inversion.common import InversionError
 from probflow.inversion.memory import check_memory, estimate_memory, uses_trajectory
 from probflow.inversion.steps import backward
 from probflow.inversion.surrogate import scales
-from probflow.inversion.sweep import solve_sweep
 from probflow.inversion.trajectory import solve_trajectory, trajectory_error
 from probflow.inversion.verify import verify as verify_roundtrip
 from probflow.solvers import Method, get_method
@@ -101,18 +100,6 @@ def _check_options(dtype: torch.dtype, tol, max_iter, memory, quantum) -> tuple[
     if quantum is not None and not (isinstance(quantum, (int, float)) and 0 < quantum < math.inf):
         raise ValueError(f"quantum: expected a positive finite level spacing (e.g. 2/255), got {quantum!r}")
     return tol, None if quantum is None else quantum / 4
-
-
-def _solve_multistep(field, m, x_end, sigmas, s2, tol, max_iter, memory, solve):
-    """The sweeps (`solve="auto"` on a multistep decoder), finished by the trajectory solve from their best iterate
-    where they stop short; the trajectory solve alone for `solve="trajectory"`."""
-    if solve == "trajectory" or not m.multistep:
-        return solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory)
-    xs, sweeps, r, b, hist = solve_sweep(field, m, x_end, sigmas, s2, tol, max_iter, memory)
-    if not bool((r > b).any()):
-        return xs, sweeps, r, b, hist
-    xs, passes, r, b, hist2 = solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, init=xs)
-    return xs, sweeps + passes, r, b, hist + hist2
 
 
 def encode_exact(
@@ -175,7 +162,7 @@ def encode_exact(
     fallbacks: list[dict] = []
     coarse: list[dict] = []
     if traj_solve:
-        xs, passes, r, b, hist = _solve_multistep(field, m, x_end, sigmas, s2, tol, max_iter, memory, solve)
+        xs, passes, r, b, hist = solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory)
         if bool((r > b).any()):  # below the data's own level is enough there: verified at the end
             if level is None or bool((r > b.clamp_min(level)).any()):
                 raise trajectory_error(m, sigmas, r, b if level is None else b.clamp_min(level), passes, hist)

@@ -14,15 +14,14 @@ from probflow.newton import Anderson
 __all__ = ["solve_trajectory", "trajectory_error"]
 
 
-def solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patience=2, init=None):
-    """(X1) on the whole trajectory: Anderson on X ← X − A⁻¹R(X) (module docstring), from `init` (N, B, *S) or
-    the explicit encode. Returns (X (N, B, *S), passes, best relative residual per sample, its bound, history)."""
+def solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patience=2):
+    """(X1) on the whole trajectory: Anderson on X ← X − A⁻¹R(X) (module docstring). Returns (X (N, B, *S),
+    passes, best relative residual per sample, its bound, history)."""
     n, b = len(sigmas) - 1, x_end.shape[0]
     ainv = surrogate_inverse(m, sigmas, s2).to(x_end.device)  # (B, N, N)
     scale = torch.rsqrt(1 + sigmas.double() ** 2)[:n].to(x_end.device).reshape(n, 1, *([1] * (x_end.ndim - 1)))
-    if init is None:  # warm start: the explicit encode
-        init = integrate(field, x_end, sigmas.flip(0), m, trajectory=True).trajectory.flip(0)[:n]
-    xs = init.contiguous().clone()
+    up = integrate(field, x_end, sigmas.flip(0), m, trajectory=True).trajectory  # warm start: the explicit encode
+    xs = up.flip(0)[:n].contiguous()
     bound = torch.full((b,), tol, dtype=torch.float64)
     fail = 256 * bound + 64 * n * model_eps(field, x_end.dtype)
     acc = Anderson(memory)
