@@ -24,6 +24,9 @@ def solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patienc
     xs = up.flip(0)[:n].contiguous()
     bound = torch.full((b,), tol, dtype=torch.float64)
     fail = 256 * bound + 64 * n * model_eps(field, x_end.dtype)
+    # a residual within 4 ulps of the state's dtype is the round-off of its own evaluation (a few roundings of
+    # terms of size |x̄|): accepted at once instead of after `patience` passes that cannot improve it
+    roundoff = fail.clamp_max(4 * torch.finfo(x_end.dtype).eps)
     acc = Anderson(memory)
     best_r = torch.full((b,), float("inf"), dtype=torch.float64)
     best = xs.clone()
@@ -38,7 +41,7 @@ def solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patienc
         best_r = torch.where(better, rel, best_r)
         best[:, better.to(xs.device)] = xs[:, better.to(xs.device)]
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
-        done = done | (best_r <= bound) | ((stall >= patience) & (best_r <= fail))
+        done = done | (best_r <= bound) | (best_r <= roundoff) | ((stall >= patience) & (best_r <= fail))
         history.append(float(rel[~done].max()) if bool((~done).any()) else float(best_r.max()))
         if bool(done.all()) or passes > max_iter:
             break
