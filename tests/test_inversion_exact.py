@@ -235,6 +235,17 @@ def test_multistep_round_trip_float32(small_mixture, method):
     assert _mse(probflow.decode(gm, enc.x, g, method).x, x0) <= 1e-12
 
 
+def test_multistep_float32_stops_at_round_off(small_mixture):
+    # a trajectory residual within 4 ulps of float32 is its own round-off: the solve ends at the first such pass
+    # (before, it spent passes there waiting for a stall: 7 on this case) and the round trip is still the target's
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, 20)
+    enc = encode_exact(gm, x0.float(), g, "dpmpp_2m")
+    hist, ulp4 = enc.info["history"], 4 * torch.finfo(torch.float32).eps
+    assert hist[-1] <= ulp4 and all(h > ulp4 for h in hist[:-1])
+    assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-12
+
+
 def test_multistep_negative_control_and_no_hidden_state(small_mixture):
     gm, x0 = small_mixture
     g = grids.named("logsnr", SCH, 10)
