@@ -36,7 +36,9 @@ on the flipped grid (one decode). `solve="trajectory"` applies the same solve to
 
 Tolerances and verification. A step (or the trajectory) is solved when every residual |R_i|_∞ ≤
 tol·max(1, |x̄_{i+1}|_∞) (tol = 1 ulp of the state's dtype by default, at least 1e-13), or when it has
-stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve). Every
+stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve); the
+trajectory also when it is within 4 ulps of the state's dtype, the round-off of the residual's own evaluation
+(accepted at once: passes spent waiting for a stall there cannot improve it; float64: below tol, no change). Every
 solve ends with a verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T
 alone and must return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a
 sample whose verified round trip has an RMS error above 16·max(tol, eps, 1e-13) (the round-trip targets, 1e-12 MSE in
