@@ -246,6 +246,20 @@ def test_multistep_float32_stops_at_round_off(small_mixture):
     assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-12
 
 
+def test_multistep_first_pass_reuses_the_warm_starts_calls(small_mixture):
+    # the first teacher-forced pass runs on the explicit encode's own points: the model is called again only at
+    # σ_0 (the encode never evaluates its last point); every later pass costs one decode (N calls)
+    gm, x0 = small_mixture
+    n = 20
+    g = grids.named("logsnr", SCH, n)
+    warm = probflow.encode(gm, x0, g, "dpmpp_2m").nfe
+    enc = encode_exact(gm, x0, g, "dpmpp_2m")
+    passes = enc.info["iterations"][0]
+    assert passes >= 3
+    assert enc.info["nfe_solve"] == warm + 1 + (passes - 1) * n
+    assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-24
+
+
 def test_multistep_negative_control_and_no_hidden_state(small_mixture):
     gm, x0 = small_mixture
     g = grids.named("logsnr", SCH, 10)
