@@ -32,7 +32,8 @@ equations comes from one teacher-forced pass of the method's step function (each
 its history from the same pass): one call per step, the cost of one decode. Newton's correction with the
 surrogate Jacobian, δ = −A⁻¹R (A: N×N per sample, shared by all pixels), is accelerated by Anderson over the whole
 trajectory (each x̄_i scaled to the data's scale by 1/sqrt(1+σ_i²)). Warm start: the method's own explicit encode
-on the flipped grid (one decode). `solve="trajectory"` applies the same solve to single-step decoders.
+on the flipped grid (one decode), whose model calls the first pass reuses (the same σ and bytes: about one call).
+`solve="trajectory"` applies the same solve to single-step decoders.
 
 Tolerances and verification. A step (or the trajectory) is solved when every residual |R_i|_∞ ≤
 tol·max(1, |x̄_{i+1}|_∞) (tol = 1 ulp of the state's dtype by default, at least 1e-13), or when it has
