@@ -235,6 +235,31 @@ def test_multistep_round_trip_float32(small_mixture, method):
     assert _mse(probflow.decode(gm, enc.x, g, method).x, x0) <= 1e-12
 
 
+def test_multistep_float32_stops_at_round_off(small_mixture):
+    # a trajectory residual within 4 ulps of float32 is its own round-off: the solve ends at the first such pass
+    # (before, it spent passes there waiting for a stall: 7 on this case) and the round trip is still the target's
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, 20)
+    enc = encode_exact(gm, x0.float(), g, "dpmpp_2m")
+    hist, ulp4 = enc.info["history"], 4 * torch.finfo(torch.float32).eps
+    assert hist[-1] <= ulp4 and all(h > ulp4 for h in hist[:-1])
+    assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-12
+
+
+def test_multistep_first_pass_reuses_the_warm_starts_calls(small_mixture):
+    # the first teacher-forced pass runs on the explicit encode's own points: the model is called again only at
+    # σ_0 (the encode never evaluates its last point); every later pass costs one decode (N calls)
+    gm, x0 = small_mixture
+    n = 20
+    g = grids.named("logsnr", SCH, n)
+    warm = probflow.encode(gm, x0, g, "dpmpp_2m").nfe
+    enc = encode_exact(gm, x0, g, "dpmpp_2m")
+    passes = enc.info["iterations"][0]
+    assert passes >= 3
+    assert enc.info["nfe_solve"] == warm + 1 + (passes - 1) * n
+    assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-24
+
+
 def test_multistep_negative_control_and_no_hidden_state(small_mixture):
     gm, x0 = small_mixture
     g = grids.named("logsnr", SCH, 10)
@@ -264,6 +289,30 @@ def test_multistep_any_batch_shape():
     enc = encode_exact(model, x0, g, "dpmpp_3m")
     assert enc.x.shape == x0.shape
     assert _mse(probflow.decode(model, enc.x, g, "dpmpp_3m").x, x0) <= 1e-24
+
+
+def _aniso_eps(s2: torch.Tensor):
+    """ε of N(0, diag(s2)) (variances per coordinate of the last axis): linear, but no per-sample scalar (the
+    solver's Gaussian surrogate) is its Jacobian."""
+    def eps(x, sigma):
+        xb = x * torch.sqrt(1 + sigma**2)
+        return xb * sigma / (s2 + sigma**2)
+    return eps
+
+
+@pytest.mark.parametrize("method", MULTISTEP)
+def test_multistep_latent_is_the_closed_form_inverse_of_a_linear_decoder(method):
+    # for a linear ε the decoder is x_0 = diag(gain)·x_T per coordinate; gain from decoding the unit latent
+    # (the decoder alone, no inversion), so the exact latent is x_0/gain, known independently of encode_exact
+    s2 = torch.tensor([0.01, 0.09, 0.25, 1.0, 4.0], dtype=torch.float64)
+    model = _aniso_eps(s2)
+    g = grids.named("logsnr", SCH, 10)
+    gain = probflow.decode(model, torch.ones(1, 5, dtype=torch.float64), g, method).x
+    x0 = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    enc = encode_exact(model, x0, g, method)
+    exact = x0 / gain
+    assert torch.allclose(enc.x, exact, rtol=1e-11, atol=0)
+    assert _mse(probflow.encode(model, x0, g, method).x, exact) > 1e-8  # the explicit encode is not it
 
 
 def test_multistep_non_convergence_raises(small_mixture):

@@ -32,11 +32,14 @@ equations comes from one teacher-forced pass of the method's step function (each
 its history from the same pass): one call per step, the cost of one decode. Newton's correction with the
 surrogate Jacobian, δ = −A⁻¹R (A: N×N per sample, shared by all pixels), is accelerated by Anderson over the whole
 trajectory (each x̄_i scaled to the data's scale by 1/sqrt(1+σ_i²)). Warm start: the method's own explicit encode
-on the flipped grid (one decode). `solve="trajectory"` applies the same solve to single-step decoders.
+on the flipped grid (one decode), whose model calls the first pass reuses (the same σ and bytes: about one call).
+`solve="trajectory"` applies the same solve to single-step decoders.
 
 Tolerances and verification. A step (or the trajectory) is solved when every residual |R_i|_∞ ≤
 tol·max(1, |x̄_{i+1}|_∞) (tol = 1 ulp of the state's dtype by default, at least 1e-13), or when it has
-stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve). Every
+stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve); the
+trajectory also when it is within 4 ulps of the state's dtype, the round-off of the residual's own evaluation
+(accepted at once: passes spent waiting for a stall there cannot improve it; float64: below tol, no change). Every
 solve ends with a verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T
 alone and must return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a
 sample whose verified round trip has an RMS error above 16·max(tol, eps, 1e-13) (the round-trip targets, 1e-12 MSE in
