@@ -23,8 +23,10 @@ Single-step decoders (euler, heun2, rk4, …): the steps are solved one at a tim
 substitution), each by Anderson acceleration (`probflow.newton.Anderson`, memory m) of
 y ← y + (x̄_{i+1} − Φ_i(y))/a_i, with a_i the surrogate's ∂Φ_i/∂y per sample; one call of Φ_i per iteration. The
 warm start extrapolates the slope (x̄_{j+1} − x̄_j)/(σ_{j+1} − σ_j) of the two solved steps above linearly in σ
-(local error O(h³)). A step whose Anderson solve stalls or diverges above its failure bound is finished by
-inexact Newton–Krylov (`probflow.newton.newton_krylov`: GMRES on forward differences of Φ_i, forward calls only).
+(local error O(h³)). A step whose Anderson residual has not halved in 16 calls, or that stalls or diverges above its
+failure bound, is handed to inexact Newton–Krylov (`probflow.newton.newton_krylov`: GMRES on forward differences of
+Φ_i, forward calls only); only where the step would still be refused, Anderson runs again from there with its whole
+budget and Newton–Krylov once more (`steps._settle`).
 
 Multistep decoders (dpmpp_2m/3m, unipc, unipc_3): a step's history couples it to the steps before it, so the
 trajectory X = (x̄_0 … x̄_{N−1}) is solved as one unknown. The residual R_i = x̄_{i+1} − Φ_i(x̄_i; h_i(X)) of all N
