@@ -50,7 +50,7 @@ def test_fitted_grid_beats_its_start_grid_on_fresh_noise():
     f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80)
     start = C.candidate_grids(sch, 10)[f.start]
     assert f.method in C.FIT_METHODS and len(f.grid) == 11 and float(f.grid[-1]) == 0.0
-    assert f.cal_rmse[1] <= f.cal_rmse[0] and f.val_rmse[1] < f.val_rmse[0]  # kept on validation
+    assert f.cal_rmse[1] <= f.cal_rmse[0] and f.kept  # kept on validation
     fresh = noise(64, (8,), 99)  # neither batch it was fitted or validated on
     e_fit, e_start = _rmse(model, sch, f.grid, f.method, fresh), _rmse(model, sch, start, f.method, fresh)
     assert e_fit < 0.8 * e_start, (e_fit, e_start)  # measured 0.53
@@ -84,3 +84,50 @@ def test_error_leaves_out_the_worst_samples_only():
     for bad in (4, -1, 0.5, True):
         with pytest.raises(ValueError, match="drop_worst"):
             C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, drop_worst=bad)
+
+
+def _sorted_sq(values):
+    return torch.tensor(sorted(v * v for v in values), dtype=torch.float64)
+
+
+def test_validation_guard_rejects_a_fit_that_hides_one_jumped_sample():
+    # start: every sample at 1e-3; fit: 31 samples twice as good, one sent into another mode (error 0.5)
+    start = _sorted_sq([1e-3] * 32)
+    fit = _sorted_sq([5e-4] * 31 + [0.5])
+    assert C._confirmed(start, fit, 1, guard=False)  # the trimmed RMSE leaves the jump out: the old rule keeps it
+    assert not C._confirmed(start, fit, 1, guard=True)
+    # a fit better on every sample is confirmed by both rules; one worse on the trimmed RMSE by neither
+    better = _sorted_sq([5e-4] * 31 + [9e-4])
+    assert C._confirmed(start, better, 1, guard=True) and C._confirmed(start, better, 1, guard=False)
+    worse = _sorted_sq([2e-3] * 32)
+    assert not C._confirmed(start, worse, 1, guard=True) and not C._confirmed(start, worse, 1, guard=False)
+    # a failed solve is never confirmed; a failed start leaves any finite fit
+    assert not C._confirmed(start, None, 1, guard=True) and C._confirmed(None, fit, 1, guard=True)
+
+
+def test_tail_constraint_compares_the_largest_errors_order_statistic_by_order_statistic():
+    start = _sorted_sq([1e-3] * 30 + [4e-3, 8e-3])
+    assert C._tail_ok(_sorted_sq([5e-4] * 30 + [3e-3, 8e-3]), start, 3)
+    assert not C._tail_ok(_sorted_sq([5e-4] * 30 + [3e-3, 0.5]), start, 3)  # one jump: refused
+    assert not C._tail_ok(_sorted_sq([5e-4] * 29 + [2e-3, 5e-3, 7e-3]), start, 3)  # 2nd largest worse
+    assert C._tail_ok(_sorted_sq([5e-4] * 31 + [0.5]), start, 0)  # tail 0: no constraint
+    with pytest.raises(ValueError, match="tail"):
+        C.optimise_grid(_mixture(), noise(4, (8,), 1), noise(4, (8,), 1), C.candidate_grids(linear(), 5)["logsnr/0.03"],
+                        "unipc", sigma_floor=0.01, tail=-1)
+
+
+def test_optimised_grid_keeps_the_largest_calibration_errors_below_the_start():
+    torch.set_num_threads(1)
+    sch, model = linear(), _mixture()
+    xb = noise(16, (8,), 21) * math.sqrt(1 + sch.sigma_max**2)
+    ends = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    ref = integrate(model, xb, ends, "scipy_dop853", rtol=1e-11, atol=1e-11, options={"group": 16}).x
+    start = C.candidate_grids(sch, 10)["logsnr/0.03"]
+
+    def per(grid):  # independent of calibrate's helpers: the per-sample RMS error, sorted
+        out = integrate(DDIMField(model), xb, grid, "unipc").x
+        return (out - ref).pow(2).mean(1).sqrt().sort().values
+
+    grid, _ = C.optimise_grid(model, xb, ref, start, "unipc", sigma_floor=sch.sigma_min, bins=4, max_evals=60, tail=4)
+    assert not torch.equal(grid, start)  # the fit moved the grid
+    assert (per(grid)[-4:] <= per(start)[-4:] * (1 + 1e-12)).all()
