@@ -59,6 +59,13 @@ def per_sample(model, xb, ref, grid, method) -> torch.Tensor:
     return (out - ref).pow(2).mean(1).sqrt()
 
 
+def _stats(per) -> dict:
+    """Full and trimmed (worst left out) RMSE and the largest per-sample RMS error of sorted per-sample MSEs."""
+    if per is None:
+        return {"full": math.inf, "trim1": math.inf, "max": math.inf}
+    return {"full": C._trimmed(per), "trim1": C._trimmed(per, 1), "max": float(per[-1].sqrt())}
+
+
 def study(seed: int, nfes, n_val: int, n_fresh: int) -> list[dict]:
     p = make_problem(seed)
     s = setup(p, 32)
@@ -83,15 +90,19 @@ def study(seed: int, nfes, n_val: int, n_fresh: int) -> list[dict]:
         fits = {t: C.optimise_grid(f, x, ref, start, method, sigma_floor=sch.sigma_min, bins=12, max_evals=400,
                                    drop_worst=1, tail=t)[0] for t in (0, 3)}
         grids = {"start": (start, method), "recommended": (rec_grid, rec_m)}
+        val_stats = {}
         for t, g in fits.items():
             vs, vf = C._per_sample(f, xv, start, method, ref_v), C._per_sample(f, xv, g, method, ref_v)
             vs32, vf32 = C._per_sample(f, xv[:32], start, method, ref_v[:32]), C._per_sample(f, xv[:32], g, method,
                                                                                             ref_v[:32])
             grids[f"fit_tail{t}"] = (g, method)
+            val_stats[t] = {nm: {"start": _stats(a), "fit": _stats(b)} for nm, (a, b) in
+                            {"val32": (vs32, vf32), f"val{n_val}": (vs, vf)}.items()}
             for rule, (a, b, guard) in {"old32": (vs32, vf32, False), "guard32": (vs32, vf32, True),
                                         f"guard{n_val}": (vs, vf, True), f"old{n_val}": (vs, vf, False)}.items():
                 grids[f"tail{t}_{rule}"] = (g if C._confirmed(a, b, 1, guard) else start, method)
-        row = {"seed": seed, "nfe": n, "peer_chosen": pc, "start": f"{method}|{name}", "configs": {}}
+        row = {"seed": seed, "nfe": n, "peer_chosen": pc, "start": f"{method}|{name}", "configs": {},
+               "val": val_stats}
         for k, (g, m) in grids.items():
             e = per_sample(model, xf, ref_f, g, m)
             ev = rmse(integrate(DDIMField(model), s.xbar, g, m).x, s.reference)
