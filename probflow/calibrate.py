@@ -450,11 +450,14 @@ def fit_recipe(model, x: Tensor, x_val: Tensor, schedule: Schedule, nfe: int, me
        trimmed RMSE; with `guard` also a lower RMSE over every sample and a largest per-sample error no larger
        than the start's), else the start grid is returned, so that a fit to the calibration noise does not survive.
 
-    The calibration RMSEs leave out the `drop_worst` samples with the largest error (`_solve_error`: on a
-    multimodal model one sample that ends in another mode would otherwise decide every choice; on the tuning
-    problems of benchmarks/FAIR.md, leaving out 1 of 32 beat leaving out none and leaving out 10 % at NFE 10, 20
-    and 50). Rare mode switches that the trimmed RMSE cannot see are what `tail` and `guard` guard against; a
-    larger validation batch costs no extra model calls (the calls are batched) and sees rarer switches.
+    The RMSEs leave out the `drop_worst` samples with the largest error (`_solve_error`: on a multimodal model
+    one sample that ends in another mode would otherwise decide every choice; on the tuning problems of
+    benchmarks/FAIR.md, leaving out 1 of 32 beat leaving out none and leaving out 10 % at NFE 10, 20 and 50).
+    A warp can make such mode switches rarer than the batches show; what sees them is a large validation batch:
+    use ≥ 256 samples for `x_val` (a fitted grid that switches one sample in 32 shows ≈ 8 switches there, and
+    leaving out one does not hide them). It costs no more model calls than 32 (the calls are batched), only
+    compute. `tail` (a constraint on the fit) and `guard` (a stricter validation rule) are opt-in: on the tuning
+    problems neither improved on validating on 256 samples (`benchmarks/fit_design.py`).
 
     References: `scipy_dop853` at rtol = atol = `ref_tol` per batch (pass `references` = (x̄(0) of x, of x_val)
     to reuse them across NFEs). Cost (`Fitted.calls`, batched model calls): the references (≈ 10³ each, unless
