@@ -445,7 +445,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-nfe", help="NFEs of the calibrated recipe (default: --nfe)")
     ap.add_argument("--fit-val", type=int, default=VAL_SAMPLES, help="validation samples of the fit (seed + 8)")
     ap.add_argument("--fit-tail", type=int, help="fit_recipe's tail (default: fit_recipe's)")
-    ap.add_argument("--fit-guard", choices=("on", "off"), help="fit_recipe's validation guard (default: fit_recipe's)")
+    ap.add_argument("--fit-jump", type=float, help="fit_recipe's jump (≤ 0: off; default: fit_recipe's)")
     ap.add_argument("--only", choices=("tuning", "heldout", "extras", "fit"),
                     help="compute and cache one phase, no report (fit: the calibrated recipe on the held-out problems "
                     "÷ FAIR.md's chosen peer configuration, printed, without the grid sweep)")
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
         nfe = tuple(int(v) for v in a.nfe.split(","))
     except ValueError:
         ap.exit(2, f"fair_fewstep: --nfe: expected comma-separated integers, got {a.nfe!r}\n")
-    if min(a.samples, a.tuning, a.heldout) < 1 or a.outside < 0 or min(nfe) < 1:
+    if min(a.samples, a.tuning) < 1 or min(a.heldout, a.outside) < 0 or min(nfe) < 1:
         ap.exit(2, "fair_fewstep: --samples, --tuning, --heldout, --nfe: expected positive integers\n")
     if a.out and Path(a.out).exists() and not a.force:
         ap.exit(2, f"fair_fewstep: --out: {a.out} exists (use --force)\n")
@@ -472,8 +472,9 @@ def main(argv=None) -> int:
     held_p = [outside_problem(*o) for o in OUTSIDE[:a.outside]] + [make_problem(s) for s in HELDOUT_SEEDS[:a.heldout]]
     held = [] if a.only in ("extras", "fit") else [_results(cache, p, a, nfe) for p in held_p]
     fit_nfe = tuple(int(v) for v in a.fit_nfe.split(",")) if a.fit_nfe else nfe
-    fit_kw = {k: v for k, v in (("tail", a.fit_tail), ("guard", None if a.fit_guard is None else a.fit_guard == "on"))
-              if v is not None}
+    fit_kw = {k: v for k, v in (("tail", a.fit_tail), ("jump", a.fit_jump)) if v is not None}
+    if fit_kw.get("jump", 1.0) <= 0:
+        fit_kw["jump"] = None
     fit_key = "fit_p{}" + (f"_v{a.fit_val}" if a.fit_val != VAL_SAMPLES else "") + "".join(
         f"_{k}{v}" for k, v in sorted(fit_kw.items())) + ("" if fit_nfe == nfe else "_n" + "-".join(map(str, fit_nfe)))
     fits = ([_cached(cache, fit_key.format(p.seed), lambda p=p: fit_run(_setup(p, a.samples), fit_nfe,

@@ -3,7 +3,8 @@ sweep (`run_problem`) split by side (probflow's methods, k-diffusion's samplers,
 family, at given sample counts and NFEs, so that a full run can be extrapolated (issue 26).
 
 Run: `python benchmarks/fair_timing.py --seeds 100,9001 --samples 32,256 --nfe 10,50`  (prints one JSON line per
-measurement; seconds of wall-clock on this machine, single-threaded torch)."""
+measurement; CPU seconds of this process, single-threaded torch: on a shared machine wall-clock seconds measure the
+other jobs too)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ def main(argv=None) -> int:
     for seed in map(int, a.seeds.split(",")):
         p = problem(seed)
         for n_s in map(int, a.samples.split(",")):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             s = setup(p, n_s)
-            row = {"problem": p.describe(), "samples": n_s, "setup_s": round(time.perf_counter() - t0, 2),
+            row = {"problem": p.describe(), "samples": n_s, "setup_s": round(time.process_time() - t0, 2),
                    "ref_nfe": s.ref_nfe}
             for n in map(int, a.nfe.split(",")):
                 for fam in a.families.split(","):
@@ -49,9 +50,9 @@ def main(argv=None) -> int:
                         saved = {k: getattr(F, v[0]) for k, v in GROUPS.items()}
                         for k, (at, _) in GROUPS.items():
                             setattr(F, at, val if k == g else ())
-                        t0 = time.perf_counter()
+                        t0 = time.process_time()
                         r = F.run_problem(s, (n,), False, fam)
-                        row[f"{g}_{fam}_n{n}"] = round(time.perf_counter() - t0, 2)
+                        row[f"{g}_{fam}_n{n}"] = round(time.process_time() - t0, 2)
                         row[f"{g}_{fam}_n{n}_configs"] = len(r["pf"]) + len(r["peer"])
                         for k, (at, _) in GROUPS.items():
                             setattr(F, at, saved[k])

@@ -86,23 +86,30 @@ def test_error_leaves_out_the_worst_samples_only():
             C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, drop_worst=bad)
 
 
+def _sq(values):
+    return torch.tensor([v * v for v in values], dtype=torch.float64)
+
+
+def test_validation_rejects_a_fit_that_hides_one_jumped_sample():
+    # start: every sample at 1e-3; fit: 31 samples twice as good, sample 7 sent into another mode (error 0.5)
+    start = _sq([1e-3] * 32)
+    fit = _sq([5e-4] * 7 + [0.5] + [5e-4] * 24)
+    assert C._confirmed(start, fit, 1, jump=None)  # the trimmed RMSE leaves the jump out: the old rule keeps it
+    assert not C._confirmed(start, fit, 1, jump=10.0)
+    # a sample that the start grid switches too (same noise) is no new jump: the fit's gain elsewhere counts
+    start_j = _sq([1e-3] * 7 + [0.4] + [1e-3] * 24)
+    assert C._confirmed(start_j, fit, 1, jump=10.0)
+    # ... but the same jump on another sample than the start's is one
+    assert not C._confirmed(_sq([1e-3] * 8 + [0.4] + [1e-3] * 23), fit, 1, jump=10.0)
+    # a fit better on every sample is confirmed; one worse on the trimmed RMSE is not
+    assert C._confirmed(start, _sq([5e-4] * 31 + [9e-4]), 1, jump=10.0)
+    assert not C._confirmed(start, _sq([2e-3] * 32), 1, jump=10.0)
+    # a failed solve is never confirmed; a failed start leaves any finite fit
+    assert not C._confirmed(start, None, 1, jump=10.0) and C._confirmed(None, fit, 1, jump=10.0)
+
+
 def _sorted_sq(values):
     return torch.tensor(sorted(v * v for v in values), dtype=torch.float64)
-
-
-def test_validation_guard_rejects_a_fit_that_hides_one_jumped_sample():
-    # start: every sample at 1e-3; fit: 31 samples twice as good, one sent into another mode (error 0.5)
-    start = _sorted_sq([1e-3] * 32)
-    fit = _sorted_sq([5e-4] * 31 + [0.5])
-    assert C._confirmed(start, fit, 1, guard=False)  # the trimmed RMSE leaves the jump out: the old rule keeps it
-    assert not C._confirmed(start, fit, 1, guard=True)
-    # a fit better on every sample is confirmed by both rules; one worse on the trimmed RMSE by neither
-    better = _sorted_sq([5e-4] * 31 + [9e-4])
-    assert C._confirmed(start, better, 1, guard=True) and C._confirmed(start, better, 1, guard=False)
-    worse = _sorted_sq([2e-3] * 32)
-    assert not C._confirmed(start, worse, 1, guard=True) and not C._confirmed(start, worse, 1, guard=False)
-    # a failed solve is never confirmed; a failed start leaves any finite fit
-    assert not C._confirmed(start, None, 1, guard=True) and C._confirmed(None, fit, 1, guard=True)
 
 
 def test_tail_constraint_compares_the_largest_errors_order_statistic_by_order_statistic():
