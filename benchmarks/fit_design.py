@@ -62,7 +62,7 @@ def per_sample(model, xb, ref, grid, method) -> torch.Tensor:
     return (out - ref).pow(2).mean(1).sqrt()
 
 
-def study(seed: int, nfes) -> list[dict]:
+def study(seed: int, nfes, trust: float | None = None) -> list[dict]:
     p = make_problem(seed)
     s = setup(p, 32)
     sch, model = s.schedule, p.model
@@ -77,7 +77,7 @@ def study(seed: int, nfes) -> list[dict]:
         method, name = min(scores, key=lambda k: (scores[k], k))
         start = cands[name]
         fit = C.optimise_grid(f, x, ref, start, method, sigma_floor=sch.sigma_min, bins=12, max_evals=400,
-                              drop_worst=1)[0]
+                              drop_worst=1, trust=trust)[0]
         rm, rb = R.recipe_for(R.RECOMMENDED, n)
         row = {"seed": seed, "nfe": n, "start_name": f"{method}|{name}", "peer_chosen": peer_chosen(s, n)}
         for k, (g, m) in {"start": (start, method), "fit": (fit, method),
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nfe", default="10,20")
     ap.add_argument("--seeds", default=f"{TUNING_SEEDS[0]}-{TUNING_SEEDS[-1]}")
+    ap.add_argument("--trust", type=float, help="the fit's trust region (`optimise_grid`; default: none)")
     ap.add_argument("--out", help="JSON of the per-sample errors (read back with --table)")
     ap.add_argument("--table", nargs="*", help="only print the rule table of these JSON files")
     a = ap.parse_args(argv)
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     if not set(seeds) <= set(TUNING_SEEDS):
         ap.exit(2, "fit_design: --seeds: expected tuning seeds only (heldout.TUNING_SEEDS)\n")
     torch.set_num_threads(1)
-    rows = [r for sd in seeds for r in study(sd, [int(v) for v in a.nfe.split(",")])]
+    rows = [r for sd in seeds for r in study(sd, [int(v) for v in a.nfe.split(",")], a.trust)]
     with open(a.out, "w") as fh:
         json.dump(rows, fh)
     print(rule_table(rows))

@@ -347,43 +347,40 @@ def _solve_error(field, xbar: Tensor, grid: Tensor, method: str, reference: Tens
     return _trimmed(_per_sample(field, xbar, grid, method, reference), drop_worst)
 
 
-def _tail_ok(per: Tensor, start: Tensor, tail: int) -> bool:
-    """Whether the `tail` largest per-sample errors `per` are each at most the start grid's, order statistic by
-    order statistic (a warp that sends one sample into another mode is refused even where the trimmed RMSE
-    would leave that sample out)."""
-    k = min(tail, len(per))
-    return k == 0 or bool((per.sort().values[-k:] <= start.sort().values[-k:]).all())
-
-
 def optimise_grid(model, xbar: Tensor, reference: Tensor, start: Tensor, method: str, *, sigma_floor: float,
-                  bins: int = 8, max_evals: int = 200, drop_worst: int = 0, tail: int = 0) -> tuple[Tensor, float]:
+                  bins: int = 8, max_evals: int = 200, drop_worst: int = 0,
+                  trust: float | None = None) -> tuple[Tensor, float]:
     """min over θ of the calibration RMSE of `method` on `warped(start, θ, sigma_floor)` (Nelder–Mead from θ = 0,
     at most `max_evals` solves of the batch `xbar` (x̄ at σ_max), each costing the grid's NFE; the `drop_worst`
-    samples with the largest error left out, `_solve_error`), subject to the `tail` largest per-sample errors
-    being no larger than the start grid's, order statistic by order statistic (`_tail_ok`; a θ that breaks it
-    scores inf). Returns the grid and its calibration RMSE, never worse than `start`'s on this batch."""
+    samples with the largest error left out, `_solve_error`). `trust` bounds the warp's step density: the bin
+    parameters b_k are clipped to [−trust/2, trust/2], so no bin's density changes by more than e^trust against
+    another's (a trust region around the start grid; None: unbounded). Returns the grid and its calibration RMSE,
+    never worse than `start`'s on this batch."""
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins: expected a positive integer, got {bins!r}")
     if not isinstance(max_evals, int) or max_evals < 1:
         raise ValueError(f"max_evals: expected a positive integer, got {max_evals!r}")
-    if isinstance(tail, bool) or not isinstance(tail, int) or tail < 0:
-        raise ValueError(f"tail: expected a non-negative integer, got {tail!r}")
+    if trust is not None and not (isinstance(trust, (int, float)) and trust > 0):
+        raise ValueError(f"trust: expected a positive number or None, got {trust!r}")
     field = as_field(model)
-    start_per = _per_sample(field, xbar, start, method, reference)
-    start_err = _trimmed(start_per, drop_worst)
+
+    def bounded(theta) -> np.ndarray:
+        th = np.array(theta, dtype=np.float64)
+        if trust is not None:
+            th[1:] = np.clip(th[1:], -0.5 * trust, 0.5 * trust)
+        return th
 
     def loss(theta) -> float:
-        per = _per_sample(field, xbar, warped(start, theta, sigma_floor), method, reference)
-        if per is None or (start_per is not None and not _tail_ok(per, start_per, tail)):
-            return math.inf
-        return math.log(_trimmed(per, drop_worst) + 1e-300)
+        grid = warped(start, bounded(theta), sigma_floor)
+        return math.log(_solve_error(field, xbar, grid, method, reference, drop_worst) + 1e-300)
 
     theta0 = np.zeros(bins + 1)
     simplex = np.vstack([theta0] + [theta0 + 0.5 * np.eye(bins + 1)[i] for i in range(bins + 1)])
     res = minimize(loss, theta0, method="Nelder-Mead",
                    options={"maxfev": max_evals, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-3})
+    start_err = _solve_error(field, xbar, start, method, reference, drop_worst)
     if math.exp(res.fun) < start_err:
-        return warped(start, res.x, sigma_floor), math.exp(res.fun)
+        return warped(start, bounded(res.x), sigma_floor), math.exp(res.fun)
     return start.clone(), start_err
 
 
@@ -436,7 +433,8 @@ def _confirmed(start: Tensor | None, fit: Tensor | None, drop_worst: int, jump: 
 
 
 def fit_recipe(model, x: Tensor, x_val: Tensor, schedule: Schedule, nfe: int, methods: tuple[str, ...] = FIT_METHODS,
-               *, bins: int = 12, max_evals: int = 400, drop_worst: int = 1, tail: int = 0, jump: float | None = 10.0,
+               *, bins: int = 12, max_evals: int = 400, drop_worst: int = 1, trust: float | None = None,
+               jump: float | None = 10.0,
                ref_tol: float = 1e-10, references: tuple[Tensor, Tensor] | None = None) -> Fitted:
     """A per-model recipe at `nfe` model calls per sample, fitted on the model's own noise (opt-in):
 
@@ -444,8 +442,8 @@ def fit_recipe(model, x: Tensor, x_val: Tensor, schedule: Schedule, nfe: int, me
        model's variable, as `probflow.sample` takes it); the smallest RMSE of x̄(0) against the batch's reference
        picks the method and start grid;
     2. `optimise_grid` moves that grid's points (end point and step density, `bins` + 1 numbers, ≤ `max_evals`
-       solves) to minimise the same RMSE, never below the schedule's σ_0 (the model's trained range), with the
-       `tail` largest per-sample calibration errors no larger than the start grid's (`_tail_ok`);
+       solves, step density within `trust`) to minimise the same RMSE, never below the schedule's σ_0 (the model's
+       trained range);
     3. the fitted grid is kept only if the separate validation batch `x_val` confirms it (`_confirmed`: a lower
        trimmed RMSE, and no validation sample whose error the fitted grid alone makes `jump` times larger, a
        switch to another mode), else the start grid is returned, so that a fit to the calibration noise does not
@@ -458,8 +456,7 @@ def fit_recipe(model, x: Tensor, x_val: Tensor, schedule: Schedule, nfe: int, me
     a single one: hence the paired `jump` test on the validation batch, and use ≥ 256 samples for `x_val` (it costs
     no more model calls than 32, the calls being batched, only compute). On the tuning problems (fresh noise,
     `benchmarks/fit_design.py`) comparing the largest errors instead (unpaired) rejected good fits at NFE 10, where
-    every grid switches some samples; `jump` = 10 and 30 chose alike, 3 and 5 rejected good fits. `tail` (a
-    constraint on the fit's largest calibration errors) is opt-in: on the tuning problems it did not help.
+    every grid switches some samples; `jump` = 10 and 30 chose alike, 3 and 5 rejected good fits.
 
     References: `scipy_dop853` at rtol = atol = `ref_tol` per batch (pass `references` = (x̄(0) of x, of x_val)
     to reuse them across NFEs). Cost (`Fitted.calls`, batched model calls): the references (≈ 10³ each, unless
@@ -490,7 +487,7 @@ def fit_recipe(model, x: Tensor, x_val: Tensor, schedule: Schedule, nfe: int, me
     if not math.isfinite(scores[(method, name)]):
         raise ValueError(f"nfe: no candidate grid solved the calibration batch at nfe = {nfe}")
     grid, cal = optimise_grid(field, xb, ref, cands[name], method, sigma_floor=schedule.sigma_min, bins=bins,
-                              max_evals=max_evals, drop_worst=drop_worst, tail=tail)
+                              max_evals=max_evals, drop_worst=drop_worst, trust=trust)
     per = (_per_sample(field, xv, cands[name], method, ref_val), _per_sample(field, xv, grid, method, ref_val))
     kept = _confirmed(*per, drop_worst, jump)
     return Fitted(method, grid if kept else cands[name], name, (scores[(method, name)], cal),
