@@ -24,9 +24,9 @@ Problems. Tuning: `heldout.TUNING_SEEDS`; held-out: `heldout.HELDOUT_SEEDS` and 
 Calibrated row (`--fit`, opt-in per model): `probflow.calibrate.fit_recipe` per held-out problem and NFE: on 32
 calibration samples of the model's own noise (seed + 7), unipc/unipc_3 × the start grids
 `calibrate.candidate_grids` (power-in-t and log-SNR, ends σ_0 … 0.1), the best then warped by Nelder–Mead (end
-point and step density on 12 bins, ≤ 400 solves), kept only if better on 256 validation samples (seed + 8,
-`--fit-val`; enough to see a grid that sends one sample in 32 to another component); judged on the evaluation
-noise (seed + 1). Its cost in model calls is reported. Adaptive study (`--adaptive N`):
+point and step density on 12 bins, ≤ 400 solves), kept only if better on 32 validation samples (seed + 8,
+`--fit-val`) and no validation sample is sent into another component by the fitted grid alone (`jump`); judged
+on the evaluation noise (seed + 1). Its cost in model calls is reported. Adaptive study (`--adaptive N`):
 `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error, ending at σ_0 and at σ = 0, and torchdiffeq's
 adaptive methods' error ÷ tolerance.
 
@@ -163,7 +163,7 @@ def run_problem(s, nfe=NFE, native: bool = False, family: str = "base") -> dict:
 # ------------------------------------------------------------------------------------------------ calibrated
 
 CAL_SAMPLES = 32  # calibration batch of `fit_recipe` (noise seed seed + 7)
-VAL_SAMPLES = 256  # validation batch (seed + 8); --fit-val
+VAL_SAMPLES = 32  # validation batch (seed + 8); --fit-val
 
 
 def fit_run(s, nfe=NFE, n_cal: int = CAL_SAMPLES, n_val: int = VAL_SAMPLES, **fit_kw) -> dict:
