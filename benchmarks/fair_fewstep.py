@@ -444,8 +444,8 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default="base,tpow", help="grid families (base: DDIM/Karras/log-SNR; tpow)")
     ap.add_argument("--fit-nfe", help="NFEs of the calibrated recipe (default: --nfe)")
     ap.add_argument("--fit-val", type=int, default=VAL_SAMPLES, help="validation samples of the fit (seed + 8)")
-    ap.add_argument("--fit-trust", type=float, help="fit_recipe's trust (default: fit_recipe's)")
-    ap.add_argument("--fit-jump", type=float, help="fit_recipe's jump (≤ 0: off; default: fit_recipe's)")
+    ap.add_argument("--fit-trust", type=float, help="fit_recipe's trust region (default: none)")
+    ap.add_argument("--fit-jump", type=float, default=10.0, help="fit_recipe's jump (≤ 0: off)")
     ap.add_argument("--only", choices=("tuning", "heldout", "extras", "fit"),
                     help="compute and cache one phase, no report (fit: the calibrated recipe on the held-out problems "
                     "÷ FAIR.md's chosen peer configuration, printed, without the grid sweep)")
@@ -472,11 +472,9 @@ def main(argv=None) -> int:
     held_p = [outside_problem(*o) for o in OUTSIDE[:a.outside]] + [make_problem(s) for s in HELDOUT_SEEDS[:a.heldout]]
     held = [] if a.only in ("extras", "fit") else [_results(cache, p, a, nfe) for p in held_p]
     fit_nfe = tuple(int(v) for v in a.fit_nfe.split(",")) if a.fit_nfe else nfe
-    fit_kw = {k: v for k, v in (("trust", a.fit_trust), ("jump", a.fit_jump)) if v is not None}
-    if fit_kw.get("jump", 1.0) <= 0:
-        fit_kw["jump"] = None
-    fit_key = "fit_p{}" + (f"_v{a.fit_val}" if a.fit_val != VAL_SAMPLES else "") + "".join(
-        f"_{k}{v}" for k, v in sorted(fit_kw.items())) + ("" if fit_nfe == nfe else "_n" + "-".join(map(str, fit_nfe)))
+    fit_kw = {"trust": a.fit_trust, "jump": None if a.fit_jump <= 0 else a.fit_jump}
+    fit_key = (f"fit_p{{}}_v{a.fit_val}_t{a.fit_trust}_j{fit_kw['jump']}"
+               + ("" if fit_nfe == nfe else "_n" + "-".join(map(str, fit_nfe))))
     fits = ([_cached(cache, fit_key.format(p.seed), lambda p=p: fit_run(_setup(p, a.samples), fit_nfe,
                                                                         n_val=a.fit_val, **fit_kw)) for p in held_p]
             if a.fit or a.only == "fit" else None)
