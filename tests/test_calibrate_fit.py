@@ -125,3 +125,27 @@ def test_trust_bounds_the_warp_to_the_start_grids_step_density():
     assert not torch.allclose(lf, lg[0] + (lg - lg[0]) * (lf[-1] - lg[0]) / (lg[-1] - lg[0]), atol=1e-6)
     with pytest.raises(ValueError, match="trust"):
         C.optimise_grid(model, xb, ref, start, "unipc", sigma_floor=0.01, trust=0.0)
+
+
+def test_fit_recipe_returns_the_start_grid_when_the_fit_switches_one_validation_sample(monkeypatch):
+    torch.set_num_threads(1)
+    sch, model = linear(), _mixture()
+    x, xv = noise(16, (8,), 11), noise(20, (8,), 12)
+    real = C._per_sample
+    fitted = {}
+
+    def switched(field, xbar, grid, method, reference):  # validation batch (20 samples), fitted grid: sample 5 jumps
+        per = real(field, xbar, grid, method, reference)
+        starts = C.candidate_grids(sch, len(grid) - 1).values()
+        if len(xbar) == 20 and per is not None and not any(torch.equal(grid, g) for g in starts):
+            fitted["grid"] = grid
+            per = per.clone()
+            per[5] = 0.25
+        return per
+
+    monkeypatch.setattr(C, "_per_sample", switched)
+    f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2)
+    assert "grid" in fitted and not f.kept  # the trimmed RMSE alone leaves sample 5 out and keeps it
+    assert torch.equal(f.grid, C.candidate_grids(sch, 10)[f.start])
+    g = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2, jump=None)
+    assert g.kept and torch.equal(g.grid, fitted["grid"])
