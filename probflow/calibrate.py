@@ -469,6 +469,8 @@ def fit_recipe(model, x: Tensor, x_val: Tensor, schedule: Schedule, nfe: int, me
     n_min = min(len(x), len(x_val))
     if isinstance(drop_worst, bool) or not isinstance(drop_worst, int) or not 0 <= drop_worst < n_min:
         raise ValueError(f"drop_worst: expected an integer in [0, {n_min}) (the smaller batch), got {drop_worst!r}")
+    if jump is not None and (isinstance(jump, bool) or not isinstance(jump, (int, float)) or not jump > 1):
+        raise ValueError(f"jump: expected a number > 1 (an error ratio) or None, got {jump!r}")
     field = DDIMField(model) if not isinstance(model, DDIMField) else model
     calls0 = field.nfe
     scale = math.sqrt(1.0 + schedule.sigma_max**2)

@@ -84,6 +84,9 @@ def test_error_leaves_out_the_worst_samples_only():
     for bad in (4, -1, 0.5, True):
         with pytest.raises(ValueError, match="drop_worst"):
             C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, drop_worst=bad)
+    for bad in (1.0, 0, True, "10"):
+        with pytest.raises(ValueError, match="jump"):
+            C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, jump=bad)
 
 
 def _sq(values):
