@@ -24,13 +24,15 @@ Problems. Tuning: `heldout.TUNING_SEEDS`; held-out: `heldout.HELDOUT_SEEDS` and 
 Calibrated row (`--fit`, opt-in per model): `probflow.calibrate.fit_recipe` per held-out problem and NFE: on 32
 calibration samples of the model's own noise (seed + 7), unipc/unipc_3 × the start grids
 `calibrate.candidate_grids` (power-in-t and log-SNR, ends σ_0 … 0.1), the best then warped by Nelder–Mead (end
-point and step density on 12 bins, ≤ 400 solves), kept only if better on 32 validation samples (seed + 8); judged
+point and step density on 12 bins, ≤ 400 solves), kept only if better on 32 validation samples (seed + 8,
+`--fit-val`) and no validation sample is sent into another component by the fitted grid alone (`jump`); judged
 on the evaluation noise (seed + 1). Its cost in model calls is reported. Adaptive study (`--adaptive N`):
 `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error, ending at σ_0 and at σ = 0, and torchdiffeq's
 adaptive methods' error ÷ tolerance.
 
 Run: `python benchmarks/fair_fewstep.py --out benchmarks/FAIR.md [--tuning N --heldout N --outside N --samples S
---fit --adaptive N]` (per-problem results cached under --cache, so that a run resumes; `--only` computes one phase).
+--fit --adaptive N]` (per-problem results cached under --cache, so that a run resumes; `--only` computes one phase;
+`--only fit --fit-nfe 10,20,50` the calibrated recipe against FAIR.md's chosen peer configuration without the sweep).
 """
 
 from __future__ import annotations
@@ -160,29 +162,61 @@ def run_problem(s, nfe=NFE, native: bool = False, family: str = "base") -> dict:
 
 # ------------------------------------------------------------------------------------------------ calibrated
 
-CAL_SAMPLES = 32  # calibration and validation batches of `fit_recipe` (noise seeds seed + 7 and seed + 8)
+CAL_SAMPLES = 32  # calibration batch of `fit_recipe` (noise seed seed + 7)
+VAL_SAMPLES = 32  # validation batch (seed + 8); --fit-val
 
 
-def fit_run(s, nfe=NFE, n_cal: int = CAL_SAMPLES) -> dict:
-    """Per NFE: `probflow.calibrate.fit_recipe` on the model's own calibration noise (seed + 7) and validation
-    noise (seed + 8), never the evaluation noise (seed + 1), then evaluated on the problem's evaluation noise.
-    Records the method, start grid, RMSE and the model calls spent (the two references once per model, then per
-    NFE)."""
+def fit_run(s, nfe=NFE, n_cal: int = CAL_SAMPLES, n_val: int = VAL_SAMPLES, **fit_kw) -> dict:
+    """Per NFE: `probflow.calibrate.fit_recipe` (keywords `fit_kw`) on the model's own calibration noise (seed + 7)
+    and validation noise (seed + 8), never the evaluation noise (seed + 1), then evaluated on the problem's
+    evaluation noise. Records the method, start grid, RMSE and the model calls spent (the two references once per
+    model, then per NFE)."""
     p, sch, out = s.problem, s.schedule, {}
     field = DDIMField(p.model)
-    x, xv = noise(n_cal, (p.dim,), p.seed + 7), noise(n_cal, (p.dim,), p.seed + 8)
+    x, xv = noise(n_cal, (p.dim,), p.seed + 7), noise(n_val, (p.dim,), p.seed + 8)
     ends = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
     scale = math.sqrt(1.0 + sch.sigma_max**2)
     refs = tuple(integrate(field, b * scale, ends, "scipy_dop853", rtol=1e-10, atol=1e-10,
-                           options={"group": n_cal}).x for b in (x, xv))
+                           options={"group": len(b)}).x for b in (x, xv))
     ref_calls = field.nfe
     for n in nfe:
-        f = C.fit_recipe(p.model, x, xv, sch, n, references=refs)
+        t0 = time.perf_counter()
+        f = C.fit_recipe(p.model, x, xv, sch, n, references=refs, **fit_kw)
         xe = integrate(DDIMField(p.model), s.xbar, f.grid, f.method).x
         out[str(n)] = {"method": f.method, "start": f.start, "rmse": rmse(xe, s.reference), "ref_calls": ref_calls,
-                       "fit_calls": f.calls, "kept": bool(f.val_rmse[1] < f.val_rmse[0]),
-                       "grid": f.grid.tolist()}
+                       "fit_calls": f.calls, "kept": f.kept, "grid": f.grid.tolist(),
+                       "seconds": time.perf_counter() - t0}
     return out
+
+
+def peer_chosen(s, n: int) -> float:
+    """RMSE on the problem's evaluation noise of the peers' configuration chosen on the tuning problems in
+    benchmarks/FAIR.md (`recipes.FAIR_CHOSEN["peer"]`, the nearest NFE's entry for an NFE it does not list)."""
+    from probflow.bench.fair import _peer_steps
+
+    name, builder = R.recipe_for(R.FAIR_CHOSEN["peer"], n)
+    lib, peer = R.peer_library(name)
+    steps = _peer_steps(name, n)
+    sig = builder(s.schedule, steps)
+    r = (kd.run_kpeer(peer, s.problem.model, s.z, sig) if lib == "kdiffusion"
+         else P.run_peer(peer, s.problem.model, s.z, s.schedule, steps, sigmas=sig))
+    return rmse(r.x, s.reference)
+
+
+def fit_only_table(held_p: list[Problem], fits: list[dict], peers: list[dict], nfe) -> str:
+    """`--only fit`: the fitted recipe ÷ FAIR.md's chosen peer configuration (`peer_chosen`) per held-out problem."""
+    lines = ["| NFE | peer configuration (FAIR.md) | fitted ÷ peer chosen: median / worst | worst problem "
+             "| fitted grid kept | fit model calls (median) | fit seconds (median) |", "|---|---|---|---|---|---|---|"]
+    for n in nfe:
+        rc = [f[str(n)]["rmse"] / q[str(n)] for f, q in zip(fits, peers)]
+        w = int(np.argmax(rc))
+        m, g = R.recipe_for(R.FAIR_CHOSEN["peer"], n)
+        lines.append(f"| {n} | {_cell(m + '|' + g.__name__)} "
+                     f"| {_mw(rc)} | {held_p[w].describe()}: {fits[w][str(n)]['rmse']:.1e} vs {peers[w][str(n)]:.1e} "
+                     f"| {sum(f[str(n)]['kept'] for f in fits)} of {len(fits)} "
+                     f"| {np.median([f[str(n)]['fit_calls'] for f in fits]):.0f} "
+                     f"| {np.median([f[str(n)].get('seconds', math.nan) for f in fits]):.1f} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ adaptive
@@ -301,10 +335,9 @@ def fit_table(held: list[dict], fits: list[dict], tuning: list[dict], nfe=NFE) -
 
 
 def _readme(n: int) -> str | None:
-    """The README's recommended configuration at `n` (`recipes.RECOMMENDED`) as a key of the family, if it is one."""
-    if n not in R.RECOMMENDED:
-        return None
-    m, g = R.RECOMMENDED[n]
+    """The README's recommended configuration at `n` (`recipes.RECOMMENDED`; `recipes.recipe_for`: the nearest
+    NFE's entry for an NFE the table does not list, as the README says) as a key of the family, if it is one."""
+    m, g = R.recipe_for(R.RECOMMENDED, n)
     return f"{m}|{g.__name__}"
 
 
@@ -362,9 +395,21 @@ def _cached(cache: Path, key: str, fn):
     return out
 
 
+_SETUPS: dict[tuple[int, int], object] = {}
+
+
+def _setup(p: Problem, samples: int):
+    """`heldout.setup` once per problem and sample count in a run (its DOP853 reference is the costliest solve of a
+    problem; the families, the fit and the adaptive study share it)."""
+    key = (p.seed, samples)
+    if key not in _SETUPS:
+        _SETUPS[key] = setup(p, samples)
+    return _SETUPS[key]
+
+
 def _problem_run(p: Problem, samples: int, nfe, native: bool, family: str = "base") -> dict:
     t0 = time.perf_counter()
-    s = setup(p, samples)
+    s = _setup(p, samples)
     r = run_problem(s, nfe, native, family)
     r["ref_check"], r["seconds"] = s.ref_check, time.perf_counter() - t0
     _say(f"  {p.describe()} [{family}]: {r['seconds']:.0f} s (ref check {s.ref_check:.1e})")
@@ -397,13 +442,19 @@ def main(argv=None) -> int:
                     "held-out problem")
     ap.add_argument("--adaptive", type=int, default=0, help="adaptive study on the first N held-out problems")
     ap.add_argument("--families", default="base,tpow", help="grid families (base: DDIM/Karras/log-SNR; tpow)")
-    ap.add_argument("--only", choices=("tuning", "heldout", "extras"), help="compute and cache one phase, no report")
+    ap.add_argument("--fit-nfe", help="NFEs of the calibrated recipe (default: --nfe)")
+    ap.add_argument("--fit-val", type=int, default=VAL_SAMPLES, help="validation samples of the fit (seed + 8)")
+    ap.add_argument("--fit-trust", type=float, help="fit_recipe's trust region (default: none)")
+    ap.add_argument("--fit-jump", type=float, default=10.0, help="fit_recipe's jump (≤ 0: off)")
+    ap.add_argument("--only", choices=("tuning", "heldout", "extras", "fit"),
+                    help="compute and cache one phase, no report (fit: the calibrated recipe on the held-out problems "
+                    "÷ FAIR.md's chosen peer configuration, printed, without the grid sweep)")
     a = ap.parse_args(argv)
     try:
         nfe = tuple(int(v) for v in a.nfe.split(","))
     except ValueError:
         ap.exit(2, f"fair_fewstep: --nfe: expected comma-separated integers, got {a.nfe!r}\n")
-    if min(a.samples, a.tuning, a.heldout) < 1 or a.outside < 0 or min(nfe) < 1:
+    if min(a.samples, a.tuning) < 1 or min(a.heldout, a.outside) < 0 or min(nfe) < 1:
         ap.exit(2, "fair_fewstep: --samples, --tuning, --heldout, --nfe: expected positive integers\n")
     if a.out and Path(a.out).exists() and not a.force:
         ap.exit(2, f"fair_fewstep: --out: {a.out} exists (use --force)\n")
@@ -413,23 +464,33 @@ def main(argv=None) -> int:
     cache = Path(a.cache) / f"s{a.samples}_n{'-'.join(map(str, nfe))}{'_native' if a.native else ''}"
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if a.only in ("heldout", "extras"):
+    if a.only in ("heldout", "extras", "fit"):
         a.tuning = 0
     tun = [_results(cache, make_problem(s), a, nfe) for s in TUNING_SEEDS[:a.tuning]]
     if a.only == "tuning":
         return 0
     held_p = [outside_problem(*o) for o in OUTSIDE[:a.outside]] + [make_problem(s) for s in HELDOUT_SEEDS[:a.heldout]]
-    held = [] if a.only == "extras" else [_results(cache, p, a, nfe) for p in held_p]
-    fits = ([_cached(cache, f"fit_p{p.seed}", lambda p=p: fit_run(setup(p, a.samples), nfe)) for p in held_p]
-            if a.fit else None)
-    ad = [_cached(cache, f"adaptive_p{p.seed}", lambda p=p: adaptive_run(setup(p, a.samples)))
+    held = [] if a.only in ("extras", "fit") else [_results(cache, p, a, nfe) for p in held_p]
+    fit_nfe = tuple(int(v) for v in a.fit_nfe.split(",")) if a.fit_nfe else nfe
+    fit_kw = {"trust": a.fit_trust, "jump": None if a.fit_jump <= 0 else a.fit_jump}
+    fit_key = (f"fit_p{{}}_v{a.fit_val}_t{a.fit_trust}_j{fit_kw['jump']}"
+               + ("" if fit_nfe == nfe else "_n" + "-".join(map(str, fit_nfe))))
+    fits = ([_cached(cache, fit_key.format(p.seed), lambda p=p: fit_run(_setup(p, a.samples), fit_nfe,
+                                                                        n_val=a.fit_val, **fit_kw)) for p in held_p]
+            if a.fit or a.only == "fit" else None)
+    if a.only == "fit":
+        peers = [_cached(cache, "peer_chosen_p{}_n{}".format(p.seed, "-".join(map(str, fit_nfe))),
+                         lambda p=p: {str(n): peer_chosen(_setup(p, a.samples), n) for n in fit_nfe}) for p in held_p]
+        print(fit_only_table(held_p, fits, peers, fit_nfe))
+        return 0
+    ad = [_cached(cache, f"adaptive_p{p.seed}", lambda p=p: adaptive_run(_setup(p, a.samples)))
           for p in held_p[:a.adaptive]]
     if a.only:
         return 0
     md, data = table(tun, held, [p.describe() for p in held_p], nfe)
     if fits:
         md += ("\n\nCalibrated (opt-in, per model: `probflow.calibrate.fit_recipe` on the model's own noise, judged "
-               "on the evaluation noise):\n\n" + fit_table(held, fits, tun, nfe))
+               "on the evaluation noise):\n\n" + fit_table(held, fits, tun, fit_nfe))
     if ad:
         md += "\n\n## Adaptive\n\n" + adaptive_table(ad, [p.describe() for p in held_p[:a.adaptive]])
     cmd = "python benchmarks/fair_fewstep.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -50,7 +50,7 @@ def test_fitted_grid_beats_its_start_grid_on_fresh_noise():
     f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80)
     start = C.candidate_grids(sch, 10)[f.start]
     assert f.method in C.FIT_METHODS and len(f.grid) == 11 and float(f.grid[-1]) == 0.0
-    assert f.cal_rmse[1] <= f.cal_rmse[0] and f.val_rmse[1] < f.val_rmse[0]  # kept on validation
+    assert f.cal_rmse[1] <= f.cal_rmse[0] and f.kept  # kept on validation
     fresh = noise(64, (8,), 99)  # neither batch it was fitted or validated on
     e_fit, e_start = _rmse(model, sch, f.grid, f.method, fresh), _rmse(model, sch, start, f.method, fresh)
     assert e_fit < 0.8 * e_start, (e_fit, e_start)  # measured 0.53
@@ -84,3 +84,71 @@ def test_error_leaves_out_the_worst_samples_only():
     for bad in (4, -1, 0.5, True):
         with pytest.raises(ValueError, match="drop_worst"):
             C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, drop_worst=bad)
+    for bad in (1.0, 0, True, "10"):
+        with pytest.raises(ValueError, match="jump"):
+            C.fit_recipe(model, noise(4, (8,), 1), noise(4, (8,), 2), sch, 10, jump=bad)
+
+
+def _sq(values):
+    return torch.tensor([v * v for v in values], dtype=torch.float64)
+
+
+def test_validation_rejects_a_fit_that_hides_one_jumped_sample():
+    # start: every sample at 1e-3; fit: 31 samples twice as good, sample 7 sent into another mode (error 0.5)
+    start = _sq([1e-3] * 32)
+    fit = _sq([5e-4] * 7 + [0.5] + [5e-4] * 24)
+    assert C._confirmed(start, fit, 1, jump=None)  # the trimmed RMSE leaves the jump out: the old rule keeps it
+    assert not C._confirmed(start, fit, 1, jump=10.0)
+    # a sample that the start grid switches too (same noise) is no new jump: the fit's gain elsewhere counts
+    start_j = _sq([1e-3] * 7 + [0.4] + [1e-3] * 24)
+    assert C._confirmed(start_j, fit, 1, jump=10.0)
+    # ... but the same jump on another sample than the start's is one
+    assert not C._confirmed(_sq([1e-3] * 8 + [0.4] + [1e-3] * 23), fit, 1, jump=10.0)
+    # a fit better on every sample is confirmed; one worse on the trimmed RMSE is not
+    assert C._confirmed(start, _sq([5e-4] * 31 + [9e-4]), 1, jump=10.0)
+    assert not C._confirmed(start, _sq([2e-3] * 32), 1, jump=10.0)
+    # a failed solve is never confirmed; a failed start leaves any finite fit
+    assert not C._confirmed(start, None, 1, jump=10.0) and C._confirmed(None, fit, 1, jump=10.0)
+
+
+def test_trust_bounds_the_warp_to_the_start_grids_step_density():
+    torch.set_num_threads(1)
+    sch, model = linear(), _mixture()
+    xb = noise(16, (8,), 21) * math.sqrt(1 + sch.sigma_max**2)
+    ends = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
+    ref = integrate(model, xb, ends, "scipy_dop853", rtol=1e-11, atol=1e-11, options={"group": 16}).x
+    start = C.candidate_grids(sch, 10)["logsnr/0.03"]
+    free, _ = C.optimise_grid(model, xb, ref, start, "unipc", sigma_floor=sch.sigma_min, bins=4, max_evals=60)
+    tight, _ = C.optimise_grid(model, xb, ref, start, "unipc", sigma_floor=sch.sigma_min, bins=4, max_evals=60,
+                               trust=1e-12)
+    lg, lt, lf = (torch.log(g[:-1]) for g in (start, tight, free))
+    # with no room for the density only the end point moves: log σ is the start's, rescaled affinely
+    expect = lg[0] + (lg - lg[0]) * (lt[-1] - lg[0]) / (lg[-1] - lg[0])
+    assert torch.allclose(lt, expect, rtol=0, atol=1e-9)
+    assert not torch.allclose(lf, lg[0] + (lg - lg[0]) * (lf[-1] - lg[0]) / (lg[-1] - lg[0]), atol=1e-6)
+    with pytest.raises(ValueError, match="trust"):
+        C.optimise_grid(model, xb, ref, start, "unipc", sigma_floor=0.01, trust=0.0)
+
+
+def test_fit_recipe_returns_the_start_grid_when_the_fit_switches_one_validation_sample(monkeypatch):
+    torch.set_num_threads(1)
+    sch, model = linear(), _mixture()
+    x, xv = noise(16, (8,), 11), noise(20, (8,), 12)
+    real = C._per_sample
+    fitted = {}
+
+    def switched(field, xbar, grid, method, reference):  # validation batch (20 samples), fitted grid: sample 5 jumps
+        per = real(field, xbar, grid, method, reference)
+        starts = C.candidate_grids(sch, len(grid) - 1).values()
+        if len(xbar) == 20 and per is not None and not any(torch.equal(grid, g) for g in starts):
+            fitted["grid"] = grid
+            per = per.clone()
+            per[5] = 0.25
+        return per
+
+    monkeypatch.setattr(C, "_per_sample", switched)
+    f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2)
+    assert "grid" in fitted and not f.kept  # the trimmed RMSE alone leaves sample 5 out and keeps it
+    assert torch.equal(f.grid, C.candidate_grids(sch, 10)[f.start])
+    g = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2, jump=None)
+    assert g.kept and torch.equal(g.grid, fitted["grid"])

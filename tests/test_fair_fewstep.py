@@ -70,7 +70,7 @@ def test_calibrated_row_never_sees_the_evaluation_noise():
             return model(x, sigma)
 
     p.model = Spy()
-    out = F.fit_run(s, (5,), n_cal=4)
+    out = F.fit_run(s, (5,), n_cal=4, n_val=4)
     assert out["5"]["fit_calls"] > 0 and out["5"]["ref_calls"] > 0
     calls_before_eval = out["5"]["ref_calls"] + out["5"]["fit_calls"]
     assert len(seen) == calls_before_eval + 5  # then one evaluation solve of 5 calls on the evaluation noise
