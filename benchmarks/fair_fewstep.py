@@ -25,7 +25,8 @@ Calibrated row (`--fit`, opt-in per model): `probflow.calibrate.fit_recipe` per 
 calibration samples of the model's own noise (seed + 7), unipc/unipc_3 × the start grids
 `calibrate.candidate_grids` (power-in-t and log-SNR, ends σ_0 … 0.1), the best then warped by Nelder–Mead (end
 point and step density on 12 bins, ≤ 400 solves), kept only if better on 32 validation samples (seed + 8,
-`--fit-val`) and no validation sample is sent into another component by the fitted grid alone (`jump`); judged
+`--fit-val`; with `--fit-jump J`, opt-in, also no validation sample sent into another component by the fitted grid
+alone, `fit_recipe`'s `jump`); judged
 on the evaluation noise (seed + 1). Its cost in model calls is reported. Adaptive study (`--adaptive N`):
 `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error, ending at σ_0 and at σ = 0, and torchdiffeq's
 adaptive methods' error ÷ tolerance.
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-nfe", help="NFEs of the calibrated recipe (default: --nfe)")
     ap.add_argument("--fit-val", type=int, default=VAL_SAMPLES, help="validation samples of the fit (seed + 8)")
     ap.add_argument("--fit-trust", type=float, help="fit_recipe's trust region (default: none)")
-    ap.add_argument("--fit-jump", type=float, default=10.0, help="fit_recipe's jump (≤ 0: off)")
+    ap.add_argument("--fit-jump", type=float, default=0.0, help="fit_recipe's jump (≤ 0: off, the default)")
     ap.add_argument("--only", choices=("tuning", "heldout", "extras", "fit"),
                     help="compute and cache one phase, no report (fit: the calibrated recipe on the held-out problems "
                     "÷ FAIR.md's chosen peer configuration, printed, without the grid sweep)")

@@ -147,7 +147,7 @@ def test_fit_recipe_returns_the_start_grid_when_the_fit_switches_one_validation_
         return per
 
     monkeypatch.setattr(C, "_per_sample", switched)
-    f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2)
+    f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2, jump=10.0)
     assert "grid" in fitted and not f.kept  # the trimmed RMSE alone leaves sample 5 out and keeps it
     assert torch.equal(f.grid, C.candidate_grids(sch, 10)[f.start])
     g = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2, jump=None)
