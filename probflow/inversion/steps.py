@@ -144,8 +144,9 @@ def _step_error(m, sigmas, i, n, r, b, how, floor):
 def _settle(field, m, target, guess, s, s_next, a, tol, max_iter, memory, feps, pre, level):
     """One step of (X1), cheapest first: Anderson (handing over once it stops halving), Newton–Krylov on the
     samples it left; only where the step would still be refused (above its bound, or above the level with one),
-    Anderson again from there with its whole budget and no hand-over, then Newton–Krylov once more. Returns (y,
-    calls, residual, failure bound, fallback records)."""
+    Anderson again from the warm start with its whole budget and no hand-over (a solve whose residual first grows,
+    then restarts with half the step, needs more than the hand-over allows), then Newton–Krylov once more from the
+    best iterate of all. Returns (y, calls, residual, failure bound, fallback records)."""
     y, k, r, b = _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, floor_eps=feps, pre=pre)
     records = []
     for again in (False, True):
@@ -157,7 +158,7 @@ def _settle(field, m, target, guess, s, s_next, a, tol, max_iter, memory, feps, 
         short = r > (b if level is None else b.clamp_min(level))  # what the step would still be refused with
         if again or not short.any():
             break
-        y2, k2, r2, _ = _solve_step(field, m, target, y, s, s_next, a, tol, max_iter, memory, floor_eps=feps,
+        y2, k2, r2, _ = _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, floor_eps=feps,
                                     pre=pre, give_up=max_iter + 1, settle=level)
         y, r, k = torch.where(bmask(r2 < r, y), y2, y), torch.minimum(r, r2), k + k2
     return y, k, r, b, records
