@@ -25,12 +25,10 @@ import sys
 
 import numpy as np
 import torch
+from fair_fewstep import peer_chosen  # benchmarks/ is the script's own folder on sys.path
 
 from probflow import calibrate as C
-from probflow.bench import kdiffusion as kd
-from probflow.bench import peers as P
 from probflow.bench import recipes as R
-from probflow.bench.fair import _peer_steps
 from probflow.bench.heldout import TUNING_SEEDS, make_problem, rmse, setup
 from probflow.field import DDIMField
 from probflow.flows import noise
@@ -39,17 +37,6 @@ from probflow.solvers import get_method
 
 JUMP = 0.1
 RULES = ("trim", "full", "max", "jump3", "jump5", "jump10", "jump30")
-
-
-def peer_chosen(s, n: int) -> float:
-    """RMSE of the peer's configuration chosen on tuning (FAIR.md) on the problem's evaluation noise."""
-    name, builder = R.recipe_for(R.FAIR_CHOSEN["peer"], n)
-    lib, peer = R.peer_library(name)
-    steps = _peer_steps(name, n)
-    sig = builder(s.schedule, steps)
-    r = (kd.run_kpeer(peer, s.problem.model, s.z, sig) if lib == "kdiffusion"
-         else P.run_peer(peer, s.problem.model, s.z, s.schedule, steps, sigmas=sig))
-    return rmse(r.x, s.reference)
 
 
 def _ref(model, xb, sch):
