@@ -105,8 +105,9 @@ def fallback(field, m, target, y, r, fail, bad, s, s_next, tol, max_iter, pre=No
     never moved, still evaluated); a sample below the failure bound whose residual stops halving for two Newton
     steps has stalled at round-off and ends there (the Anderson solve's rule), one whose residual has not halved in
     four is not converging (a step map that folds: Newton's own rate would halve it every step near a regular
-    root). With a level bound (`backward`'s), a sample below it that stops halving ends there too: the step is
-    then accepted at the level, and a root Newton could still reach would keep halving. Returns (y, r, calls,
+    root). With a level bound (`backward`'s), a sample below it that stops halving for two Newton steps ends there
+    too and the step is accepted at the level: a round-off root further on is not searched for (fewer calls, and
+    fewer latents exact to round-off rather than to the levels: benchmarks/GUIDANCE.md). Returns (y, r, calls,
     record)."""
     inf = torch.full_like(r, float("inf"))
     settle = fail if level is None else fail.clamp_min(level)
