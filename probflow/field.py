@@ -124,9 +124,10 @@ class DDIMField:
         if eps.shape != xbar.shape:
             raise ValueError(f"model: returned ε of shape {tuple(eps.shape)} for x of shape {tuple(xbar.shape)}")
         eps = eps.to(xbar.dtype)
-        try:
-            bad = not bool(torch.isfinite(eps).all()) and math.isfinite(float(sigma)) and (
-                x is None or bool(torch.isfinite(x).all()))
+        try:  # the sum is NaN or ±Inf whenever an element is (one cheap pass, no mask); only then, or if the sum
+            # overflowed, the elementwise test decides
+            bad = not math.isfinite(float(eps.sum())) and not bool(torch.isfinite(eps).all())
+            bad = bad and math.isfinite(float(sigma)) and (x is None or bool(torch.isfinite(x).all()))
         except RuntimeError:  # under vmap/jacrev a value cannot steer Python: the untransformed call checks
             bad = False
         if bad:

@@ -100,6 +100,28 @@ def test_field_lets_an_overshooting_trial_point_return_nan_but_names_a_finite_si
         f(2.5, xbar)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_field_finds_one_bad_element_among_many(value):
+    """The check sums ε first (cheap): one NaN or ±Inf among 10⁵ finite elements must still be found."""
+    import probflow
+
+    def eps(x, s):
+        out = torch.ones_like(x)
+        out.view(-1)[12345] = value
+        return out
+
+    with pytest.raises(ValueError, match="model: returned NaN or Inf for ε at σ = 2.5"):
+        probflow.DDIMField(eps)(2.5, torch.zeros(1, 100_000))
+
+
+def test_field_accepts_finite_eps_whose_sum_overflows():
+    """Finite float32 values whose sum overflows to Inf are not NaN or Inf: the elementwise test decides."""
+    import probflow
+
+    out = probflow.DDIMField(lambda x, s: torch.full_like(x, 3e38))(2.5, torch.zeros(1, 8))
+    assert torch.isfinite(out).all()
+
+
 def test_a_batch_of_the_wrong_shape_is_refused_before_the_model_runs():
     import probflow
 
