@@ -24,8 +24,10 @@ select a subset. The "latent MSE implied" column builds a dense Jacobian of the 
 
 Image scale: `--suite image [--sizes 32,64] [--kinds prior+unet,unet] [--methods euler,dpmpp_2m] [--steps 20]
 [--dtypes float32] [--n 2] [--json FILE]` prints a markdown table (diffusers UNet2DModels with attention built with
-random weights here; see `_ImageEps`): round trip, encode ÷ decode model calls (median and worst image), peak RSS of
-the encode ÷ sampling the same image (each in a fresh process), encode ÷ decode wall time.
+random weights here; see `_ImageEps`; kind `digits32`: the trained class-conditional 1×32×32 model at w = 1 on its
+held-out test images as 8-bit PNG pixels, encoded with the CLI's quantum 2/255): round trip, encode ÷ decode model
+calls (median and worst image), peak RSS of the encode ÷ sampling the same image (each in a fresh process),
+encode ÷ decode wall time, and for digits32 the PNG identity of the decoded images.
 
 Digits, quick: `--suite digits-quick [--images 0,1,2,3] [--cases euler:20:float32,heun2:20:float64]` prints, per
 (decoder, steps, dtype) on those held-out test images (one batch, quadratic_open grid): encode ÷ decode model calls
@@ -590,8 +592,9 @@ def digits_quick(argv: list[str]) -> int:
 # "prior+unet": ε = ε of N(0, 0.25·I) (exact) + 0.1 × the random UNet's output (t = 250·ln σ + 500): an ε that grows
 # with x at high σ as a trained one does, with attention, GroupNorm and SDPA in its residual. "unet": the random
 # UNet alone (its GroupNorm makes ε scale-invariant in x, so the encode trajectory never reaches the noise scale;
-# the rows record what encode_exact says there). Each row runs in a fresh process (peak RSS by ru_maxrss), first
-# the decoder alone (sampling the same batch), then encode_exact + verification.
+# the rows record what encode_exact says there). "digits32": the shipped trained model (`_digits32_case`). Each row
+# runs in a fresh process (peak RSS by ru_maxrss), first the decoder alone (sampling the same batch), then
+# encode_exact + verification.
 
 IMAGE_NETS = {32: (64, 128, 256), 64: (64, 128, 256, 256)}  # block_out_channels; layers_per_block 2
 
@@ -649,11 +652,13 @@ def _image_row(q, size, kind, method, steps, dtype, n, what):
 
     torch.set_num_threads(1)
     dt = getattr(torch, dtype)
-    model = _ImageEps(_unet(size), kind, dt)
-    x0 = _smooth_images(n, size).to(dt)
+    if kind == "digits32":
+        models, x0, quantum = _digits32_case(n, dt)
+    else:
+        models, x0, quantum = [_ImageEps(_unet(size), kind, dt)] * n, _smooth_images(n, size).to(dt), None
     g = grids.named("quadratic_open", probflow.schedules.linear(), steps)
     out = {"per_image": []}
-    for i in range(n):
+    for i, model in enumerate(models):
         f = DDIMField(model, dt)
         t0 = time.time()
         if what == "decode":
@@ -661,16 +666,36 @@ def _image_row(q, size, kind, method, steps, dtype, n, what):
             out["per_image"].append({"nfe": f.nfe, "seconds": time.time() - t0})
             continue
         try:
-            enc = encode_exact(f, x0[i:i + 1], g, method)
+            enc = encode_exact(f, x0[i:i + 1], g, method, quantum=quantum)
         except (InversionError, ValueError) as e:
             out["per_image"].append({"failed": str(e)[:240], "nfe": f.nfe, "seconds": time.time() - t0})
             continue
         sec = time.time() - t0
         back = probflow.decode(DDIMField(model, dt), enc.x, g, method).x
         out["per_image"].append({"nfe": enc.nfe, "nfe_solve": enc.info["nfe_solve"], "seconds": sec,
-                                 "mse": float(((back.double() - x0[i:i + 1].double()) ** 2).mean())})
+                                 "mse": float(((back.double() - x0[i:i + 1].double()) ** 2).mean()),
+                                 "png_identical": _png_identical(back, x0[i:i + 1]), "exact": enc.info["exact"]})
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     q.put(out)
+
+
+def _digits32_case(n: int, dt: torch.dtype):
+    """The trained class-conditional digits32 (1×32×32, attention, GroupNorm) at w = 1, one model per image with
+    the image's own label; its first n held-out test images as 8-bit PNG pixels; quantum 2/255 (the CLI's)."""
+    from probflow.digits.data32 import load_split32
+    from probflow.io.images import from_uint8, to_uint8
+    from probflow.models import load
+
+    split = load_split32()
+    x0 = from_uint8(to_uint8(split["x_test"][:n]), dtype=torch.float64).to(dt)
+    models = [load("digits32", class_label=int(y), guidance=1.0) for y in split["y_test"][:n]]
+    return models, x0, 2 / 255
+
+
+def _png_identical(x: torch.Tensor, ref: torch.Tensor) -> bool:
+    from probflow.io.images import to_uint8
+
+    return bool((to_uint8(x.double()) == to_uint8(ref.double())).all())
 
 
 def _in_process(*args) -> dict:
@@ -725,7 +750,11 @@ def _image_md(size, kind, method, steps, dtype, dec, enc) -> dict:
     rat = f"{statistics.median(ratios):.1f}, {max(ratios):.1f}" if ok else "—"
     tr = f"{enc['per_image'][0]['seconds'] / d['seconds']:.1f}" if ok else "—"
     note = f"{len(fail)}/{len(enc['per_image'])} failed: {fail[0]['failed'][:150]}" if fail else ""
-    print(f"| {kind} | 3×{size}×{size} | {method} | {steps} | {dtype} | {mse} | {rat} | "
+    if kind == "digits32":  # 8-bit images: PNG identity and how many latents are exact to round-off
+        note = (f"PNG identical {sum(r['png_identical'] for r in ok)}/{len(ok)}, round-off "
+                f"{sum(r['exact'] == 'round-off' for r in ok)}/{len(ok)}" + ("; " + note if note else ""))
+    shape = "1×32×32" if kind == "digits32" else f"3×{size}×{size}"
+    print(f"| {kind} | {shape} | {method} | {steps} | {dtype} | {mse} | {rat} | "
           f"{enc['rss_mb'] / dec['rss_mb']:.2f} ({enc['rss_mb']:.0f} / {dec['rss_mb']:.0f} MB) | {tr} | {note} |",
           flush=True)
     return row

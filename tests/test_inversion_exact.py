@@ -498,3 +498,17 @@ def test_cli_encode_exact_for_a_multistep_decoder(digits_env, tmp_path, capsys):
     assert (tmp_path / "dec" / "d122.png").read_bytes() == (d / "d122.png").read_bytes()
     assert main(["decode", str(z), "--method", "unipc", "--out", str(tmp_path / "other"), "--quiet"]) == 0
     assert "exact inverse" not in capsys.readouterr().out  # another decoder makes no claim
+
+
+def test_exact_latent_decoded_on_another_thread_count_gives_the_same_png(digits_env, tmp_path, capsys):
+    """The default exact latent (made on 1 thread) decodes on 2 threads, whose float32 reductions round differently,
+    to the input's bytes: the latent is exact to round-off, far inside the half-level a PNG byte would need."""
+    from probflow.cli import main
+
+    _, d, _ = digits_env
+    z = tmp_path / "z.safetensors"
+    assert main(["encode", str(d / "d120.png"), "--threads", "1", "--out", str(z), "--quiet"]) == 0
+    assert main(["decode", str(z), "--threads", "2", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert (tmp_path / "b" / "d120.png").read_bytes() == (d / "d120.png").read_bytes()
+    out, err = capsys.readouterr()
+    assert "environment differs" in out and "threads 1 → 2" in err  # said, not hidden: bytes are not promised

@@ -125,7 +125,8 @@ def run_encode(args: argparse.Namespace) -> int:
     bound = (sol.info or {}).get("roundtrip_max_abs")
     what = {"exact": f"exact for the {s.name} decoder (verified"
                      + (f" round trip |Δx| ≤ {bound:.1e}" if bound is not None else "")
-                     + ("; to the images' 8-bit levels: a step map that folds stops above round-off)" if coarse
+                     + ("; to the images' 8-bit levels, not to round-off: a step map that folds, or the "
+                        "decoder's chain, stops above it)" if coarse
                         else ")"),
             "pair": "with its reversible state (exact on this environment only)",
             "plain": "ordinary encode, not an exact round trip"}[mode]

@@ -52,7 +52,8 @@ step also names its own round-off floor, |Φ_i(y') − Φ_i(y)|_∞ for y' one u
 the tolerance by round-off is told apart from a step map the solvers do not resolve); never a silently inexact
 latent. For quantised data (`quantum`: 8-bit images) a step whose map folds, so that
 x_0 has no preimage near the solve (a guided model's last step, docs/MATH.md (X3)), may end below a quarter of a
-level; the verified round trip must then be too, and `info["exact"]` says "quantum" instead of "round-off".
+level; the verified round trip must then be too, and `info["exact"]` says "quantum" instead of "round-off". So
+does a verified round trip that the chain amplified beyond the polish's reach but not beyond quantum/4.
 Measured costs and limits: benchmarks/INVERSION.md (under guidance: benchmarks/GUIDANCE.md).
 """
 
@@ -138,7 +139,8 @@ def encode_exact(
     quantum: the spacing of the levels x_0 was quantised to, in x's units (2/255 for 8-bit images on [−1, 1]; the
     command line passes it for images), or None. With it, a step that neither solver brings to its tolerance (a
     step map that folds, as a guided model's last step can) is accepted where its residual is below quantum/4, and
-    the verified round trip must then be below quantum/4 everywhere: the decoded values round to x_0's levels.
+    the verified round trip must then be below quantum/4 everywhere: the decoded values round to x_0's levels; a
+    verified round trip above the round-off bound after the polish is accepted there too (`exact` "quantum").
 
     Returns a Solution on the flipped (increasing) grid with x = x_T and `info`: `solve` ("step"/"trajectory"),
     `iterations` (per-step calls, decoder step order σ_0 first; or [passes]), `residuals`, `tolerances`,
@@ -180,10 +182,10 @@ def encode_exact(
         hist = None
     nfe_solve = field.nfe - nfe0
     xT = scale_out(xbar_T, sigmas[0])
-    err, shoot = None, None
+    err, shoot, at_level = None, None, bool(coarse)
     if verify:
-        xT, err, shoot = verify_roundtrip(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter,
-                                          level if coarse else None)
+        xT, err, shoot, at_level = verify_roundtrip(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter,
+                                                    level if coarse else None, level)
     nfe_verify = field.nfe - nfe0 - nfe_solve
     up = sigmas.flip(0)
     sc = torch.rsqrt(1 + up**2).reshape(-1, *([1] * x0.ndim))
@@ -191,5 +193,5 @@ def encode_exact(
     info = {"decoder": m.name, "solve": "trajectory" if traj_solve else "step", "iterations": iters,
             "residuals": res, "tolerances": bounds, "nfe_solve": nfe_solve, "nfe_verify": nfe_verify,
             "newton_fallbacks": fallbacks, "shooting": shoot, "history": hist, "roundtrip_max_abs": err,
-            "memory_bytes": need, "steps": n, "exact": "quantum" if coarse else "round-off", "coarse_steps": coarse}
+            "memory_bytes": need, "steps": n, "exact": "quantum" if at_level else "round-off", "coarse_steps": coarse}
     return Solution(xT, nfe_solve + nfe_verify, up, out_traj, None, m.name, info)
