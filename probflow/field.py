@@ -126,7 +126,7 @@ class DDIMField:
         eps = eps.to(xbar.dtype)
         try:  # the sum is NaN or ±Inf whenever an element is (one cheap pass, no mask); only then, or if the sum
             # overflowed, the elementwise test decides
-            bad = not math.isfinite(float(eps.sum())) and not bool(torch.isfinite(eps).all())
+            bad = not math.isfinite(float(eps.detach().sum())) and not bool(torch.isfinite(eps).all())
             bad = bad and math.isfinite(float(sigma)) and (x is None or bool(torch.isfinite(x).all()))
         except RuntimeError:  # under vmap/jacrev a value cannot steer Python: the untransformed call checks
             bad = False
