@@ -185,7 +185,7 @@ def encode_exact(
     err, shoot, at_level = None, None, bool(coarse)
     if verify:
         xT, err, shoot, at_level = verify_roundtrip(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter,
-                                                    level if coarse else None, level)
+                                                    level, bool(coarse))
     nfe_verify = field.nfe - nfe0 - nfe_solve
     up = sigmas.flip(0)
     sc = torch.rsqrt(1 + up**2).reshape(-1, *([1] * x0.ndim))

@@ -25,13 +25,13 @@ def decoder_x(field: DDIMField, m: Method, sigmas: Tensor):
     return decode_x
 
 
-def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=None, settle=None):
+def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=None, coarse=False):
     """Decode from x_T alone; samples whose RMS error exceeds 16·max(tol, eps, 1e-13)·max(1, |x_0|_∞), or whose
     max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
-    Newton–Krylov on x_T (shooting). level: with a step accepted below the data's level (`encode_exact`'s
-    `quantum`), the bound on |round trip|_∞ instead (no polish: the step map itself is what stops at it).
-    settle: the data's level bound (quantum/4) or None: a round trip the polish leaves above the round-off bound
-    but below it is accepted at the level (the decoded values still round to x_0's levels).
+    Newton–Krylov on x_T (shooting). level: the data's level bound (`encode_exact`'s quantum/4) or None: a round
+    trip the polish leaves above the round-off bound but below it is accepted at the level (the decoded values
+    still round to x_0's levels); with `coarse` (a step was accepted below the level) it is the bound from the
+    start, without a polish (the step map itself is what stops at it).
     Returns (x_T, max |round trip|_∞, polish record or None, whether accepted at the level only); raises
     InversionError when the verified round trip misses its bound."""
     decode_x = decoder_x(field, m, sigmas)
@@ -41,7 +41,7 @@ def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=No
     lim, rms_lim = ulp_tol(x0, verify_tol), ulp_tol(x0, 16 * max(tol, torch.finfo(x0.dtype).eps, 1e-13))
     miss = (rms > rms_lim) | (e > lim)
     record = None
-    if level is not None:
+    if coarse:
         lim, polish = torch.full_like(lim, level), False
     if polish and bool(miss.any()):
         # the polish only has to bring the amplified round-off under the RMS bound, not to the step tolerance
@@ -65,12 +65,12 @@ def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=No
         e = maxabs((last[1] if reuse else decode_x(xT)) - x0)
         record = {"samples": miss.nonzero()[:, 0].tolist(), "newton_iterations": int(nk.iterations.max()),
                   "decodes": nk.evals + (0 if reuse else 1), "residual": float(nk.res[miss].max())}
-    at_level = level is not None
-    if not bool((e <= lim).all()) and settle is not None and bool((e <= settle).all()):
-        lim, at_level = torch.full_like(lim, settle), True  # exact to the levels, not to round-off: said
+    at_level = coarse
+    if not bool((e <= lim).all()) and level is not None and bool((e <= level).all()):
+        lim, at_level = torch.full_like(lim, level), True  # exact to the levels, not to round-off: said
     if not bool((e <= lim).all()):
         j = int(torch.argmax(e / lim))
-        what = "" if level is None else " (a quarter of the data's quantum, a step having stopped above round-off)"
+        what = "" if not coarse else " (a quarter of the data's quantum, a step having stopped above round-off)"
         raise InversionError(f"encode_exact: the {m.name} decoder from the solved latent misses x_0 by "
                              f"{float(e[j]):.3e} > {float(lim[j]):.3e}{what} (sample {j}; the decoder amplified the "
                              "steps' residuals along its chain beyond the polish, or the model is not deterministic); "
