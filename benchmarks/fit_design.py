@@ -1,6 +1,6 @@
 """Design data for `probflow.calibrate.fit_recipe`'s validation rule against mode switches (issue 26), on the TUNING
-problems only (`heldout.TUNING_SEEDS`): how often a fitted grid sends a sample into another mixture component on
-fresh noise, and what each validation rule keeps.
+problems only (`heldout.TUNING_SEEDS` and `heldout.DESIGN_SEEDS`): how often a fitted grid sends a sample into
+another mixture component on fresh noise, and what each validation rule keeps.
 
 Per tuning problem and NFE: the fit's start (2 methods × `calibrate.candidate_grids` on 32 calibration samples,
 seed + 7, trimmed RMSE), the Nelder–Mead warp of it (`optimise_grid`, 12 bins, ≤ 400 solves), and the README's
@@ -29,7 +29,7 @@ from fair_fewstep import peer_chosen  # benchmarks/ is the script's own folder o
 
 from probflow import calibrate as C
 from probflow.bench import recipes as R
-from probflow.bench.heldout import TUNING_SEEDS, make_problem, rmse, setup
+from probflow.bench.heldout import DESIGN_SEEDS, TUNING_SEEDS, make_problem, rmse, setup
 from probflow.field import DDIMField
 from probflow.flows import noise
 from probflow.integrate import integrate
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
         ap.exit(2, "fit_design: --out: expected a JSON path\n")
     lo, _, hi = a.seeds.partition("-")
     seeds = range(int(lo), int(hi or lo) + 1)
-    if not set(seeds) <= set(TUNING_SEEDS):
-        ap.exit(2, "fit_design: --seeds: expected tuning seeds only (heldout.TUNING_SEEDS)\n")
+    if not set(seeds) <= set(TUNING_SEEDS) | set(DESIGN_SEEDS):
+        ap.exit(2, "fit_design: --seeds: expected tuning seeds only (heldout.TUNING_SEEDS, DESIGN_SEEDS)\n")
     torch.set_num_threads(1)
     rows = [r for sd in seeds for r in study(sd, [int(v) for v in a.nfe.split(",")], a.trust)]
     with open(a.out, "w") as fh:

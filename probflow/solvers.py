@@ -61,9 +61,9 @@ _TORCHDIFFEQ_ADAPTIVE = {"dopri5": 5, "dopri8": 8, "bosh3": 3, "fehlberg2": 2, "
 # Methods whose error on Eq. 12 runs far above the requested tolerance (benchmarks/FAIR.md, held-out mixtures,
 # σ_max → 0 at rtol = atol = 1e-3 and 1e-4): declared, so that `integrate` names the better choice.
 _CAUTIONS = {
-    "fehlberg2": "its error on Eq. 12 ran 289–976× the requested tolerance on held-out mixtures "
+    "fehlberg2": "its error on Eq. 12 ran 276–964× the requested tolerance on held-out mixtures "
                  "(benchmarks/FAIR.md); use adaptive_exp or dopri5",
-    "bosh3": "its error on Eq. 12 ran 4.2–7.2× the requested tolerance on held-out mixtures (benchmarks/FAIR.md); "
+    "bosh3": "its error on Eq. 12 ran 4.0–23× the requested tolerance on held-out mixtures (benchmarks/FAIR.md); "
              "use adaptive_exp",
 }
 

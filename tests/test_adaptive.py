@@ -160,6 +160,7 @@ def test_dpm_solver_recipe_converges_to_the_closed_form():
 def test_heldout_family_is_reproducible_split_and_exact():
     ho = _family()
     assert not set(ho.TUNING_SEEDS) & set(ho.HELDOUT_SEEDS)
+    assert not (set(ho.TUNING_SEEDS) | set(ho.HELDOUT_SEEDS)) & set(ho.DESIGN_SEEDS)
     a, b = ho.make_problem(201), ho.make_problem(201)
     assert (a.dim, a.components, a.std_min) == (b.dim, b.components, b.std_min)
     kinds = {ho.make_problem(s).kind for s in ho.HELDOUT_SEEDS[:3]}

@@ -5,6 +5,8 @@ HELDOUT_SEEDS only. The split is fixed here, once:
 
     TUNING_SEEDS  = 100 … 109   (10 problems)
     HELDOUT_SEEDS = 200 … 219   (20 problems)
+    DESIGN_SEEDS  = 110 … 139   (30 more tuning problems, for rules that act on rare events: a sample switching
+                                 mixture component; a choice may use them like TUNING_SEEDS, never report on them)
 
 Problem `seed` (`make_problem`): kind = isotropic / diagonal / rotated for seed % 3 = 0 / 1 / 2; dimension D
 log-uniform in [16, 256] (rotated: [16, 96], its ε costs O(K D²)); K uniform in 4 … 16 components; weights
@@ -38,11 +40,12 @@ from probflow.integrate import integrate
 from probflow.models import GaussianMixture
 from probflow.schedules import Schedule, linear
 
-__all__ = ["mixture", "TUNING_SEEDS", "HELDOUT_SEEDS", "KINDS", "REF_TOL", "CHECK_TOL", "DiagonalMixture", "Problem",
-           "make_problem", "family", "Setup", "setup", "rmse"]
+__all__ = ["mixture", "TUNING_SEEDS", "HELDOUT_SEEDS", "DESIGN_SEEDS", "KINDS", "REF_TOL", "CHECK_TOL",
+           "DiagonalMixture", "Problem", "make_problem", "family", "Setup", "setup", "rmse"]
 
 TUNING_SEEDS = tuple(range(100, 110))
 HELDOUT_SEEDS = tuple(range(200, 220))
+DESIGN_SEEDS = tuple(range(110, 140))
 KINDS = ("isotropic", "diagonal", "rotated")
 REF_TOL, CHECK_TOL = 1e-10, 1e-8
 

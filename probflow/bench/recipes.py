@@ -83,15 +83,16 @@ def _table(entries: dict[int, str]) -> dict[int, tuple[str, GridBuilder]]:
 
 # The README's "Recommendation" paragraph, NFE → (method, grid): benchmarks/FAIR.md's probflow configuration
 # chosen on its tuning problems (minimax regret, the same rule as the peers'), so that the README's recipe is
-# FAIR.md's chosen row. FAIR.md measured NFE 5–50; other NFEs take the nearest entry (`recipe_for`).
-RECOMMENDED_NAMES: dict[int, str] = {5: "unipc|t^2/0.1", 10: "unipc_3|t^2/0.1", 20: "unipc_3|t^2/0.02",
-                                     50: "unipc_3|t^2.5/s0"}
+# FAIR.md's chosen row. FAIR.md measured NFE 5–100; other NFEs take the nearest entry (`recipe_for`).
+RECOMMENDED_NAMES: dict[int, str] = {5: "unipc_3|uniform", 10: "unipc_3|t^2/0.05", 20: "unipc_3|t^2/0.02",
+                                     50: "unipc_3|t^2.5/s0", 100: "unipc_3|t^2.5/s0"}
 RECOMMENDED: dict[int, tuple[str, GridBuilder]] = _table(RECOMMENDED_NAMES)
 
 # benchmarks/FAIR.md's table, columns "probflow chosen" and "peer chosen" (d_: diffusers, k_: k-diffusion).
 FAIR_CHOSEN: dict[str, dict[int, tuple[str, GridBuilder]]] = {
     "probflow": dict(RECOMMENDED),
-    "peer": _table({5: "d_unipc_3|t^2/0.1", 10: "d_unipc|quadratic", 20: "d_unipc_3|t^3/s0", 50: "k_lms|quadratic"}),
+    "peer": _table({5: "d_unipc|t^2.5/0.05", 10: "d_dpmpp_3m|logsnr/0.03", 20: "d_unipc_3|t^2.5/s0",
+                    50: "k_lms|quadratic", 100: "k_lms|quadratic"}),
 }
 
 # probflow's methods of benchmarks/FAIR.md's study (they also get every named configuration's grid)
