@@ -95,6 +95,12 @@ def outside_problem(seed: int, dim: int, kind: str, k: int = 8) -> Problem:
     return Problem(seed, kind, dim, k, float(std.min()), float(std.max()), model)
 
 
+def problem_by_seed(seed: int) -> Problem:
+    """The problem of `seed`: one of the OUTSIDE mixtures, else the family's (`heldout.make_problem`)."""
+    out = {o[0]: o for o in OUTSIDE}
+    return outside_problem(*out[seed]) if seed in out else make_problem(seed)
+
+
 def _end(schedule, end) -> float:
     return schedule.sigma_min if end == "s0" else float(end)
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_fewstep as F  # noqa: E402
 
 from probflow.bench import recipes as R  # noqa: E402
-from probflow.bench.heldout import make_problem, setup  # noqa: E402
+from probflow.bench.heldout import setup  # noqa: E402
 from probflow.field import DDIMField  # noqa: E402
 from probflow.integrate import integrate  # noqa: E402
 from probflow.solvers import get_method  # noqa: E402
@@ -33,8 +33,12 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="unipc_3|t^2/0.02,unipc_3|t^2.5/s0")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    outside = {o[0]: o for o in F.OUTSIDE}
-    p = F.outside_problem(*outside[a.problem]) if a.problem in outside else make_problem(a.problem)
+    try:
+        p = F.problem_by_seed(a.problem)
+    except ValueError as e:
+        ap.exit(2, f"fair_persample: --problem: {e}\n")
+    if a.samples < 1 or a.nfe < 1:
+        ap.exit(2, "fair_persample: --samples, --nfe: expected positive integers\n")
     s = setup(p, a.samples)
     print(p.describe())
     for cfg in a.configs.split(","):

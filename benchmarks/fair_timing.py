@@ -19,14 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_fewstep as F  # noqa: E402
 
-from probflow.bench.heldout import make_problem, setup  # noqa: E402
+from probflow.bench.heldout import setup  # noqa: E402
 
 GROUPS = {"pf": ("PF_METHODS", F.PF_METHODS), "k": ("K_PEERS", F.K_PEERS), "d": ("D_CUSTOM", F.D_CUSTOM)}
-
-
-def problem(seed: int):
-    out = {o[0]: o for o in F.OUTSIDE}
-    return F.outside_problem(*out[seed]) if seed in out else make_problem(seed)
 
 
 def main(argv=None) -> int:
@@ -38,7 +33,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     for seed in map(int, a.seeds.split(",")):
-        p = problem(seed)
+        p = F.problem_by_seed(seed)
         for n_s in map(int, a.samples.split(",")):
             t0 = time.process_time()
             s = setup(p, n_s)
