@@ -33,7 +33,7 @@ import fair_fewstep as F  # noqa: E402
 import probflow.adaptive as A  # noqa: E402
 from probflow import grids  # noqa: E402
 from probflow.bench import kdiffusion as kd  # noqa: E402
-from probflow.bench.heldout import make_problem, rmse, setup  # noqa: E402
+from probflow.bench.heldout import DESIGN_SEEDS, TUNING_SEEDS, make_problem, rmse, setup  # noqa: E402
 from probflow.field import DDIMField  # noqa: E402
 from probflow.integrate import integrate  # noqa: E402
 
@@ -51,8 +51,8 @@ VARIANTS = {  # name: (module constants, options)
 def _fixed_bound(s, err: float) -> float:
     """Fewest model calls of unipc_3 on any power-in-t grid to reach RMSE `err` (inf if none does by 80)."""
     sch, best = s.schedule, math.inf
-    for q in (2.0, 2.5, 3.0):
-        for smin in (sch.sigma_min, 0.02, 0.03, 0.05, 0.1):
+    for q in F.T_POWERS:  # FAIR.md's power-in-t family
+        for smin in (F._end(sch, e) for e in F.T_ENDS):
             curve = []
             for n in range(8, 81, 2):
                 sol = integrate(DDIMField(s.problem.model), s.xbar, grids.t_power(sch, n, q, smin), "unipc_3")
@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=32)
     a = ap.parse_args(argv)
     lo, _, hi = a.seeds.partition("-")
-    seeds = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in a.seeds.split(",")]
+    try:
+        seeds = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        ap.exit(2, f"adaptive_bound: --seeds: expected e.g. 100-104 or 100,103, got {a.seeds!r}\n")
+    if not set(seeds) <= set(TUNING_SEEDS) | set(DESIGN_SEEDS):
+        ap.exit(2, "adaptive_bound: --seeds: expected tuning seeds only (heldout.TUNING_SEEDS, DESIGN_SEEDS)\n")
     torch.set_num_threads(1)
     ratios: dict[str, list[float]] = {name: [] for name in ["fixed-grid oracle", *VARIANTS]}
     print("| problem | tol | dpm_adaptive: RMSE, calls | best fixed grid (unipc_3, oracle) | "
