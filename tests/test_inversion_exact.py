@@ -169,7 +169,7 @@ def test_amplifying_chain_is_polished_by_shooting():
     RMS error above float32 round-off (the chain amplifies each step's rounding); Newton–Krylov on x_T (shooting)
     from that latent lowers it, and leaves the samples that did not need it alone."""
     gm = GaussianMixture.random(64, 8, seed=7, std_range=(0.1, 0.5))
-    x0 = gm.sample(4, generator=torch.Generator().manual_seed(11)).float()
+    x0 = gm.sample(4, generator=torch.Generator().manual_seed(1)).float()
     g = grids.ddim(SCH, 10)
 
     def rms(z):

@@ -112,3 +112,28 @@ def test_encode_stays_within_its_estimate():
     enc = encode_exact(model, x0, g, "euler", max_memory=need)
     assert enc.info["memory_bytes"] == need
     assert _mse(probflow.decode(model, enc.x, g, "euler").x, x0) <= 1e-24
+
+
+def test_step_at_its_own_roundoff_ends_without_a_search():
+    """A float32 step whose evaluation carries ~2 ulps of |y| of rounding-like error (a large-σ step: |x̄_i| ≫
+    |x̄_{i+1}|, so 1 ulp of the target is below what the step can resolve) ends once its residual is within 4 ulps of
+    |y|_∞ and stops improving, not after a plain-iteration search for a luckier rounding (kept for networks in a lower
+    precision than the state, `floor_eps`, whose output is piecewise constant): fewer calls, the same residual."""
+    import types
+
+    from probflow.inversion.steps import _solve_step
+
+    eps = torch.finfo(torch.float32).eps
+
+    def step(field, y, s, s_next, state=None):  # 0.1·y + a smooth nonlinearity + deterministic "rounding"
+        return 0.1 * y + 1.5 * torch.tanh(y / 50) + 2 * eps * y.abs().amax() * torch.sin(1e7 * y.double()).float(), None
+
+    m = types.SimpleNamespace(backend="probflow", name="fake", step=step)
+    ystar = 100 * torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    target = 0.1 * ystar + 1.5 * torch.tanh(ystar / 50)
+    args = (DDIMField(lambda x, s: x), m, target, ystar * 1.01, torch.tensor(5.0), torch.tensor(1.0),
+            torch.full((2,), 0.1, dtype=torch.float64), eps, 100, 8)
+    _, calls, r, _ = _solve_step(*args)
+    _, calls_search, r_search, _ = _solve_step(*args, floor_eps=1e-9)
+    assert bool((r <= 4 * eps * ystar.abs().amax()).all()) and bool((r > eps * target.abs().amax()).all())
+    assert calls < calls_search and bool((r <= 1.5 * r_search).all())

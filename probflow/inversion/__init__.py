@@ -22,11 +22,12 @@ estimate and the refusal), `surrogate`, `steps` (per-step solves), `trajectory` 
 Single-step decoders (euler, heun2, rk4, …): the steps are solved one at a time, i = N−1 … 0 (backward
 substitution), each by Anderson acceleration (`probflow.newton.Anderson`, memory m) of
 y ← y + (x̄_{i+1} − Φ_i(y))/a_i, with a_i the surrogate's ∂Φ_i/∂y per sample; one call of Φ_i per iteration. The
-warm start extrapolates the slope (x̄_{j+1} − x̄_j)/(σ_{j+1} − σ_j) of the two solved steps above linearly in σ
-(local error O(h³)). A step whose Anderson residual has not halved in 16 calls, or that stalls or diverges above its
-failure bound, is handed to inexact Newton–Krylov (`probflow.newton.newton_krylov`: GMRES on forward differences of
-Φ_i, forward calls only); only where the step would still be refused, Anderson runs again from there with its whole
-budget and Newton–Krylov once more (`steps._settle`).
+warm start extrapolates the slope (x̄_{j+1} − x̄_j)/(σ_{j+1} − σ_j) of the two solved steps above linearly in log σ
+(in σ where the window reaches σ = 0; local error O(h³)). A step whose Anderson residual has not halved in 16
+calls, or that stalls or diverges above its failure bound, is handed to inexact Newton–Krylov
+(`probflow.newton.newton_krylov`: GMRES on forward differences of Φ_i, forward calls only); only where the step
+would still be refused, Anderson runs again from there with its whole budget and Newton–Krylov once more
+(`steps._settle`).
 
 Multistep decoders (dpmpp_2m/3m, unipc, unipc_3): a step's history couples it to the steps before it, so the
 trajectory X = (x̄_0 … x̄_{N−1}) is solved as one unknown. The residual R_i = x̄_{i+1} − Φ_i(x̄_i; h_i(X)) of all N
@@ -39,7 +40,11 @@ on the flipped grid (one decode), whose model calls the first pass reuses (the s
 
 Tolerances and verification. A step (or the trajectory) is solved when every residual |R_i|_∞ ≤
 tol·max(1, |x̄_{i+1}|_∞) (tol = 1 ulp of the state's dtype by default, at least 1e-13), or when it has
-stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve); the
+stalled at round-off below 256× that (a lower-precision network raises the bound by what it can resolve); a
+step also when its best residual is within 4 ulps of the largest term of its evaluation (max(|y|_∞, |x̄_{i+1}|_∞):
+above tol where |x̄_i| ≫ |x̄_{i+1}|, the large-σ steps in float32), fluctuates (the last call no better) and has not
+halved in two calls (no plain-iteration search for a luckier rounding there; a network in a lower precision than the
+state keeps that search, which can land on an exact fixed point of its piecewise-constant output); the
 trajectory also when it is within 4 ulps of the state's dtype, the round-off of the residual's own evaluation
 (accepted at once: passes spent waiting for a stall there cannot improve it; float64: below tol, no change). Every
 solve ends with a verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T

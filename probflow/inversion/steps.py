@@ -3,6 +3,8 @@ the method in `probflow.inversion`'s docstring)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,9 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
     piecewise constant it lands on an exact fixed point); a diverging solve restarts from its best iterate with
     half the step. After the first iteration the step size per sample is the secant's (`_secant_beta`). A solve
     whose best residual has not halved in `give_up` calls ends (Newton–Krylov takes over); settle: a residual a
-    stalled sample may end below (a level bound), besides the failure bound.
+    stalled sample may end below (a level bound), besides the failure bound. A network in the state's dtype: a
+    sample within 4 ulps of its evaluation's largest term (max(|y|_∞, |target|_∞)) that has not halved in two calls,
+    the last no better, ends at once (the module docstring).
     Returns (y, calls, best residual, failure bound) per sample."""
     bound, y, b = ulp_tol(target, tol), guess, target.shape[0]
     fail, acc = 256 * bound, Anderson(memory, (1.0 / a).clamp(0.5, 1e6))
@@ -39,13 +43,16 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
             fail = fail + 32 * floor_eps * maxabs(phi - y)
         if iters == 0:
             stop = fail if settle is None else fail.clamp_min(settle)
+            rnd = 4 * torch.finfo(y.dtype).eps * torch.maximum(maxabs(y), maxabs(target))
         better = (res < best_r) & ~done
         best_r = torch.where(better, res, best_r)
         best_y = torch.where(bmask(better, y), y, best_y)
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
-        done = done | (best_r <= bound) | (polish & (stall >= patience) & (best_r <= stop))
         halved = best_r <= ref / 2
         ref, slow = torch.where(halved, best_r, ref), torch.where(halved, torch.zeros_like(slow), slow + 1)
+        done = done | (best_r <= bound) | (polish & (stall >= patience) & (best_r <= stop))
+        if not floor_eps:  # at the evaluation's own round-off (4 ulps of its largest term) and fluctuating there
+            done = done | ((slow >= 2) & (stall >= 1) & (best_r <= torch.minimum(stop, rnd)))
         iters += 1
         if bool(done.all()) or iters > max_iter or bool((slow[~done] >= give_up).all()):
             break  # not converging (no halving in give_up calls): Newton–Krylov takes over (`fallback`)
@@ -85,17 +92,22 @@ def _secant_beta(dy: Tensor, dg: Tensor, beta: Tensor) -> Tensor:
 
 
 def _guess(xs: dict[int, Tensor], sigmas: Tensor, i: int) -> Tensor:
-    """Warm start for x̄_i: the slope of the solved steps above, extrapolated linearly in σ (a constant slope
-    with one solved step, x̄_{i+1} itself with none)."""
+    """Warm start for x̄_i: the slope of the solved steps above, extrapolated linearly in log σ (in σ where the
+    window reaches σ = 0), from the midpoints of the two intervals above (a constant slope with one solved step,
+    x̄_{i+1} itself with none). log σ: a network's ε varies smoothly in its time input, which grids and schedules
+    space roughly in log σ; linear in σ extrapolates far beyond the data on grids that widen fast (such a step
+    takes the constant slope)."""
     if i + 2 not in xs:
         return xs[i + 1].clone()
     sg = [float(sigmas[k]) for k in range(i, min(i + 4, len(sigmas)))]
     v1 = (xs[i + 2] - xs[i + 1]) / (sg[2] - sg[1])
     if i + 3 in xs:
         v2 = (xs[i + 3] - xs[i + 2]) / (sg[3] - sg[2])
-        m0, m1, m2 = (sg[0] + sg[1]) / 2, (sg[1] + sg[2]) / 2, (sg[2] + sg[3]) / 2
+        logs = min(sg) > 0
+        u, reach = ([math.log(v) for v in sg], 2.0) if logs else (sg, 1.0)
+        m0, m1, m2 = (u[0] + u[1]) / 2, (u[1] + u[2]) / 2, (u[2] + u[3]) / 2
         w = (m0 - m1) / (m1 - m2)
-        if w <= 1.0:  # extrapolating beyond the last interval's length (grids that widen fast): constant slope
+        if w <= reach:  # beyond that multiple of the last interval's length: constant slope
             v1 = v1 + w * (v1 - v2)
     return xs[i + 1] - (sg[1] - sg[0]) * v1
 
