@@ -33,7 +33,7 @@ import fair_fewstep as F  # noqa: E402
 import probflow.adaptive as A  # noqa: E402
 from probflow import grids  # noqa: E402
 from probflow.bench import kdiffusion as kd  # noqa: E402
-from probflow.bench.heldout import DESIGN_SEEDS, TUNING_SEEDS, make_problem, rmse, setup  # noqa: E402
+from probflow.bench.heldout import make_problem, rmse, setup  # noqa: E402
 from probflow.field import DDIMField  # noqa: E402
 from probflow.integrate import integrate  # noqa: E402
 
@@ -85,13 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="100-104", help="tuning seeds, e.g. 100-104 or 100,103")
     ap.add_argument("--samples", type=int, default=32)
     a = ap.parse_args(argv)
-    lo, _, hi = a.seeds.partition("-")
     try:
-        seeds = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in a.seeds.split(",")]
-    except ValueError:
-        ap.exit(2, f"adaptive_bound: --seeds: expected e.g. 100-104 or 100,103, got {a.seeds!r}\n")
-    if not set(seeds) <= set(TUNING_SEEDS) | set(DESIGN_SEEDS):
-        ap.exit(2, "adaptive_bound: --seeds: expected tuning seeds only (heldout.TUNING_SEEDS, DESIGN_SEEDS)\n")
+        seeds = F.tuning_seeds(a.seeds)
+    except ValueError as e:
+        ap.exit(2, f"adaptive_bound: --seeds: {e}\n")
     torch.set_num_threads(1)
     ratios: dict[str, list[float]] = {name: [] for name in ["fixed-grid oracle", *VARIANTS]}
     print("| problem | tol | dpm_adaptive: RMSE, calls | best fixed grid (unipc_3, oracle) | "

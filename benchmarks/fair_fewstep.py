@@ -55,6 +55,7 @@ from probflow.bench import kdiffusion as kd
 from probflow.bench import peers as P
 from probflow.bench import recipes as R
 from probflow.bench.heldout import (
+    DESIGN_SEEDS,
     HELDOUT_SEEDS,
     TUNING_SEEDS,
     Problem,
@@ -99,6 +100,19 @@ def problem_by_seed(seed: int) -> Problem:
     """The problem of `seed`: one of the OUTSIDE mixtures, else the family's (`heldout.make_problem`)."""
     out = {o[0]: o for o in OUTSIDE}
     return outside_problem(*out[seed]) if seed in out else make_problem(seed)
+
+
+def tuning_seeds(text: str) -> list[int]:
+    """Seeds from "100-104" or "100,103", tuning or design seeds only (`heldout.TUNING_SEEDS`, `DESIGN_SEEDS`: the
+    design scripts never look at held-out problems); ValueError naming what was expected otherwise."""
+    lo, _, hi = text.partition("-")
+    try:
+        seeds = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected e.g. 100-104 or 100,103, got {text!r}") from None
+    if not seeds or not set(seeds) <= set(TUNING_SEEDS) | set(DESIGN_SEEDS):
+        raise ValueError("expected tuning seeds only (heldout.TUNING_SEEDS, DESIGN_SEEDS)")
+    return seeds
 
 
 def _end(schedule, end) -> float:

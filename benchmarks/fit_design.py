@@ -25,11 +25,11 @@ import sys
 
 import numpy as np
 import torch
-from fair_fewstep import peer_chosen  # benchmarks/ is the script's own folder on sys.path
+from fair_fewstep import peer_chosen, tuning_seeds  # benchmarks/ is the script's own folder on sys.path
 
 from probflow import calibrate as C
 from probflow.bench import recipes as R
-from probflow.bench.heldout import DESIGN_SEEDS, TUNING_SEEDS, make_problem, rmse, setup
+from probflow.bench.heldout import TUNING_SEEDS, make_problem, rmse, setup
 from probflow.field import DDIMField
 from probflow.flows import noise
 from probflow.integrate import integrate
@@ -124,10 +124,10 @@ def main(argv=None) -> int:
         return 0
     if not a.out:
         ap.exit(2, "fit_design: --out: expected a JSON path\n")
-    lo, _, hi = a.seeds.partition("-")
-    seeds = range(int(lo), int(hi or lo) + 1)
-    if not set(seeds) <= set(TUNING_SEEDS) | set(DESIGN_SEEDS):
-        ap.exit(2, "fit_design: --seeds: expected tuning seeds only (heldout.TUNING_SEEDS, DESIGN_SEEDS)\n")
+    try:
+        seeds = tuning_seeds(a.seeds)
+    except ValueError as e:
+        ap.exit(2, f"fit_design: --seeds: {e}\n")
     torch.set_num_threads(1)
     rows = [r for sd in seeds for r in study(sd, [int(v) for v in a.nfe.split(",")], a.trust)]
     with open(a.out, "w") as fh:

@@ -78,3 +78,15 @@ def test_calibrated_row_never_sees_the_evaluation_noise():
         assert x.shape[0] == 4 and not any(torch.allclose(r, e) for r in x for e in s.z)
     assert all(x.shape[0] == 3 for x in seen[calls_before_eval:])
     assert math.isfinite(out["5"]["rmse"])
+
+
+def test_design_scripts_take_tuning_seeds_only():
+    """`tuning_seeds` (fit_design.py's and adaptive_bound.py's --seeds): ranges and lists of tuning or design seeds;
+    a held-out seed or a malformed list is a ValueError naming what was expected (the scripts exit 2 with it)."""
+    from probflow.bench.heldout import DESIGN_SEEDS, HELDOUT_SEEDS
+
+    assert F.tuning_seeds("100-102") == [100, 101, 102]
+    assert F.tuning_seeds(f"100,{DESIGN_SEEDS[-1]}") == [100, DESIGN_SEEDS[-1]]
+    for bad in (str(HELDOUT_SEEDS[0]), "100-201", "100-x", "1o0", ""):
+        with pytest.raises(ValueError, match="expected"):
+            F.tuning_seeds(bad)
