@@ -32,7 +32,9 @@ on the evaluation noise (seed + 1). Its cost in model calls is reported. Adaptiv
 adaptive methods' error ÷ tolerance.
 
 Run: `python benchmarks/fair_fewstep.py --out benchmarks/FAIR.md [--tuning N --heldout N --outside N --samples S
---fit --adaptive N]` (per-problem results cached under --cache, so that a run resumes; `--only` computes one phase;
+--fit --adaptive N]` (per-problem results cached under --cache, so that a run resumes; a cached problem that lacks a
+method of PF_METHODS, K_PEERS or D_CUSTOM gets that method's rows computed and added, and rows of methods not
+among them are left out of the report; `--only` computes one phase;
 `--only fit --fit-nfe 10,20,50` the calibrated recipe against FAIR.md's chosen peer configuration without the sweep).
 """
 
@@ -149,31 +151,36 @@ def _try(fn, *args, **kw):
         return None
 
 
-def run_problem(s, nfe=NFE, native: bool = False, family: str = "base") -> dict:
-    """{"pf": {"method|grid|nfe": rmse}, "peer": {...}} on one problem."""
+def run_problem(s, nfe=NFE, native: bool = False, family: str = "base", only: set[str] | None = None) -> dict:
+    """{"pf": {"method|grid|nfe": rmse}, "peer": {...}} on one problem (`only`: just these methods, named as in
+    the keys: "unipc_4", "k_lms", "d_unipc_4")."""
     sch, model, pf, pe = s.schedule, s.problem.model, {}, {}
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
     fam_cache: dict[int, dict] = {}
 
     def fam(n):
         return fam_cache.setdefault(n, grid_family(sch, n, family))
 
     for n in nfe:
-        for m in PF_METHODS:
+        for m in filter(want, PF_METHODS):
             for g, sig in fam(steps_for(m, n)).items():
                 sol = _try(integrate, DDIMField(model), s.xbar, sig, m)
                 if sol is not None and sol.nfe <= n and torch.isfinite(sol.x).all():
                     pf[f"{m}|{g}|{n}"] = rmse(sol.x, s.reference)
-        for m in K_PEERS:
+        for m in filter(want, K_PEERS):
             for g, sig in fam(kd.steps_for_nfe(m, n)).items():
                 r = _try(kd.run_kpeer, m, model, s.z, sig)
                 if r is not None and r.nfe <= n:
                     pe[f"{m}|{g}|{n}"] = rmse(r.x, s.reference)
-        for m in D_CUSTOM:
+        for m in (m for m in D_CUSTOM if want(f"d_{m}")):
             for g, sig in fam(n).items():
                 r = _try(P.run_peer, m, model, s.z, sch, n, sigmas=sig)
                 if r is not None and r.nfe <= n:
                     pe[f"d_{m}|{g}|{n}"] = rmse(r.x, s.reference)
-        for m in D_NATIVE if native and family == "base" else ():
+        for m in D_NATIVE if native and family == "base" and only is None else ():
             for g in P.peer_grids(m):
                 r = _try(P.run_peer, m, model, s.z, sch, P.steps_for_nfe(m, n), g)
                 if r is not None and r.nfe <= n:
@@ -405,15 +412,29 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _write(f: Path, out) -> None:
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, f)
+
+
 def _cached(cache: Path, key: str, fn):
     f = cache / f"{key}.json"
     if f.exists():
         return json.loads(f.read_text())
     out = fn()
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, f)
+    _write(f, out)
     return out
+
+
+def all_methods() -> list[str]:
+    """Every method of a problem's rows, named as in its keys (probflow's, k-diffusion's, diffusers' `d_*`)."""
+    return list(PF_METHODS) + list(K_PEERS) + [f"d_{m}" for m in D_CUSTOM]
+
+
+def _methods_in(r: dict) -> set[str]:
+    """The methods a cached problem result was computed for (`methods`, else those with a row)."""
+    return set(r.get("methods") or {k.split("|")[0] for side in ("pf", "peer") for k in r[side]})
 
 
 _SETUPS: dict[tuple[int, int], object] = {}
@@ -428,12 +449,15 @@ def _setup(p: Problem, samples: int):
     return _SETUPS[key]
 
 
-def _problem_run(p: Problem, samples: int, nfe, native: bool, family: str = "base") -> dict:
+def _problem_run(p: Problem, samples: int, nfe, native: bool, family: str = "base",
+                 only: set[str] | None = None) -> dict:
     t0 = time.perf_counter()
     s = _setup(p, samples)
-    r = run_problem(s, nfe, native, family)
+    r = run_problem(s, nfe, native, family, only)
     r["ref_check"], r["seconds"] = s.ref_check, time.perf_counter() - t0
-    _say(f"  {p.describe()} [{family}]: {r['seconds']:.0f} s (ref check {s.ref_check:.1e})")
+    r["methods"] = sorted(only if only is not None else all_methods())
+    _say(f"  {p.describe()} [{family}]{'' if only is None else ' ' + ','.join(sorted(only))}: "
+         f"{r['seconds']:.0f} s (ref check {s.ref_check:.1e})")
     return r
 
 
@@ -443,8 +467,16 @@ def _results(cache: Path, p: Problem, a, nfe) -> dict:
     for fam in a.families.split(","):
         key = f"p{p.seed}" + ("" if fam == "base" else f"_{fam}")
         r = _cached(cache, key, lambda fam=fam: _problem_run(p, a.samples, nfe, a.native, fam))
-        out["pf"].update(r["pf"])
-        out["peer"].update(r["peer"])
+        missing = set(all_methods()) - _methods_in(r)
+        if missing:  # a method added since this problem was cached: compute its rows only
+            add = _problem_run(p, a.samples, nfe, a.native, fam, missing)
+            r["pf"].update(add["pf"])
+            r["peer"].update(add["peer"])
+            r["methods"] = sorted(_methods_in(r) | missing)
+            _write(cache / f"{key}.json", r)
+        keep = set(all_methods())  # the configured pool only (a cache may hold more)
+        out["pf"].update({k: v for k, v in r["pf"].items() if k.split("|")[0] in keep})
+        out["peer"].update({k: v for k, v in r["peer"].items() if k.split("|")[0] in keep})
     return out
 
 

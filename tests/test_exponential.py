@@ -47,6 +47,7 @@ def test_registered_on_import():
         ("dpmpp_3s", [16, 32, 64], 0.4),
         ("unipc", [16, 32, 64], 0.4),
         ("unipc_3", [16, 32, 64], 0.6),
+        ("unipc_4", [16, 32, 64], 0.6),
     ],
 )
 def test_exponential_method_converges_at_its_declared_order(problem, method, steps, tol):
@@ -136,12 +137,14 @@ def test_dpmpp_2m_matches_diffusers_heun_variant_in_float64():
     torch.testing.assert_close(_xdiff(ours, sig[-1]), x, rtol=1e-12, atol=1e-12)
 
 
-def test_unipc_matches_diffusers_in_float64():
-    """diffusers UniPCMultistepScheduler (bh2, solver_order 2, corrector on) driven by hand in float64 on
+@pytest.mark.parametrize("method, order", [("unipc", 2), ("unipc_3", 3), ("unipc_4", 4)])
+def test_unipc_matches_diffusers_in_float64(method, order):
+    """diffusers UniPCMultistepScheduler (bh2, solver_order 2, 3, 4, corrector on) driven by hand in float64 on
     the same σ grid: same iterates to rounding (both return the last prediction, uncorrected)."""
     sig = grids.log_uniform(80.0, 0.05, 15, final_zero=False)
     xbar = probflow.noise(4, (8,), seed=6) * math.sqrt(1 + 80.0**2)
-    sched = _float64_scheduler("UniPCMultistepScheduler", sig, solver_order=2, solver_type="bh2", predict_x0=True)
+    sched = _float64_scheduler("UniPCMultistepScheduler", sig, solver_order=order, solver_type="bh2",
+                               predict_x0=True)
     x = _xdiff(xbar, sig[0])
     for i in range(len(sig) - 1):
         eps = SMOOTH(x, sig[i])
@@ -151,12 +154,12 @@ def test_unipc_matches_diffusers_in_float64():
                                                 order=sched.this_order)
         sched.model_outputs = [*sched.model_outputs[1:], m]
         sched.timestep_list = [*sched.timestep_list[1:], sched.timesteps[i]]
-        sched.this_order = min(2, sched.lower_order_nums + 1)
+        sched.this_order = min(order, sched.lower_order_nums + 1)
         sched.last_sample = x
         x = sched.multistep_uni_p_bh_update(model_output=eps, sample=x, order=sched.this_order)
-        sched.lower_order_nums = min(sched.lower_order_nums + 1, 2)
+        sched.lower_order_nums = min(sched.lower_order_nums + 1, order)
         sched._step_index += 1
-    ours = probflow.integrate(SMOOTH, xbar, sig, "unipc").x
+    ours = probflow.integrate(SMOOTH, xbar, sig, method).x
     torch.testing.assert_close(_xdiff(ours, sig[-1]), x, rtol=1e-12, atol=1e-12)
 
 

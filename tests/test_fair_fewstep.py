@@ -90,3 +90,49 @@ def test_design_scripts_take_tuning_seeds_only():
     for bad in (str(HELDOUT_SEEDS[0]), "100-201", "100-x", "1o0", ""):
         with pytest.raises(ValueError, match="expected"):
             F.tuning_seeds(bad)
+
+
+def test_recipes_are_fair_md_chosen_rows():
+    # the README's recipe (`recipes.RECOMMENDED_NAMES`) and FAIR_CHOSEN are the rows benchmarks/FAIR.md chose
+    from probflow.bench import recipes
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "FAIR.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = ([c.strip().replace("\x00", "|") for c in line.replace("\\|", "\x00").strip("|").split("|")]
+                 if line.startswith("| ") else [])
+        if len(cells) > 3 and cells[0].isdigit() and cells[1].startswith("`"):  # the main table's rows
+            rows.setdefault(int(cells[0]), (cells[1].strip("`"), cells[2].strip("`")))
+    assert set(rows) == set(recipes.RECOMMENDED_NAMES), rows
+    for n, (pf, peer) in rows.items():
+        assert recipes.RECOMMENDED_NAMES[n] == pf
+        m, g = recipes.FAIR_CHOSEN["peer"][n]
+        assert f"{m}|{g.__name__}" == peer
+
+
+def test_cached_problem_gets_only_its_missing_methods_and_the_pool_decides_the_rows(tmp_path, monkeypatch):
+    # a method added to the pool is computed into a cached problem's rows (only that method), and rows of a method
+    # outside the pool are not reported
+    import json
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(F, "PF_METHODS", ("unipc", "unipc_3"))
+    monkeypatch.setattr(F, "K_PEERS", ("k_lms",))
+    monkeypatch.setattr(F, "D_CUSTOM", ())
+    (tmp_path / "p100.json").write_text(json.dumps(
+        {"pf": {"unipc|uniform|10": 0.1, "old_method|uniform|10": 0.01}, "peer": {"k_lms|uniform|10": 0.2}}))
+    asked = []
+
+    def fake_run(p, samples, nfe, native, family="base", only=None):
+        asked.append(only)
+        return {"pf": {f"{m}|uniform|10": 0.05 for m in only}, "peer": {}, "methods": sorted(only)}
+
+    monkeypatch.setattr(F, "_problem_run", fake_run)
+    a = SimpleNamespace(families="base", samples=8, native=False)
+    out = F._results(tmp_path, SimpleNamespace(seed=100), a, (10,))
+    assert asked == [{"unipc_3"}]
+    assert out == {"pf": {"unipc|uniform|10": 0.1, "unipc_3|uniform|10": 0.05}, "peer": {"k_lms|uniform|10": 0.2}}
+    cached = json.loads((tmp_path / "p100.json").read_text())
+    assert "unipc_3" in cached["methods"] and cached["pf"]["old_method|uniform|10"] == 0.01
+    F._results(tmp_path, SimpleNamespace(seed=100), a, (10,))
+    assert asked == [{"unipc_3"}]  # nothing missing any more

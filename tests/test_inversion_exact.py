@@ -201,7 +201,7 @@ def test_polished_round_trip_is_the_decoders_own():
 
 # ------------------------------------------------- multistep decoders: the trajectory-level (shooting) solve
 
-MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3"]
+MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3", "unipc_4"]
 # log-SNR grids (the exponential integrators' own): at 10 steps on grids with larger steps some samples have no
 # exact latent near the warm start (dpmpp_3m, quadratic grid: continuation meets a fold), and the solve raises
 

@@ -167,6 +167,7 @@ def test_unipc_order_3_peer_converges_faster_than_order_2():
     end = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
     ref = sample(model, z, end, "scipy_dop853", rtol=1e-12, atol=1e-12, options={"group": 8}).x
     assert peers.make_scheduler("unipc_3", sch, 10, "karras_sigma").config.solver_order == 3
+    assert peers.make_scheduler("unipc_4", sch, 10, "karras_sigma").config.solver_order == 4
     orders = {}
     for name in ("unipc", "unipc_3"):
         errs = [float((peers.run_peer(name, model, z, sch, n, "karras_sigma").x - ref).pow(2).mean().sqrt())
