@@ -20,7 +20,11 @@ def _starting_the_cli() -> bool:
     return cli and _threading.current_thread() is _threading.main_thread()
 
 
+_hit: list[int] = []  # signals caught by the guard below (its SystemExit may be swallowed by an import)
+
+
 def _interrupted(signum, frame) -> None:
+    _hit.append(signum)
     print("probflow: interrupted", file=_sys.stderr)
     raise SystemExit(128 + signum)
 
@@ -37,6 +41,8 @@ from probflow.version import __version__  # noqa: E402 (after the Ctrl-C guard)
 
 if _previous is not None:
     _signal.signal(_signal.SIGINT, _previous)
+    if _hit:  # a library imported above caught the SystemExit (a bare except): end here, as the line said
+        raise SystemExit(128 + _hit[0])
 
 __all__ = [
     "__version__",

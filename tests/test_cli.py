@@ -271,3 +271,29 @@ def test_ctrl_c_while_python_is_still_importing_is_one_line_and_exit_130(tmp_pat
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_ctrl_c_turned_into_another_error_by_a_library_is_still_an_interrupt(monkeypatch, capsys, tmp_path):
+    """torch's C++ code turns a KeyboardInterrupt raised inside it into a RuntimeError, and a loader may wrap that in a
+    ValueError ("not a digits checkpoint"): the command still says "interrupted" and exits 130, not 2."""
+    import signal
+    import time
+
+    import probflow.cli.sample as S
+
+    def run_sample(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler raises KeyboardInterrupt at the next bytecode
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ValueError("not a digits checkpoint: could not determine the shape of object type") from None
+        return 0
+
+    monkeypatch.setattr(S, "run_sample", run_sample)
+    argv = ["sample", "--n", "1", "--quiet", "--out", str(tmp_path / "s.png")]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 130 and err.strip() == "probflow sample: interrupted; nothing half-written was left behind", err
+    monkeypatch.setattr(S, "run_sample", lambda args: (_ for _ in ()).throw(ValueError("bad input")))
+    assert main(argv) == 2  # without a signal, the same error is bad input
+    assert "error: bad input" in capsys.readouterr().err

@@ -86,8 +86,17 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
 
 
+_caught: list[int] = []  # signals received during the command (main thread)
+
+
 def _terminate(signum, frame) -> None:
+    _caught.append(signum)
     raise _Terminated
+
+
+def _interrupt(signum, frame) -> None:
+    _caught.append(signum)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         return launch(argv[1:])
     if threading.current_thread() is not threading.main_thread():
         return _run(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    _caught.clear()
+    previous = signal.signal(signal.SIGTERM, _terminate), signal.signal(signal.SIGINT, _interrupt)
     try:
         return _run(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def _run(argv: list[str] | None = None) -> int:
@@ -129,20 +140,31 @@ def _run(argv: list[str] | None = None) -> int:
         run = getattr(importlib.import_module(COMMANDS[command][0]), f"run_{command}")
         return int(run(args) or 0)
     except (ValueError, OSError, OverflowError, FloatingPointError, MaxStepsError) as e:
+        if _caught:  # a signal's KeyboardInterrupt became another error inside a library (torch's C++, a loader)
+            return _stopped(command, _caught[0])
         _say(f"probflow {command}: error: {_one_line(e)}")
         return 2
     except RankFailed as e:  # torchrun: a rank failed; every rank exits with its message, nothing was written
         _say(f"probflow {command}: error: {e}")
         return 2 if e.user_error else 1
     except _Terminated:
-        _say(f"probflow {command}: terminated; nothing half-written was left behind")
-        return 143
+        return _stopped(command, signal.SIGTERM)
     except KeyboardInterrupt:
-        _say(f"probflow {command}: interrupted; nothing half-written was left behind")
-        return 130
+        return _stopped(command, signal.SIGINT)
+    except Exception:
+        if _caught:  # as above, for an error no command reports as bad input (e.g. a RuntimeError)
+            return _stopped(command, _caught[0])
+        raise
     finally:
         if ours:
             finish()
+
+
+def _stopped(command: str, signum: int) -> int:
+    """The one line for Ctrl-C (130) or SIGTERM (143), and the status."""
+    word = "terminated" if signum == signal.SIGTERM else "interrupted"
+    _say(f"probflow {command}: {word}; nothing half-written was left behind")
+    return 143 if signum == signal.SIGTERM else 130
 
 
 def _say(line: str) -> None:

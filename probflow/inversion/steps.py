@@ -26,7 +26,8 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
     whose best residual has not halved in `give_up` calls ends (Newton–Krylov takes over); settle: a residual a
     stalled sample may end below (a level bound), besides the failure bound. A network in the state's dtype: a
     sample within 4 ulps of its evaluation's largest term (max(|y|_∞, |target|_∞)) that has not halved in two calls,
-    the last no better, ends at once (the module docstring).
+    the last no better, ends at once (the module docstring). A sample contracting fast (rate < 1/4 per call) takes its
+    next iterate without a call when that iterate's predicted residual (residual × rate) is below `_margin` × bound.
     Returns (y, calls, best residual, failure bound) per sample."""
     bound, y, b = ulp_tol(target, tol), guess, target.shape[0]
     fail, acc = 256 * bound, Anderson(memory, (1.0 / a).clamp(0.5, 1e6))
@@ -71,7 +72,7 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
             acc.beta = _secant_beta(acc.dy[-1], acc.dg[-1], beta)
         if prev is not None and not polish:  # contracting fast: take the next iterate without its own call
             rate = res / prev.clamp_min(1e-300)
-            take = ~done & better & (rate < 0.25) & (res * rate <= bound / 4)
+            take = ~done & better & (rate < 0.25) & (res * rate <= bound * _margin(y.dtype))
             best_y = torch.where(bmask(take, y), y, best_y)
             best_r = torch.where(take, res * rate, best_r)
             done = done | take
@@ -79,6 +80,12 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
                 break
         prev = res
     return best_y, iters, best_r, fail
+
+
+def _margin(dtype: torch.dtype) -> float:
+    """The share of a step's bound that a predicted (uncalled) iterate's residual must be under: 1/2 in float32, 1/4
+    in float64, whose round trips (target 1e-24) keep the wider margin (benchmarks/INVERSION.md)."""
+    return 0.5 if torch.finfo(dtype).bits <= 32 else 0.25
 
 
 def _secant_beta(dy: Tensor, dg: Tensor, beta: Tensor) -> Tensor:
