@@ -68,14 +68,20 @@ def test_heun_peer_counts_two_calls_per_step_and_one_for_the_last(setup):
     assert r.nfe == 9 == peers.steps_for_nfe("heun_d", 10) * 2 - 1
 
 
-def test_dpmpp_2m_peer_converges_to_the_exact_flow():
-    # error against DOP853 at 1e-12 falls with NFE, faster than first order on the Karras grid
+@pytest.fixture(scope="module")
+def flow():
+    """A sharp 8-D mixture, its noise and the exact flow's x_0 (DOP853 at 1e-12)."""
     torch.set_num_threads(1)
     sch = schedules.linear()
     model = GaussianMixture.random(8, 4, seed=5, std_range=(0.05, 0.5))
     z = noise(8, (8,), seed=6)
     end = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
-    ref = sample(model, z, end, "scipy_dop853", rtol=1e-12, atol=1e-12, options={"group": 8}).x
+    return sch, model, z, sample(model, z, end, "scipy_dop853", rtol=1e-12, atol=1e-12, options={"group": 8}).x
+
+
+def test_dpmpp_2m_peer_converges_to_the_exact_flow(flow):
+    # error against DOP853 at 1e-12 falls with NFE, faster than first order on the Karras grid
+    sch, model, z, ref = flow
     errs = []
     for n in (10, 20, 40, 80):
         r = peers.run_peer("dpmpp_2m", model, z, sch, n, "karras_sigma")
@@ -157,15 +163,10 @@ def test_exponential_grids_are_offered_where_diffusers_has_them(setup):
     assert r_s.nfe == r_t.nfe == 8
 
 
-def test_unipc_order_3_peer_converges_faster_than_order_2():
+def test_unipc_order_3_peer_converges_faster_than_order_2(flow):
     # the fairness peer for probflow's unipc_3: diffusers' UniPC with solver_order = 3 must really run at order 3
     # (until its first-order last step into σ = 0 caps it), measured against DOP853 at 1e-12
-    torch.set_num_threads(1)
-    sch = schedules.linear()
-    model = GaussianMixture.random(8, 4, seed=5, std_range=(0.05, 0.5))
-    z = noise(8, (8,), seed=6)
-    end = torch.tensor([sch.sigma_max, 0.0], dtype=torch.float64)
-    ref = sample(model, z, end, "scipy_dop853", rtol=1e-12, atol=1e-12, options={"group": 8}).x
+    sch, model, z, ref = flow
     assert peers.make_scheduler("unipc_3", sch, 10, "karras_sigma").config.solver_order == 3
     assert peers.make_scheduler("unipc_4", sch, 10, "karras_sigma").config.solver_order == 4
     orders = {}
