@@ -20,7 +20,7 @@ def _starting_the_cli() -> bool:
     return cli and _threading.current_thread() is _threading.main_thread()
 
 
-_hit: list[int] = []  # signals caught by the guard below (its SystemExit may be swallowed by an import)
+_hit: list[int] = []  # signals the guard caught (its SystemExit may be swallowed by an import); also `__main__`'s
 
 
 def _interrupted(signum, frame) -> None:

@@ -7,13 +7,7 @@ import os
 import signal
 import sys
 
-_hit: list[int] = []  # signals caught while the CLI is imported (an import may swallow the SystemExit)
-
-
-def _interrupted(signum, frame) -> None:
-    _hit.append(signum)
-    print("probflow: interrupted", file=sys.stderr)
-    raise SystemExit(128 + signum)
+from probflow import _hit, _interrupted  # the package's import-time Ctrl-C guard, used again below
 
 
 def run() -> int:

@@ -139,21 +139,17 @@ def _run(argv: list[str] | None = None) -> int:
         command = args.command
         run = getattr(importlib.import_module(COMMANDS[command][0]), f"run_{command}")
         return int(run(args) or 0)
-    except (ValueError, OSError, OverflowError, FloatingPointError, MaxStepsError) as e:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM raised as `_Terminated`
+        return _stopped(command, signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
+    except Exception as e:
         if _caught:  # a signal's KeyboardInterrupt became another error inside a library (torch's C++, a loader)
             return _stopped(command, _caught[0])
-        _say(f"probflow {command}: error: {_one_line(e)}")
-        return 2
-    except RankFailed as e:  # torchrun: a rank failed; every rank exits with its message, nothing was written
-        _say(f"probflow {command}: error: {e}")
-        return 2 if e.user_error else 1
-    except _Terminated:
-        return _stopped(command, signal.SIGTERM)
-    except KeyboardInterrupt:
-        return _stopped(command, signal.SIGINT)
-    except Exception:
-        if _caught:  # as above, for an error no command reports as bad input (e.g. a RuntimeError)
-            return _stopped(command, _caught[0])
+        if isinstance(e, (ValueError, OSError, OverflowError, FloatingPointError, MaxStepsError)):
+            _say(f"probflow {command}: error: {_one_line(e)}")
+            return 2
+        if isinstance(e, RankFailed):  # torchrun: a rank failed; every rank exits with its message, nothing written
+            _say(f"probflow {command}: error: {e}")
+            return 2 if e.user_error else 1
         raise
     finally:
         if ours:
