@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from probflow.cli.common import GRID_NAMES, add_solver_arguments
 from probflow.cli.request import DecodeRequest, EncodeRequest, InterpolateRequest, Solver
+from probflow.models import MODEL_NAMES
 
 DEFAULT_METHOD, DEFAULT_STEPS, EXACT_GRID = "euler", 20, "quadratic_open"
 
@@ -162,6 +164,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     for a in p._actions:
         if a.dest in ("method", "steps", "rtol", "atol", "grid"):
             a.help = f"{a.help.split(';')[0]}; default: as the latents were encoded"
+        if a.dest == "model":  # None: the built-in model the file records (digits32 latents need no --model)
+            a.default, a.help = None, ("the model: a built-in name, a digits checkpoint folder or a local diffusers "
+                                       "folder; default: the built-in model the latents record, else 'digits'")
 
 
 def _decode_grid(given: Solver, s: Solver, lf, model):
@@ -242,6 +247,9 @@ def decode(req: DecodeRequest) -> int:
     from probflow.ranks import on_rank0
 
     lf = load_latents(req.latents, "latents")  # every field validated, naming the field
+    if req.run.model is None:  # the file's model where it is a built-in one (a folder must be named again)
+        recorded = lf.meta.get("model")
+        req = replace(req, run=replace(req.run, model=recorded if recorded in MODEL_NAMES else "digits"))
     s = with_file_defaults(req.solver, lf.meta, len(lf.sigmas) - 1)
     names = [Path(n).stem + ".png" for n in lf.sources] if len(lf.sources) == len(lf.latents) else None
     if names is not None and len(set(names)) != len(names):
