@@ -15,11 +15,12 @@ Peer: diffusers' DDIM inversion convention, driven as its inversion pipelines dr
 up (trailing spacing, the model called at the *target* timestep of each upward step with the current sample),
 DDIMScheduler down; float64 ᾱ table, clip_sample=False, set_alpha_to_one=True.
 
-Exact latents (`probflow.inversion.encode_exact`): every decoder it inverts (euler, heun2, dpmpp_2m, dpmpp_3m,
-unipc, unipc_3) × 10/20/50 steps × float64/float32 on both cases; float64 digits rows run the network in
+Exact latents (`probflow.inversion.encode_exact`): every decoder it inverts (euler, heun2, rk4, dpmpp_2m,
+dpmpp_3m, unipc, unipc_3) × 10/20/50 steps × float64/float32 on both cases; float64 digits rows run the network in
 float64. `--exact-only` runs only those tables (with the ODE latent they are measured against, the diffusers
 interoperability and the robustness tables); `--exact-n`, `--exact-steps`, `--exact-dtypes`, `--exact-methods`
-select a subset. The "latent MSE implied" column builds a dense Jacobian of the 64-D decoder by central differences
+select a subset. The "latent MSE implied" column (20-step rows) builds a dense Jacobian of the 64-D decoder by
+central differences
 (`_fd_jacobian`, benchmark only; the solver itself never builds one).
 
 Image scale: `--suite image [--sizes 32,64] [--kinds prior+unet,unet] [--methods euler,dpmpp_2m] [--steps 20]
@@ -34,6 +35,10 @@ Digits, quick: `--suite digits-quick [--images 0,1,2,3] [--cases euler:20:float3
 (solve and verification/polish), round-trip MSE on the [0, 1] scale, the polish record, per-step iterations.
 
 Writes benchmarks/INVERSION.md and benchmarks/inversion.json (atomically; --force to replace them).
+
+Every table from one run: `--all [--workers 2] [--work DIR] [--force]` runs the digits and mixture tables and the
+image-scale cells as subprocesses and writes INVERSION.md from their results (benchmarks/inversion_run.py); the
+image-scale code is benchmarks/inversion_images.py.
 """
 
 from __future__ import annotations
@@ -278,8 +283,10 @@ def exact_rows(case, model, x0, scale, model_dtype, exact, log) -> list[dict]:
                                   method).x
             own = float(((back.x.double() - b64) ** 2).mean()) * scale
         from_ode = probflow.decode(_exact_field(model, model_dtype, dtype), exact.to(dtype), g, method).x
-        implied = _implied_latent_mse(_exact_field(model, model_dtype, dtype), method, g.to(dtype), enc.x, from_ode,
-                                      x0.to(dtype))
+        implied = None  # 2·D decodes (a dense Jacobian by central differences): on the 20-step rows only
+        if steps == 20:
+            implied = _implied_latent_mse(_exact_field(model, model_dtype, dtype), method, g.to(dtype), enc.x,
+                                          from_ode, x0.to(dtype))
         worst, mean, kind = _iterations(enc.info)
         r = {"case": case, "exact": True, "method": method, "setting": setting,
              "dtype": str(dtype)[6:], "nfe_encode": enc.nfe, "nfe_solve": enc.info["nfe_solve"],
@@ -294,7 +301,7 @@ def exact_rows(case, model, x0, scale, model_dtype, exact, log) -> list[dict]:
         rows.append(r)
         log(f"[{case}] exact {method:8s} {gname:>14s} {steps:3d} {r['dtype']}  NFE {r['nfe_solve']}+{r['nfe_verify']} "
             f"(decode {r['nfe_decode']})  round trip {r['roundtrip_mse']:.1e}  latent vs ODE "
-            f"{r['latent_mse_vs_ode']:.1e} (implied {implied:.1e})  worst iters {worst} ({kind})  {wall:.1f}s")
+            f"{r['latent_mse_vs_ode']:.1e} (implied {implied})  worst iters {worst} ({kind})  {wall:.1f}s")
     return rows
 
 
@@ -420,33 +427,35 @@ def exact_table(rows: list[dict], case: str) -> list[str]:
     if not ex:
         return []
     out = [f"### {case}: latents exact for an ordinary decoder (`probflow.inversion.encode_exact`)", "",
-           "x_T from x_0 alone, decoded by the ordinary decoder (`probflow.decode`, same grid and method). NFE "
-           "encode = solve + verification decode, per sample, every model call counted (a Jacobian's D forward-mode "
-           "tangents count as D decodes); iterations: single-step decoders, per-step solve iterations, worst three "
-           "(count, step index from σ_max); multistep decoders, Newton iterations on x_T per sample, worst three; the "
+           "x_T from x_0 alone, decoded by the ordinary decoder (`probflow.decode`, same grid and method). Model "
+           "calls on the batch (one call on the batch counts 1): encode = solve + the verification decode and any "
+           "shooting polish, against the decoder's own; iterations: single-step decoders, calls per step solve, "
+           "worst three (count, step index from σ_max); multistep decoders, passes of the trajectory solve; the "
            "decoder's own error e when started from the exact ODE latent is the second-last column, the last the "
-           "latent MSE that error implies, J⁻¹e with J the decoder's Jacobian at the exact latent (the linearised "
-           "pull-back: it equals the latent MSE vs ODE where the decoder is linear between the two latents). "
-           "Float32 rows: the decoder's own round-off is the MSE between the float32 decode of the latent and its "
-           "float64 decode (the digits network run in float64): the scale of the float32 decoder's own error at "
-           "that latent.",
+           "latent MSE that error implies, J⁻¹e with J the decoder's Jacobian at the exact latent by central "
+           "differences (20-step rows; benchmark only; the linearised pull-back: it equals the latent MSE vs ODE "
+           "where the decoder is linear between the two latents). Float32 rows: the decoder's own round-off is the MSE "
+           "between the float32 decode of the latent and its float64 decode (the digits network run in float64): "
+           "the scale of the float32 decoder's own error at that latent.",
            "",
-           "| decoder | grid | dtype | NFE encode (solve + verify) | NFE decode | round-trip MSE | float32 decoder's "
-           "own round-off (MSE) | worst iterations "
+           "| decoder | grid | dtype | NFE encode (solve + verify) | NFE decode | encode ÷ decode | round-trip MSE | "
+           "float32 decoder's own round-off (MSE) | worst iterations "
            "(count, where) | mean iterations | solve | encode wall s | latent MSE vs ODE | decoder MSE from the ODE "
            "latent | latent MSE implied (J⁻¹e) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ex:
         if "failed" in r:
-            out.append(f"| {r['method']} | {r['setting']} | {r['dtype']} | — | — | **no latent**: {r['failed']} | | | "
-                       f"| | {r['seconds']} | | | |")
+            out.append(f"| {r['method']} | {r['setting']} | {r['dtype']} | — | — | — | **no latent**: "
+                       f"{r['failed']} | | | | | {r['seconds']} | | | |")
             continue
         worst = ", ".join(f"{k} ({i})" for k, i in r["iterations_worst_first"])
         own = "—" if r.get("decoder_own_roundoff_mse") is None else _fmt(r["decoder_own_roundoff_mse"])
         out.append(f"| {r['method']} | {r['setting']} | {r['dtype']} | {r['nfe_solve']} + {r['nfe_verify']} | "
-                   f"{r['nfe_decode']} | {_fmt(r['roundtrip_mse'])} | {own} | {worst} | {r['iterations_mean']:.1f} | "
+                   f"{r['nfe_decode']} | {r['nfe_encode'] / r['nfe_decode']:.1f} | "
+                   f"{_fmt(r['roundtrip_mse'])} | {own} | {worst} | {r['iterations_mean']:.1f} | "
                    f"{r.get('solve', '')} | {r['seconds']} | {_fmt(r['latent_mse_vs_ode'])} | "
-                   f"{_fmt(r['decoder_mse_from_ode_latent'])} | {_fmt(r['latent_mse_implied'])} |")
+                   f"{_fmt(r['decoder_mse_from_ode_latent'])} | "
+                   f"{'—' if r['latent_mse_implied'] is None else _fmt(r['latent_mse_implied'])} |")
     return out + [""]
 
 
@@ -456,7 +465,7 @@ def _fmt(v: float) -> str:
 
 def markdown(rows: list[dict], info: dict) -> str:
     out = ["# Inversion: round trip decode(encode(x₀)) and distance from the exact ODE latent", "",
-           "Generated by `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inversion.py` "
+           f"Generated by `{info.get('command', 'python benchmarks/inversion.py')}` "
            f"({info['date']}, {info['seconds']:.0f} s, torch {info['torch']}, {info['threads']} thread(s)).", "",
            "Same σ grid both ways (DDIM's trailing grid for fixed-step methods, [0, σ_max] for dopri5); "
            "round-trip MSE per dimension (digits on the [0, 1] pixel scale, as the DDIM paper's Table 2; "
@@ -486,7 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     if "--suite" in argv and "digits-quick" in argv:
         return digits_quick(argv)
     if "--suite" in argv and "image" in argv:
+        from inversion_images import image_suite
+
         return image_suite(argv)
+    if "--all" in argv:
+        from inversion_run import run_all
+
+        return run_all(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="digits", help="'digits' (shipped) or a digits checkpoint folder")
     ap.add_argument("--n", type=int, default=8, help="held-out digits images and mixture samples (default 8)")
@@ -508,7 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     keep_m = {v.strip() for v in args.exact_methods.split(",")}
     for c in EXACT:
         EXACT[c] = [e for e in EXACT[c] if e[0] in keep_m and e[2] in keep_steps and e[3] in keep_dt]
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     md_path, js_path = out / "INVERSION.md", out / "inversion.json"
     cases = [c.strip() for c in args.cases.split(",")]
@@ -527,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     model = load_image_model(args.model)
+    torch.set_num_threads(args.threads)  # after the loader, which sets the command line's default threads
     x_test = digits.load_split()["x_test"][: args.n].double()
     gm = GaussianMixture.random(64, 8, seed=args.mixture_seed, std_range=(0.1, 0.5))
     xg = gm.sample(args.n, generator=torch.Generator().manual_seed(0))
@@ -569,6 +584,7 @@ def digits_quick(argv: list[str]) -> int:
     ap.add_argument("--cases", default="euler:20:float32,heun2:20:float32,euler:20:float64,heun2:20:float64")
     args = ap.parse_args(argv)
     model = load_image_model("digits")
+    torch.set_num_threads(1)  # one thread, as every row of the report (the loader sets the command line's default)
     x0 = digits.load_split()["x_test"][[int(i) for i in args.images.split(",")]].double()
     for case in args.cases.split(","):
         method, steps, dname = case.split(":")
@@ -585,179 +601,6 @@ def digits_quick(argv: list[str]) -> int:
               f"{enc.nfe / d:.2f}x (solve {i['nfe_solve'] / d:.2f}x); round trip MSE {mse:.2e}; polish "
               f"{i['shooting']}; per-step iterations {i['iterations']}; {wall:.1f}s", flush=True)
     return 0
-
-
-# ------------------------------------------------------------------------------------- image-scale suite
-# `--suite image`: diffusers UNet2DModels with self-attention at 3×32×32 and 3×64×64, random weights built here.
-# "prior+unet": ε = ε of N(0, 0.25·I) (exact) + 0.1 × the random UNet's output (t = 250·ln σ + 500): an ε that grows
-# with x at high σ as a trained one does, with attention, GroupNorm and SDPA in its residual. "unet": the random
-# UNet alone (its GroupNorm makes ε scale-invariant in x, so the encode trajectory never reaches the noise scale;
-# the rows record what encode_exact says there). "digits32": the shipped trained model (`_digits32_case`). Each row
-# runs in a fresh process (peak RSS by ru_maxrss), first the decoder alone (sampling the same batch), then
-# encode_exact + verification.
-
-IMAGE_NETS = {32: (64, 128, 256), 64: (64, 128, 256, 256)}  # block_out_channels; layers_per_block 2
-
-
-def _unet(size: int, seed: int = 0):
-    import diffusers
-
-    torch.manual_seed(seed)
-    ch = IMAGE_NETS[size]
-    down = ("DownBlock2D",) + ("AttnDownBlock2D",) * (len(ch) - 1)
-    up = ("AttnUpBlock2D",) * (len(ch) - 1) + ("UpBlock2D",)
-    return diffusers.UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=2,
-                                 block_out_channels=ch, down_block_types=down, up_block_types=up).eval()
-
-
-class _ImageEps(torch.nn.Module):
-    """The network in the row's dtype (float64 rows run it in float64: a float32 network cannot give a float64
-    round trip, and encode_exact says so)."""
-
-    def __init__(self, unet, kind: str, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.unet, self.kind = unet.to(dtype), kind
-        self.model_dtype = dtype
-
-    def forward(self, x, sigma):
-        with torch.no_grad():
-            t = (250 * torch.log(sigma.double().clamp_min(1e-3)) + 500).float().reshape(1).expand(x.shape[0])
-            e = self.unet(x.to(self.model_dtype), t).sample.to(x.dtype)
-        if self.kind == "unet":
-            return e
-        xbar = x * torch.sqrt(1 + sigma**2)
-        return xbar * sigma / (0.25 + sigma**2) + 0.1 * e
-
-
-def _smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """n smooth RGB test images in [−0.9, 0.9]: sums of 4 random low-frequency cosines per channel."""
-    import math
-
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    out = torch.zeros(n, 3, size, size, dtype=torch.float64)
-    for i in range(n):
-        for c in range(3):
-            for _ in range(4):
-                fx, fy, ph = (torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([3., 3., 6.28])).tolist()
-                out[i, c] += torch.cos(2 * math.pi * (fx * xx + fy * yy) + ph) / 4
-    return 0.9 * out.clamp(-1, 1)
-
-
-def _image_row(q, size, kind, method, steps, dtype, n, what):
-    """In a fresh process: decode (what = "decode") or encode_exact (what = "encode") n images one at a time."""
-    import resource
-
-    from probflow.inversion import InversionError, encode_exact
-
-    torch.set_num_threads(1)
-    dt = getattr(torch, dtype)
-    if kind == "digits32":
-        models, x0, quantum = _digits32_case(n, dt)
-    else:
-        models, x0, quantum = [_ImageEps(_unet(size), kind, dt)] * n, _smooth_images(n, size).to(dt), None
-    g = grids.named("quadratic_open", probflow.schedules.linear(), steps)
-    out = {"per_image": []}
-    for i, model in enumerate(models):
-        f = DDIMField(model, dt)
-        t0 = time.time()
-        if what == "decode":
-            probflow.decode(f, x0[i:i + 1], g, method)
-            out["per_image"].append({"nfe": f.nfe, "seconds": time.time() - t0})
-            continue
-        try:
-            enc = encode_exact(f, x0[i:i + 1], g, method, quantum=quantum)
-        except (InversionError, ValueError) as e:
-            out["per_image"].append({"failed": str(e)[:240], "nfe": f.nfe, "seconds": time.time() - t0})
-            continue
-        sec = time.time() - t0
-        back = probflow.decode(DDIMField(model, dt), enc.x, g, method).x
-        out["per_image"].append({"nfe": enc.nfe, "nfe_solve": enc.info["nfe_solve"], "seconds": sec,
-                                 "mse": float(((back.double() - x0[i:i + 1].double()) ** 2).mean()),
-                                 "png_identical": _png_identical(back, x0[i:i + 1]), "exact": enc.info["exact"]})
-    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    q.put(out)
-
-
-def _digits32_case(n: int, dt: torch.dtype):
-    """The trained class-conditional digits32 (1×32×32, attention, GroupNorm) at w = 1, one model per image with
-    the image's own label; its first n held-out test images as 8-bit PNG pixels; quantum 2/255 (the CLI's)."""
-    from probflow.digits.data32 import load_split32
-    from probflow.io.images import from_uint8, to_uint8
-    from probflow.models import load
-
-    split = load_split32()
-    x0 = from_uint8(to_uint8(split["x_test"][:n]), dtype=torch.float64).to(dt)
-    models = [load("digits32", class_label=int(y), guidance=1.0) for y in split["y_test"][:n]]
-    return models, x0, 2 / 255
-
-
-def _png_identical(x: torch.Tensor, ref: torch.Tensor) -> bool:
-    from probflow.io.images import to_uint8
-
-    return bool((to_uint8(x.double()) == to_uint8(ref.double())).all())
-
-
-def _in_process(*args) -> dict:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_image_row, args=(q, *args))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
-
-
-def image_suite(argv: list[str]) -> int:
-    """`--suite image`: the image-scale rows (markdown on stdout and, with --out FILE, JSON)."""
-    ap = argparse.ArgumentParser(description="image-scale exact inversion rows")
-    ap.add_argument("--suite")
-    ap.add_argument("--sizes", default="32")
-    ap.add_argument("--kinds", default="prior+unet,unet")
-    ap.add_argument("--methods", default="euler,dpmpp_2m")
-    ap.add_argument("--steps", default="20")
-    ap.add_argument("--dtypes", default="float32")
-    ap.add_argument("--n", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args(argv)
-    rows = []
-    print("| net | size | decoder | steps | dtype | round-trip MSE (worst) | encode ÷ decode calls (median, worst) | "
-          "peak RSS encode ÷ sample | encode s ÷ decode s (image 0) | note |\n" + "|---" * 10 + "|", flush=True)
-    for size in (int(v) for v in a.sizes.split(",")):
-        for kind in a.kinds.split(","):
-            for method in a.methods.split(","):
-                for steps in (int(v) for v in a.steps.split(",")):
-                    for dtype in a.dtypes.split(","):
-                        dec = _in_process(size, kind, method, steps, dtype, 1, "decode")
-                        enc = _in_process(size, kind, method, steps, dtype, a.n, "encode")
-                        rows.append(_image_md(size, kind, method, steps, dtype, dec, enc))
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
-    return 0
-
-
-def _image_md(size, kind, method, steps, dtype, dec, enc) -> dict:
-    import statistics
-
-    d = dec["per_image"][0]
-    ok = [r for r in enc["per_image"] if "failed" not in r]
-    fail = [r for r in enc["per_image"] if "failed" in r]
-    ratios = [r["nfe"] / d["nfe"] for r in ok]
-    row = {"size": size, "net": kind, "method": method, "steps": steps, "dtype": dtype, "decode": dec, "encode": enc}
-    mse = f"{max(r['mse'] for r in ok):.1e}" if ok else "—"
-    rat = f"{statistics.median(ratios):.1f}, {max(ratios):.1f}" if ok else "—"
-    tr = f"{enc['per_image'][0]['seconds'] / d['seconds']:.1f}" if ok else "—"
-    note = f"{len(fail)}/{len(enc['per_image'])} failed: {fail[0]['failed'][:150]}" if fail else ""
-    if kind == "digits32":  # 8-bit images: PNG identity and how many latents are exact to round-off
-        note = (f"PNG identical {sum(r['png_identical'] for r in ok)}/{len(ok)}, round-off "
-                f"{sum(r['exact'] == 'round-off' for r in ok)}/{len(ok)}" + ("; " + note if note else ""))
-    shape = "1×32×32" if kind == "digits32" else f"3×{size}×{size}"
-    print(f"| {kind} | {shape} | {method} | {steps} | {dtype} | {mse} | {rat} | "
-          f"{enc['rss_mb'] / dec['rss_mb']:.2f} ({enc['rss_mb']:.0f} / {dec['rss_mb']:.0f} MB) | {tr} | {note} |",
-          flush=True)
-    return row
 
 
 def exact_notes(rows: list[dict]) -> list[str]:
@@ -780,13 +623,19 @@ def exact_notes(rows: list[dict]) -> list[str]:
             for r in bad:
                 lines.append(f"- {case}, {dt}, {r['method']} {r['setting']}: no exact latent (the solve refuses): "
                              f"{r['failed'][:120]}…")
-        for r in ex:
-            if "failed" not in r and r["setting"].endswith(" 20 steps") and case == "digits":
-                solo, ratio = r["nfe_solve"] / r["nfe_decode"], r["nfe_encode"] / r["nfe_decode"]
-                lines.append(f"- digits, {r['method']} {r['setting']} ({r['dtype']}): encoder NFE {r['nfe_solve']} "
-                             f"(+{r['nfe_verify']} verification) = {solo:.1f}× solve only, {ratio:.1f}× solve + "
-                             f"verify, the decoder's {r['nfe_decode']} ({'meets' if solo <= 4 else 'MISSES'} ≤ 4× "
-                             f"solve only); worst (iterations, where): {r['iterations_worst_first']}")
+        for single, lim in ((True, 4.0), (False, 12.0)):
+            grid = "quadratic_open" if case == "digits" else "uniform" if single else "logsnr"  # EXACT's grids
+            cells = [r for r in ex if (r["method"] in SINGLE) == single and r["setting"].startswith(grid + ",")]
+            met = [r for r in cells if "failed" not in r and r["nfe_encode"] <= lim * r["nfe_decode"]]
+            miss = [f"{r['method']} {r['setting'].split(', ')[1]} {r['dtype']} "
+                    + ("no latent" if "failed" in r else f"{r['nfe_encode'] / r['nfe_decode']:.1f}×")
+                    for r in cells if r not in met]
+            if cells:
+                lines.append(f"- {case}, {'single-step' if single else 'multistep'} decoders, encode ≤ {lim:g}× the "
+                             f"decoder's model calls (verification included): met by {len(met)} of {len(cells)} rows"
+                             + (" (" + ", ".join(f"{r['method']} {r['setting'].split(', ')[1]} {r['dtype']} "
+                                                 f"{r['nfe_encode'] / r['nfe_decode']:.1f}×" for r in met) + ")"
+                                if met else "") + (f"; missed: {', '.join(miss)}" if miss else ""))
     return lines + [""]
 
 

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("cmd", [
     ["benchmarks/inversion.py", "--out", "/nonexistent-folder/x"],
     ["benchmarks/inversion.py", "--cases", "digits,cats"],
+    ["benchmarks/inversion.py", "--all", "--workers", "0"],
+    ["benchmarks/inversion.py", "--all", "--out", "/nonexistent-folder/x"],
     ["benchmarks/heldout.py", "--out", "/nonexistent-folder/a.md", "--quick"],
     ["benchmarks/heldout.py", "--samples", "0"],
 ])
@@ -22,7 +24,7 @@ def test_bad_arguments_exit_2_with_one_line(cmd):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr
-    assert any(a in lines[0] for a in ("--out", "--cases", "--samples"))
+    assert any(a in lines[0] for a in ("--out", "--cases", "--samples", "--workers"))
 
 
 def test_an_existing_report_is_not_overwritten_without_force(tmp_path):
