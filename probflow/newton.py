@@ -111,7 +111,7 @@ def _gmres(jv: Callable[[Tensor], Tensor], b: Tensor, krylov: int, rtol: float) 
 
 def newton_krylov(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bound: Tensor, stall_bound: Tensor, *,
                   max_iter: int = 20, krylov: int = 10, rtol: float = 1e-3, r0: Tensor | None = None,
-                  patience: int | None = None, give_up: int | None = None) -> NewtonResult:
+                  patience: int | None = None, give_up: int | None = None, rms: bool = False) -> NewtonResult:
     """Solve fn(z) = target per sample from z0 by inexact Newton (module docstring, (A2)).
 
     bound, stall_bound: per-sample tensors (B,) of the accepted |residual|_∞ (converged; stalled at round-off: a
@@ -119,7 +119,8 @@ def newton_krylov(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bo
     vectors per Newton step (one call of fn each); rtol: GMRES's relative residual. patience: if set, a sample
     already below stall_bound whose residual has not halved in that many Newton steps has stalled at round-off
     too (ends, done). give_up: if set, a sample whose residual has not halved in that many Newton steps is not
-    converging (ends, not done unless below stall_bound). Samples already within bound are not moved."""
+    converging (ends, not done unless below stall_bound). rms: residuals (and the bounds) are per-sample RMS instead
+    of max norms. Samples already within bound are not moved."""
     bound, stall_bound = bound.double().cpu(), stall_bound.double().cpu()
     z = z0.detach().clone()
     evals = 0
@@ -128,7 +129,7 @@ def newton_krylov(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bo
             r0 = fn(z) - target
             evals += 1
         r = _flat(r0).double()
-        res, norm = r.abs().amax(1).cpu(), r.norm(dim=1).cpu()
+        res, norm = _size(r, rms), r.norm(dim=1).cpu()
         done = res <= bound
         stuck = torch.zeros_like(done)
         iters = torch.zeros(z.shape[0], dtype=torch.long)
@@ -144,7 +145,7 @@ def newton_krylov(fn: Callable[[Tensor], Tensor], target: Tensor, z0: Tensor, bo
             delta, used = _gmres(jv, torch.where(open_.to(r.device)[:, None], -r, 0.0), krylov, rtol)
             evals += used
             iters += open_.long()
-            z, r, res, norm, ok, e = _backtrack(fn, target, z, delta, r, res, norm, open_)
+            z, r, res, norm, ok, e = _backtrack(fn, target, z, delta, r, res, norm, open_, rms)
             evals += e
             done |= res <= bound
             stuck |= open_ & ~ok & ~done
@@ -176,7 +177,12 @@ def _bmask(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _backtrack(fn, target, z, delta, r, res, norm, open_, tries: int = 4):
+def _size(r: Tensor, rms: bool) -> Tensor:
+    """Per-sample size of flattened residuals: RMS or max norm."""
+    return (r.pow(2).mean(1).sqrt() if rms else r.abs().amax(1)).cpu()
+
+
+def _backtrack(fn, target, z, delta, r, res, norm, open_, rms: bool = False, tries: int = 4):
     """z + t δ for t = 1, 1/2, … (tries): per sample the first t that lowers |r|₂ is taken. Returns the new
     (z, r, res, norm), which samples moved, and the calls of fn made."""
     moved = torch.zeros_like(open_)
@@ -195,7 +201,7 @@ def _backtrack(fn, target, z, delta, r, res, norm, open_, tries: int = 4):
         okd = ok.to(z.device)
         z = torch.where(okd.reshape(-1, *([1] * (z.ndim - 1))), zt, z)
         r = torch.where(okd[:, None], rt, r)
-        res = torch.where(ok, rt.abs().amax(1).cpu(), res)
+        res = torch.where(ok, _size(rt, rms), res)
         norm = torch.where(ok, nt, norm)
         moved |= ok
         t /= 2

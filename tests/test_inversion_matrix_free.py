@@ -137,3 +137,18 @@ def test_step_at_its_own_roundoff_ends_without_a_search():
     _, calls_search, r_search, _ = _solve_step(*args, floor_eps=1e-9)
     assert bool((r <= 4 * eps * ystar.abs().amax()).all()) and bool((r > eps * target.abs().amax()).all())
     assert calls < calls_search and bool((r <= 1.5 * r_search).all())
+
+
+def test_a_failed_step_says_which_end_of_the_grid_to_refine():
+    """The error names what to try for the step that failed: the first decoder step (from σ_max) is refined by a
+    shorter first step, not a shorter last one."""
+    from probflow.inversion.steps import _step_error
+    from probflow.solvers import get_method
+
+    sig = grids.named("quadratic_open", SCH, 10)
+    one = torch.ones(1, dtype=torch.float64)
+    args = (get_method("euler"), sig)
+    first = str(_step_error(*args, 0, 10, one, one / 2, "x calls", one / 8))
+    last = str(_step_error(*args, 9, 10, one, one / 2, "x calls", one / 8))
+    assert "σ = 157.4" in first and "shorter first step from σ_max" in first and "shorter last step" not in first
+    assert "shorter last step" in last and "first step" not in last

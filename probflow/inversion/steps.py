@@ -158,7 +158,15 @@ def _step_error(m, sigmas, i, n, r, b, how, floor):
         f"encode_exact: the {m.name} step σ = {float(sigmas[i]):.6g} → {float(sigmas[i + 1]):.6g} (step {i} of {n}) "
         f"did not converge ({how}): residual {float(r[j]):.3e} > tolerance {float(b[j]):.3e} (sample {j}; the step's "
         f"own round-off floor there is {float(floor[j]):.1e}, so this is not round-off: the step map is hard to invert "
-        f"there); the latent would not be exact; {HINT}")
+        f"there); the latent would not be exact; {_hint(i, n)}")
+
+
+def _hint(i: int, n: int) -> str:
+    """What to try, naming the step: the first decoder step (σ_max, the largest in σ on most grids) or the last."""
+    if i == 0 and n > 1:
+        return ("try more steps (a shorter first step from σ_max), encoding the images one at a time (a float32 "
+                "network rounds differently in another batch), or a float64 state and network")
+    return HINT
 
 
 def _settle(field, m, target, guess, s, s_next, a, tol, max_iter, memory, feps, pre, level):
