@@ -28,8 +28,8 @@ def decoder_x(field: DDIMField, m: Method, sigmas: Tensor):
 def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=None, coarse=False):
     """Decode from x_T alone; samples whose RMS error exceeds 16·max(tol, eps, 1e-13)·max(1, |x_0|_∞), or whose
     max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
-    Newton–Krylov on x_T (shooting) until the RMS error is below half that bound or a Newton step no longer halves
-    it (the chain's round-off). level: the data's level bound (`encode_exact`'s quantum/4) or None: a round
+    Newton–Krylov on x_T (shooting) until the RMS error is below half that bound, or below the bound and no longer
+    halved by a Newton step (the chain's round-off). level: the data's level bound (`encode_exact`'s quantum/4) or None: a round
     trip the polish leaves above the round-off bound but below it is accepted at the level (the decoded values
     still round to x_0's levels); with `coarse` (a step was accepted below the level) it is the bound from the
     start, without a polish (the step map itself is what stops at it).
@@ -47,9 +47,10 @@ def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=No
     if polish and bool(miss.any()):
         # the polish only has to bring the amplified round-off under the test that sent it there, with room to
         # spare: half the RMS bound (and the max-norm bound, far looser, below), not the step tolerance in max norm;
-        # a Newton step that does not halve the RMS has met the chain's own round-off: the polish ends there
+        # a Newton step that does not halve the RMS once it is below the bound itself has met the chain's own
+        # round-off: the polish ends there (above the bound it goes on to its budget)
         bound = rms_lim / 2
-        stall = 256 * bound + 64 * len(sigmas) * model_eps(field, x0.dtype) * maxabs(x0)
+        stall = rms_lim + 64 * len(sigmas) * model_eps(field, x0.dtype) * maxabs(x0)
         inf = torch.full_like(bound, float("inf"))
         last: list[Tensor] = []
 
