@@ -51,7 +51,8 @@ solve ends with a verification: the ordinary decoder (`probflow.decode`'s path) 
 alone and must return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a
 sample whose verified round trip has an RMS error above 16·max(tol, eps, 1e-13) (the round-trip targets, 1e-12 MSE in
 float32 and 1e-24 in float64 on the [0, 1] scale, at the default tol) is polished by Newton–Krylov on x_T
-(shooting, decode(x_T) = x_0; to half that bound in max norm), forward calls only. A solve that does not
+(shooting, decode(x_T) = x_0; to half that RMS bound, or below the bound itself once a Newton step no longer
+halves it: the chain's round-off), forward calls only. A solve that does not
 converge, or a failed verification, raises `InversionError` naming σ, the residual and what to try (a failed
 step also names its own round-off floor, |Φ_i(y') − Φ_i(y)|_∞ for y' one ulp from the iterate, so that a miss of
 the tolerance by round-off is told apart from a step map the solvers do not resolve); never a silently inexact
