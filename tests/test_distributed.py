@@ -441,3 +441,29 @@ def test_launcher_passes_bad_input_on_as_one_line_and_status_2(tmp_path):
     assert split(["--nproc-per-node", "2", "sample", "--n", "4"]) == (["--nproc-per-node", "2"], ["sample", "--n", "4"])
     with pytest.raises(ValueError, match="expected a probflow command"):
         split(["--nproc-per-node", "2"])
+
+
+def test_a_rank_other_than_0_refusing_input_waits_for_rank_0_to_say_it(monkeypatch):
+    """Under torchrun rank 0 says a refusal's one line; a rank that refuses first waits (torchrun would otherwise
+    stop rank 0 before it has said it, on a busy machine: an exit status 2 with no line), and a signal ends the
+    wait quietly. Rank 0 and a single process do not wait."""
+    import probflow.cli as cli
+
+    slept = []
+
+    def fake_sleep(s):
+        slept.append(s)
+        raise KeyboardInterrupt  # torchrun's SIGTERM arriving during the wait
+
+    monkeypatch.setattr(cli.time, "sleep", fake_sleep)
+    monkeypatch.setenv("RANK", "1")
+    assert cli._run(["sample", "--n", "4", "--steps", "1e9", "--out", "/nonexistent-dir/x.png"]) == 2
+    assert slept == [30.0]
+    for rank in ("0", None):
+        slept.clear()
+        if rank is None:
+            monkeypatch.delenv("RANK")
+        else:
+            monkeypatch.setenv("RANK", rank)
+        assert cli._run(["sample", "--n", "4", "--steps", "1e9", "--out", "/nonexistent-dir/x.png"]) == 2
+        assert slept == []

@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 from probflow.cli.common import add_runtime_arguments
 from probflow.integrate import MaxStepsError
@@ -146,6 +147,7 @@ def _run(argv: list[str] | None = None) -> int:
             return _stopped(command, _caught[0])
         if isinstance(e, (ValueError, OSError, OverflowError, FloatingPointError, MaxStepsError)):
             _say(f"probflow {command}: error: {_one_line(e)}")
+            _let_rank0_say()
             return 2
         if isinstance(e, RankFailed):  # torchrun: a rank failed; every rank exits with its message, nothing written
             _say(f"probflow {command}: error: {e}")
@@ -161,6 +163,18 @@ def _stopped(command: str, signum: int) -> int:
     word = "terminated" if signum == signal.SIGTERM else "interrupted"
     _say(f"probflow {command}: {word}; nothing half-written was left behind")
     return 143 if signum == signal.SIGTERM else 130
+
+
+def _let_rank0_say(wait: float = 30.0) -> None:
+    """Under torchrun, a rank other than 0 that refuses its input before the ranks have joined waits up to `wait`
+    seconds before it exits: torchrun stops every rank as soon as one ends, and rank 0, the one that says the line,
+    may still be starting (importing torch on a busy machine); it refuses the same input, and its exit ends the
+    wait (torchrun then stops this rank)."""
+    if os.environ.get("RANK", "0") != "0" and not joined():
+        try:
+            time.sleep(wait)
+        except KeyboardInterrupt:  # torchrun's SIGTERM (or a Ctrl-C): this rank was ending anyway, silently
+            pass
 
 
 def _say(line: str) -> None:
