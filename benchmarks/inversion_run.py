@@ -101,11 +101,9 @@ def image_targets(rows: list[dict]) -> list[str]:
             cells = [r for r in ok if r["dtype"] == dt]
             if cells:
                 worst = max(max(p["mse"] for p in r["encode"]["per_image"] if "failed" not in p) for r in cells)
+                levels = "; digits32 latents are exact to round-off or, said per row, to a quarter of an 8-bit level"
                 out.append(f"- {net}, {dt}: worst round trip {worst:.1e} (≤ {lim:g}: "
-                           f"{'met' if worst <= lim else 'missed'}; digits32 latents are exact to round-off or, "
-                           "said per row, to a quarter of an 8-bit level)" if net == "digits32" else
-                           f"- {net}, {dt}: worst round trip {worst:.1e} (≤ {lim:g}: "
-                           f"{'met' if worst <= lim else 'missed'})")
+                           f"{'met' if worst <= lim else 'missed'}{levels if net == 'digits32' else ''})")
         for single, lim in ((True, 4.0), (False, 12.0)):
             cells = _cells(rows, net, single)
             met = [r for r in cells if ratios(r) and statistics.median(ratios(r)) <= lim]

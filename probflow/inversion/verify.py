@@ -29,10 +29,10 @@ def verify(field, m, x0, xT, sigmas, tol, verify_tol, polish, max_iter, level=No
     """Decode from x_T alone; samples whose RMS error exceeds 16·max(tol, eps, 1e-13)·max(1, |x_0|_∞), or whose
     max error exceeds verify_tol·max(1, |x_0|_∞) (the chain amplified the steps' residuals), are polished by
     Newton–Krylov on x_T (shooting) until the RMS error is below half that bound, or below the bound and no longer
-    halved by a Newton step (the chain's round-off). level: the data's level bound (`encode_exact`'s quantum/4) or None: a round
-    trip the polish leaves above the round-off bound but below it is accepted at the level (the decoded values
-    still round to x_0's levels); with `coarse` (a step was accepted below the level) it is the bound from the
-    start, without a polish (the step map itself is what stops at it).
+    halved by a Newton step (the chain's round-off). level: the data's level bound (`encode_exact`'s quantum/4) or
+    None: a round trip the polish leaves above the round-off bound but below it is accepted at the level (the
+    decoded values still round to x_0's levels); with `coarse` (a step was accepted below the level) it is the bound
+    from the start, without a polish (the step map itself is what stops at it).
     Returns (x_T, max |round trip|_∞, polish record or None, whether accepted at the level only); raises
     InversionError when the verified round trip misses its bound."""
     decode_x = decoder_x(field, m, sigmas)
