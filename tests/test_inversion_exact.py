@@ -512,3 +512,19 @@ def test_exact_latent_decoded_on_another_thread_count_gives_the_same_png(digits_
     assert (tmp_path / "b" / "d120.png").read_bytes() == (d / "d120.png").read_bytes()
     out, err = capsys.readouterr()
     assert "environment differs" in out and "threads 1 → 2" in err  # said, not hidden: bytes are not promised
+
+
+def test_a_digits_batch_whose_first_step_nearly_folds_gets_its_latents():
+    """Test images 16–19 in one batch, euler, 10 quadratic_open steps, float32: the first step (σ 157 → 32) nearly
+    folds for image 16 (benchmarks/DESIGN.md), and the batched solve of that step had ended in an InversionError
+    while each image alone inverts; the samples a batched step leaves are now solved again alone."""
+    from probflow.digits import load_split
+    from probflow.field import DDIMField
+    from probflow.models import load
+
+    model = load("digits")
+    x0 = load_split()["x_test"][[16, 17, 18, 19]].float()
+    g = grids.named("quadratic_open", model.schedule, 10)
+    sol = encode_exact(DDIMField(model, torch.float32), x0, g, "euler")
+    back = probflow.decode(DDIMField(model, torch.float32), sol.x, g, "euler").x
+    assert sol.info["exact"] == "round-off" and float(((back - x0) / 2).pow(2).mean()) <= 1e-12

@@ -152,3 +152,33 @@ def test_a_failed_step_says_which_end_of_the_grid_to_refine():
     last = str(_step_error(*args, 9, 10, one, one / 2, "x calls", one / 8))
     assert "σ = 157.4" in first and "shorter first step from σ_max" in first and "shorter last step" not in first
     assert "shorter last step" in last and "first step" not in last
+
+
+def test_samples_a_batched_step_leaves_are_solved_again_alone(monkeypatch):
+    """A step that the batched solve leaves unconverged for one sample (simulated: every batched solve reports
+    sample 1 as failed) is solved again for that sample alone and checked in the batch: the latent exists and
+    round-trips; without the retry encode_exact raises."""
+    from probflow.inversion import steps
+    from probflow.models import GaussianMixture
+
+    gm = GaussianMixture.random(8, 3, seed=3)
+    x0 = gm.sample(3, generator=torch.Generator().manual_seed(4)).double()
+    sig = grids.named("quadratic_open", SCH, 10)
+    real = steps._settle
+
+    def flaky(field, m, target, *args, **kw):
+        y, k, r, b, rec = real(field, m, target, *args, **kw)
+        if len(target) > 1:
+            r = r.clone()
+            r[1] = float("inf")
+        return y, k, r, b, rec
+
+    monkeypatch.setattr(steps, "_settle", flaky)
+    sol = encode_exact(gm, x0, sig, "euler")
+    redone = [f for f in sol.info["newton_fallbacks"] if "one_at_a_time" in f]
+    assert len(redone) == 10 and all(f["one_at_a_time"] == [1] and f["converged"] for f in redone)
+    back = probflow.decode(gm, sol.x, sig, "euler").x
+    assert float((back - x0).pow(2).mean()) <= 1e-24
+    monkeypatch.setattr(steps, "_one_at_a_time", lambda *a: (a[-3], a[-2], 0, {"one_at_a_time": []}))  # no retry
+    with pytest.raises(probflow.inversion.InversionError, match=r"step 9 of 10\) did not converge .*then alone"):
+        encode_exact(gm, x0, sig, "euler")

@@ -27,7 +27,8 @@ warm start extrapolates the slope (x̄_{j+1} − x̄_j)/(σ_{j+1} − σ_j) of t
 calls, or that stalls or diverges above its failure bound, is handed to inexact Newton–Krylov
 (`probflow.newton.newton_krylov`: GMRES on forward differences of Φ_i, forward calls only); only where the step
 would still be refused, Anderson runs again from there with its whole budget and Newton–Krylov once more
-(`steps._settle`).
+(`steps._settle`); a sample a batched step still leaves is solved again alone and checked in the batch
+(`steps._one_at_a_time`: a step that nearly folds can need more calls than the batched solve gives it).
 
 Multistep decoders (dpmpp_2m/3m, unipc, unipc_3): a step's history couples it to the steps before it, so the
 trajectory X = (x̄_0 … x̄_{N−1}) is solved as one unknown. The residual R_i = x̄_{i+1} − Φ_i(x̄_i; h_i(X)) of all N

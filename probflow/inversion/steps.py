@@ -164,8 +164,7 @@ def _step_error(m, sigmas, i, n, r, b, how, floor):
 def _hint(i: int, n: int) -> str:
     """What to try, naming the step: the first decoder step (σ_max, the largest in σ on most grids) or the last."""
     if i == 0 and n > 1:
-        return ("try more steps (a shorter first step from σ_max), encoding the images one at a time (a float32 "
-                "network rounds differently in another batch), or a float64 state and network")
+        return "try more steps (a shorter first step from σ_max) or a float64 state and network"
     return HINT
 
 
@@ -192,6 +191,27 @@ def _settle(field, m, target, guess, s, s_next, a, tol, max_iter, memory, feps, 
     return y, k, r, b, records
 
 
+def _one_at_a_time(field, m, target, guess, s, s_next, a, tol, max_iter, memory, feps, pre, level, y, r, b):
+    """The samples a batched step left above its bound, solved again alone (`_settle` on batches of one): a sample
+    whose step nearly folds can need more calls than the batched solve allows it (digits, 10 steps, the first
+    step: benchmarks/DESIGN.md). Each alone-solution is checked in the batch, as the decoder will run it (a float32
+    network may round differently there), and kept where its residual there is the lower. Returns (y, r, calls,
+    record)."""
+    limit = b if level is None else b.clamp_min(level)
+    redo = (r > limit).nonzero()[:, 0].tolist()
+    alone, calls = y.clone(), 0
+    for j in redo:
+        sl = slice(j, j + 1)
+        alone[sl], kj = _settle(field, m, target[sl], guess[sl], s, s_next, a[sl], tol, max_iter, memory, feps, pre,
+                                level)[:2]
+        calls += kj
+    new = maxabs(target - run_step(field, m, alone if pre is None else pre(alone), s, s_next)[0])  # in the batch
+    keep = (new < r) & (r > limit)
+    y, r = torch.where(bmask(keep, y), alone, y), torch.where(keep, new, r)
+    return y, r, calls + 1, {"one_at_a_time": redo, "calls": calls + 1, "residual": float(r[redo].max()),
+                             "converged": bool((r[redo] <= limit[redo]).all())}
+
+
 def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep, level=None):
     """Backward substitution of (X1) from x̄_N = x_end, one step at a time. Returns (x̄_0, trajectory or None,
     per-step calls, residuals, bounds, fallback records, level steps), per-step lists indexed by decoder step (σ_0
@@ -205,17 +225,24 @@ def backward(field, m, x_end, sigmas, s2, tol, max_iter, memory, keep, level=Non
     for i in range(n - 1, -1, -1):
         # step 0 sees x̄_0 as the decoder will, through the stored (rounded) latent x_T = x̄_0/sqrt(1+σ_0²)
         pre = (lambda v: scale_in(scale_out(v, sigmas[0]), sigmas[0])) if i == 0 else None
-        y, k, r, b, fbs = _settle(field, m, xs[i + 1], _guess(xs, sigmas, i), sigmas[i], sigmas[i + 1], slopes[i],
-                                  tol, max_iter, memory, feps, pre, level)
+        guess = _guess(xs, sigmas, i)
+        y, k, r, b, fbs = _settle(field, m, xs[i + 1], guess, sigmas[i], sigmas[i + 1], slopes[i], tol, max_iter,
+                                  memory, feps, pre, level)
         fallbacks += [{"step": i, **fb} for fb in fbs]
+        if bool((r > (b if level is None else b.clamp_min(level))).any()) and len(y) > 1:
+            y, r, kk, rec = _one_at_a_time(field, m, xs[i + 1], guess, sigmas[i], sigmas[i + 1], slopes[i], tol,
+                                           max_iter, memory, feps, pre, level, y, r, b)
+            k += kk
+            fallbacks.append({"step": i, **rec})
         bad = r > b
         if bad.any() and level is not None:  # below the data's own level is enough there: verified at the end
             bad = r > b.clamp_min(level)
             if not bad.any():
                 coarse.append({"step": i, "residual": float(r.max())})
         if bad.any():
+            alone = ", then alone" if len(y) > 1 else ""
             raise _step_error(m, sigmas, i, n, r, b if level is None else b.clamp_min(level),
-                              f"{k} calls of the step, Anderson then Newton–Krylov",
+                              f"{k} calls of the step, Anderson then Newton–Krylov{alone}",
                               resolution(field, m, y, sigmas[i], sigmas[i + 1], pre))
         xs[i] = y
         if not keep:
