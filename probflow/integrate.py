@@ -18,6 +18,7 @@ from torch import Tensor
 
 from probflow.field import DDIMField, EpsModel, as_field, check_tolerances
 from probflow.grids import check_grid
+from probflow.method import MethodCaution
 from probflow.solvers import Method, get_method
 
 __all__ = ["Solution", "Control", "SolveOptions", "integrate", "check_state", "scale_in", "scale_out",
@@ -160,9 +161,9 @@ def integrate(model: EpsModel | DDIMField, xbar: Tensor, sigmas: Tensor, method:
     """
     field = as_field(model)
     m: Method = method if isinstance(method, Method) else get_method(method)
-    if m.caution:
-        warnings.warn(f"method {m.name!r}: {m.caution}", UserWarning, stacklevel=2)
     ctl = _control(control, rtol, atol, max_steps)
+    if m.caution and max(ctl.rtol, ctl.atol) > m.caution_above:
+        warnings.warn(f"method {m.name!r}: {m.caution}", MethodCaution, stacklevel=2)
     xbar = check_state(xbar, "x")
     sigmas = check_grid(sigmas).to(dtype=xbar.dtype, device=xbar.device)
     if m.adaptive:  # finite, within [floor, 1] for the state's dtype and the model (probflow.field.check_tolerances)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from probflow.field import DDIMField
 
-__all__ = ["Method", "Step", "Start", "steps_for_nfe"]
+__all__ = ["Method", "MethodCaution", "Step", "Start", "steps_for_nfe"]
 
 Step = Callable[[DDIMField, Tensor, Tensor, Tensor, Any], tuple[Tensor, Any]]
 # start(rtol, atol, monitor, options) -> the first state of an adaptive probflow method (checked before any step)
@@ -44,6 +44,11 @@ def steps_for_nfe(nfe: int, stages: int = 1, extra_calls: int = 0) -> int:
     stages = max(1, int(stages))
     lo = max(1, (n - extra_calls) // stages)
     return min((lo, lo + 1), key=lambda k: (abs(stages * k + extra_calls - n), k))
+
+
+class MethodCaution(UserWarning):
+    """A method's known weakness (`Method.caution`), warned by `integrate`; code that measures and reports the
+    error itself (the demo's and the benchmark's tolerance sweeps) filters it."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Method:
         `monitor.accept(σ)` after each accepted one, for progress); without it the step gets these as a dict.
     caution: a known weakness a user should hear about when choosing it (`integrate` warns once with it), e.g.
         an adaptive method whose error runs far from the requested tolerance; empty for none.
+    caution_above: the caution holds only where max(rtol, atol) exceeds this (0: at every tolerance).
     """
 
     name: str
@@ -90,6 +96,7 @@ class Method:
     augmented: bool = True
     start: Start | None = None
     caution: str = ""
+    caution_above: float = 0.0
 
     def __post_init__(self) -> None:
         if self.backend == "probflow" and self.step is None:

@@ -65,7 +65,14 @@ _CAUTIONS = {
                  "(benchmarks/FAIR.md); use adaptive_exp or dopri5",
     "bosh3": "its error on Eq. 12 ran 4.0–23× the requested tolerance on held-out mixtures (benchmarks/FAIR.md); "
              "use adaptive_exp",
+    "dopri5": "at rtol = atol = 1e-3 its error on Eq. 12 ran 2.2–23.6× the tolerance on held-out mixtures (1.1–1.9× "
+              "at 1e-4; benchmarks/FAIR.md); use adaptive_exp (0.29–0.46× there) or a tolerance of 1e-4 or tighter",
+    "adaptive_heun": "at rtol = atol = 1e-3 its error on Eq. 12 ran 1.5–44× the tolerance on held-out mixtures "
+                     "(1.2–2.6× at 1e-4; benchmarks/FAIR.md); use adaptive_exp (0.29–0.46× there) or a tolerance of "
+                     "1e-4 or tighter",
 }
+# dopri5 and adaptive_heun keep to their tolerance at 1e-4 and tighter: their caution is for looser ones only
+_CAUTION_ABOVE = {"dopri5": 1e-4, "adaptive_heun": 1e-4}
 
 
 def _backend_methods() -> list[Method]:
@@ -79,7 +86,7 @@ def _backend_methods() -> list[Method]:
                    description="torchdiffeq fixed-grid Adams (equal steps in σ only)")
             for name, (order, stages) in _TORCHDIFFEQ_ADAMS.items()]
     out += [Method(name, order, adaptive=True, backend="torchdiffeq", description="torchdiffeq adaptive",
-                   caution=_CAUTIONS.get(name, ""))
+                   caution=_CAUTIONS.get(name, ""), caution_above=_CAUTION_ABOVE.get(name, 0.0))
             for name, order in _TORCHDIFFEQ_ADAPTIVE.items()]
     out.append(Method("scipy_dop853", 8, adaptive=True, backend="scipy",
                       description="scipy.integrate.solve_ivp DOP853 in float64, per sample: the ground-truth "

@@ -19,7 +19,13 @@ def test_demo_writes_its_plot_and_refuses_to_overwrite(tmp_path, capsys):
 
 
 def test_demo_errors_fall_with_nfe():
-    rows = run_demo_study(n=24, seed=1, progress=False)["rows"]
+    import warnings
+
+    from probflow.method import MethodCaution
+
+    with warnings.catch_warnings():  # its dopri5 sweep reports the error itself: no caution on `make demo`
+        warnings.simplefilter("error", MethodCaution)
+        rows = run_demo_study(n=24, seed=1, progress=False)["rows"]
     euler = [r["rmse"] for r in rows if r["method"] == "euler"]
     dopri = [r for r in rows if r["method"] == "dopri5"]
     assert euler == sorted(euler, reverse=True)
