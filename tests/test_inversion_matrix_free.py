@@ -182,3 +182,20 @@ def test_samples_a_batched_step_leaves_are_solved_again_alone(monkeypatch):
     monkeypatch.setattr(steps, "_one_at_a_time", lambda *a: (a[-3], a[-2], 0, {"one_at_a_time": []}))  # no retry
     with pytest.raises(probflow.inversion.InversionError, match=r"step 9 of 10\) did not converge .*then alone"):
         encode_exact(gm, x0, sig, "euler")
+
+
+def test_a_trajectory_solve_out_of_passes_says_whether_it_was_still_converging():
+    """The error of a trajectory solve that ran out of passes tells a user whether more passes could help: it says
+    "still converging" (with the factor of the last 10 passes) only where the best residual fell by half or more."""
+    from probflow.inversion.trajectory import _still_falling, trajectory_error
+    from probflow.solvers import get_method
+
+    sig = grids.named("quadratic_open", SCH, 10)
+    falling = [10.0 ** (-k / 5) for k in range(30)]  # ×10 every 5 passes: ×100 over the last 10
+    flat = [1e-3 * (1 + 0.1 * (k % 3)) for k in range(30)]
+    assert _still_falling(falling, 1e-12) == pytest.approx(100.0)
+    assert _still_falling(flat, 1e-12) is None and _still_falling(falling[:15], 1e-12) is None
+    r, b = torch.tensor([1e-6], dtype=torch.float64), torch.tensor([1e-11], dtype=torch.float64)
+    said = str(trajectory_error(get_method("dpmpp_2m"), sig, r, b, 101, falling))
+    assert "still converging (its best residual fell 100.0× over the last 10 passes" in said and "max_iter" in said
+    assert "still converging" not in str(trajectory_error(get_method("dpmpp_2m"), sig, r, b, 101, flat))

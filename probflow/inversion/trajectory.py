@@ -90,7 +90,20 @@ def rel_res(r: Tensor, nxt: Tensor) -> Tensor:
 
 def trajectory_error(m, sigmas, r, b, passes, history) -> InversionError:
     j = int(torch.argmax(r / b))
+    fell = _still_falling(history, float(b[j]))
+    still = (f"; it was still converging (its best residual fell {fell:.1f}× over the last 10 passes; such rates "
+             f"slow down: a larger max_iter may reach the tolerance)") if fell is not None else ""
     return InversionError(
         f"encode_exact: the {m.name} trajectory solve (σ = {float(sigmas[0]):.6g} → {float(sigmas[-1]):.6g}, "
         f"{len(sigmas) - 1} steps) did not converge in {passes} passes: residual {float(r[j]):.3e} > tolerance "
-        f"{float(b[j]):.3e} (sample {j}, relative to max(1, |x̄|)); the latent would not be exact; {HINT}")
+        f"{float(b[j]):.3e} (sample {j}, relative to max(1, |x̄|)){still}; the latent would not be exact; {HINT}")
+
+
+def _still_falling(history: list[float], bound: float, window: int = 10) -> float | None:
+    """How far the best residual fell over the last `window` passes (the best of each window: the history's
+    residual fluctuates), where it fell by at least half and is still above `bound`; else None. Measured on the
+    digits network, the rate slows as the solve goes on: no estimate of the passes still needed is given."""
+    if len(history) < 2 * window:
+        return None
+    old, new = min(history[-2 * window:-window]), min(history[-window:])
+    return old / new if 0 < new <= old / 2 and new > bound else None
