@@ -92,7 +92,7 @@ def trajectory_error(m, sigmas, r, b, passes, history) -> InversionError:
     j = int(torch.argmax(r / b))
     fell = _still_falling(history, float(b[j]))
     still = (f"; it was still converging (its best residual fell {fell:.1f}× over the last 10 passes; such rates "
-             f"slow down: a larger max_iter may reach the tolerance)") if fell is not None else ""
+             f"slow down: more passes, encode_exact's max_iter, may reach the tolerance)") if fell is not None else ""
     return InversionError(
         f"encode_exact: the {m.name} trajectory solve (σ = {float(sigmas[0]):.6g} → {float(sigmas[-1]):.6g}, "
         f"{len(sigmas) - 1} steps) did not converge in {passes} passes: residual {float(r[j]):.3e} > tolerance "
