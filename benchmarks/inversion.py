@@ -30,9 +30,10 @@ held-out test images as 8-bit PNG pixels, encoded with the CLI's quantum 2/255):
 calls (median and worst image), peak RSS of the encode ÷ sampling the same image (each in a fresh process),
 encode ÷ decode wall time, and for digits32 the PNG identity of the decoded images.
 
-Digits, quick: `--suite digits-quick [--images 0,1,2,3] [--cases euler:20:float32,heun2:20:float64]` prints, per
-(decoder, steps, dtype) on those held-out test images (one batch, quadratic_open grid): encode ÷ decode model calls
-(solve and verification/polish), round-trip MSE on the [0, 1] scale, the polish record, per-step iterations.
+Digits, quick: `--suite digits-quick [--images 0,1,2,3] [--cases euler:20:float32,heun2:20:float64] [--max-iter
+100]` prints, per (decoder, steps, dtype) on those held-out test images (one batch, quadratic_open grid): encode ÷
+decode model calls (solve and verification/polish), round-trip MSE on the [0, 1] scale, the polish record, per-step
+iterations.
 
 Writes benchmarks/INVERSION.md and benchmarks/inversion.json (atomically; --force to replace them).
 
@@ -582,7 +583,10 @@ def digits_quick(argv: list[str]) -> int:
     ap.add_argument("--suite")
     ap.add_argument("--images", default="0,1,2,3", help="indices into the held-out test split")
     ap.add_argument("--cases", default="euler:20:float32,heun2:20:float32,euler:20:float64,heun2:20:float64")
+    ap.add_argument("--max-iter", type=int, default=100, help="encode_exact's max_iter (default 100, its own)")
     args = ap.parse_args(argv)
+    if args.max_iter < 1:
+        ap.error(f"--max-iter: expected a positive integer, got {args.max_iter}")
     model = load_image_model("digits")
     torch.set_num_threads(1)  # one thread, as every row of the report (the loader sets the command line's default)
     x0 = digits.load_split()["x_test"][[int(i) for i in args.images.split(",")]].double()
@@ -592,7 +596,8 @@ def digits_quick(argv: list[str]) -> int:
         g = grids.named("quadratic_open", model.schedule, int(steps))
         t = time.time()
         try:
-            enc = encode_exact(_exact_field(model, torch.float32, dtype), x0.to(dtype), g, method)
+            enc = encode_exact(_exact_field(model, torch.float32, dtype), x0.to(dtype), g, method,
+                               max_iter=args.max_iter)
         except InversionError as e:  # reported as the row's outcome: the next case still runs
             print(f"{case}: no latent: {e}", flush=True)
             continue
