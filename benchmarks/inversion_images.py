@@ -72,8 +72,9 @@ def _smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return 0.9 * out.clamp(-1, 1)
 
 
-def _image_row(q, size, kind, method, steps, dtype, n, what):
-    """In a fresh process: decode (what = "decode") or encode_exact (what = "encode") n images one at a time."""
+def _image_row(q, size, kind, method, steps, dtype, n, what, net_seed=0, image_seed=0):
+    """In a fresh process: decode (what = "decode") or encode_exact (what = "encode") n images one at a time
+    (prior+unet / unet: the network of `net_seed`, the images of `image_seed`)."""
     import resource
 
     from probflow.inversion import InversionError, encode_exact
@@ -83,7 +84,8 @@ def _image_row(q, size, kind, method, steps, dtype, n, what):
     if kind == "digits32":
         models, x0, quantum = _digits32_case(n, dt)
     else:
-        models, x0, quantum = [_ImageEps(_unet(size), kind, dt)] * n, _smooth_images(n, size).to(dt), None
+        net = _ImageEps(_unet(size, net_seed), kind, dt)
+        models, x0, quantum = [net] * n, _smooth_images(n, size, image_seed).to(dt), None
     g = grids.named("quadratic_open", probflow.schedules.linear(), steps)
     out = {"per_image": []}
     for i, model in enumerate(models):
@@ -149,6 +151,8 @@ def image_suite(argv: list[str]) -> int:
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--net-seed", type=int, default=0, help="random UNet's seed (0: the report's; 1: tuning)")
+    ap.add_argument("--image-seed", type=int, default=0, help="smooth images' seed (0: the report's; 101: tuning)")
     a = ap.parse_args(argv)
     rows = []
     print(TABLE_HEAD, flush=True)
@@ -157,8 +161,9 @@ def image_suite(argv: list[str]) -> int:
             for method in a.methods.split(","):
                 for steps in (int(v) for v in a.steps.split(",")):
                     for dtype in a.dtypes.split(","):
-                        dec = _in_process(size, kind, method, steps, dtype, 1, "decode")
-                        enc = _in_process(size, kind, method, steps, dtype, a.n, "encode")
+                        seeds = (a.net_seed, a.image_seed)
+                        dec = _in_process(size, kind, method, steps, dtype, 1, "decode", *seeds)
+                        enc = _in_process(size, kind, method, steps, dtype, a.n, "encode", *seeds)
                         rows.append(_image_md(size, kind, method, steps, dtype, dec, enc))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

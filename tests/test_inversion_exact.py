@@ -246,6 +246,48 @@ def test_multistep_float32_stops_at_round_off(small_mixture):
     assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_2m").x, x0) <= 1e-12
 
 
+def test_multistep_float32_stops_at_each_steps_own_round_off(small_mixture, monkeypatch):
+    # R_i is evaluated from terms as large as x̄_i, which at the large-σ steps is several times x̄_{i+1}: a residual
+    # within 4 ulps of max(|x̄_i|, |x̄_{i+1}|) is accepted at once, even where it is above 4 ulps of |x̄_{i+1}| (the
+    # history's measure), instead of waiting there for a stall
+    import probflow.inversion.trajectory as traj
+
+    seen = []
+    ratio = traj.roundoff_ratio
+    monkeypatch.setattr(traj, "roundoff_ratio", lambda *a: seen.append(ratio(*a)) or seen[-1])
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, 20)
+    enc = encode_exact(gm, x0.float(), g, "dpmpp_3m")
+    ulp4 = 4 * torch.finfo(torch.float32).eps
+    assert len(seen) == enc.info["iterations"][0]
+    assert bool((seen[-1] <= 1).all()) and not bool((seen[-2] <= 1).all())
+    assert enc.info["history"][-1] > ulp4  # the ulp4-of-x̄_{i+1} rule would not have ended here
+    assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_3m").x, x0) <= 1e-12
+
+
+@pytest.mark.parametrize("ratio", [1.5, 3.0])
+def test_multistep_float32_ends_near_round_off_once_no_longer_halving(small_mixture, monkeypatch, ratio):
+    # within 8 ulps of the largest term (roundoff_ratio ≤ 2 at 4 ulps) the solve ends once its best residual has
+    # not halved in two passes; beyond that it goes on as before
+    import probflow.inversion.trajectory as traj
+
+    monkeypatch.setattr(traj, "roundoff_ratio", lambda r, *a: torch.full((r.shape[1],), ratio, dtype=torch.float64))
+    gm, x0 = small_mixture
+    g = grids.named("logsnr", SCH, 10)
+    enc = encode_exact(gm, x0[:1].float(), g, "unipc")
+    best, halved, since, stop = math.inf, math.inf, 0, None
+    for k, h in enumerate(enc.info["history"], 1):  # the rule, from the per-pass residuals of the one sample
+        best = min(best, h)
+        halved, since = (best, 0) if best <= halved / 2 else (halved, since + 1)
+        if since >= 2 and best <= 256 * torch.finfo(torch.float32).eps:
+            stop = k
+            break
+    assert stop is not None
+    passes = enc.info["iterations"][0]
+    assert passes == stop if ratio <= 2 else passes > stop
+    assert _mse(probflow.decode(gm, enc.x, g, "unipc").x, x0[:1]) <= 1e-12
+
+
 def test_multistep_first_pass_reuses_the_warm_starts_calls(small_mixture):
     # the first teacher-forced pass runs on the explicit encode's own points: the model is called again only at
     # σ_0 (the encode never evaluates its last point); every later pass costs one decode (N calls)

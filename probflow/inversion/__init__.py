@@ -46,8 +46,10 @@ step also when its best residual is within 4 ulps of the largest term of its eva
 above tol where |x̄_i| ≫ |x̄_{i+1}|, the large-σ steps in float32), fluctuates (the last call no better) and has not
 halved in two calls (no plain-iteration search for a luckier rounding there; a network in a lower precision than the
 state keeps that search, which can land on an exact fixed point of its piecewise-constant output); the
-trajectory also when it is within 4 ulps of the state's dtype, the round-off of the residual's own evaluation
-(accepted at once: passes spent waiting for a stall there cannot improve it; float64: below tol, no change). Every
+trajectory also when every step's residual is within 4 ulps of the largest term of its evaluation
+(max(1, |x̄_i|_∞, |x̄_{i+1}|_∞): the round-off of the residual's own evaluation; accepted at once, passes spent
+waiting for a stall there cannot improve it), or within 8 ulps of it and not halved in two passes (a multistep
+step also adds its history's terms; float64: both below tol, no change). Every
 solve ends with a verification: the ordinary decoder (`probflow.decode`'s path) runs from the stored latent x_T
 alone and must return x_0 within verify_tol·max(1, |x_0|_∞). A float32 chain can amplify each step's round-off; a
 sample whose verified round trip has an RMS error above 16·max(tol, eps, 1e-13) (the round-trip targets, 1e-12 MSE in

@@ -26,29 +26,40 @@ def solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patienc
     xs = integrate(reuse, x_end, sigmas.flip(0), m, trajectory=True).trajectory.flip(0)[:n].contiguous()
     bound = torch.full((b,), tol, dtype=torch.float64)
     fail = 256 * bound + 64 * n * model_eps(field, x_end.dtype)
-    # a residual within 4 ulps of the state's dtype is the round-off of its own evaluation (a few roundings of
-    # terms of size |x̄|): accepted at once instead of after `patience` passes that cannot improve it
-    roundoff = fail.clamp_max(4 * torch.finfo(x_end.dtype).eps)
+    # a residual within 4 ulps of the largest term of its step's evaluation (x̄_i, x̄_{i+1}) is that evaluation's
+    # round-off: accepted at once instead of after `patience` passes that cannot improve it; within 8 ulps (a
+    # multistep step also adds its history's terms) once it has not halved in `patience` passes: fluctuating there
+    ulp4 = 4 * torch.finfo(x_end.dtype).eps
     acc = Anderson(memory)
     best_r = torch.full((b,), float("inf"), dtype=torch.float64)
+    best_f = best_r.clone()
     best = xs.clone()
     stall = torch.zeros(b, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
+    halved, since = best_r.clone(), torch.zeros(b, dtype=torch.long)  # best residual at its last halving, passes since
+    done = torch.zeros(b, dtype=torch.bool)  # at the tolerance: frozen at its best iterate
+    accepted = done.clone()  # at round-off or stalled below the failure bound
     history, passes = [], 0
     while True:
         r = residuals(field if reuse is None else reuse, m, xs, x_end, sigmas)
         reuse = None  # freed: later iterates are new points
         passes += 1
         rel = rel_res(r, torch.cat([xs[1:], x_end[None]]))
-        better = (rel < best_r) & ~done
+        better = (rel < best_r) & ~done  # an accepted sample goes on while others run: its best can only fall
         best_r = torch.where(better, rel, best_r)
+        best_f = torch.where(better, roundoff_ratio(r, xs, x_end, ulp4), best_f)
         best[:, better.to(xs.device)] = xs[:, better.to(xs.device)]
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
-        done = done | (best_r <= bound) | (best_r <= roundoff) | ((stall >= patience) & (best_r <= fail))
-        history.append(float(rel[~done].max()) if bool((~done).any()) else float(best_r.max()))
-        if bool(done.all()) or passes > max_iter:
+        half = best_r <= halved / 2
+        halved, since = torch.where(half, best_r, halved), torch.where(half, torch.zeros_like(since), since + 1)
+        at_roundoff = (best_f <= 1) | ((best_f <= 2) & (since >= patience))
+        # at the tolerance, or accepted and wandering off (its best kept): frozen from here on
+        done = done | (best_r <= bound) | (accepted & (rel > 1e3 * best_r))
+        accepted = accepted | ((at_roundoff | (stall >= patience)) & (best_r <= fail))
+        open_ = ~(done | accepted)
+        history.append(float(rel[open_].max()) if bool(open_.any()) else float(best_r.max()))
+        if bool((~open_).all()) or passes > max_iter:
             break
-        if bool((rel[~done] > 1e3 * best_r[~done]).any()):  # diverging: restart from the best iterate
+        if bool((rel[open_] > 1e3 * best_r[open_]).any()):  # diverging: restart from the best iterate
             acc, xs = Anderson(memory), best.clone()
             continue
         delta = -torch.einsum("bij,jb...->ib...", ainv, r.double()).to(xs.dtype)  # Newton with the surrogate
@@ -86,6 +97,16 @@ def rel_res(r: Tensor, nxt: Tensor) -> Tensor:
     n, b = r.shape[:2]
     ra, na = r.reshape(n, b, -1).abs().amax(2), nxt.reshape(n, b, -1).abs().amax(2).clamp_min(1.0)
     return (ra / na).amax(0).double().cpu()
+
+
+def roundoff_ratio(r: Tensor, xs: Tensor, x_end: Tensor, ulps: float) -> Tensor:
+    """max_i |R_i|_∞ / (ulps·max(1, |x̄_i|_∞, |x̄_{i+1}|_∞)) per sample: ≤ 1 where every step's residual is within
+    `ulps` of the largest state its evaluation adds (the round-off of R_i itself; a large-σ step's x̄_i is 1.5–2.6×
+    its x̄_{i+1} on 20 steps), float64 on the CPU."""
+    n, b = r.shape[:2]
+    a = torch.cat([xs, x_end[None]]).reshape(n + 1, b, -1).abs().amax(2).clamp_min(1.0)
+    ra = r.reshape(n, b, -1).abs().amax(2)
+    return (ra / (ulps * torch.maximum(a[:-1], a[1:]))).amax(0).double().cpu()
 
 
 def trajectory_error(m, sigmas, r, b, passes, history) -> InversionError:
