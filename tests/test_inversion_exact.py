@@ -253,25 +253,27 @@ def test_multistep_float32_stops_at_each_steps_own_round_off(small_mixture, monk
     import probflow.inversion.trajectory as traj
 
     seen = []
-    ratio = traj.roundoff_ratio
-    monkeypatch.setattr(traj, "roundoff_ratio", lambda *a: seen.append(ratio(*a)) or seen[-1])
+    norms = traj.residual_norms
+    monkeypatch.setattr(traj, "residual_norms", lambda *a: seen.append(norms(*a)) or seen[-1])
     gm, x0 = small_mixture
     g = grids.named("logsnr", SCH, 20)
     enc = encode_exact(gm, x0.float(), g, "dpmpp_3m")
     ulp4 = 4 * torch.finfo(torch.float32).eps
-    assert len(seen) == enc.info["iterations"][0]
-    assert bool((seen[-1] <= 1).all()) and not bool((seen[-2] <= 1).all())
+    ratios = [q for _, q in seen]  # the round-off ratio per pass
+    assert len(ratios) == enc.info["iterations"][0]
+    assert bool((ratios[-1] <= 1).all()) and not bool((ratios[-2] <= 1).all())
     assert enc.info["history"][-1] > ulp4  # the ulp4-of-x̄_{i+1} rule would not have ended here
     assert _mse(probflow.decode(gm, enc.x, g, "dpmpp_3m").x, x0) <= 1e-12
 
 
 @pytest.mark.parametrize("ratio", [1.5, 3.0])
 def test_multistep_float32_ends_near_round_off_once_no_longer_halving(small_mixture, monkeypatch, ratio):
-    # within 8 ulps of the largest term (roundoff_ratio ≤ 2 at 4 ulps) the solve ends once its best residual has
+    # within 8 ulps of the largest term (a round-off ratio ≤ 2 at 4 ulps) the solve ends once its best residual has
     # not halved in two passes; beyond that it goes on as before
     import probflow.inversion.trajectory as traj
 
-    monkeypatch.setattr(traj, "roundoff_ratio", lambda r, *a: torch.full((r.shape[1],), ratio, dtype=torch.float64))
+    norms = traj.residual_norms
+    monkeypatch.setattr(traj, "residual_norms", lambda *a: (norms(*a)[0], torch.full_like(norms(*a)[0], ratio)))
     gm, x0 = small_mixture
     g = grids.named("logsnr", SCH, 10)
     enc = encode_exact(gm, x0[:1].float(), g, "unipc")

@@ -43,10 +43,10 @@ def solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patienc
         r = residuals(field if reuse is None else reuse, m, xs, x_end, sigmas)
         reuse = None  # freed: later iterates are new points
         passes += 1
-        rel = rel_res(r, torch.cat([xs[1:], x_end[None]]))
+        rel, ratio = residual_norms(r, xs, x_end, ulp4)
         better = (rel < best_r) & ~done  # an accepted sample goes on while others run: its best can only fall
         best_r = torch.where(better, rel, best_r)
-        best_f = torch.where(better, roundoff_ratio(r, xs, x_end, ulp4), best_f)
+        best_f = torch.where(better, ratio, best_f)
         best[:, better.to(xs.device)] = xs[:, better.to(xs.device)]
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
         half = best_r <= halved / 2
@@ -92,21 +92,17 @@ class _Reuse(DDIMField):
         return eps.clone()
 
 
-def rel_res(r: Tensor, nxt: Tensor) -> Tensor:
-    """max_i |R_i|_∞ / max(1, |x̄_{i+1}|_∞) per sample (r, nxt: (N, B, *S)), float64 on the CPU."""
+def residual_norms(r: Tensor, xs: Tensor, x_end: Tensor, ulps: float) -> tuple[Tensor, Tensor]:
+    """Per sample, float64 on the CPU (r, xs: (N, B, *S); x_end: (B, *S)): the relative residual
+    max_i |R_i|_∞ / max(1, |x̄_{i+1}|_∞), and the round-off ratio max_i |R_i|_∞ / (ulps·max(1, |x̄_i|_∞, |x̄_{i+1}|_∞)),
+    ≤ 1 where every step's residual is within `ulps` of the largest state its evaluation adds (the round-off of R_i
+    itself; a large-σ step's x̄_i is 1.5–2.6× its x̄_{i+1} on 20 steps). Norms per step, no copy of the trajectory."""
     n, b = r.shape[:2]
-    ra, na = r.reshape(n, b, -1).abs().amax(2), nxt.reshape(n, b, -1).abs().amax(2).clamp_min(1.0)
-    return (ra / na).amax(0).double().cpu()
-
-
-def roundoff_ratio(r: Tensor, xs: Tensor, x_end: Tensor, ulps: float) -> Tensor:
-    """max_i |R_i|_∞ / (ulps·max(1, |x̄_i|_∞, |x̄_{i+1}|_∞)) per sample: ≤ 1 where every step's residual is within
-    `ulps` of the largest state its evaluation adds (the round-off of R_i itself; a large-σ step's x̄_i is 1.5–2.6×
-    its x̄_{i+1} on 20 steps), float64 on the CPU."""
-    n, b = r.shape[:2]
-    a = torch.cat([xs, x_end[None]]).reshape(n + 1, b, -1).abs().amax(2).clamp_min(1.0)
-    ra = r.reshape(n, b, -1).abs().amax(2)
-    return (ra / (ulps * torch.maximum(a[:-1], a[1:]))).amax(0).double().cpu()
+    inf = float("inf")
+    ra = torch.linalg.vector_norm(r.reshape(n, b, -1), inf, dim=2).double().cpu()
+    a = torch.cat([torch.linalg.vector_norm(xs.reshape(n, b, -1), inf, dim=2),
+                   torch.linalg.vector_norm(x_end.reshape(1, b, -1), inf, dim=2)]).double().cpu().clamp_min(1.0)
+    return (ra / a[1:]).amax(0), (ra / (ulps * torch.maximum(a[:-1], a[1:]))).amax(0)
 
 
 def trajectory_error(m, sigmas, r, b, passes, history) -> InversionError:
