@@ -10,7 +10,7 @@ from probflow.field import DDIMField
 from probflow.integrate import integrate
 from probflow.solvers import Method
 
-__all__ = ["HINT", "InversionError", "bmask", "maxabs", "model_eps", "residuals", "run_step", "ulp_tol"]
+__all__ = ["HINT", "InversionError", "bmask", "halving", "maxabs", "model_eps", "residuals", "run_step", "ulp_tol"]
 
 HINT = ("try more steps (a shorter last step), another grid (one that ends above σ = 0, e.g. quadratic_open), or a "
         "float64 state and network")
@@ -46,6 +46,13 @@ def maxabs(x: Tensor) -> Tensor:
 
 def ulp_tol(x: Tensor, tol: float) -> Tensor:
     return tol * maxabs(x).clamp_min(1.0)  # per-sample bound tol·max(1, |x|_∞)
+
+
+def halving(best: Tensor, ref: Tensor, since: Tensor) -> tuple[Tensor, Tensor]:
+    """(ref, since) per sample, updated with the best residual `best`: the best residual at its last halving, and the
+    iterations since (the solves' test for a residual that has stopped converging and fluctuates at round-off)."""
+    half = best <= ref / 2
+    return torch.where(half, best, ref), torch.where(half, torch.zeros_like(since), since + 1)
 
 
 def bmask(mask: Tensor, like: Tensor) -> Tensor:  # (B,) → broadcastable over like

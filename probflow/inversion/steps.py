@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from probflow.integrate import scale_in, scale_out
-from probflow.inversion.common import HINT, InversionError, bmask, maxabs, model_eps, run_step, ulp_tol
+from probflow.inversion.common import HINT, InversionError, bmask, halving, maxabs, model_eps, run_step, ulp_tol
 from probflow.inversion.surrogate import surrogate_slopes
 from probflow.newton import Anderson, newton_krylov
 
@@ -49,8 +49,7 @@ def _solve_step(field, m, target, guess, s, s_next, a, tol, max_iter, memory, pa
         best_r = torch.where(better, res, best_r)
         best_y = torch.where(bmask(better, y), y, best_y)
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
-        halved = best_r <= ref / 2
-        ref, slow = torch.where(halved, best_r, ref), torch.where(halved, torch.zeros_like(slow), slow + 1)
+        ref, slow = halving(best_r, ref, slow)
         done = done | (best_r <= bound) | (polish & (stall >= patience) & (best_r <= stop))
         if not floor_eps:  # at the evaluation's own round-off (4 ulps of its largest term) and fluctuating there
             done = done | ((slow >= 2) & (stall >= 1) & (best_r <= torch.minimum(stop, rnd)))

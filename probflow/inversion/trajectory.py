@@ -8,7 +8,7 @@ from torch import Tensor
 
 from probflow.field import DDIMField
 from probflow.integrate import integrate
-from probflow.inversion.common import HINT, InversionError, bmask, model_eps, residuals
+from probflow.inversion.common import HINT, InversionError, bmask, halving, model_eps, residuals
 from probflow.inversion.surrogate import surrogate_inverse
 from probflow.newton import Anderson
 
@@ -49,8 +49,7 @@ def solve_trajectory(field, m, x_end, sigmas, s2, tol, max_iter, memory, patienc
         best_f = torch.where(better, ratio, best_f)
         best[:, better.to(xs.device)] = xs[:, better.to(xs.device)]
         stall = torch.where(better, torch.zeros_like(stall), stall + 1)
-        half = best_r <= halved / 2
-        halved, since = torch.where(half, best_r, halved), torch.where(half, torch.zeros_like(since), since + 1)
+        halved, since = halving(best_r, halved, since)
         at_roundoff = (best_f <= 1) | ((best_f <= 2) & (since >= patience))
         # at the tolerance, or accepted and wandering off (its best kept): frozen from here on
         done = done | (best_r <= bound) | (accepted & (rel > 1e3 * best_r))
