@@ -5,11 +5,17 @@ Run: `python benchmarks/fair_persample.py --problem 9001 --samples 256 --nfe 20
 --configs "unipc_3|t^2/0.02,unipc_3|t^2.5/s0"` (probflow's methods on FAIR.md's grids by name,
 `recipes.family_grid`; the problem's own evaluation noise and DOP853 reference, `heldout.setup`). Prints, per
 configuration, the RMSE, the median and the five largest per-sample RMS errors with their sample indices.
+
+`--trace I` follows sample I along each configuration's grid instead: at every grid point its RMS error against
+the exact trajectory (DOP853 at 1e-11 between the grid points) and, for a Gaussian mixture, the two largest
+component posteriors p(k | x̄, σ) of the exact state and the solver's at those k and its own largest
+(`GaussianMixture.posterior`): where a sample is sent into another component, and at which σ.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -19,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fair_fewstep as F  # noqa: E402
 
 from probflow.bench import recipes as R  # noqa: E402
-from probflow.bench.heldout import setup  # noqa: E402
+from probflow.bench.heldout import noise, setup  # noqa: E402
 from probflow.field import DDIMField  # noqa: E402
 from probflow.integrate import integrate  # noqa: E402
+from probflow.models.analytic import GaussianMixture  # noqa: E402
+from probflow.schedules import linear  # noqa: E402
 from probflow.solvers import get_method  # noqa: E402
 
 
@@ -31,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--nfe", type=int, default=20)
     ap.add_argument("--configs", default="unipc_3|t^2/0.02,unipc_3|t^2.5/s0")
+    ap.add_argument("--trace", type=int, default=None, help="follow this sample along each grid (its index)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
@@ -39,14 +48,23 @@ def main(argv=None) -> int:
         ap.exit(2, f"fair_persample: --problem: {e}\n")
     if a.samples < 1 or a.nfe < 1:
         ap.exit(2, "fair_persample: --samples, --nfe: expected positive integers\n")
-    s = setup(p, a.samples)
-    print(p.describe())
+    if a.trace is not None and not 0 <= a.trace < a.samples:
+        ap.exit(2, f"fair_persample: --trace: expected a sample index in [0, {a.samples}), got {a.trace}\n")
+    configs = []
     for cfg in a.configs.split(","):
         try:
             m, g = cfg.split("|")
-            grid = R.family_grid(g)(s.schedule, get_method(m).steps_for_nfe(a.nfe))
+            configs.append((cfg, m, R.family_grid(g), get_method(m).steps_for_nfe(a.nfe)))
         except (ValueError, KeyError) as e:
             ap.exit(2, f"fair_persample: --configs: {cfg!r}: {e}\n")
+    print(p.describe())
+    if a.trace is not None:
+        for cfg, m, builder, steps in configs:
+            trace(p, a.samples, a.trace, cfg, m, builder(linear(), steps))
+        return 0
+    s = setup(p, a.samples)
+    for cfg, m, builder, steps in configs:
+        grid = builder(s.schedule, steps)
         x = integrate(DDIMField(p.model), s.xbar, grid, m).x
         e = (x - s.reference).pow(2).flatten(1).mean(1).sqrt()
         v, i = e.sort(descending=True)
@@ -54,6 +72,25 @@ def main(argv=None) -> int:
         print(f"{cfg} at NFE {a.nfe}: RMSE {float(e.pow(2).mean().sqrt()):.2e}, median {float(e.median()):.1e}; "
               f"largest: {worst}")
     return 0
+
+
+def trace(p, n_samples: int, index: int, cfg: str, method: str, grid: torch.Tensor) -> None:
+    """Sample `index` of the problem's evaluation noise along `grid`: its error against the exact trajectory at each
+    grid point and, for a mixture, the two largest component posteriors (exact | solver)."""
+    sch = linear()
+    xb = noise(n_samples, (p.dim,), p.seed + 1)[index:index + 1] * math.sqrt(1.0 + sch.sigma_max**2)
+    exact = integrate(p.model, xb, grid, "scipy_dop853", rtol=1e-11, atol=1e-11, trajectory=True).trajectory
+    path = integrate(DDIMField(p.model), xb, grid, method, trajectory=True).trajectory
+    print(f"{cfg}, sample {index}:")
+    for s_, xe, xs in zip(grid.tolist(), exact, path):
+        line = f"  σ {s_:9.4f}  error {float((xs - xe).pow(2).mean().sqrt()):.2e}"
+        if isinstance(p.model, GaussianMixture):
+            pe, ps = (p.model.posterior(x, s_)[0] for x in (xe, xs))
+            top = pe.argsort(descending=True)[:2].tolist()
+            line += (f"  p(k) exact {', '.join(f'{k}: {float(pe[k]):.3f}' for k in top)}"
+                     f" | solver {', '.join(f'{k}: {float(ps[k]):.3f}' for k in top)}"
+                     f" (its largest {int(ps.argmax())}: {float(ps.max()):.3f})")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,20 @@ def test_mixture_log_prob_matches_scipy_convolved_density():
     assert torch.allclose(gm.log_prob(x, sigma), ref, rtol=1e-12, atol=1e-12)
 
 
+def test_mixture_posterior_matches_scipy_component_densities():
+    gm = GaussianMixture.random(3, 4, seed=5, std_range=(0.1, 0.6))
+    sigma = 0.4
+    x = gm.sample(12, sigma=sigma, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(3, dtype=torch.float64)
+    joint = torch.stack([
+        w * torch.from_numpy(multivariate_normal(m.numpy(), (c + sigma**2 * eye).numpy()).pdf(x.numpy()))
+        for w, m, c in zip(gm.weights, gm.means, gm.covs)
+    ], dim=1)
+    post = gm.posterior(x, sigma)
+    assert post.shape == (12, 4)
+    assert torch.allclose(post, joint / joint.sum(1, keepdim=True), rtol=1e-10, atol=1e-12)
+
+
 def test_mixture_samples_have_the_mixture_moments():
     gm = GaussianMixture.random(3, 3, seed=1)
     x = gm.sample(200_000, sigma=0.5, generator=torch.Generator().manual_seed(0))

@@ -87,6 +87,11 @@ class GaussianMixture:
         sigma = torch.as_tensor(sigma, dtype=xbar.dtype, device=xbar.device)
         return torch.logsumexp(self._components(xbar, sigma)[3], dim=-1)
 
+    def posterior(self, xbar: Tensor, sigma: Tensor | float = 0.0) -> Tensor:
+        """p(k | x̄, σ) = w_k N(x̄; μ_k, Σ_k + σ²I) / p_σ(x̄), shape (B, K): which component a state belongs to."""
+        sigma = torch.as_tensor(sigma, dtype=xbar.dtype, device=xbar.device)
+        return torch.softmax(self._components(xbar, sigma)[3], dim=-1)
+
     def denoise(self, xbar: Tensor, sigma: Tensor | float) -> Tensor:
         """E[x_0 | x̄] = x̄ + σ² ∇ log p_σ(x̄) (Tweedie)."""
         sigma = torch.as_tensor(sigma, dtype=xbar.dtype, device=xbar.device)
