@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
+from probflow.bench.heldout import DiagonalMixture
 from probflow.models import GaussianMixture, IdealDenoiser, default_mixture
 
 
@@ -61,6 +62,16 @@ def test_mixture_posterior_matches_scipy_component_densities():
     post = gm.posterior(x, sigma)
     assert post.shape == (12, 4)
     assert torch.allclose(post, joint / joint.sum(1, keepdim=True), rtol=1e-10, atol=1e-12)
+
+
+def test_diagonal_mixture_posterior_equals_the_full_covariance_mixtures():
+    g = torch.Generator().manual_seed(3)
+    w, mu = torch.rand(5, generator=g, dtype=torch.float64) + 0.5, torch.randn(5, 7, generator=g, dtype=torch.float64)
+    var = (0.05 + torch.rand(5, 7, generator=g, dtype=torch.float64)) ** 2
+    full = GaussianMixture(w / w.sum(), mu, torch.diag_embed(var))
+    x = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    for sigma in (0.0, 0.3, 4.0):
+        assert torch.allclose(DiagonalMixture(w, mu, var).posterior(x, sigma), full.posterior(x, sigma), atol=1e-12)
 
 
 def test_mixture_samples_have_the_mixture_moments():

@@ -74,13 +74,21 @@ class DiagonalMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def score(self, xbar: Tensor, sigma: Tensor | float) -> Tensor:
-        """∇_x̄ log p_σ(x̄) for x̄ of shape (B, D)."""
+    def _terms(self, xbar: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """z = x̄ − μ_k (B, K, D), c = v_k + σ² (K, D) and r = p(k | x̄, σ) (B, K)."""
         sigma = torch.as_tensor(sigma, dtype=xbar.dtype)
         mu, c = self.means.to(xbar.dtype), self.variances.to(xbar.dtype) + sigma * sigma
-        z = xbar.unsqueeze(1) - mu  # (B, K, D)
+        z = xbar.unsqueeze(1) - mu
         logn = -0.5 * (z * z / c).sum(-1) - 0.5 * c.log().sum(-1)
-        r = torch.softmax(self.logw.to(xbar.dtype) + logn, dim=-1)  # (B, K)
+        return z, c, torch.softmax(self.logw.to(xbar.dtype) + logn, dim=-1)
+
+    def posterior(self, xbar: Tensor, sigma: Tensor | float = 0.0) -> Tensor:
+        """p(k | x̄, σ), shape (B, K), as `GaussianMixture.posterior`."""
+        return self._terms(xbar, sigma)[2]
+
+    def score(self, xbar: Tensor, sigma: Tensor | float) -> Tensor:
+        """∇_x̄ log p_σ(x̄) for x̄ of shape (B, D)."""
+        z, c, r = self._terms(xbar, sigma)
         return -(r.unsqueeze(-1) * z / c).sum(1)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
