@@ -136,3 +136,35 @@ def test_cached_problem_gets_only_its_missing_methods_and_the_pool_decides_the_r
     assert "unipc_3" in cached["methods"] and cached["pf"]["old_method|uniform|10"] == 0.01
     F._results(tmp_path, SimpleNamespace(seed=100), a, (10,))
     assert asked == [{"unipc_3"}]  # nothing missing any more
+
+
+def _persample():
+    spec = importlib.util.spec_from_file_location("fair_persample",
+                                                  Path(__file__).parents[1] / "benchmarks/fair_persample.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_persample_counts_samples_sent_into_another_component(capsys):
+    """fair_persample over two problems: one line per configuration and NFE, then the per-configuration sums; at
+    NFE 4 DDIM sends some of 16 samples of problem 102 (11 broad components in 25-D) into another component, at NFE
+    200 UniPC-3 none."""
+    assert _persample().main(["--problem", "102,103", "--samples", "16", "--nfe", "4,200",
+                              "--configs", "euler|uniform,unipc_3|t^2/0.05"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if " at NFE " in line]
+    assert len(rows) == 8 and all("in another component: " in line for line in rows)
+    sums = {line.split(":")[0].strip(): int(line.split(": ")[1].split()[0]) for line in out if line.startswith("  NFE")}
+    assert set(sums) == {"NFE 4 euler|uniform", "NFE 4 unipc_3|t^2/0.05", "NFE 200 euler|uniform",
+                         "NFE 200 unipc_3|t^2/0.05"}
+    assert sums["NFE 4 euler|uniform"] > 0 and sums["NFE 200 unipc_3|t^2/0.05"] == 0
+
+
+@pytest.mark.parametrize("args,name", [(["--problem", "x"], "--problem"), (["--nfe", "0"], "--nfe"),
+                                       (["--configs", "foo|uniform"], "--configs"), (["--trace", "300"], "--trace")])
+def test_persample_refuses_bad_arguments_in_one_line(args, name, capsys):
+    with pytest.raises(SystemExit) as e:
+        _persample().main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and name in err and "\n" not in err
