@@ -1,5 +1,5 @@
-"""Per-sample errors of a few configurations on one problem of benchmarks/FAIR.md: which samples decide its RMSE
-(e.g. one sample ending in another mixture component).
+"""Per-sample errors of a few configurations on problems of benchmarks/FAIR.md: which samples decide a problem's
+RMSE (e.g. one sample ending in another mixture component).
 
 Run: `python benchmarks/fair_persample.py --problem 9001 --samples 256 --nfe 20
 --configs "unipc_3|t^2/0.02,unipc_3|t^2.5/s0"` (probflow's methods on FAIR.md's grids by name,
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
         problems = [F.problem_by_seed(seed) for seed in _ints(a.problem)]
     except ValueError as e:
         ap.exit(2, f"fair_persample: --problem: expected seeds such as 9001, 100-109 or 100,105 ({e})\n")
-    try:
-        nfes = _ints(a.nfe) if "-" not in a.nfe else []
+    try:  # a list, not a range: each NFE is a full run
+        nfes = [int(n) for n in a.nfe.split(",")]
     except ValueError:
         nfes = []
     if a.samples < 1 or not nfes or min(nfes) < 1:
