@@ -82,9 +82,10 @@ def main(argv=None) -> int:
                     trace(p, a.samples, a.trace, cfg, m, builder(linear(), get_method(m).steps_for_nfe(nfe)))
             continue
         s = setup(p, a.samples)
+        ref_k = p.model.posterior(s.reference, 0.0).argmax(1)  # each sample's component at σ = 0
         for nfe in nfes:
             for cfg, m, builder in configs:
-                n = _report(p, s, cfg, m, builder(s.schedule, get_method(m).steps_for_nfe(nfe)), nfe)
+                n = _report(p, s, ref_k, cfg, m, builder(s.schedule, get_method(m).steps_for_nfe(nfe)), nfe)
                 switched.setdefault((nfe, cfg), []).append(n)
     if len(problems) > 1 and switched:
         print("samples ending in another component than the reference's, summed over the problems (problems with any):")
@@ -93,14 +94,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _report(p, s, cfg: str, method: str, grid: torch.Tensor, nfe: int) -> int:
+def _report(p, s, ref_k: torch.Tensor, cfg: str, method: str, grid: torch.Tensor, nfe: int) -> int:
     """One configuration's per-sample errors on setup `s`; returns the number of samples that end in another mixture
-    component than the reference (largest posterior at σ = 0)."""
+    component than the reference's (`ref_k`: largest posterior at σ = 0)."""
     x = integrate(DDIMField(p.model), s.xbar, grid, method).x
     e = (x - s.reference).pow(2).flatten(1).mean(1).sqrt()
     v, i = e.sort(descending=True)
     worst = ", ".join(f"{float(a_):.2e} (sample {int(b)})" for a_, b in zip(v[:5], i[:5]))
-    n = int((p.model.posterior(x, 0.0).argmax(1) != p.model.posterior(s.reference, 0.0).argmax(1)).sum())
+    n = int((p.model.posterior(x, 0.0).argmax(1) != ref_k).sum())
     print(f"{cfg} at NFE {nfe}: RMSE {float(e.pow(2).mean().sqrt()):.2e}, median {float(e.median()):.1e}; "
           f"in another component: {n}; largest: {worst}")
     return n
