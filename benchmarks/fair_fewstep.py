@@ -21,13 +21,16 @@ configuration per held-out problem. Error = RMSE of x_0 against DOP853 at rtol =
 Problems. Tuning: `heldout.TUNING_SEEDS`; held-out: `heldout.HELDOUT_SEEDS` and the "outside" mixtures
 (`outside_problem`: D ∈ {16, 64, 256}, rotated anisotropic and diagonal, K = 8; never used for a choice).
 
-Calibrated row (`--fit`, opt-in per model): `probflow.calibrate.fit_recipe` per held-out problem and NFE: on 32
+Calibrated row (`--fit`, opt-in per model): `probflow.fit.fit_recipe` per held-out problem and NFE: on 32
 calibration samples of the model's own noise (seed + 7), unipc/unipc_3 × the start grids
-`calibrate.candidate_grids` (power-in-t and log-SNR, ends σ_0 … 0.1), the best then warped by Nelder–Mead (end
+`fit.candidate_grids` (power-in-t and log-SNR, ends σ_0 … 0.1), the best then warped by Nelder–Mead (end
 point and step density on 12 bins, ≤ 400 solves), kept only if better on 32 validation samples (seed + 8,
 `--fit-val`; with `--fit-jump J`, opt-in, also no validation sample sent into another component by the fitted grid
-alone, `fit_recipe`'s `jump`); judged
-on the evaluation noise (seed + 1). Its cost in model calls is reported. Adaptive study (`--adaptive N`):
+alone, `fit_recipe`'s `jump`); then on that grid UniPC's per-interval factors on the higher-order parts of its
+predictor and corrector (`probflow.coefficients`: Adam on the calibration batch, `--fit-coef-iters` solves, default
+200, with the model's backward pass; 0: the grid alone), kept by the same validation rule; judged on the evaluation
+noise (seed + 1). Its cost in model calls is reported, with the calls of the factors' fit (each also a backward
+pass), and the fitted grid alone beside it. Adaptive study (`--adaptive N`):
 `adaptive_exp` against k-diffusion's `dpm_adaptive` at equal error, ending at σ_0 and at σ = 0, and torchdiffeq's
 adaptive methods' error ÷ tolerance.
 
@@ -51,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probflow import calibrate as C
+from probflow import fit as C
 from probflow import grids as G
 from probflow.bench import kdiffusion as kd
 from probflow.bench import peers as P
@@ -195,7 +198,7 @@ VAL_SAMPLES = 32  # validation batch (seed + 8); --fit-val
 
 
 def fit_run(s, nfe=NFE, n_cal: int = CAL_SAMPLES, n_val: int = VAL_SAMPLES, **fit_kw) -> dict:
-    """Per NFE: `probflow.calibrate.fit_recipe` (keywords `fit_kw`) on the model's own calibration noise (seed + 7)
+    """Per NFE: `probflow.fit.fit_recipe` (keywords `fit_kw`) on the model's own calibration noise (seed + 7)
     and validation noise (seed + 8), never the evaluation noise (seed + 1), then evaluated on the problem's
     evaluation noise. Records the method, start grid, RMSE and the model calls spent (the two references once per
     model, then per NFE)."""
@@ -210,9 +213,11 @@ def fit_run(s, nfe=NFE, n_cal: int = CAL_SAMPLES, n_val: int = VAL_SAMPLES, **fi
     for n in nfe:
         t0 = time.perf_counter()
         f = C.fit_recipe(p.model, x, xv, sch, n, references=refs, **fit_kw)
-        xe = integrate(DDIMField(p.model), s.xbar, f.grid, f.method).x
+        xe = integrate(DDIMField(p.model), s.xbar, f.grid, f.method, state=f.state).x
+        xg = xe if f.scales is None else integrate(DDIMField(p.model), s.xbar, f.grid, f.method).x
         out[str(n)] = {"method": f.method, "start": f.start, "rmse": rmse(xe, s.reference), "ref_calls": ref_calls,
                        "fit_calls": f.calls, "kept": f.kept, "grid": f.grid.tolist(),
+                       "rmse_grid": rmse(xg, s.reference), "scales": f.scales, "backward": f.backward,
                        "seconds": time.perf_counter() - t0}
     return out
 
@@ -234,7 +239,8 @@ def peer_chosen(s, n: int) -> float:
 def fit_only_table(held_p: list[Problem], fits: list[dict], peers: list[dict], nfe) -> str:
     """`--only fit`: the fitted recipe ÷ FAIR.md's chosen peer configuration (`peer_chosen`) per held-out problem."""
     lines = ["| NFE | peer configuration (FAIR.md) | fitted ÷ peer chosen: median / worst | worst problem "
-             "| fitted grid kept | fit model calls (median) | fit seconds (median) |", "|---|---|---|---|---|---|---|"]
+             "| fitted grid kept | factors kept | fit model calls (median) | fit seconds (median) |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in nfe:
         rc = [f[str(n)]["rmse"] / q[str(n)] for f, q in zip(fits, peers)]
         w = int(np.argmax(rc))
@@ -242,6 +248,7 @@ def fit_only_table(held_p: list[Problem], fits: list[dict], peers: list[dict], n
         lines.append(f"| {n} | {_cell(m + '|' + g.__name__)} "
                      f"| {_mw(rc)} | {held_p[w].describe()}: {fits[w][str(n)]['rmse']:.1e} vs {peers[w][str(n)]:.1e} "
                      f"| {sum(f[str(n)]['kept'] for f in fits)} of {len(fits)} "
+                     f"| {sum(f[str(n)].get('scales') is not None for f in fits)} of {len(fits)} "
                      f"| {np.median([f[str(n)]['fit_calls'] for f in fits]):.0f} "
                      f"| {np.median([f[str(n)].get('seconds', math.nan) for f in fits]):.1f} |")
     return "\n".join(lines)
@@ -347,18 +354,23 @@ def choose(tuning: list[dict], n: int, side: str, rule: str = "max") -> str:
 def fit_table(held: list[dict], fits: list[dict], tuning: list[dict], nfe=NFE) -> str:
     """The fitted recipe (`fit_run`) ÷ the peer's configuration chosen on tuning, and ÷ the peer's oracle."""
     lines = ["| NFE | fitted ÷ peer chosen: median / worst | fitted ÷ peer oracle: median / worst "
-             f"| model calls on batches of {CAL_SAMPLES}: references (once per model) + fit | fitted grid kept "
-             "(validation) | start grids |", "|---|---|---|---|---|---|"]
+             "| fitted grid alone ÷ peer chosen: median / worst "
+             f"| model calls on batches of {CAL_SAMPLES}: references (once per model) + fit (of which with a backward "
+             "pass) | fitted grid kept (validation) | factors kept (validation) | start grids |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in nfe:
         cq = choose(tuning, n, "peer")
         pr = [q[str(n)] for q in fits]
         rc = [x["rmse"] / _at(r["peer"], n).get(cq, math.inf) for x, r in zip(pr, held)]
         ro = [x["rmse"] / min(_at(r["peer"], n).values()) for x, r in zip(pr, held)]
+        rg = [x.get("rmse_grid", x["rmse"]) / _at(r["peer"], n).get(cq, math.inf) for x, r in zip(pr, held)]
         cost = (f"{np.median([x['ref_calls'] for x in pr]):.0f} + {np.median([x['fit_calls'] for x in pr]):.0f} "
-                "(medians)")
+                f"({np.median([x.get('backward', 0) for x in pr]):.0f}) (medians)")
         starts = sorted({f"{x['method']}|{x['start']}" for x in pr})
-        lines.append(f"| {n} | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / {max(ro):.2f} | {cost} "
-                     f"| {sum(x['kept'] for x in pr)} of {len(pr)} | {', '.join(map(_cell, starts))} |")
+        lines.append(f"| {n} | {np.median(rc):.2f} / {max(rc):.2f} | {np.median(ro):.2f} / {max(ro):.2f} "
+                     f"| {np.median(rg):.2f} / {max(rg):.2f} | {cost} | {sum(x['kept'] for x in pr)} of {len(pr)} "
+                     f"| {sum(x.get('scales') is not None for x in pr)} of {len(pr)} "
+                     f"| {', '.join(map(_cell, starts))} |")
     return "\n".join(lines)
 
 
@@ -491,7 +503,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nfe", default=",".join(map(str, NFE)))
     ap.add_argument("--cache", default="out/fair_cache")
     ap.add_argument("--native", action="store_true", help="also diffusers' Euler/Heun/LMS on their own grids")
-    ap.add_argument("--fit", action="store_true", help="also the calibrated recipe (`calibrate.fit_recipe`) per "
+    ap.add_argument("--fit", action="store_true", help="also the calibrated recipe (`fit.fit_recipe`) per "
                     "held-out problem")
     ap.add_argument("--adaptive", type=int, default=0, help="adaptive study on the first N held-out problems")
     ap.add_argument("--families", default="base,tpow", help="grid families (base: DDIM/Karras/log-SNR; tpow)")
@@ -499,6 +511,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-val", type=int, default=VAL_SAMPLES, help="validation samples of the fit (seed + 8)")
     ap.add_argument("--fit-trust", type=float, help="fit_recipe's trust region (default: none)")
     ap.add_argument("--fit-jump", type=float, default=0.0, help="fit_recipe's jump (≤ 0: off, the default)")
+    ap.add_argument("--fit-coef-iters", type=int, default=200,
+                    help="fit_recipe's coef_iters: UniPC's fitted per-interval factors (0: the grid alone)")
     ap.add_argument("--only", choices=("tuning", "heldout", "extras", "fit"),
                     help="compute and cache one phase, no report (fit: the calibrated recipe on the held-out problems "
                     "÷ FAIR.md's chosen peer configuration, printed, without the grid sweep)")
@@ -507,6 +521,8 @@ def main(argv=None) -> int:
         nfe = tuple(int(v) for v in a.nfe.split(","))
     except ValueError:
         ap.exit(2, f"fair_fewstep: --nfe: expected comma-separated integers, got {a.nfe!r}\n")
+    if a.fit_coef_iters < 0:
+        ap.exit(2, f"fair_fewstep: --fit-coef-iters: expected a non-negative integer, got {a.fit_coef_iters}\n")
     if min(a.samples, a.tuning) < 1 or min(a.heldout, a.outside) < 0 or min(nfe) < 1:
         ap.exit(2, "fair_fewstep: --samples, --tuning, --heldout, --nfe: expected positive integers\n")
     if a.out and Path(a.out).exists() and not a.force:
@@ -525,8 +541,8 @@ def main(argv=None) -> int:
     held_p = [outside_problem(*o) for o in OUTSIDE[:a.outside]] + [make_problem(s) for s in HELDOUT_SEEDS[:a.heldout]]
     held = [] if a.only in ("extras", "fit") else [_results(cache, p, a, nfe) for p in held_p]
     fit_nfe = tuple(int(v) for v in a.fit_nfe.split(",")) if a.fit_nfe else nfe
-    fit_kw = {"trust": a.fit_trust, "jump": None if a.fit_jump <= 0 else a.fit_jump}
-    fit_key = (f"fit_p{{}}_v{a.fit_val}_t{a.fit_trust}_j{fit_kw['jump']}"
+    fit_kw = {"trust": a.fit_trust, "jump": None if a.fit_jump <= 0 else a.fit_jump, "coef_iters": a.fit_coef_iters}
+    fit_key = (f"fit_p{{}}_v{a.fit_val}_t{a.fit_trust}_j{fit_kw['jump']}_c{a.fit_coef_iters}"
                + ("" if fit_nfe == nfe else "_n" + "-".join(map(str, fit_nfe))))
     fits = ([_cached(cache, fit_key.format(p.seed), lambda p=p: fit_run(_setup(p, a.samples), fit_nfe,
                                                                         n_val=a.fit_val, **fit_kw)) for p in held_p]
@@ -542,7 +558,7 @@ def main(argv=None) -> int:
         return 0
     md, data = table(tun, held, [p.describe() for p in held_p], nfe)
     if fits:
-        md += ("\n\nCalibrated (opt-in, per model: `probflow.calibrate.fit_recipe` on the model's own noise, judged "
+        md += ("\n\nCalibrated (opt-in, per model: `probflow.fit.fit_recipe` on the model's own noise, judged "
                "on the evaluation noise):\n\n" + fit_table(held, fits, tun, fit_nfe))
     if ad:
         md += "\n\n## Adaptive\n\n" + adaptive_table(ad, [p.describe() for p in held_p[:a.adaptive]])

@@ -1,8 +1,8 @@
-"""Design data for `probflow.calibrate.fit_recipe`'s validation rule against mode switches (issue 26), on the TUNING
+"""Design data for `probflow.fit.fit_recipe`'s validation rule against mode switches (issue 26), on the TUNING
 problems only (`heldout.TUNING_SEEDS` and `heldout.DESIGN_SEEDS`): how often a fitted grid sends a sample into
 another mixture component on fresh noise, and what each validation rule keeps.
 
-Per tuning problem and NFE: the fit's start (2 methods × `calibrate.candidate_grids` on 32 calibration samples,
+Per tuning problem and NFE: the fit's start (2 methods × `fit.candidate_grids` on 32 calibration samples,
 seed + 7, trimmed RMSE), the Nelder–Mead warp of it (`optimise_grid`, 12 bins, ≤ 400 solves), and the README's
 uncalibrated recipe (`recipes.RECOMMENDED`); per-sample RMS errors of each on 256 validation samples (seed + 8;
 the first 32 are the 32-sample batch) and 256 fresh samples (seed + 11, never seen by any choice), and its RMSE
@@ -10,7 +10,7 @@ on the problem's evaluation noise (seed + 1, 32 samples) ÷ the peer's configura
 (`recipes.FAIR_CHOSEN["peer"]`, FAIR.md's measure). Rules (kept: the fitted grid, else the start):
 "trim" (lower RMSE leaving out the worst sample: the rule before issue 26's fix), "full" (lower RMSE over every
 sample), "max" (both, and a largest error no larger than the start's), "jumpJ" (trim, and no sample whose error
-the fitted grid alone makes J× larger: `calibrate._confirmed`). A "jump" on fresh noise: a sample whose RMS error
+the fitted grid alone makes J× larger: `fit._confirmed`). A "jump" on fresh noise: a sample whose RMS error
 per coordinate exceeds 0.1 (a switch of component).
 
 Run: `python benchmarks/fit_design.py --nfe 10,20 --seeds 100-109 --out FILE.json` (prints the rule table).
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from fair_fewstep import peer_chosen, tuning_seeds  # benchmarks/ is the script's own folder on sys.path
 
-from probflow import calibrate as C
+from probflow import fit as C
 from probflow.bench import recipes as R
 from probflow.bench.heldout import TUNING_SEEDS, make_problem, rmse, setup
 from probflow.field import DDIMField

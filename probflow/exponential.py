@@ -82,17 +82,33 @@ __all__ = [
 @dataclass
 class ExpState:
     """Explicit multistep state: the last few (σ_j, D_j), most recent last, and for UniPC the x̄ the last
-    predictor started from (corrected) with the order it used."""
+    predictor started from (corrected) with the order it used.
+
+    `scales` (UniPC only; None: the published method): per grid interval k a pair (a_k, b_k) that multiplies
+    the higher-order part of that interval's predictor by 1 + a_k and of its corrector by 1 + b_k (per-model
+    solver coefficients fitted by `probflow.coefficients`; floats, or 0-d tensors while they are fitted).
+    `index`: the intervals stepped so far."""
 
     sigmas: tuple[float, ...] = ()
     denoised: tuple[Tensor, ...] = ()
     x_prev: Tensor | None = None
     order_prev: int = 0
+    scales: tuple | None = None
+    index: int = 0
 
     def push(self, sigma: float, d: Tensor, keep: int) -> ExpState:
         s = (*self.sigmas, sigma)[-keep:]
         ds = (*self.denoised, d)[-keep:]
-        return ExpState(s, ds, self.x_prev, self.order_prev)
+        return ExpState(s, ds, self.x_prev, self.order_prev, self.scales, self.index)
+
+    def scale(self, k: int, which: int):
+        """1 + a_k (which = 0) or 1 + b_k (which = 1); 1.0 without scales."""
+        if self.scales is None:
+            return 1.0
+        if k >= len(self.scales):
+            raise ValueError(f"state.scales: expected one (a, b) pair per grid interval, got {len(self.scales)} "
+                             f"for a grid of at least {k + 1} intervals")
+        return 1 + self.scales[k][which]
 
 
 def _phi_integrals(h: float, n: int) -> list[float]:
@@ -145,7 +161,10 @@ def _combine(weights: list[float], tensors: list[Tensor]) -> Tensor:
     """Σ_j w_j t_j: one new tensor, then fused in-place multiply–adds (the per-step overhead of a solver)."""
     out = tensors[0] * weights[0]
     for w, t in zip(weights[1:], tensors[1:], strict=True):
-        out.add_(t, alpha=w)
+        if isinstance(w, Tensor):  # a coefficient being fitted (autograd): out of place
+            out = out + t * w
+        else:
+            out.add_(t, alpha=w)
     return out
 
 
@@ -203,6 +222,8 @@ def multistep_step(order: int):
             return _heun_from_zero(field, xbar, sigma, sigma_next), ExpState()
         if not isinstance(state, (ExpState, type(None))):
             raise TypeError(f"{name}: state must be an ExpState or None, got {type(state).__name__}")
+        if state is not None and state.scales is not None:
+            raise ValueError(f"state.scales: {name} takes no fitted coefficients (UniPC's methods do)")
         state = state or ExpState()
         st = state.push(s, _denoise(field, xbar, sigma), order)
         if order >= 3 and len(st.sigmas) == 1 and sn > 0.0:  # cold start: one 2S step keeps the order
@@ -282,8 +303,9 @@ def unipc_step(order: int):
     name = "unipc" if order == 2 else f"unipc_{order}"
     keep = order + 1
 
-    def predict(xbar, lam, lam_next, lams, ds, p):
-        """UniP-p from x̄ at λ (D history `ds` at `lams`, current last) to λ_next."""
+    def predict(xbar, lam, lam_next, lams, ds, p, k=1.0):
+        """UniP-p from x̄ at λ (D history `ds` at `lams`, current last) to λ_next; k scales the higher-order
+        part (`ExpState.scales`)."""
         h = lam_next - lam
         decay, b_h, rhs = _unipc_coefficients(h, [], p)
         if p == 1:
@@ -294,11 +316,12 @@ def unipc_step(order: int):
         else:
             r = np.array([[rk ** (m - 1) for rk in rks] for m in range(1, p)])
             rho = [float(v) for v in np.linalg.solve(r, np.array(rhs[: p - 1]))]
-        c = [b_h * rho[i] / rks[i] for i in range(p - 1)]  # on (D_{-1-i} − D_0)
+        c = [k * b_h * rho[i] / rks[i] for i in range(p - 1)]  # on (D_{-1-i} − D_0)
         return _combine([decay, b_h - sum(c), *c], [xbar, ds[-1], *[ds[-2 - i] for i in range(p - 1)]])
 
-    def correct(x_prev, lam_prev, lam, lams_prev, ds_prev, d_new, p):
-        """UniC-p: redo the step λ_prev → λ from x_prev with the new D (at the predicted point) as a node."""
+    def correct(x_prev, lam_prev, lam, lams_prev, ds_prev, d_new, p, k=1.0):
+        """UniC-p: redo the step λ_prev → λ from x_prev with the new D (at the predicted point) as a node; k
+        scales the higher-order part."""
         h = lam - lam_prev
         decay, b_h, rhs = _unipc_coefficients(h, [], p)
         if p == 1:
@@ -307,7 +330,7 @@ def unipc_step(order: int):
             rks = [(lams_prev[-1 - i] - lam_prev) / h for i in range(1, p)] + [1.0]
             r = np.array([[rk ** (m - 1) for rk in rks] for m in range(1, p + 1)])
             rho = [float(v) for v in np.linalg.solve(r, np.array(rhs))]
-        c = [b_h * rho[i] / rks[i] for i in range(p)]  # on (D_k − D_0), the last k being the new D
+        c = [k * b_h * rho[i] / rks[i] for i in range(p)]  # on (D_k − D_0), the last k being the new D
         nodes = [ds_prev[-2 - i] for i in range(p - 1)] + [d_new]
         return _combine([decay, b_h - sum(c), *c], [x_prev, ds_prev[-1], *nodes])
 
@@ -318,19 +341,20 @@ def unipc_step(order: int):
         if not isinstance(state, (ExpState, type(None))):
             raise TypeError(f"{name}: state must be an ExpState or None, got {type(state).__name__}")
         state = state or ExpState()
+        i = state.index
         d = _denoise(field, xbar, sigma)
         if state.x_prev is not None:
             lams_prev = [_lam(x) for x in state.sigmas]
             xbar = correct(state.x_prev, lams_prev[-1], _lam(s), lams_prev, list(state.denoised), d,
-                           state.order_prev)
+                           state.order_prev, state.scale(i - 1, 1))
         st = state.push(s, d, keep)
         if sn == 0.0:
             n = min(order, len(st.sigmas))
             return _combine(zero_weights(list(st.sigmas[-n:])), list(st.denoised[-n:])), st
         p = min(order, len(st.sigmas))
         lams = [_lam(x) for x in st.sigmas]
-        x_next = predict(xbar, lams[-1], _lam(sn), lams, list(st.denoised), p)
-        return x_next, ExpState(st.sigmas, st.denoised, xbar, p)
+        x_next = predict(xbar, lams[-1], _lam(sn), lams, list(st.denoised), p, state.scale(i, 0))
+        return x_next, ExpState(st.sigmas, st.denoised, xbar, p, state.scales, i + 1)
 
     return step
 

@@ -139,7 +139,7 @@ def integrate(model: EpsModel | DDIMField, xbar: Tensor, sigmas: Tensor, method:
               control: Control | None = None, rtol: float = _UNSET, atol: float = _UNSET,
               max_steps: int | None = _UNSET, trajectory: bool = False, state: Any = None,
               options: dict | None = None, variable: str = "log_sigma",
-              progress: bool | Progress | None = None) -> Solution:
+              progress: bool | Progress | None = None, differentiable: bool = False) -> Solution:
     """Integrate dx̄/dσ = ε(x̄/sqrt(1+σ²), σ) (Eq. 12) along `sigmas`, in x̄, with `method`.
 
     The parts of a solve, each typed and checked once here:
@@ -158,6 +158,9 @@ def integrate(model: EpsModel | DDIMField, xbar: Tensor, sigmas: Tensor, method:
       backend there), or the keywords rtol, atol (default 1e-5) and max_steps (default `MAX_STEPS`), not both.
     - what to save: the state at the last σ always; with `trajectory`, the state at every grid point.
     - progress (adaptive solves): True draws a line on stderr, a callable gets (σ, nfe) after every accepted step.
+    - `differentiable`: probflow's own step methods record autograd through the solve (the model's backward
+      pass; for fitting solver coefficients held as tensors in `state`, `probflow.coefficients`); by default
+      nothing is recorded.
     """
     field = as_field(model)
     m: Method = method if isinstance(method, Method) else get_method(method)
@@ -171,11 +174,14 @@ def integrate(model: EpsModel | DDIMField, xbar: Tensor, sigmas: Tensor, method:
     _check_method(m, sigmas, state, ctl)
     if variable not in ("log_sigma", "sigma"):
         raise ValueError(f"variable: expected 'log_sigma' or 'sigma', got {variable!r}")
+    if differentiable and (m.backend != "probflow" or m.adaptive):
+        raise ValueError(f"differentiable: applies to probflow's fixed-grid step methods, not {m.name} ({m.backend})")
     options = {**m.default_options, **(options or {})}
     nfe0 = field.nfe
     monitor = _Monitor(m.name, field, sigmas, ctl.max_steps, progress) if m.adaptive else None
     try:
-        x_end, traj, state = _run(m, field, xbar, sigmas, ctl, options, variable, monitor, state, trajectory)
+        x_end, traj, state = _run(m, field, xbar, sigmas, ctl, options, variable, monitor, state, trajectory,
+                                  differentiable)
     finally:
         if monitor is not None:
             monitor.close()
@@ -204,7 +210,8 @@ def _check_method(m: Method, sigmas: Tensor, state: Any, ctl: Control) -> None:
 
 
 def _run(m: Method, field: DDIMField, xbar: Tensor, sigmas: Tensor, ctl: Control, options: dict, variable: str,
-         monitor: _Monitor | None, state: Any, keep: bool) -> tuple[Tensor, Tensor | None, Any]:
+         monitor: _Monitor | None, state: Any, keep: bool,
+         differentiable: bool = False) -> tuple[Tensor, Tensor | None, Any]:
     """The solve on the method's backend: (x at the last σ, the trajectory if `keep`, the final state)."""
     if m.backend == "torchdiffeq":
         floor = float(options.pop("sigma_floor", SIGMA_FLOOR))
@@ -224,7 +231,7 @@ def _run(m: Method, field: DDIMField, xbar: Tensor, sigmas: Tensor, ctl: Control
     if m.adaptive and state is None:  # probflow's adaptive methods start from their settings (Method.start)
         state = (m.start(ctl.rtol, ctl.atol, monitor, options) if m.start is not None
                  else {"rtol": ctl.rtol, "atol": ctl.atol, "monitor": monitor, **options})
-    return _step_loop(m, field, xbar, sigmas, state, keep)
+    return _step_loop(m, field, xbar, sigmas, state, keep, differentiable)
 
 
 class MaxStepsError(RuntimeError):
@@ -365,11 +372,12 @@ def _odeint_split(field: DDIMField, xbar: Tensor, sigmas: Tensor, name: str, rto
     return torch.cat([b if lo_has_floor else b[:-1], a[1:]])
 
 
-def _step_loop(m: Method, field: DDIMField, x: Tensor, sigmas: Tensor, state: Any, keep: bool):
-    """The loop of probflow's own methods: one `step` per grid interval."""
+def _step_loop(m: Method, field: DDIMField, x: Tensor, sigmas: Tensor, state: Any, keep: bool,
+               differentiable: bool = False):
+    """The loop of probflow's own methods: one `step` per grid interval (no autograd unless `differentiable`)."""
     traj = [x] if keep else None
     step = m.step
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         for i in range(len(sigmas) - 1):
             x, state = step(field, x, sigmas[i], sigmas[i + 1], state)
             if keep:

@@ -1,4 +1,4 @@
-"""`probflow.calibrate.fit_recipe` / `optimise_grid` / `warped`: the per-model fitted grid lowers the error on
+"""`probflow.fit.fit_recipe` / `optimise_grid` / `warped`: the per-model fitted grid lowers the error on
 fresh noise (never fitted on) against its start grid on an analytic mixture (exact ε), the warp is a monotone
 reparametrisation of the start grid, and the fit counts its model calls."""
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from probflow import calibrate as C
+from probflow import fit as C
 from probflow.bench.heldout import DiagonalMixture
 from probflow.field import DDIMField
 from probflow.flows import noise
@@ -137,8 +137,8 @@ def test_fit_recipe_returns_the_start_grid_when_the_fit_switches_one_validation_
     real = C._per_sample
     fitted = {}
 
-    def switched(field, xbar, grid, method, reference):  # validation batch (20 samples), fitted grid: sample 5 jumps
-        per = real(field, xbar, grid, method, reference)
+    def switched(field, xbar, grid, method, reference, scales=None):  # validation (20 samples), fitted grid: 5 jumps
+        per = real(field, xbar, grid, method, reference, scales)
         starts = C.candidate_grids(sch, len(grid) - 1).values()
         if len(xbar) == 20 and per is not None and not any(torch.equal(grid, g) for g in starts):
             fitted["grid"] = grid
@@ -147,8 +147,8 @@ def test_fit_recipe_returns_the_start_grid_when_the_fit_switches_one_validation_
         return per
 
     monkeypatch.setattr(C, "_per_sample", switched)
-    f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2, jump=10.0)
+    f = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2, jump=10.0, coef_iters=0)
     assert "grid" in fitted and not f.kept  # the trimmed RMSE alone leaves sample 5 out and keeps it
     assert torch.equal(f.grid, C.candidate_grids(sch, 10)[f.start])
-    g = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2, jump=None)
+    g = C.fit_recipe(model, x, xv, sch, 10, max_evals=80, drop_worst=2, jump=None, coef_iters=0)
     assert g.kept and torch.equal(g.grid, fitted["grid"])
