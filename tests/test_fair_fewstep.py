@@ -168,3 +168,31 @@ def test_persample_refuses_bad_arguments_in_one_line(args, name, capsys):
         _persample().main(args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and name in err and "\n" not in err
+
+
+def _fit_factors():
+    path = Path(__file__).parents[1] / "benchmarks/fit_factors.py"
+    spec = importlib.util.spec_from_file_location("fit_factors", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fit_factors_compares_the_same_grid_with_and_without_the_factors(tmp_path, capsys):
+    """benchmarks/fit_factors.py: zero factors give ratios of exactly 1, factors −1 (first order) a larger error,
+    no factors no row; a cache without the problem's fit is refused by name (exit 2)."""
+    from probflow.bench.heldout import make_problem
+    from probflow.fit import candidate_grids
+
+    ff = _fit_factors()
+    p = make_problem(200)
+    grid = candidate_grids(schedules.linear(), 20)["t^2/0.02"]
+    n = len(grid) - 1
+    fits = {"20": {"method": "unipc_3", "grid": grid.tolist(), "scales": [[0.0, 0.0]] * n},
+            "21": {"method": "unipc_3", "grid": grid.tolist(), "scales": [[-1.0, -1.0]] * n},
+            "22": {"method": "unipc_3", "grid": grid.tolist(), "scales": None}}
+    r = ff.per_problem(p, fits, ["20", "21", "22"], samples=4)
+    assert r["20"] == (1.0, 1.0, 1.0) and r["21"][0] > 2.0 and r["22"] is None
+    with pytest.raises(SystemExit) as e:
+        ff.main(["--cache", str(tmp_path)])
+    assert e.value.code == 2 and "--cache" in capsys.readouterr().err
