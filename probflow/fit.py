@@ -196,7 +196,9 @@ def fit_recipe(model, x: Tensor, x_val: Tensor, schedule: Schedule, nfe: int, me
     4. for UniPC on `COEF_MIN_STEPS` steps or more, per-interval factors on the higher-order parts of its
        predictor and corrector fitted on `x` on that grid (`probflow.coefficients.fit_scales`, Adam, `coef_iters`
        solves at rate `coef_lr`, the model's backward pass; 0: skipped), kept by the same validation rule
-       against the grid without them.
+       against the grid without them. They lower the typical sample's error, and can send a sample that sits
+       near a decision between modes across it, which a validation batch of typical samples does not show
+       (benchmarks/FAIR.md); `coef_iters=0` keeps the grid alone.
 
     The RMSEs leave out the `drop_worst` samples with the largest error (`_solve_error`: on a multimodal model
     one sample that ends in another mode would otherwise decide every choice; on the tuning problems of
