@@ -20,13 +20,12 @@ def _starting_the_cli() -> bool:
     return cli and _threading.current_thread() is _threading.main_thread()
 
 
-_hit: list[int] = []  # signals the guard caught (its SystemExit may be swallowed by an import); also `__main__`'s
-
-
 def _interrupted(signum, frame) -> None:
-    _hit.append(signum)
-    print("probflow: interrupted", file=_sys.stderr)
-    raise SystemExit(128 + signum)
+    """Ctrl-C while the command line is still importing (nothing written yet): one line, and exit at once. Not by
+    raising SystemExit: raised in the middle of a C++ extension's import (torch's pybind11 modules) it aborts the
+    process (exit −6, a C++ traceback) instead, and a library's bare except could swallow it."""
+    print("probflow: interrupted", file=_sys.stderr, flush=True)
+    _os._exit(128 + signum)
 
 
 # Ctrl-C while the command line is still importing torch (seconds) is one line and exit 130, as during a run; a
@@ -41,8 +40,6 @@ from probflow.version import __version__  # noqa: E402 (after the Ctrl-C guard)
 
 if _previous is not None:
     _signal.signal(_signal.SIGINT, _previous)
-    if _hit:  # a library imported above caught the SystemExit (a bare except): end here, as the line said
-        raise SystemExit(128 + _hit[0])
 
 __all__ = [
     "__version__",

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from probflow import _hit, _interrupted  # the package's import-time Ctrl-C guard, used again below
+from probflow import _interrupted  # the package's import-time Ctrl-C guard, used again below
 
 
 def run() -> int:
@@ -15,8 +15,6 @@ def run() -> int:
     from probflow.cli import main  # imports torch: seconds
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if _hit:  # a library caught the SystemExit (a bare except): end here, as the line said
-        return 128 + _hit[0]
     code = main()
     if code in (130, 143):
         # interrupted or terminated: the one line is printed and every output is atomic, so end with that status now.
